@@ -1,0 +1,100 @@
+//! Errors of the seal, unseal and verify jobs. Each names the thing, the cause and the fix.
+
+use pdguard_core::{GeometryError, PlacementError, RecordError};
+use thiserror::Error;
+
+use crate::store::StoreError;
+
+#[derive(Debug, Error)]
+pub enum JobError {
+    #[error("{image} is not sealed: there is no seal record at {record} (if it was sealed and the record was deleted, restore the record from a backup; the data cannot be put back without it)")]
+    NotSealed { image: String, record: String },
+
+    #[error("{image} is already sealed (seal record {record}); unseal it first with `pdguard image unseal {image}`")]
+    AlreadySealed { image: String, record: String },
+
+    #[error("{image} cannot be sealed")]
+    Geometry {
+        image: String,
+        #[source]
+        source: GeometryError,
+    },
+
+    #[error("seal record {record} cannot be used; restore it from a backup or pass the right one with --record")]
+    Record {
+        record: String,
+        #[source]
+        source: RecordError,
+    },
+
+    #[error("seal record {record} does not belong to image {image}: {why}; pass the record of this image with --record")]
+    Mismatch {
+        image: String,
+        record: String,
+        why: String,
+    },
+
+    #[error("not enough free space for the thin disk {thin}: it needs {need} bytes and {free} are free; free some space or pass --thin-dir on a larger file system")]
+    NoSpace { thin: String, need: u64, free: u64 },
+
+    #[error("{image} failed verification: {why}")]
+    Verification { image: String, why: String },
+
+    #[error("{image} has an interrupted {phase} job; run `pdguard image {command} {image}` to finish it first")]
+    InProgress {
+        image: String,
+        phase: &'static str,
+        command: &'static str,
+    },
+
+    #[error("thin disk {thin} holds the only complete copy of {image} (phase {phase}) but is missing; restore it from a backup to the same path, then run the command again")]
+    ThinMissing {
+        image: String,
+        thin: String,
+        phase: &'static str,
+    },
+
+    #[error("placement of {image} cannot be built")]
+    Placement {
+        image: String,
+        #[source]
+        source: PlacementError,
+    },
+
+    #[error("{0}")]
+    Unsupported(String),
+
+    #[error("{action} {image} failed and was rolled back; the image is as it was")]
+    RolledBack {
+        action: &'static str,
+        image: String,
+        #[source]
+        source: StoreError,
+    },
+
+    #[error("{action} {image} stopped in phase {phase}; no data is lost: run `pdguard image {command} {image}` again to finish it (or the other command to roll it back)")]
+    Interrupted {
+        action: &'static str,
+        image: String,
+        phase: &'static str,
+        command: &'static str,
+        #[source]
+        source: StoreError,
+    },
+
+    #[error("cannot access {image}")]
+    Store {
+        image: String,
+        #[source]
+        source: StoreError,
+    },
+}
+
+impl JobError {
+    /// True for a failed integrity check (exit code 3 in the CLI contract).
+    pub fn is_verification(&self) -> bool {
+        matches!(self, Self::Verification { .. })
+    }
+}
+
+pub type Result<T, E = JobError> = std::result::Result<T, E>;

@@ -1,0 +1,716 @@
+//! The seal and unseal state machine over [`Storage`]. See the phase table on
+//! [`pdguard_core::Phase`] for what each phase means after a crash.
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use pdguard_core::record::RECORD_VERSION;
+use pdguard_core::{
+    fingerprint_sectors, placement, seed, Geometry, Phase, Placement, PlacementKind, Profile,
+    SealRecord,
+};
+
+use super::error::{JobError, Result};
+use super::strategy::{self, PassCtx, Strategy};
+use super::Progress;
+use crate::store::{Disk, Storage, StoreError};
+
+/// How to seal an image that is not sealed yet.
+#[derive(Debug, Clone)]
+pub struct SealOptions {
+    pub profile: Profile,
+    pub sector_size: u32,
+    pub word_length: u32,
+    pub thin_slack_pct: u32,
+    /// `None`: the profile's default (`patent` in the patent profile).
+    pub placement: Option<PlacementKind>,
+    pub strategy: String,
+}
+
+impl Default for SealOptions {
+    fn default() -> Self {
+        Self {
+            profile: Profile::Patent,
+            sector_size: pdguard_core::geometry::DEFAULT_SECTOR_SIZE,
+            word_length: pdguard_core::geometry::DEFAULT_WORD_LENGTH,
+            thin_slack_pct: 0,
+            placement: None,
+            strategy: "direct".into(),
+        }
+    }
+}
+
+/// What a seal or unseal command did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// The image is sealed now.
+    Sealed,
+    /// The image is plaintext again, verified against the seal-time digest.
+    Unsealed,
+    /// `unseal` found a seal interrupted and rolled it back: the image is plaintext.
+    SealRolledBack,
+    /// `seal` found an unseal interrupted and rolled it back: the image is sealed.
+    UnsealRolledBack,
+}
+
+impl Outcome {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Sealed => "sealed",
+            Self::Unsealed => "unsealed",
+            Self::SealRolledBack => "seal-rolled-back",
+            Self::UnsealRolledBack => "unseal-rolled-back",
+        }
+    }
+}
+
+/// The result of a seal or unseal.
+#[derive(Debug, Clone)]
+pub struct JobReport {
+    pub outcome: Outcome,
+    /// The phase an interrupted job was found in, if any.
+    pub resumed_from: Option<Phase>,
+    /// The record as last written (after an unseal, its final `unsealed` state).
+    pub record: SealRecord,
+}
+
+/// The result of a successful verify.
+#[derive(Debug, Clone)]
+pub struct VerifyReport {
+    pub record: SealRecord,
+    pub digest: String,
+}
+
+fn now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+fn load(storage: &dyn Storage) -> Result<Option<SealRecord>> {
+    let bytes = storage.read_record().map_err(|source| JobError::Store {
+        image: storage.image_name(),
+        source,
+    })?;
+    bytes
+        .map(|b| {
+            SealRecord::decode(&b).map_err(|source| JobError::Record {
+                record: storage.record_name(),
+                source,
+            })
+        })
+        .transpose()
+}
+
+/// The seal record of an image, for `inspect`.
+pub fn inspect(storage: &dyn Storage) -> Result<SealRecord> {
+    load(storage)?.ok_or_else(|| JobError::NotSealed {
+        image: storage.image_name(),
+        record: storage.record_name(),
+    })
+}
+
+/// Check a sealed image against its record's digest without unsealing it ([015]).
+pub fn verify(storage: &dyn Storage, progress: &dyn Progress) -> Result<VerifyReport> {
+    let rec = inspect(storage)?;
+    if rec.phase != Phase::Sealed {
+        return Err(in_progress(storage, rec.phase));
+    }
+    let store_err = |source| JobError::Store {
+        image: storage.image_name(),
+        source,
+    };
+    let image = storage.open_image(false).map_err(store_err)?;
+    check_size(storage, &rec, &*image)?;
+    progress.pass("verify", rec.image_bytes);
+    let digest = hash_image(&*image, rec.image_bytes, progress).map_err(store_err)?;
+    let expected = rec.sealed_digest.clone().unwrap_or_default();
+    if digest != expected {
+        return Err(JobError::Verification {
+            image: storage.image_name(),
+            why: format!("its BLAKE3 digest is {digest} but the seal record says {expected}: the sealed image was corrupted or tampered with"),
+        });
+    }
+    Ok(VerifyReport {
+        record: rec,
+        digest,
+    })
+}
+
+fn hash_image(image: &dyn Disk, len: u64, progress: &dyn Progress) -> Result<String, StoreError> {
+    let mut hasher = blake3::Hasher::new();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut off = 0;
+    while off < len {
+        let n = (len - off).min(buf.len() as u64) as usize;
+        image.read_at(&mut buf[..n], off)?;
+        hasher.update(&buf[..n]);
+        progress.advance(n as u64);
+        off += n as u64;
+    }
+    Ok(hasher.finalize().to_hex().to_string())
+}
+
+fn in_progress(storage: &dyn Storage, phase: Phase) -> JobError {
+    let command = match phase {
+        Phase::SealScatter | Phase::SealGather => "seal",
+        _ => "unseal",
+    };
+    JobError::InProgress {
+        image: storage.image_name(),
+        phase: phase.name(),
+        command,
+    }
+}
+
+fn check_size(storage: &dyn Storage, rec: &SealRecord, image: &dyn Disk) -> Result<()> {
+    if image.len() != rec.image_bytes {
+        return Err(JobError::Mismatch {
+            image: storage.image_name(),
+            record: storage.record_name(),
+            why: format!(
+                "the image is {} bytes, the record is for {} bytes",
+                image.len(),
+                rec.image_bytes
+            ),
+        });
+    }
+    Ok(())
+}
+
+/// Seal an image, or finish or roll back whatever job a crash interrupted on it.
+pub fn seal(
+    storage: &dyn Storage,
+    opts: &SealOptions,
+    progress: &dyn Progress,
+) -> Result<JobReport> {
+    let Some(rec) = load(storage)? else {
+        return fresh_seal(storage, opts, progress);
+    };
+    let from = Some(rec.phase);
+    let done = |job: Job, outcome| {
+        job.report(outcome, from)
+    };
+    match rec.phase {
+        Phase::SealScatter => {
+            let mut job = Job::open(storage, progress, rec, "seal")?;
+            job.check_seed()?;
+            job.seal_scatter()?;
+            job.seal_gather()?;
+            Ok(done(job, Outcome::Sealed))
+        }
+        Phase::SealGather => {
+            let mut job = Job::open(storage, progress, rec, "seal")?;
+            job.seal_gather()?;
+            Ok(done(job, Outcome::Sealed))
+        }
+        Phase::Sealed => {
+            // A crash after the final record write may have left the thin disk behind.
+            let _ = storage.remove_thin(&rec.thin_path);
+            Err(JobError::AlreadySealed {
+                image: storage.image_name(),
+                record: storage.record_name(),
+            })
+        }
+        Phase::UnsealScatter => {
+            let mut job = Job::open(storage, progress, rec, "seal")?;
+            job.abandon_unseal_scatter()?;
+            Ok(done(job, Outcome::UnsealRolledBack))
+        }
+        Phase::UnsealGather => {
+            let mut job = Job::open(storage, progress, rec, "seal")?;
+            job.commit(Phase::SealGather)?;
+            job.seal_gather()?;
+            Ok(done(job, Outcome::UnsealRolledBack))
+        }
+        Phase::Unsealed => {
+            finish_unsealed(storage, &rec)?;
+            fresh_seal(storage, opts, progress)
+        }
+    }
+}
+
+/// Unseal an image, or finish or roll back whatever job a crash interrupted on it.
+pub fn unseal(storage: &dyn Storage, progress: &dyn Progress) -> Result<JobReport> {
+    let rec = inspect(storage)?;
+    let from = (rec.phase != Phase::Sealed).then_some(rec.phase);
+    let mut job = Job::open(storage, progress, rec, "unseal")?;
+    let outcome = match job.rec.phase {
+        Phase::SealScatter => {
+            // The image was never touched: dropping the thin disk and record is the rollback.
+            let image = storage.image_name();
+            let thin = job.rec.thin_path.clone();
+            storage
+                .remove_thin(&thin)
+                .and_then(|()| storage.remove_record())
+                .map_err(|source| job.interrupted(source))?;
+            tracing::info!(%image, "rolled back an interrupted seal");
+            Outcome::SealRolledBack
+        }
+        Phase::SealGather => {
+            job.commit(Phase::UnsealGather)?;
+            job.unseal_gather()?;
+            Outcome::SealRolledBack
+        }
+        Phase::Sealed => {
+            job.check_fingerprint()?;
+            job.unseal_scatter()?;
+            job.unseal_gather()?;
+            Outcome::Unsealed
+        }
+        Phase::UnsealScatter => {
+            job.unseal_scatter()?;
+            job.unseal_gather()?;
+            Outcome::Unsealed
+        }
+        Phase::UnsealGather => {
+            job.unseal_gather()?;
+            Outcome::Unsealed
+        }
+        Phase::Unsealed => {
+            finish_unsealed(storage, &job.rec)?;
+            Outcome::Unsealed
+        }
+    };
+    Ok(job.report(outcome, from))
+}
+
+fn finish_unsealed(storage: &dyn Storage, rec: &SealRecord) -> Result<()> {
+    storage
+        .remove_thin(&rec.thin_path)
+        .and_then(|()| storage.remove_record())
+        .map_err(|source| JobError::Store {
+            image: storage.image_name(),
+            source,
+        })
+}
+
+fn fresh_seal(
+    storage: &dyn Storage,
+    opts: &SealOptions,
+    progress: &dyn Progress,
+) -> Result<JobReport> {
+    if opts.profile == Profile::Secure {
+        return Err(JobError::Unsupported(
+            "profile secure is not available yet in this build; use --profile patent".into(),
+        ));
+    }
+    let Some(strategy) = strategy::by_name(&opts.strategy) else {
+        return Err(JobError::Unsupported(format!(
+            "unknown strategy {:?}; choose one of: {}",
+            opts.strategy,
+            strategy::STRATEGIES.join(", ")
+        )));
+    };
+    let image_name = storage.image_name();
+    let store_err = |source| JobError::Store {
+        image: image_name.clone(),
+        source,
+    };
+    let image = storage.open_image(true).map_err(store_err)?;
+    let geometry = Geometry::new(
+        image.len(),
+        opts.sector_size,
+        opts.word_length,
+        opts.thin_slack_pct,
+    )
+    .map_err(|source| JobError::Geometry {
+        image: image_name.clone(),
+        source,
+    })?;
+    let seed = read_seed(&*image, geometry).map_err(store_err)?;
+    let seal_id = hex::encode(rand::random::<[u8; 16]>());
+    let t = now();
+    let rec = SealRecord {
+        version: RECORD_VERSION,
+        thin_path: storage.new_thin_path(&seal_id),
+        seal_id,
+        profile: opts.profile,
+        placement: opts.placement.unwrap_or(PlacementKind::Patent).name().into(),
+        strategy: strategy.name().into(),
+        image_bytes: geometry.disk_bytes(),
+        sector_size: geometry.sector_size(),
+        word_length: geometry.word_length(),
+        sectors: geometry.sectors(),
+        thin_sectors: geometry.thin_sectors(),
+        seed: Some(hex::encode(seed)),
+        wrapped_key: None,
+        phase: Phase::SealScatter,
+        plain_digest: None,
+        sealed_digest: None,
+        sealed_fingerprint: None,
+        created_unix: t,
+        updated_unix: t,
+        writer: concat!("pdguard ", env!("CARGO_PKG_VERSION")).into(),
+    };
+    let mut job = Job::with_image(storage, progress, rec, "seal", image)?;
+    // Everything that can be checked is checked before the first write.
+    job.check_space()?;
+    job.rec.updated_unix = now();
+    storage.write_record(&job.rec.encode()).map_err(store_err)?;
+    job.seal_scatter()?;
+    job.seal_gather()?;
+    Ok(job.report(Outcome::Sealed, None))
+}
+
+/// The [040] seed: XOR of every word of the first `min(10, N)` sectors.
+fn read_seed(image: &dyn Disk, g: Geometry) -> Result<Vec<u8>, StoreError> {
+    let mut first = vec![0u8; seed::seed_span(g.sector_size(), g.sectors()) as usize];
+    image.read_at(&mut first, 0)?;
+    Ok(seed::derive(&first, g.word_length()))
+}
+
+/// One seal or unseal in progress on one image.
+struct Job<'a> {
+    storage: &'a dyn Storage,
+    progress: &'a dyn Progress,
+    rec: SealRecord,
+    image: Box<dyn Disk>,
+    geometry: Geometry,
+    placement: Box<dyn Placement>,
+    strategy: Box<dyn Strategy>,
+    /// The command the user ran: `seal` or `unseal`.
+    command: &'static str,
+}
+
+impl<'a> Job<'a> {
+    fn open(
+        storage: &'a dyn Storage,
+        progress: &'a dyn Progress,
+        rec: SealRecord,
+        command: &'static str,
+    ) -> Result<Self> {
+        let image = storage
+            .open_image(true)
+            .map_err(|source| JobError::Store {
+                image: storage.image_name(),
+                source,
+            })?;
+        Self::with_image(storage, progress, rec, command, image)
+    }
+
+    fn with_image(
+        storage: &'a dyn Storage,
+        progress: &'a dyn Progress,
+        rec: SealRecord,
+        command: &'static str,
+        image: Box<dyn Disk>,
+    ) -> Result<Self> {
+        check_size(storage, &rec, &*image)?;
+        let record_err = |e: String| JobError::Record {
+            record: storage.record_name(),
+            source: pdguard_core::RecordError::Inconsistent(e),
+        };
+        let geometry = rec.geometry().map_err(|e| record_err(e.to_string()))?;
+        let strategy = strategy::by_name(&rec.strategy).ok_or_else(|| {
+            JobError::Unsupported(format!(
+                "seal record {} names strategy {:?}, unknown to this pdguard; upgrade pdguard",
+                storage.record_name(),
+                rec.strategy
+            ))
+        })?;
+        let kind = rec
+            .placement_kind()
+            .ok_or_else(|| record_err(format!("unknown placement {:?}", rec.placement)))?;
+        let key = match (&rec.profile, &rec.seed) {
+            (Profile::Patent, Some(seed)) => {
+                hex::decode(seed).map_err(|_| record_err("seed is not hex".into()))?
+            }
+            _ => {
+                return Err(JobError::Unsupported(
+                    "profile secure is not available yet in this build".into(),
+                ))
+            }
+        };
+        let placement = placement::build(kind, &key, geometry.sectors(), geometry.thin_sectors())
+            .map_err(|source| JobError::Placement {
+                image: storage.image_name(),
+                source,
+            })?;
+        Ok(Self {
+            storage,
+            progress,
+            rec,
+            image,
+            geometry,
+            placement,
+            strategy,
+            command,
+        })
+    }
+
+    fn report(self, outcome: Outcome, resumed_from: Option<Phase>) -> JobReport {
+        JobReport {
+            outcome,
+            resumed_from,
+            record: self.rec,
+        }
+    }
+
+    fn ctx(&self) -> PassCtx<'_> {
+        PassCtx {
+            geometry: self.geometry,
+            placement: &*self.placement,
+            cipher: None,
+            progress: self.progress,
+        }
+    }
+
+    fn image_name(&self) -> String {
+        self.storage.image_name()
+    }
+
+    fn action(&self) -> &'static str {
+        if self.command == "seal" {
+            "sealing"
+        } else {
+            "unsealing"
+        }
+    }
+
+    /// An error after the record exists: the job can be finished or rolled back later.
+    fn interrupted(&self, source: StoreError) -> JobError {
+        JobError::Interrupted {
+            action: self.action(),
+            image: self.image_name(),
+            phase: self.rec.phase.name(),
+            command: self.command,
+            source,
+        }
+    }
+
+    /// Write the record with a new phase, atomically and durably.
+    fn commit(&mut self, phase: Phase) -> Result<()> {
+        self.rec.phase = phase;
+        self.rec.updated_unix = now();
+        self.storage
+            .write_record(&self.rec.encode())
+            .map_err(|e| self.interrupted(e))
+    }
+
+    fn check_space(&self) -> Result<()> {
+        let thin = &self.rec.thin_path;
+        let free = self
+            .storage
+            .free_bytes(thin)
+            .map_err(|e| self.interrupted(e))?;
+        let need = self.geometry.disk_bytes();
+        if free < need {
+            return Err(JobError::NoSpace {
+                thin: thin.clone(),
+                need,
+                free,
+            });
+        }
+        Ok(())
+    }
+
+    /// A seal interrupted in scatter is resumed only on the image it started on.
+    fn check_seed(&self) -> Result<()> {
+        let seed = read_seed(&*self.image, self.geometry).map_err(|e| self.interrupted(e))?;
+        if self.rec.seed.as_deref() != Some(hex::encode(seed).as_str()) {
+            return Err(JobError::Mismatch {
+                image: self.image_name(),
+                record: self.storage.record_name(),
+                why: "the image's first sectors do not give the seed the record was made from"
+                    .into(),
+            });
+        }
+        Ok(())
+    }
+
+    fn fingerprint(&self) -> Result<String, StoreError> {
+        let mut h = blake3::Hasher::new();
+        let mut buf = vec![0u8; self.geometry.sector_size() as usize];
+        for j in fingerprint_sectors(self.geometry.sectors()) {
+            self.image.read_at(&mut buf, self.geometry.offset(j))?;
+            h.update(&j.to_le_bytes());
+            h.update(&buf);
+        }
+        Ok(h.finalize().to_hex().to_string())
+    }
+
+    fn check_fingerprint(&self) -> Result<()> {
+        let fp = self.fingerprint().map_err(|source| JobError::Store {
+            image: self.image_name(),
+            source,
+        })?;
+        match &self.rec.sealed_fingerprint {
+            Some(want) if *want != fp => Err(JobError::Mismatch {
+                image: self.image_name(),
+                record: self.storage.record_name(),
+                why: "sampled sectors of the image differ from the sealed image the record describes".into(),
+            }),
+            _ => Ok(()),
+        }
+    }
+
+    /// Seal pass 1, scatter: the image is read linearly and each sector goes to its slot
+    /// of a new thin disk (claims 1-2). The image is untouched, so a failure rolls back.
+    fn seal_scatter(&mut self) -> Result<()> {
+        let thin_path = self.rec.thin_path.clone();
+        let run = |job: &Self| -> Result<blake3::Hash> {
+            job.storage
+                .remove_thin(&thin_path)
+                .map_err(|e| job.interrupted(e))?;
+            job.check_space()?;
+            job.progress.pass("scatter", job.geometry.disk_bytes());
+            let moved = || -> Result<blake3::Hash, StoreError> {
+                let thin = job.storage.create_thin(&thin_path, job.geometry.thin_bytes())?;
+                let h = job.strategy.scatter_plain(&job.ctx(), &*job.image, &*thin)?;
+                thin.sync()?;
+                Ok(h)
+            };
+            moved().map_err(|e| job.interrupted(e))
+        };
+        let digest = match run(self) {
+            Ok(d) => d,
+            Err(e) => return Err(self.roll_back_seal_scatter(e)),
+        };
+        self.rec.plain_digest = Some(digest.to_hex().to_string());
+        self.wipe()
+    }
+
+    /// Undo a failed seal scatter: the image was only read, so dropping the thin disk and
+    /// the record restores the state before the seal.
+    fn roll_back_seal_scatter(&self, err: JobError) -> JobError {
+        let undone = self
+            .storage
+            .remove_thin(&self.rec.thin_path)
+            .and_then(|()| self.storage.remove_record());
+        match (err, undone) {
+            (JobError::Interrupted { source, .. }, Ok(())) => JobError::RolledBack {
+                action: "sealing",
+                image: self.image_name(),
+                source,
+            },
+            (e, _) => e,
+        }
+    }
+
+    /// Seal pass 2, wipe ([043], claim 5): from this durable record write on, the thin
+    /// disk is the one complete copy and the image's plaintext is no longer trusted. The
+    /// gather that follows overwrites every sector of the image.
+    fn wipe(&mut self) -> Result<()> {
+        self.commit(Phase::SealGather)
+    }
+
+    fn open_thin(&self) -> Result<Box<dyn Disk>> {
+        let thin = self
+            .storage
+            .open_thin(&self.rec.thin_path)
+            .map_err(|e| self.interrupted(e))?;
+        match thin {
+            Some(t) if t.len() == self.geometry.thin_bytes() => Ok(t),
+            _ => Err(JobError::ThinMissing {
+                image: self.image_name(),
+                thin: self.rec.thin_path.clone(),
+                phase: self.rec.phase.name(),
+            }),
+        }
+    }
+
+    /// Seal pass 3, gather ([043]-[045]): the thin disk is copied back linearly, empty
+    /// slots skipped. Restartable: the thin disk is not changed.
+    fn seal_gather(&mut self) -> Result<()> {
+        let thin = self.open_thin()?;
+        self.progress.pass("gather", self.geometry.disk_bytes());
+        let digest = self
+            .strategy
+            .gather_sealed(&self.ctx(), &*thin, &*self.image)
+            .and_then(|d| self.image.sync().map(|()| d))
+            .and_then(|d| Ok((d, self.fingerprint()?)))
+            .map_err(|e| self.interrupted(e));
+        let (digest, fingerprint) = digest?;
+        self.rec.sealed_digest = Some(digest.to_hex().to_string());
+        self.rec.sealed_fingerprint = Some(fingerprint);
+        self.commit(Phase::Sealed)?;
+        drop(thin);
+        self.storage
+            .remove_thin(&self.rec.thin_path)
+            .map_err(|e| self.interrupted(e))
+    }
+
+    /// Unseal pass 1: the sealed image is read linearly back into the thin-disk layout,
+    /// and its digest checked before anything is written to the image.
+    fn unseal_scatter(&mut self) -> Result<()> {
+        let thin_path = self.rec.thin_path.clone();
+        self.storage
+            .remove_thin(&thin_path)
+            .map_err(|e| self.interrupted(e))?;
+        self.check_space()?;
+        if self.rec.phase != Phase::UnsealScatter {
+            self.commit(Phase::UnsealScatter)?;
+        }
+        self.progress.pass("scatter", self.geometry.disk_bytes());
+        let moved = || -> Result<blake3::Hash, StoreError> {
+            let thin = self.storage.create_thin(&thin_path, self.geometry.thin_bytes())?;
+            let h = self
+                .strategy
+                .scatter_sealed(&self.ctx(), &*self.image, &*thin)?;
+            thin.sync()?;
+            Ok(h)
+        };
+        let digest = match moved() {
+            Ok(d) => d.to_hex().to_string(),
+            Err(e) => return Err(self.roll_back_unseal_scatter(e)),
+        };
+        if self.rec.sealed_digest.as_deref() != Some(digest.as_str()) {
+            let why = format!("the sealed image's BLAKE3 digest is {digest} but the seal record says {}: it was corrupted or tampered with after sealing; it is left sealed as it is", self.rec.sealed_digest.as_deref().unwrap_or("nothing"));
+            self.abandon_unseal_scatter()?;
+            return Err(JobError::Verification {
+                image: self.image_name(),
+                why,
+            });
+        }
+        self.commit(Phase::UnsealGather)
+    }
+
+    fn roll_back_unseal_scatter(&mut self, source: StoreError) -> JobError {
+        match self.abandon_unseal_scatter() {
+            Ok(()) => JobError::RolledBack {
+                action: "unsealing",
+                image: self.image_name(),
+                source,
+            },
+            Err(_) => self.interrupted(source),
+        }
+    }
+
+    /// Drop an unseal's thin disk; the image is still sealed and untouched.
+    fn abandon_unseal_scatter(&mut self) -> Result<()> {
+        self.storage
+            .remove_thin(&self.rec.thin_path)
+            .map_err(|e| self.interrupted(e))?;
+        self.commit(Phase::Sealed)
+    }
+
+    /// Unseal pass 3: every sector comes back from its slot, and the plaintext digest is
+    /// checked. On a mismatch the sealed image is put back from the thin disk.
+    fn unseal_gather(&mut self) -> Result<()> {
+        let thin = self.open_thin()?;
+        self.progress.pass("gather", self.geometry.disk_bytes());
+        let digest = self
+            .strategy
+            .gather_plain(&self.ctx(), &*thin, &*self.image)
+            .and_then(|d| self.image.sync().map(|()| d))
+            .map_err(|e| self.interrupted(e))?
+            .to_hex()
+            .to_string();
+        drop(thin);
+        if self.rec.plain_digest.as_deref() != Some(digest.as_str()) {
+            let why = format!("the unsealed data's BLAKE3 digest is {digest} but the seal record says {}; the sealed data was put back in place", self.rec.plain_digest.as_deref().unwrap_or("nothing"));
+            self.commit(Phase::SealGather)?;
+            self.seal_gather()?;
+            return Err(JobError::Verification {
+                image: self.image_name(),
+                why,
+            });
+        }
+        self.commit(Phase::Unsealed)?;
+        finish_unsealed(self.storage, &self.rec).map_err(|e| match e {
+            JobError::Store { source, .. } => self.interrupted(source),
+            other => other,
+        })
+    }
+}

@@ -1,0 +1,359 @@
+//! An in-memory [`Storage`] for crash and fault tests.
+//!
+//! Every operation (read, write, fsync, record write, thin-disk create or delete) counts as
+//! one step. A test may arm a [`Fault`] at step `k`: a simulated power loss (that operation
+//! and every later one fails), or a single EIO or ENOSPC. [`SimStorage::power_loss`] then
+//! gives the state a reboot would find: every write that was fsynced, plus a random subset
+//! of those that were not — exactly what a real disk may keep after losing power.
+//! Record writes and file creates or deletes are atomic and durable, as `ImageStorage`
+//! makes them with fsync of the file and of its directory.
+
+use std::collections::HashMap;
+use std::io;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use rand::Rng;
+
+use super::{Disk, Result, Storage, StoreError};
+
+/// What goes wrong at the armed step.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fault {
+    /// Power loss: this and every later operation fails; unsynced writes may be lost.
+    Crash,
+    /// One EIO.
+    Eio,
+    /// One ENOSPC.
+    NoSpace,
+}
+
+#[derive(Debug, Clone, Default)]
+struct MemFile {
+    /// What a reader sees now.
+    data: Vec<u8>,
+    /// What survives a power loss for sure.
+    durable: Vec<u8>,
+    /// Writes since the last fsync, in order.
+    pending: Vec<(usize, Vec<u8>)>,
+}
+
+impl MemFile {
+    fn new(data: Vec<u8>) -> Self {
+        Self {
+            durable: data.clone(),
+            data,
+            pending: Vec::new(),
+        }
+    }
+
+    fn after_power_loss(&self, rng: &mut impl Rng) -> Self {
+        let mut data = self.durable.clone();
+        for (off, bytes) in &self.pending {
+            if rng.gen_bool(0.5) {
+                data[*off..*off + bytes.len()].copy_from_slice(bytes);
+            }
+        }
+        Self::new(data)
+    }
+}
+
+#[derive(Debug, Default)]
+struct Inner {
+    image: MemFile,
+    thins: HashMap<String, MemFile>,
+    record: Option<Vec<u8>>,
+    steps: u64,
+    fault: Option<(u64, Fault)>,
+    dead: bool,
+    free: u64,
+}
+
+impl Inner {
+    /// Count one step; fail it if a fault is armed here.
+    fn step(&mut self, what: &str) -> Result<()> {
+        if self.dead {
+            return Err(StoreError::Crashed);
+        }
+        self.steps += 1;
+        match self.fault {
+            Some((at, kind)) if at == self.steps => {
+                self.fault = None;
+                match kind {
+                    Fault::Crash => {
+                        self.dead = true;
+                        Err(StoreError::Crashed)
+                    }
+                    Fault::Eio => Err(StoreError::io(
+                        "access",
+                        what.to_string(),
+                        io::Error::from_raw_os_error(5),
+                    )),
+                    Fault::NoSpace => Err(StoreError::io(
+                        "write",
+                        what.to_string(),
+                        io::Error::from_raw_os_error(28),
+                    )),
+                }
+            }
+            _ => Ok(()),
+        }
+    }
+
+    fn file(&mut self, which: &Which) -> Option<&mut MemFile> {
+        match which {
+            Which::Image => Some(&mut self.image),
+            Which::Thin(p) => self.thins.get_mut(p),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+enum Which {
+    Image,
+    Thin(String),
+}
+
+/// In-memory storage with a step counter, an armed fault and power-loss snapshots.
+#[derive(Debug, Clone)]
+pub struct SimStorage {
+    inner: Arc<Mutex<Inner>>,
+}
+
+fn lock(m: &Mutex<Inner>) -> MutexGuard<'_, Inner> {
+    // A panic while holding the lock is a test failure already; keep going to report it.
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl SimStorage {
+    /// A storage whose image holds `image`, with no record and ample free space.
+    pub fn new(image: Vec<u8>) -> Self {
+        Self {
+            inner: Arc::new(Mutex::new(Inner {
+                image: MemFile::new(image),
+                free: u64::MAX,
+                ..Inner::default()
+            })),
+        }
+    }
+
+    /// Arm `fault` at step `step` (1-based, counted from now on).
+    pub fn arm(&self, step: u64, fault: Fault) {
+        let mut g = lock(&self.inner);
+        let at = g.steps + step;
+        g.fault = Some((at, fault));
+    }
+
+    /// Steps taken so far.
+    pub fn steps(&self) -> u64 {
+        lock(&self.inner).steps
+    }
+
+    /// Set the free space reported for thin disks.
+    pub fn set_free_bytes(&self, free: u64) {
+        lock(&self.inner).free = free;
+    }
+
+    /// The image as a reader sees it now.
+    pub fn image(&self) -> Vec<u8> {
+        lock(&self.inner).image.data.clone()
+    }
+
+    /// The record's bytes now.
+    pub fn record(&self) -> Option<Vec<u8>> {
+        lock(&self.inner).record.clone()
+    }
+
+    /// How many thin disks exist now.
+    pub fn thin_count(&self) -> usize {
+        lock(&self.inner).thins.len()
+    }
+
+    /// The state a reboot after a power loss now would find (see the module docs).
+    pub fn power_loss(&self, rng: &mut impl Rng) -> Self {
+        let g = lock(&self.inner);
+        let inner = Inner {
+            image: g.image.after_power_loss(rng),
+            thins: g
+                .thins
+                .iter()
+                .map(|(k, v)| (k.clone(), v.after_power_loss(rng)))
+                .collect(),
+            record: g.record.clone(),
+            free: g.free,
+            ..Inner::default()
+        };
+        Self {
+            inner: Arc::new(Mutex::new(inner)),
+        }
+    }
+
+    fn disk(&self, which: Which, len: u64) -> Box<dyn Disk> {
+        Box::new(SimDisk {
+            inner: Arc::clone(&self.inner),
+            which,
+            len,
+            poisoned: AtomicBool::new(false),
+        })
+    }
+}
+
+struct SimDisk {
+    inner: Arc<Mutex<Inner>>,
+    which: Which,
+    len: u64,
+    poisoned: AtomicBool,
+}
+
+impl SimDisk {
+    fn name(&self) -> String {
+        match &self.which {
+            Which::Image => "image".into(),
+            Which::Thin(p) => format!("thin disk {p}"),
+        }
+    }
+
+    fn range(&self, offset: u64, len: usize) -> Result<std::ops::Range<usize>> {
+        let end = offset.checked_add(len as u64).filter(|&e| e <= self.len);
+        match end {
+            Some(e) => Ok(offset as usize..e as usize),
+            None => Err(StoreError::io(
+                "access",
+                format!("{} at byte {offset}", self.name()),
+                io::Error::from(io::ErrorKind::UnexpectedEof),
+            )),
+        }
+    }
+
+    fn guarded<T>(&self, op: impl FnOnce(&mut Inner) -> Result<T>, poisons: bool) -> Result<T> {
+        if self.poisoned.load(Ordering::Acquire) {
+            return Err(StoreError::Poisoned { what: self.name() });
+        }
+        let mut g = lock(&self.inner);
+        let r = g.step(&self.name()).and_then(|()| op(&mut g));
+        if r.is_err() && poisons {
+            self.poisoned.store(true, Ordering::Release);
+        }
+        r
+    }
+
+    fn gone(&self) -> StoreError {
+        StoreError::io("access", self.name(), io::Error::from(io::ErrorKind::NotFound))
+    }
+}
+
+impl Disk for SimDisk {
+    fn len(&self) -> u64 {
+        self.len
+    }
+
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        let r = self.range(offset, buf.len())?;
+        self.guarded(
+            |g| {
+                let f = g.file(&self.which).ok_or_else(|| self.gone())?;
+                buf.copy_from_slice(&f.data[r]);
+                Ok(())
+            },
+            false,
+        )
+    }
+
+    fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
+        let r = self.range(offset, buf.len())?;
+        self.guarded(
+            |g| {
+                let f = g.file(&self.which).ok_or_else(|| self.gone())?;
+                f.data[r.clone()].copy_from_slice(buf);
+                f.pending.push((r.start, buf.to_vec()));
+                Ok(())
+            },
+            true,
+        )
+    }
+
+    fn sync(&self) -> Result<()> {
+        self.guarded(
+            |g| {
+                let f = g.file(&self.which).ok_or_else(|| self.gone())?;
+                f.durable.clone_from(&f.data);
+                f.pending.clear();
+                Ok(())
+            },
+            true,
+        )
+    }
+}
+
+impl Storage for SimStorage {
+    fn image_name(&self) -> String {
+        "sim.img".into()
+    }
+
+    fn record_name(&self) -> String {
+        "sim.img.pdguard".into()
+    }
+
+    fn open_image(&self, _write: bool) -> Result<Box<dyn Disk>> {
+        let len = {
+            let mut g = lock(&self.inner);
+            g.step("image")?;
+            g.image.data.len() as u64
+        };
+        Ok(self.disk(Which::Image, len))
+    }
+
+    fn new_thin_path(&self, seal_id: &str) -> String {
+        format!("sim.img.{}.pdguard-thin", seal_id.get(..8).unwrap_or(seal_id))
+    }
+
+    fn free_bytes(&self, _thin_path: &str) -> Result<u64> {
+        Ok(lock(&self.inner).free)
+    }
+
+    fn create_thin(&self, thin_path: &str, bytes: u64) -> Result<Box<dyn Disk>> {
+        {
+            let mut g = lock(&self.inner);
+            g.step(thin_path)?;
+            let f = MemFile::new(vec![0; bytes as usize]);
+            g.thins.insert(thin_path.to_string(), f);
+        }
+        Ok(self.disk(Which::Thin(thin_path.to_string()), bytes))
+    }
+
+    fn open_thin(&self, thin_path: &str) -> Result<Option<Box<dyn Disk>>> {
+        let len = {
+            let mut g = lock(&self.inner);
+            g.step(thin_path)?;
+            g.thins.get(thin_path).map(|f| f.data.len() as u64)
+        };
+        Ok(len.map(|len| self.disk(Which::Thin(thin_path.to_string()), len)))
+    }
+
+    fn remove_thin(&self, thin_path: &str) -> Result<()> {
+        let mut g = lock(&self.inner);
+        g.step(thin_path)?;
+        g.thins.remove(thin_path);
+        Ok(())
+    }
+
+    fn read_record(&self) -> Result<Option<Vec<u8>>> {
+        let mut g = lock(&self.inner);
+        g.step("record")?;
+        Ok(g.record.clone())
+    }
+
+    fn write_record(&self, bytes: &[u8]) -> Result<()> {
+        let mut g = lock(&self.inner);
+        g.step("record")?;
+        g.record = Some(bytes.to_vec());
+        Ok(())
+    }
+
+    fn remove_record(&self) -> Result<()> {
+        let mut g = lock(&self.inner);
+        g.step("record")?;
+        g.record = None;
+        Ok(())
+    }
+}
