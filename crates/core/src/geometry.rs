@@ -18,7 +18,9 @@ pub const MAX_THIN_SLACK_PCT: u32 = 1000;
 
 #[derive(Debug, Error, PartialEq, Eq)]
 pub enum GeometryError {
-    #[error("sector size {0} is not a power of two between 512 and 65536; pick one such as 512 or 4096")]
+    #[error(
+        "sector size {0} is not a power of two between 512 and 65536; pick one such as 512 or 4096"
+    )]
     SectorSize(u64),
     #[error("word length {word} is not a power of two between 1 and the sector size {sector}; the default is 32")]
     WordLength { word: u64, sector: u32 },
@@ -66,7 +68,7 @@ impl Geometry {
         if size == 0 {
             return Err(GeometryError::Empty);
         }
-        if size % u64::from(sector_size) != 0 {
+        if !size.is_multiple_of(u64::from(sector_size)) {
             return Err(GeometryError::Unaligned {
                 size,
                 sector: sector_size,
@@ -140,6 +142,7 @@ impl Geometry {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 

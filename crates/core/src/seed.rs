@@ -51,6 +51,7 @@ pub fn derive(first: &[u8], word_length: u32) -> Vec<u8> {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 

@@ -1,1 +1,36 @@
-fn main() {}
+//! The `pdguard` binary: parse the command line, run it, print the error chain once and
+//! map it to the exit codes of DESIGN.md §5 (0 ok, 1 error, 2 usage, 3 verification failed).
+
+mod cli;
+
+use std::process::ExitCode;
+
+use clap::Parser;
+
+fn main() -> ExitCode {
+    let args = cli::Cli::parse();
+    init_logging();
+    match cli::run(&args) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            let line = cli::error_chain(&e);
+            eprintln!("pdguard: {line}");
+            if args.json {
+                let v = serde_json::json!({ "error": line, "exit_code": e.exit_code() });
+                println!("{v}");
+            }
+            ExitCode::from(e.exit_code())
+        }
+    }
+}
+
+/// Logs go to stderr, filtered by `PDGUARD_LOG` (default: warnings only). They never carry
+/// data, seeds or keys.
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("PDGUARD_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}

@@ -131,8 +131,11 @@ impl std::fmt::Debug for PatentPlacement {
 /// `floor(v * range / 2^64)` in `[0, range)`. Each output value is hit by either
 /// `floor(2^64 / range)` or one more `v`; rejecting the products whose low half is below
 /// `threshold = 2^64 mod range` removes exactly the surplus, leaving `floor(2^64 / range)`
-/// values of `v` per output. Fewer than one draw in two is rejected, and none when `range`
-/// is a power of two; a draw costs one multiplication, no division.
+/// values of `v` per output. A draw is rejected with probability below `range / 2^64` (never
+/// when `range` is a power of two), and costs one multiplication, no division.
+///
+/// ChaCha20 itself comes from `rand_chacha`, whose stream for a given seed is fixed by the
+/// ChaCha20 specification; the regression vectors below would catch a change.
 struct UniformBelow {
     rng: ChaCha20Rng,
     range: u64,
@@ -140,7 +143,8 @@ struct UniformBelow {
 }
 
 impl UniformBelow {
-    /// `range` must be at least 1; callers only draw when `N >= 1`, hence `M >= 1`.
+    /// A `range` of 0 (an empty thin disk) is accepted, but then [`Self::next`] must not be
+    /// called; nothing is drawn for an empty disk.
     fn new(rng: ChaCha20Rng, range: u64) -> Self {
         // (2^64 - range) mod range == 2^64 mod range, computed in 64 bits.
         let threshold = range.wrapping_neg().checked_rem(range).unwrap_or(0);

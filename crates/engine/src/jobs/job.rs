@@ -188,9 +188,7 @@ pub fn seal(
         return fresh_seal(storage, opts, progress);
     };
     let from = Some(rec.phase);
-    let done = |job: Job, outcome| {
-        job.report(outcome, from)
-    };
+    let done = |job: Job, outcome| job.report(outcome, from);
     match rec.phase {
         Phase::SealScatter => {
             let mut job = Job::open(storage, progress, rec, "seal")?;
@@ -326,7 +324,11 @@ fn fresh_seal(
         thin_path: storage.new_thin_path(&seal_id),
         seal_id,
         profile: opts.profile,
-        placement: opts.placement.unwrap_or(PlacementKind::Patent).name().into(),
+        placement: opts
+            .placement
+            .unwrap_or(PlacementKind::Patent)
+            .name()
+            .into(),
         strategy: strategy.name().into(),
         image_bytes: geometry.disk_bytes(),
         sector_size: geometry.sector_size(),
@@ -380,12 +382,10 @@ impl<'a> Job<'a> {
         rec: SealRecord,
         command: &'static str,
     ) -> Result<Self> {
-        let image = storage
-            .open_image(true)
-            .map_err(|source| JobError::Store {
-                image: storage.image_name(),
-                source,
-            })?;
+        let image = storage.open_image(true).map_err(|source| JobError::Store {
+            image: storage.image_name(),
+            source,
+        })?;
         Self::with_image(storage, progress, rec, command, image)
     }
 
@@ -424,9 +424,9 @@ impl<'a> Job<'a> {
         };
         let placement = placement::build(kind, &key, geometry.sectors(), geometry.thin_sectors())
             .map_err(|source| JobError::Placement {
-                image: storage.image_name(),
-                source,
-            })?;
+            image: storage.image_name(),
+            source,
+        })?;
         Ok(Self {
             storage,
             progress,
@@ -539,7 +539,9 @@ impl<'a> Job<'a> {
             Some(want) if *want != fp => Err(JobError::Mismatch {
                 image: self.image_name(),
                 record: self.storage.record_name(),
-                why: "sampled sectors of the image differ from the sealed image the record describes".into(),
+                why:
+                    "sampled sectors of the image differ from the sealed image the record describes"
+                        .into(),
             }),
             _ => Ok(()),
         }
@@ -556,8 +558,12 @@ impl<'a> Job<'a> {
             job.check_space()?;
             job.progress.pass("scatter", job.geometry.disk_bytes());
             let moved = || -> Result<blake3::Hash, StoreError> {
-                let thin = job.storage.create_thin(&thin_path, job.geometry.thin_bytes())?;
-                let h = job.strategy.scatter_plain(&job.ctx(), &*job.image, &*thin)?;
+                let thin = job
+                    .storage
+                    .create_thin(&thin_path, job.geometry.thin_bytes())?;
+                let h = job
+                    .strategy
+                    .scatter_plain(&job.ctx(), &*job.image, &*thin)?;
                 thin.sync()?;
                 Ok(h)
             };
@@ -644,7 +650,9 @@ impl<'a> Job<'a> {
         }
         self.progress.pass("scatter", self.geometry.disk_bytes());
         let moved = || -> Result<blake3::Hash, StoreError> {
-            let thin = self.storage.create_thin(&thin_path, self.geometry.thin_bytes())?;
+            let thin = self
+                .storage
+                .create_thin(&thin_path, self.geometry.thin_bytes())?;
             let h = self
                 .strategy
                 .scatter_sealed(&self.ctx(), &*self.image, &*thin)?;

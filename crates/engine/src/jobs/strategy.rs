@@ -18,8 +18,8 @@
 use pdguard_core::{Geometry, Placement};
 
 use super::Progress;
-use pdguard_core::cipher::SectorCipher;
 use crate::store::{Disk, Result};
+use pdguard_core::cipher::SectorCipher;
 
 /// Bytes read or written per sequential I/O.
 const CHUNK_BYTES: usize = 1 << 20;
@@ -46,10 +46,30 @@ impl PassCtx<'_> {
 /// the plaintext (plain passes) or of the sealed image (sealed passes), in image order.
 pub trait Strategy: Send + Sync {
     fn name(&self) -> &'static str;
-    fn scatter_plain(&self, ctx: &PassCtx, image: &dyn Disk, thin: &dyn Disk) -> Result<blake3::Hash>;
-    fn gather_sealed(&self, ctx: &PassCtx, thin: &dyn Disk, image: &dyn Disk) -> Result<blake3::Hash>;
-    fn scatter_sealed(&self, ctx: &PassCtx, image: &dyn Disk, thin: &dyn Disk) -> Result<blake3::Hash>;
-    fn gather_plain(&self, ctx: &PassCtx, thin: &dyn Disk, image: &dyn Disk) -> Result<blake3::Hash>;
+    fn scatter_plain(
+        &self,
+        ctx: &PassCtx,
+        image: &dyn Disk,
+        thin: &dyn Disk,
+    ) -> Result<blake3::Hash>;
+    fn gather_sealed(
+        &self,
+        ctx: &PassCtx,
+        thin: &dyn Disk,
+        image: &dyn Disk,
+    ) -> Result<blake3::Hash>;
+    fn scatter_sealed(
+        &self,
+        ctx: &PassCtx,
+        image: &dyn Disk,
+        thin: &dyn Disk,
+    ) -> Result<blake3::Hash>;
+    fn gather_plain(
+        &self,
+        ctx: &PassCtx,
+        thin: &dyn Disk,
+        image: &dyn Disk,
+    ) -> Result<blake3::Hash>;
 }
 
 /// The strategies a record may name.
@@ -74,7 +94,12 @@ impl Strategy for Direct {
         "direct"
     }
 
-    fn scatter_plain(&self, ctx: &PassCtx, image: &dyn Disk, thin: &dyn Disk) -> Result<blake3::Hash> {
+    fn scatter_plain(
+        &self,
+        ctx: &PassCtx,
+        image: &dyn Disk,
+        thin: &dyn Disk,
+    ) -> Result<blake3::Hash> {
         let (g, s) = (ctx.geometry, ctx.sector());
         let mut hasher = blake3::Hasher::new();
         let mut buf = vec![0u8; ctx.chunk_sectors() as usize * s];
@@ -97,7 +122,12 @@ impl Strategy for Direct {
         Ok(hasher.finalize())
     }
 
-    fn gather_sealed(&self, ctx: &PassCtx, thin: &dyn Disk, image: &dyn Disk) -> Result<blake3::Hash> {
+    fn gather_sealed(
+        &self,
+        ctx: &PassCtx,
+        thin: &dyn Disk,
+        image: &dyn Disk,
+    ) -> Result<blake3::Hash> {
         let mut out = SequentialWriter::new(ctx, image);
         let mut inbuf = vec![0u8; ctx.chunk_sectors() as usize * ctx.sector()];
         let g = ctx.geometry;
@@ -120,7 +150,12 @@ impl Strategy for Direct {
         out.finish()
     }
 
-    fn scatter_sealed(&self, ctx: &PassCtx, image: &dyn Disk, thin: &dyn Disk) -> Result<blake3::Hash> {
+    fn scatter_sealed(
+        &self,
+        ctx: &PassCtx,
+        image: &dyn Disk,
+        thin: &dyn Disk,
+    ) -> Result<blake3::Hash> {
         let (g, s) = (ctx.geometry, ctx.sector());
         let mut hasher = blake3::Hasher::new();
         let mut buf = vec![0u8; ctx.chunk_sectors() as usize * s];
@@ -144,7 +179,12 @@ impl Strategy for Direct {
         Ok(hasher.finalize())
     }
 
-    fn gather_plain(&self, ctx: &PassCtx, thin: &dyn Disk, image: &dyn Disk) -> Result<blake3::Hash> {
+    fn gather_plain(
+        &self,
+        ctx: &PassCtx,
+        thin: &dyn Disk,
+        image: &dyn Disk,
+    ) -> Result<blake3::Hash> {
         let mut out = SequentialWriter::new(ctx, image);
         let mut sector = vec![0u8; ctx.sector()];
         for i in 0..ctx.geometry.sectors() {
@@ -192,7 +232,8 @@ impl<'a> SequentialWriter<'a> {
         if self.buf.is_empty() {
             return Ok(());
         }
-        self.image.write_at(&self.buf, self.ctx.geometry.offset(self.next))?;
+        self.image
+            .write_at(&self.buf, self.ctx.geometry.offset(self.next))?;
         self.hasher.update(&self.buf);
         self.next += (self.buf.len() / self.ctx.sector()) as u64;
         self.ctx.progress.advance(self.buf.len() as u64);

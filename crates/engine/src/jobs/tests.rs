@@ -68,7 +68,10 @@ fn fig2_of_the_patent_through_scatter_and_gather() {
     assert_eq!(sealed, blake3::hash(&want));
     // And back: the unseal passes invert it exactly.
     let thin2 = storage.create_thin("fig2.thin2", g.thin_bytes()).unwrap();
-    assert_eq!(Direct.scatter_sealed(&ctx, &*image, &*thin2).unwrap(), sealed);
+    assert_eq!(
+        Direct.scatter_sealed(&ctx, &*image, &*thin2).unwrap(),
+        sealed
+    );
     assert_eq!(Direct.gather_plain(&ctx, &*thin2, &*image).unwrap(), plain);
     assert_eq!(storage.image(), x.concat());
 }
@@ -85,7 +88,11 @@ fn round_trip_for_every_placement_and_geometry() {
             assert_eq!(record(&s).unwrap().phase, Phase::Sealed);
             assert_eq!(s.thin_count(), 0, "thin disk left behind");
             if sectors > 8 {
-                assert_ne!(s.image(), img, "{placement:?} {sector} {sectors}: unchanged");
+                assert_ne!(
+                    s.image(),
+                    img,
+                    "{placement:?} {sector} {sectors}: unchanged"
+                );
             }
             verify(&s, &NoProgress).unwrap();
             let r = unseal(&s, &NoProgress).unwrap();
@@ -114,7 +121,10 @@ fn sealed_image_holds_every_sector_once_and_moves_them() {
             moved += usize::from(tag != j);
         }
         assert!(seen.iter().all(|&c| c == 1));
-        assert!(moved * 100 >= 4096 * 99, "{placement:?}: only {moved} moved");
+        assert!(
+            moved * 100 >= 4096 * 99,
+            "{placement:?}: only {moved} moved"
+        );
     }
 }
 
@@ -124,8 +134,14 @@ fn bad_requests_change_nothing() {
     // 33 sectors of 512: not a multiple of 4096.
     let img = tagged_image(33, 512, &mut rng);
     let s = SimStorage::new(img.clone());
-    assert!(matches!(unseal(&s, &NoProgress), Err(JobError::NotSealed { .. })));
-    assert!(matches!(verify(&s, &NoProgress), Err(JobError::NotSealed { .. })));
+    assert!(matches!(
+        unseal(&s, &NoProgress),
+        Err(JobError::NotSealed { .. })
+    ));
+    assert!(matches!(
+        verify(&s, &NoProgress),
+        Err(JobError::NotSealed { .. })
+    ));
     assert!(matches!(
         seal(&s, &opts(PlacementKind::Patent, 4096, 0), &NoProgress),
         Err(JobError::Geometry { .. })
@@ -151,7 +167,10 @@ fn bad_requests_change_nothing() {
     let n = bad.len();
     bad[n - 5] ^= 1;
     s.write_record(&bad).unwrap();
-    assert!(matches!(unseal(&s, &NoProgress), Err(JobError::Record { .. })));
+    assert!(matches!(
+        unseal(&s, &NoProgress),
+        Err(JobError::Record { .. })
+    ));
     assert!(matches!(
         seal(&s, &SealOptions::default(), &NoProgress),
         Err(JobError::Record { .. })
@@ -192,7 +211,10 @@ fn a_record_from_another_image_is_refused() {
     seal(&b, &SealOptions::default(), &NoProgress).unwrap();
     let b_sealed = b.image();
     b.write_record(&a.record().unwrap()).unwrap();
-    assert!(matches!(unseal(&b, &NoProgress), Err(JobError::Mismatch { .. })));
+    assert!(matches!(
+        unseal(&b, &NoProgress),
+        Err(JobError::Mismatch { .. })
+    ));
     assert_eq!(b.image(), b_sealed);
 }
 
@@ -205,7 +227,15 @@ enum Then {
 
 /// Seal (or unseal, if `sealed_first`) with `fault` armed at `step`; then lose power,
 /// reboot, run `then`, and check that unsealing gives back `img` bit-exact.
-fn crash_case(img: &[u8], o: &SealOptions, sealed_first: bool, step: u64, fault: Fault, then: Then, rng: &mut StdRng) {
+fn crash_case(
+    img: &[u8],
+    o: &SealOptions,
+    sealed_first: bool,
+    step: u64,
+    fault: Fault,
+    then: Then,
+    rng: &mut StdRng,
+) {
     let s = SimStorage::new(img.to_vec());
     if sealed_first {
         seal(&s, o, &NoProgress).unwrap();
@@ -216,11 +246,18 @@ fn crash_case(img: &[u8], o: &SealOptions, sealed_first: bool, step: u64, fault:
     } else {
         seal(&s, o, &NoProgress)
     };
-    let s = if fault == Fault::Crash { s.power_loss(rng) } else { s };
+    let s = if fault == Fault::Crash {
+        s.power_loss(rng)
+    } else {
+        s
+    };
     if first.is_ok() {
         assert!(fault != Fault::Crash || step > 0);
     }
-    let ctx = format!("sealed_first={sealed_first} step={step} {fault:?} then {then:?} first={:?}", first.as_ref().map(|r| r.outcome).map_err(|e| e.to_string()));
+    let ctx = format!(
+        "sealed_first={sealed_first} step={step} {fault:?} then {then:?} first={:?}",
+        first.as_ref().map(|r| r.outcome).map_err(|e| e.to_string())
+    );
     match then {
         Then::Seal => {
             match seal(&s, o, &NoProgress) {

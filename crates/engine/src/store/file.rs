@@ -196,7 +196,8 @@ impl Storage for ImageStorage {
             .map_err(|e| StoreError::io("size", &what, e))?;
         file.sync_all()
             .map_err(|e| StoreError::io("fsync", &what, e))?;
-        sync_dir(&parent_of(path)).map_err(|e| StoreError::io("fsync the directory of", &what, e))?;
+        sync_dir(&parent_of(path))
+            .map_err(|e| StoreError::io("fsync the directory of", &what, e))?;
         Ok(Box::new(FileDisk::new(file, what)?))
     }
 
@@ -215,7 +216,11 @@ impl Storage for ImageStorage {
             Ok(()) => sync_dir(&parent_of(path))
                 .map_err(|e| StoreError::io("fsync the directory of", thin_path, e)),
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
-            Err(e) => Err(StoreError::io("delete", format!("thin disk {thin_path}"), e)),
+            Err(e) => Err(StoreError::io(
+                "delete",
+                format!("thin disk {thin_path}"),
+                e,
+            )),
         }
     }
 
@@ -255,7 +260,11 @@ impl Storage for ImageStorage {
     fn remove_record(&self) -> Result<()> {
         match fs::remove_file(&self.record) {
             Ok(()) => sync_dir(&parent_of(&self.record)).map_err(|e| {
-                StoreError::io("fsync the directory of", self.record.display().to_string(), e)
+                StoreError::io(
+                    "fsync the directory of",
+                    self.record.display().to_string(),
+                    e,
+                )
             }),
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
             Err(e) => Err(StoreError::io(

@@ -54,6 +54,9 @@ pub type Result<T, E = StoreError> = std::result::Result<T, E>;
 pub trait Disk: Send + Sync {
     /// Size in bytes.
     fn len(&self) -> u64;
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
     /// Fill `buf` from `offset`; a short read is an error.
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()>;
     /// Write all of `buf` at `offset`.

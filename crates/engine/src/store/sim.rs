@@ -238,7 +238,11 @@ impl SimDisk {
     }
 
     fn gone(&self) -> StoreError {
-        StoreError::io("access", self.name(), io::Error::from(io::ErrorKind::NotFound))
+        StoreError::io(
+            "access",
+            self.name(),
+            io::Error::from(io::ErrorKind::NotFound),
+        )
     }
 }
 
@@ -304,7 +308,10 @@ impl Storage for SimStorage {
     }
 
     fn new_thin_path(&self, seal_id: &str) -> String {
-        format!("sim.img.{}.pdguard-thin", seal_id.get(..8).unwrap_or(seal_id))
+        format!(
+            "sim.img.{}.pdguard-thin",
+            seal_id.get(..8).unwrap_or(seal_id)
+        )
     }
 
     fn free_bytes(&self, _thin_path: &str) -> Result<u64> {

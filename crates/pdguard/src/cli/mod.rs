@@ -1,0 +1,127 @@
+//! Command-line front-end: `pdguard image …` (offline, on one image) and `pdguard demo`.
+
+mod demo;
+mod image;
+mod progress;
+
+use std::error::Error as _;
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+use thiserror::Error;
+
+use pdguard_engine::jobs::JobError;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "pdguard",
+    version,
+    about = "Secures dangling persistent disks: seals them (patent IN202341088402) and restores them bit-exact",
+    propagate_version = true
+)]
+pub struct Cli {
+    /// No progress bar.
+    #[arg(long, global = true)]
+    pub quiet: bool,
+    /// Print the result as one JSON object on stdout.
+    #[arg(long, global = true)]
+    pub json: bool,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Seal, unseal, verify or inspect one disk image, offline (no daemon).
+    #[command(subcommand)]
+    Image(image::ImageCommand),
+    /// Walk through a seal and unseal on a sample image with text in it.
+    Demo {
+        /// Directory for the sample image (default: a new temporary directory).
+        #[arg(long)]
+        dir: Option<PathBuf>,
+        /// Size of the sample image, e.g. 8M.
+        #[arg(long, default_value = "8M")]
+        size: String,
+    },
+}
+
+#[derive(Debug, Error)]
+pub enum CliError {
+    #[error(transparent)]
+    Job(#[from] JobError),
+    #[error("{0}")]
+    Usage(String),
+    #[error("{0}")]
+    Input(String),
+    #[error("{what}")]
+    Io {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("demo failed: {0}")]
+    Demo(String),
+}
+
+impl CliError {
+    /// Exit codes of DESIGN.md §5.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            Self::Job(e) if e.is_verification() => 3,
+            Self::Usage(_) => 2,
+            _ => 1,
+        }
+    }
+}
+
+/// The whole cause chain on one line, each cause once.
+pub fn error_chain(e: &CliError) -> String {
+    let mut line = e.to_string();
+    let mut src = e.source();
+    while let Some(s) = src {
+        let text = s.to_string();
+        if !line.contains(&text) {
+            line.push_str(": ");
+            line.push_str(&text);
+        }
+        src = s.source();
+    }
+    line
+}
+
+pub fn run(cli: &Cli) -> Result<(), CliError> {
+    match &cli.command {
+        Command::Image(cmd) => image::run(cmd, cli),
+        Command::Demo { dir, size } => demo::run(dir.clone(), size, cli),
+    }
+}
+
+/// Parse a size such as `64M`, `1G`, `4096` or `512K` (powers of 1024).
+pub fn parse_size(s: &str) -> Option<u64> {
+    let s = s.trim();
+    let (num, mult) = match s.char_indices().last()? {
+        (i, 'K' | 'k') => (&s[..i], 1u64 << 10),
+        (i, 'M' | 'm') => (&s[..i], 1 << 20),
+        (i, 'G' | 'g') => (&s[..i], 1 << 30),
+        (i, 'T' | 't') => (&s[..i], 1 << 40),
+        _ => (s, 1),
+    };
+    num.parse::<u64>().ok()?.checked_mul(mult)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_parse() {
+        assert_eq!(parse_size("4096"), Some(4096));
+        assert_eq!(parse_size("64M"), Some(64 << 20));
+        assert_eq!(parse_size("1g"), Some(1 << 30));
+        assert_eq!(parse_size("M"), None);
+        assert_eq!(parse_size("-1K"), None);
+        assert_eq!(parse_size("99999999999T"), None);
+        assert_eq!(parse_size(""), None);
+    }
+}
