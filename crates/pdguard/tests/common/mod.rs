@@ -1,0 +1,65 @@
+//! Helpers shared by the end-to-end tests: they drive the real `pdguard` binary.
+#![allow(dead_code, clippy::unwrap_used)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use rand::{Rng, SeedableRng};
+
+pub fn bin() -> &'static str {
+    env!("CARGO_BIN_EXE_pdguard")
+}
+
+/// Run `pdguard ARGS`, returning its output.
+pub fn pdguard(args: &[&str]) -> Output {
+    Command::new(bin()).args(args).output().unwrap()
+}
+
+pub fn code(o: &Output) -> i32 {
+    o.status.code().unwrap_or(-1)
+}
+
+pub fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// An image of `sectors` sectors of `sector` bytes; each begins with `TAG` and its index.
+pub fn tagged_image(path: &Path, sectors: u64, sector: usize, seed: u64) -> Vec<u8> {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let mut img = vec![0u8; sectors as usize * sector];
+    rng.fill(&mut img[..]);
+    for (i, s) in img.chunks_exact_mut(sector).enumerate() {
+        s[..3].copy_from_slice(b"TAG");
+        s[3..11].copy_from_slice(&(i as u64).to_le_bytes());
+    }
+    std::fs::write(path, &img).unwrap();
+    img
+}
+
+/// The tag of a sector, if it has one.
+pub fn tag_of(sector: &[u8]) -> Option<u64> {
+    (&sector[..3] == b"TAG").then(|| u64::from_le_bytes(sector[3..11].try_into().unwrap()))
+}
+
+pub fn record_of(img: &Path) -> PathBuf {
+    let mut s = img.as_os_str().to_owned();
+    s.push(".pdguard");
+    PathBuf::from(s)
+}
+
+/// Digest of a file's bytes, or "absent".
+pub fn digest(path: &Path) -> String {
+    match std::fs::read(path) {
+        Ok(b) => blake3::hash(&b).to_hex().to_string(),
+        Err(_) => "absent".into(),
+    }
+}
+
+/// Image and record digests, to check that a refused command changed nothing.
+pub fn state(img: &Path) -> (String, String) {
+    (digest(img), digest(&record_of(img)))
+}
+
+pub fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
