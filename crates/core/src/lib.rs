@@ -6,6 +6,7 @@
 
 pub mod cipher;
 pub mod geometry;
+pub mod keys;
 pub mod placement;
 pub mod seed;
 

@@ -70,6 +70,7 @@ impl Profile {
 /// | `unseal-scatter` | the image (sealed, untouched)      | unseal: restart scatter; seal: drop thin disk, back to `sealed` |
 /// | `unseal-gather`  | the thin disk (complete, synced)   | unseal: restart gather; seal: sealed gather from the thin disk |
 /// | `unsealed`       | the image (plaintext, verified)    | remove thin disk and record   |
+/// | `shredded`       | none: the key was destroyed        | nothing; the data is gone     |
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Phase {
@@ -79,6 +80,8 @@ pub enum Phase {
     UnsealScatter,
     UnsealGather,
     Unsealed,
+    /// Crypto-erased by `image shred`: the wrapped key was overwritten and removed.
+    Shredded,
 }
 
 impl Phase {
@@ -90,6 +93,7 @@ impl Phase {
             Self::UnsealScatter => "unseal-scatter",
             Self::UnsealGather => "unseal-gather",
             Self::Unsealed => "unsealed",
+            Self::Shredded => "shredded",
         }
     }
 
@@ -242,12 +246,15 @@ impl SealRecord {
             Profile::Patent if self.seed.is_none() => {
                 return bad("patent profile without a seed".into())
             }
-            Profile::Secure if self.wrapped_key.is_none() => {
+            Profile::Secure if self.wrapped_key.is_none() && self.phase != Phase::Shredded => {
                 return bad("secure profile without a wrapped key".into())
+            }
+            Profile::Secure if self.seed.is_some() => {
+                return bad("secure profile with a seed in the clear".into())
             }
             _ => {}
         }
-        let after_scatter = !matches!(self.phase, Phase::SealScatter);
+        let after_scatter = !matches!(self.phase, Phase::SealScatter | Phase::Shredded);
         if after_scatter && self.plain_digest.is_none() {
             return bad(format!("phase {} without plain_digest", self.phase.name()));
         }

@@ -5,4 +5,5 @@
 //! - [`jobs`]: seal and unseal — scatter, wipe, gather — and verify.
 
 pub mod jobs;
+pub mod keyfile;
 pub mod store;

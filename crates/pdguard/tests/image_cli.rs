@@ -153,22 +153,54 @@ fn bad_input_is_refused_and_changes_nothing() {
     refused(&["image", "unseal", s(&img)], 1, "is not sealed");
     refused(&["image", "verify", s(&img)], 1, "is not sealed");
     refused(
-        &["image", "seal", s(&img), "--sector-size", "1000"],
+        &[
+            "image",
+            "seal",
+            s(&img),
+            "--profile",
+            "patent",
+            "--sector-size",
+            "1000",
+        ],
         1,
         "not a power of two",
     );
     refused(
-        &["image", "seal", s(&img), "--sector-size", "65536"],
+        &[
+            "image",
+            "seal",
+            s(&img),
+            "--profile",
+            "patent",
+            "--sector-size",
+            "65536",
+        ],
         1,
         "not a multiple",
     );
     refused(
-        &["image", "seal", s(&img), "--word-length", "3"],
+        &[
+            "image",
+            "seal",
+            s(&img),
+            "--profile",
+            "patent",
+            "--word-length",
+            "3",
+        ],
         1,
         "word length",
     );
     refused(
-        &["image", "seal", s(&img), "--strategy", "warp"],
+        &[
+            "image",
+            "seal",
+            s(&img),
+            "--profile",
+            "patent",
+            "--strategy",
+            "warp",
+        ],
         1,
         "unknown strategy",
     );
@@ -178,24 +210,49 @@ fn bad_input_is_refused_and_changes_nothing() {
         "not a directory",
     );
     refused(&["image", "seal", s(dir.path())], 1, "is a directory");
+    // The default profile is secure: without a key it says how to make one.
+    let nokey = dir.path().join("none.key");
+    refused(
+        &["image", "seal", s(&img), "--key-file", s(&nokey)],
+        1,
+        "pdguard keygen",
+    );
 
     let odd = dir.path().join("odd.img");
     fs::write(&odd, vec![7u8; 1000]).unwrap();
-    let o = pdguard(&["image", "seal", s(&odd)]);
+    let o = pdguard(&["image", "seal", s(&odd), "--profile", "patent"]);
     assert_eq!(code(&o), 1);
     assert!(stderr(&o).contains("not a multiple of the sector size"));
     assert_eq!(fs::read(&odd).unwrap(), vec![7u8; 1000]);
 
     // Sealed: a second seal is refused; a corrupt, newer or foreign record is refused.
-    assert_eq!(code(&pdguard(&["image", "seal", s(&img), "--quiet"])), 0);
-    refused(&["image", "seal", s(&img)], 1, "already sealed");
+    assert_eq!(
+        code(&pdguard(&[
+            "image",
+            "seal",
+            s(&img),
+            "--profile",
+            "patent",
+            "--quiet"
+        ])),
+        0
+    );
+    refused(
+        &["image", "seal", s(&img), "--profile", "patent"],
+        1,
+        "already sealed",
+    );
     let rec = record_of(&img);
     let good = fs::read(&rec).unwrap();
     let mut torn = good.clone();
     torn.truncate(good.len() / 2);
     fs::write(&rec, &torn).unwrap();
     refused(&["image", "unseal", s(&img)], 1, "corrupt");
-    refused(&["image", "seal", s(&img)], 1, "corrupt");
+    refused(
+        &["image", "seal", s(&img), "--profile", "patent"],
+        1,
+        "corrupt",
+    );
     let newer = String::from_utf8(good.clone()).unwrap().replacen(
         "PDGUARD-SEAL-RECORD 1 ",
         "PDGUARD-SEAL-RECORD 9 ",
@@ -206,7 +263,17 @@ fn bad_input_is_refused_and_changes_nothing() {
 
     let other = dir.path().join("other.img");
     tagged_image(&other, 257, 512, 2);
-    assert_eq!(code(&pdguard(&["image", "seal", s(&other), "--quiet"])), 0);
+    assert_eq!(
+        code(&pdguard(&[
+            "image",
+            "seal",
+            s(&other),
+            "--profile",
+            "patent",
+            "--quiet"
+        ])),
+        0
+    );
     fs::copy(record_of(&other), &rec).unwrap();
     refused(&["image", "unseal", s(&img)], 1, "does not belong");
     let big = dir.path().join("big.img");
@@ -271,7 +338,15 @@ fn no_space_for_the_thin_disk_is_refused_up_front() {
         stderr(&o)
     );
     let before = state(&img);
-    let o = pdguard(&["image", "seal", s(&img), "--thin-dir", s(&small)]);
+    let o = pdguard(&[
+        "image",
+        "seal",
+        s(&img),
+        "--profile",
+        "patent",
+        "--thin-dir",
+        s(&small),
+    ]);
     let err = stderr(&o);
     let _ = run("umount", &[s(&small)]);
     assert_eq!(code(&o), 1, "{err}");
@@ -294,10 +369,29 @@ fn block_device_needs_record_and_round_trips() {
     );
     let dev = String::from_utf8(o.stdout).unwrap().trim().to_string();
     let rec = dir.path().join("dev.pdguard");
-    let o1 = pdguard(&["image", "seal", &dev]);
-    let o2 = pdguard(&["image", "seal", &dev, "--record", s(&rec), "--quiet"]);
+    let key = keygen(dir.path(), "k");
+    let o1 = pdguard(&["image", "seal", &dev, "--key-file", s(&key)]);
+    let o2 = pdguard(&[
+        "image",
+        "seal",
+        &dev,
+        "--record",
+        s(&rec),
+        "--key-file",
+        s(&key),
+        "--quiet",
+    ]);
     let sealed = fs::read(&backing).unwrap();
-    let o3 = pdguard(&["image", "unseal", &dev, "--record", s(&rec), "--quiet"]);
+    let o3 = pdguard(&[
+        "image",
+        "unseal",
+        &dev,
+        "--record",
+        s(&rec),
+        "--key-file",
+        s(&key),
+        "--quiet",
+    ]);
     let _ = run("losetup", &["-d", &dev]);
     assert_eq!(code(&o1), 2, "{}", stderr(&o1));
     assert!(stderr(&o1).contains("--record"), "{}", stderr(&o1));

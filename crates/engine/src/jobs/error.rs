@@ -1,5 +1,6 @@
 //! Errors of the seal, unseal and verify jobs. Each names the thing, the cause and the fix.
 
+use pdguard_core::keys::KeyError;
 use pdguard_core::{GeometryError, PlacementError, RecordError};
 use thiserror::Error;
 
@@ -60,6 +61,27 @@ pub enum JobError {
         #[source]
         source: PlacementError,
     },
+
+    #[error("{image} was sealed with the secure profile and needs its master key; pass --key-file FILE or set PDGUARD_KEY_FILE")]
+    KeyMissing { image: String },
+
+    #[error("the master key given (id {have}) is not the one {image} was sealed with (id {want}); pass the right --key-file")]
+    WrongKey {
+        image: String,
+        have: String,
+        want: String,
+    },
+
+    #[error("the key of {image} cannot be unwrapped (seal record {record})")]
+    Key {
+        image: String,
+        record: String,
+        #[source]
+        source: KeyError,
+    },
+
+    #[error("{image} was crypto-erased by `pdguard image shred`: its key is destroyed and its data cannot be recovered; delete the image or seal new data into it")]
+    Shredded { image: String },
 
     #[error("{0}")]
     Unsupported(String),

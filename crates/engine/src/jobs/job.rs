@@ -3,11 +3,14 @@
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use pdguard_core::cipher::XtsAes256;
+use pdguard_core::keys::{self, DataKey, MasterKey};
 use pdguard_core::record::RECORD_VERSION;
 use pdguard_core::{
     fingerprint_sectors, placement, seed, Geometry, Phase, Placement, PlacementKind, Profile,
     SealRecord,
 };
+use zeroize::Zeroizing;
 
 use super::error::{JobError, Result};
 use super::strategy::{self, PassCtx, Strategy};
@@ -24,6 +27,8 @@ pub struct SealOptions {
     /// `None`: the profile's default (`patent` in the patent profile).
     pub placement: Option<PlacementKind>,
     pub strategy: String,
+    /// The master key: required by the secure profile, unused by the patent profile.
+    pub master_key: Option<MasterKey>,
 }
 
 impl Default for SealOptions {
@@ -35,6 +40,7 @@ impl Default for SealOptions {
             thin_slack_pct: 0,
             placement: None,
             strategy: "direct".into(),
+            master_key: None,
         }
     }
 }
@@ -111,10 +117,19 @@ pub fn inspect(storage: &dyn Storage) -> Result<SealRecord> {
 }
 
 /// Check a sealed image against its record's digest without unsealing it ([015]).
-pub fn verify(storage: &dyn Storage, progress: &dyn Progress) -> Result<VerifyReport> {
+///
+/// With a master key, also check that it opens the seal's wrapped key (secure profile).
+pub fn verify(
+    storage: &dyn Storage,
+    key: Option<&MasterKey>,
+    progress: &dyn Progress,
+) -> Result<VerifyReport> {
     let rec = inspect(storage)?;
     if rec.phase != Phase::Sealed {
         return Err(in_progress(storage, rec.phase));
+    }
+    if rec.profile == Profile::Secure && key.is_some() {
+        Keys::resolve(storage, &rec, key)?;
     }
     let store_err = |source| JobError::Store {
         image: storage.image_name(),
@@ -152,6 +167,11 @@ fn hash_image(image: &dyn Disk, len: u64, progress: &dyn Progress) -> Result<Str
 }
 
 fn in_progress(storage: &dyn Storage, phase: Phase) -> JobError {
+    if phase == Phase::Shredded {
+        return JobError::Shredded {
+            image: storage.image_name(),
+        };
+    }
     let command = match phase {
         Phase::SealScatter | Phase::SealGather => "seal",
         _ => "unseal",
@@ -189,16 +209,17 @@ pub fn seal(
     };
     let from = Some(rec.phase);
     let done = |job: Job, outcome| job.report(outcome, from);
+    let key = opts.master_key.as_ref();
     match rec.phase {
         Phase::SealScatter => {
-            let mut job = Job::open(storage, progress, rec, "seal")?;
+            let mut job = Job::open(storage, progress, rec, "seal", key)?;
             job.check_seed()?;
             job.seal_scatter()?;
             job.seal_gather()?;
             Ok(done(job, Outcome::Sealed))
         }
         Phase::SealGather => {
-            let mut job = Job::open(storage, progress, rec, "seal")?;
+            let mut job = Job::open(storage, progress, rec, "seal", key)?;
             job.seal_gather()?;
             Ok(done(job, Outcome::Sealed))
         }
@@ -211,12 +232,12 @@ pub fn seal(
             })
         }
         Phase::UnsealScatter => {
-            let mut job = Job::open(storage, progress, rec, "seal")?;
+            let mut job = Job::open(storage, progress, rec, "seal", key)?;
             job.abandon_unseal_scatter()?;
             Ok(done(job, Outcome::UnsealRolledBack))
         }
         Phase::UnsealGather => {
-            let mut job = Job::open(storage, progress, rec, "seal")?;
+            let mut job = Job::open(storage, progress, rec, "seal", key)?;
             job.commit(Phase::SealGather)?;
             job.seal_gather()?;
             Ok(done(job, Outcome::UnsealRolledBack))
@@ -225,14 +246,29 @@ pub fn seal(
             finish_unsealed(storage, &rec)?;
             fresh_seal(storage, opts, progress)
         }
+        Phase::Shredded => {
+            // The old contents are unrecoverable noise: sealing new data over them is fine.
+            storage.remove_record().map_err(|source| JobError::Store {
+                image: storage.image_name(),
+                source,
+            })?;
+            fresh_seal(storage, opts, progress)
+        }
     }
 }
 
 /// Unseal an image, or finish or roll back whatever job a crash interrupted on it.
-pub fn unseal(storage: &dyn Storage, progress: &dyn Progress) -> Result<JobReport> {
+pub fn unseal(
+    storage: &dyn Storage,
+    key: Option<&MasterKey>,
+    progress: &dyn Progress,
+) -> Result<JobReport> {
     let rec = inspect(storage)?;
+    if rec.phase == Phase::Shredded {
+        return Err(in_progress(storage, rec.phase));
+    }
     let from = (rec.phase != Phase::Sealed).then_some(rec.phase);
-    let mut job = Job::open(storage, progress, rec, "unseal")?;
+    let mut job = Job::open(storage, progress, rec, "unseal", key)?;
     let outcome = match job.rec.phase {
         Phase::SealScatter => {
             // The image was never touched: dropping the thin disk and record is the rollback.
@@ -269,8 +305,38 @@ pub fn unseal(storage: &dyn Storage, progress: &dyn Progress) -> Result<JobRepor
             finish_unsealed(storage, &job.rec)?;
             Outcome::Unsealed
         }
+        Phase::Shredded => unreachable!("refused above"),
     };
     Ok(job.report(outcome, from))
+}
+
+/// Crypto-erase a sealed image (NIST SP 800-88 "Purge" by cryptographic erase): overwrite
+/// the record's bytes in place and fsync, so the blocks that held the wrapped key hold
+/// zeros, then replace the record by a tombstone in phase `shredded` with no key material.
+/// Afterwards the sealed data cannot be decrypted even with the master key.
+pub fn shred(storage: &dyn Storage) -> Result<SealRecord> {
+    let rec = inspect(storage)?;
+    if rec.profile != Profile::Secure {
+        return Err(JobError::Unsupported(format!(
+            "{} was sealed with the patent profile, which has no key to destroy; crypto-erase needs the secure profile (overwrite or delete the image instead)",
+            storage.image_name()
+        )));
+    }
+    if rec.phase != Phase::Sealed {
+        return Err(in_progress(storage, rec.phase));
+    }
+    let store_err = |source| JobError::Store {
+        image: storage.image_name(),
+        source,
+    };
+    storage.overwrite_record().map_err(store_err)?;
+    let mut tomb = rec;
+    tomb.wrapped_key = None;
+    tomb.plain_digest = None;
+    tomb.phase = Phase::Shredded;
+    tomb.updated_unix = now();
+    storage.write_record(&tomb.encode()).map_err(store_err)?;
+    Ok(tomb)
 }
 
 fn finish_unsealed(storage: &dyn Storage, rec: &SealRecord) -> Result<()> {
@@ -288,10 +354,10 @@ fn fresh_seal(
     opts: &SealOptions,
     progress: &dyn Progress,
 ) -> Result<JobReport> {
-    if opts.profile == Profile::Secure {
-        return Err(JobError::Unsupported(
-            "profile secure is not available yet in this build; use --profile patent".into(),
-        ));
+    if opts.profile == Profile::Secure && opts.master_key.is_none() {
+        return Err(JobError::KeyMissing {
+            image: storage.image_name(),
+        });
     }
     let Some(strategy) = strategy::by_name(&opts.strategy) else {
         return Err(JobError::Unsupported(format!(
@@ -319,23 +385,23 @@ fn fresh_seal(
     let seed = read_seed(&*image, geometry).map_err(store_err)?;
     let seal_id = hex::encode(rand::random::<[u8; 16]>());
     let t = now();
-    let rec = SealRecord {
+    let default_placement = match opts.profile {
+        Profile::Patent => PlacementKind::Patent,
+        Profile::Secure => PlacementKind::Feistel,
+    };
+    let mut rec = SealRecord {
         version: RECORD_VERSION,
         thin_path: storage.new_thin_path(&seal_id),
         seal_id,
         profile: opts.profile,
-        placement: opts
-            .placement
-            .unwrap_or(PlacementKind::Patent)
-            .name()
-            .into(),
+        placement: opts.placement.unwrap_or(default_placement).name().into(),
         strategy: strategy.name().into(),
         image_bytes: geometry.disk_bytes(),
         sector_size: geometry.sector_size(),
         word_length: geometry.word_length(),
         sectors: geometry.sectors(),
         thin_sectors: geometry.thin_sectors(),
-        seed: Some(hex::encode(seed)),
+        seed: (opts.profile == Profile::Patent).then(|| hex::encode(&seed)),
         wrapped_key: None,
         phase: Phase::SealScatter,
         plain_digest: None,
@@ -345,7 +411,13 @@ fn fresh_seal(
         updated_unix: t,
         writer: concat!("pdguard ", env!("CARGO_PKG_VERSION")).into(),
     };
-    let mut job = Job::with_image(storage, progress, rec, "seal", image)?;
+    if let (Profile::Secure, Some(master)) = (opts.profile, &opts.master_key) {
+        let data_key = DataKey::from_bytes(rand::random());
+        let aad = keys::wrap_aad(&rec);
+        rec.wrapped_key = Some(keys::wrap(master, &data_key, &seed, rand::random(), &aad));
+    }
+    let key = opts.master_key.as_ref();
+    let mut job = Job::with_image(storage, progress, rec, "seal", image, key)?;
     // Everything that can be checked is checked before the first write.
     job.check_space()?;
     job.rec.updated_unix = now();
@@ -371,8 +443,78 @@ struct Job<'a> {
     geometry: Geometry,
     placement: Box<dyn Placement>,
     strategy: Box<dyn Strategy>,
+    keys: Keys,
     /// The command the user ran: `seal` or `unseal`.
     command: &'static str,
+}
+
+/// What a record's profile and key give a job: the [040] seed, the key the placement is
+/// built from and, in the secure profile, the sector cipher and the digest key.
+struct Keys {
+    data_seed: Zeroizing<Vec<u8>>,
+    placement_key: Zeroizing<Vec<u8>>,
+    cipher: Option<XtsAes256>,
+    digest_key: Option<[u8; 32]>,
+}
+
+impl Keys {
+    fn resolve(
+        storage: &dyn Storage,
+        rec: &SealRecord,
+        master: Option<&MasterKey>,
+    ) -> Result<Self> {
+        let image = storage.image_name();
+        let record_err = |e: &str| JobError::Record {
+            record: storage.record_name(),
+            source: pdguard_core::RecordError::Inconsistent(e.into()),
+        };
+        match rec.profile {
+            Profile::Patent => {
+                let seed = rec.seed.as_deref().ok_or_else(|| record_err("no seed"))?;
+                let seed =
+                    Zeroizing::new(hex::decode(seed).map_err(|_| record_err("seed is not hex"))?);
+                Ok(Self {
+                    placement_key: seed.clone(),
+                    data_seed: seed,
+                    cipher: None,
+                    digest_key: None,
+                })
+            }
+            Profile::Secure => {
+                if rec.phase == Phase::Shredded {
+                    return Err(JobError::Shredded { image });
+                }
+                let wrapped = rec
+                    .wrapped_key
+                    .as_ref()
+                    .ok_or_else(|| record_err("no wrapped key"))?;
+                let master = master.ok_or_else(|| JobError::KeyMissing {
+                    image: image.clone(),
+                })?;
+                if master.id() != wrapped.master_key_id {
+                    return Err(JobError::WrongKey {
+                        image,
+                        have: master.id(),
+                        want: wrapped.master_key_id.clone(),
+                    });
+                }
+                let (data_key, seed) = keys::unwrap(master, wrapped, &keys::wrap_aad(rec))
+                    .map_err(|source| JobError::Key {
+                        image,
+                        record: storage.record_name(),
+                        source,
+                    })?;
+                let sk = data_key.derive(&rec.seal_id);
+                let pk = sk.placement_seed(&seed, &rec.seal_id, rec.image_bytes);
+                Ok(Self {
+                    data_seed: seed,
+                    placement_key: Zeroizing::new(pk.to_vec()),
+                    cipher: Some(XtsAes256::new(&sk.xts)),
+                    digest_key: Some(sk.digest),
+                })
+            }
+        }
+    }
 }
 
 impl<'a> Job<'a> {
@@ -381,12 +523,15 @@ impl<'a> Job<'a> {
         progress: &'a dyn Progress,
         rec: SealRecord,
         command: &'static str,
+        key: Option<&MasterKey>,
     ) -> Result<Self> {
+        // Keys first: a wrong or missing key is refused before the image is opened.
+        Keys::resolve(storage, &rec, key)?;
         let image = storage.open_image(true).map_err(|source| JobError::Store {
             image: storage.image_name(),
             source,
         })?;
-        Self::with_image(storage, progress, rec, command, image)
+        Self::with_image(storage, progress, rec, command, image, key)
     }
 
     fn with_image(
@@ -395,7 +540,9 @@ impl<'a> Job<'a> {
         rec: SealRecord,
         command: &'static str,
         image: Box<dyn Disk>,
+        key: Option<&MasterKey>,
     ) -> Result<Self> {
+        let keys = Keys::resolve(storage, &rec, key)?;
         check_size(storage, &rec, &*image)?;
         let record_err = |e: String| JobError::Record {
             record: storage.record_name(),
@@ -412,18 +559,13 @@ impl<'a> Job<'a> {
         let kind = rec
             .placement_kind()
             .ok_or_else(|| record_err(format!("unknown placement {:?}", rec.placement)))?;
-        let key = match (&rec.profile, &rec.seed) {
-            (Profile::Patent, Some(seed)) => {
-                hex::decode(seed).map_err(|_| record_err("seed is not hex".into()))?
-            }
-            _ => {
-                return Err(JobError::Unsupported(
-                    "profile secure is not available yet in this build".into(),
-                ))
-            }
-        };
-        let placement = placement::build(kind, &key, geometry.sectors(), geometry.thin_sectors())
-            .map_err(|source| JobError::Placement {
+        let placement = placement::build(
+            kind,
+            &keys.placement_key,
+            geometry.sectors(),
+            geometry.thin_sectors(),
+        )
+        .map_err(|source| JobError::Placement {
             image: storage.image_name(),
             source,
         })?;
@@ -435,6 +577,7 @@ impl<'a> Job<'a> {
             geometry,
             placement,
             strategy,
+            keys,
             command,
         })
     }
@@ -451,7 +594,12 @@ impl<'a> Job<'a> {
         PassCtx {
             geometry: self.geometry,
             placement: &*self.placement,
-            cipher: None,
+            cipher: self
+                .keys
+                .cipher
+                .as_ref()
+                .map(|c| c as &dyn pdguard_core::cipher::SectorCipher),
+            digest_key: self.keys.digest_key,
             progress: self.progress,
         }
     }
@@ -508,7 +656,7 @@ impl<'a> Job<'a> {
     /// A seal interrupted in scatter is resumed only on the image it started on.
     fn check_seed(&self) -> Result<()> {
         let seed = read_seed(&*self.image, self.geometry).map_err(|e| self.interrupted(e))?;
-        if self.rec.seed.as_deref() != Some(hex::encode(seed).as_str()) {
+        if seed != *self.keys.data_seed {
             return Err(JobError::Mismatch {
                 image: self.image_name(),
                 record: self.storage.record_name(),

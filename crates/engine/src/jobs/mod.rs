@@ -11,7 +11,9 @@ mod job;
 pub mod strategy;
 
 pub use error::{JobError, Result};
-pub use job::{inspect, seal, unseal, verify, JobReport, Outcome, SealOptions, VerifyReport};
+pub use job::{
+    inspect, seal, shred, unseal, verify, JobReport, Outcome, SealOptions, VerifyReport,
+};
 
 /// Receives progress of a job; the CLI draws a bar from it, the daemon exports it.
 pub trait Progress: Send + Sync {

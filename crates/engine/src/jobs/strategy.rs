@@ -29,10 +29,20 @@ pub struct PassCtx<'a> {
     pub geometry: Geometry,
     pub placement: &'a dyn Placement,
     pub cipher: Option<&'a dyn SectorCipher>,
+    /// Keys the plaintext digest in the secure profile.
+    pub digest_key: Option<[u8; 32]>,
     pub progress: &'a dyn Progress,
 }
 
 impl PassCtx<'_> {
+    /// The hasher of the plaintext digest: keyed in the secure profile.
+    fn plain_hasher(&self) -> blake3::Hasher {
+        match &self.digest_key {
+            Some(k) => blake3::Hasher::new_keyed(k),
+            None => blake3::Hasher::new(),
+        }
+    }
+
     fn sector(&self) -> usize {
         self.geometry.sector_size() as usize
     }
@@ -101,7 +111,7 @@ impl Strategy for Direct {
         thin: &dyn Disk,
     ) -> Result<blake3::Hash> {
         let (g, s) = (ctx.geometry, ctx.sector());
-        let mut hasher = blake3::Hasher::new();
+        let mut hasher = ctx.plain_hasher();
         let mut buf = vec![0u8; ctx.chunk_sectors() as usize * s];
         let mut i = 0;
         while i < g.sectors() {
@@ -128,7 +138,7 @@ impl Strategy for Direct {
         thin: &dyn Disk,
         image: &dyn Disk,
     ) -> Result<blake3::Hash> {
-        let mut out = SequentialWriter::new(ctx, image);
+        let mut out = SequentialWriter::new(ctx, image, blake3::Hasher::new());
         let mut inbuf = vec![0u8; ctx.chunk_sectors() as usize * ctx.sector()];
         let g = ctx.geometry;
         let mut slot = 0;
@@ -185,7 +195,7 @@ impl Strategy for Direct {
         thin: &dyn Disk,
         image: &dyn Disk,
     ) -> Result<blake3::Hash> {
-        let mut out = SequentialWriter::new(ctx, image);
+        let mut out = SequentialWriter::new(ctx, image, ctx.plain_hasher());
         let mut sector = vec![0u8; ctx.sector()];
         for i in 0..ctx.geometry.sectors() {
             let slot = ctx.placement.slot_of(i);
@@ -210,13 +220,13 @@ struct SequentialWriter<'a> {
 }
 
 impl<'a> SequentialWriter<'a> {
-    fn new(ctx: &'a PassCtx<'a>, image: &'a dyn Disk) -> Self {
+    fn new(ctx: &'a PassCtx<'a>, image: &'a dyn Disk, hasher: blake3::Hasher) -> Self {
         Self {
             ctx,
             image,
             buf: Vec::with_capacity(CHUNK_BYTES),
             next: 0,
-            hasher: blake3::Hasher::new(),
+            hasher,
         }
     }
 

@@ -1,8 +1,9 @@
 //! Engine tests over the simulated store: round trips, FIG. 2, crash and fault injection.
 #![allow(clippy::unwrap_used)]
 
+use pdguard_core::keys::MasterKey;
 use pdguard_core::placement::FixedPlacement;
-use pdguard_core::{Geometry, Phase, PlacementKind, SealRecord};
+use pdguard_core::{Geometry, Phase, PlacementKind, Profile, SealRecord};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
@@ -21,12 +22,24 @@ fn tagged_image(sectors: u64, sector: usize, rng: &mut StdRng) -> Vec<u8> {
     img
 }
 
+fn master() -> MasterKey {
+    MasterKey::from_bytes([0x42; 32])
+}
+
 fn opts(placement: PlacementKind, sector: u32, slack: u32) -> SealOptions {
     SealOptions {
         placement: Some(placement),
         sector_size: sector,
         thin_slack_pct: slack,
         ..SealOptions::default()
+    }
+}
+
+fn secure(placement: PlacementKind, sector: u32, slack: u32) -> SealOptions {
+    SealOptions {
+        profile: Profile::Secure,
+        master_key: Some(master()),
+        ..opts(placement, sector, slack)
     }
 }
 
@@ -48,6 +61,7 @@ fn fig2_of_the_patent_through_scatter_and_gather() {
         geometry: g,
         placement: &placement,
         cipher: None,
+        digest_key: None,
         progress: &NoProgress,
     };
     let plain = Direct.scatter_plain(&ctx, &*image, &*thin).unwrap();
@@ -79,11 +93,26 @@ fn fig2_of_the_patent_through_scatter_and_gather() {
 #[test]
 fn round_trip_for_every_placement_and_geometry() {
     let mut rng = StdRng::seed_from_u64(1);
-    for placement in [PlacementKind::Patent, PlacementKind::Feistel] {
-        for (sector, sectors, slack) in [(512, 64, 0), (512, 37, 50), (4096, 20, 0), (1024, 1, 0)] {
+    for (placement, profile) in [
+        (PlacementKind::Patent, Profile::Patent),
+        (PlacementKind::Feistel, Profile::Patent),
+        (PlacementKind::Feistel, Profile::Secure),
+        (PlacementKind::Patent, Profile::Secure),
+    ] {
+        for (sector, sectors, slack) in [
+            (512, 64, 0),
+            (512, 37, 50),
+            (4096, 20, 0),
+            (4096, 9, 50),
+            (1024, 1, 0),
+        ] {
             let img = tagged_image(sectors, sector as usize, &mut rng);
             let s = SimStorage::new(img.clone());
-            let r = seal(&s, &opts(placement, sector, slack), &NoProgress).unwrap();
+            let o = match profile {
+                Profile::Patent => opts(placement, sector, slack),
+                Profile::Secure => secure(placement, sector, slack),
+            };
+            let r = seal(&s, &o, &NoProgress).unwrap();
             assert_eq!(r.outcome, Outcome::Sealed);
             assert_eq!(record(&s).unwrap().phase, Phase::Sealed);
             assert_eq!(s.thin_count(), 0, "thin disk left behind");
@@ -94,8 +123,8 @@ fn round_trip_for_every_placement_and_geometry() {
                     "{placement:?} {sector} {sectors}: unchanged"
                 );
             }
-            verify(&s, &NoProgress).unwrap();
-            let r = unseal(&s, &NoProgress).unwrap();
+            verify(&s, None, &NoProgress).unwrap();
+            let r = unseal(&s, o.master_key.as_ref(), &NoProgress).unwrap();
             assert_eq!(r.outcome, Outcome::Unsealed);
             assert_eq!(s.image(), img, "{placement:?} {sector} {sectors} {slack}");
             assert!(s.record().is_none());
@@ -135,11 +164,11 @@ fn bad_requests_change_nothing() {
     let img = tagged_image(33, 512, &mut rng);
     let s = SimStorage::new(img.clone());
     assert!(matches!(
-        unseal(&s, &NoProgress),
+        unseal(&s, None, &NoProgress),
         Err(JobError::NotSealed { .. })
     ));
     assert!(matches!(
-        verify(&s, &NoProgress),
+        verify(&s, None, &NoProgress),
         Err(JobError::NotSealed { .. })
     ));
     assert!(matches!(
@@ -168,7 +197,7 @@ fn bad_requests_change_nothing() {
     bad[n - 5] ^= 1;
     s.write_record(&bad).unwrap();
     assert!(matches!(
-        unseal(&s, &NoProgress),
+        unseal(&s, None, &NoProgress),
         Err(JobError::Record { .. })
     ));
     assert!(matches!(
@@ -181,10 +210,19 @@ fn bad_requests_change_nothing() {
 
 #[test]
 fn tampered_sealed_image_fails_verification_and_stays_sealed() {
+    for o in [
+        SealOptions::default(),
+        secure(PlacementKind::Feistel, 512, 0),
+    ] {
+        tampered_case(&o);
+    }
+}
+
+fn tampered_case(o: &SealOptions) {
     let mut rng = StdRng::seed_from_u64(4);
     let img = tagged_image(64, 512, &mut rng);
     let s = SimStorage::new(img);
-    seal(&s, &SealOptions::default(), &NoProgress).unwrap();
+    seal(&s, o, &NoProgress).unwrap();
     let disk = s.open_image(true).unwrap();
     // Flip one byte outside the sampled fingerprint sectors (sector 3).
     let mut b = [0u8; 1];
@@ -192,9 +230,9 @@ fn tampered_sealed_image_fails_verification_and_stays_sealed() {
     b[0] ^= 0x40;
     disk.write_at(&b, 3 * 512 + 100).unwrap();
     let tampered = s.image();
-    let e = verify(&s, &NoProgress).unwrap_err();
+    let e = verify(&s, None, &NoProgress).unwrap_err();
     assert!(e.is_verification(), "{e}");
-    let e = unseal(&s, &NoProgress).unwrap_err();
+    let e = unseal(&s, o.master_key.as_ref(), &NoProgress).unwrap_err();
     assert!(e.is_verification(), "{e}");
     assert_eq!(s.image(), tampered);
     assert_eq!(record(&s).unwrap().phase, Phase::Sealed);
@@ -212,7 +250,7 @@ fn a_record_from_another_image_is_refused() {
     let b_sealed = b.image();
     b.write_record(&a.record().unwrap()).unwrap();
     assert!(matches!(
-        unseal(&b, &NoProgress),
+        unseal(&b, None, &NoProgress),
         Err(JobError::Mismatch { .. })
     ));
     assert_eq!(b.image(), b_sealed);
@@ -242,7 +280,7 @@ fn crash_case(
     }
     s.arm(step, fault);
     let first = if sealed_first {
-        unseal(&s, &NoProgress)
+        unseal(&s, o.master_key.as_ref(), &NoProgress)
     } else {
         seal(&s, o, &NoProgress)
     };
@@ -266,9 +304,10 @@ fn crash_case(
                 Err(e) => panic!("{ctx}: resume by seal failed: {e}"),
             }
             assert_eq!(record(&s).map(|r| r.phase), Some(Phase::Sealed), "{ctx}");
-            unseal(&s, &NoProgress).unwrap_or_else(|e| panic!("{ctx}: unseal: {e}"));
+            unseal(&s, o.master_key.as_ref(), &NoProgress)
+                .unwrap_or_else(|e| panic!("{ctx}: unseal: {e}"));
         }
-        Then::Unseal => match unseal(&s, &NoProgress) {
+        Then::Unseal => match unseal(&s, o.master_key.as_ref(), &NoProgress) {
             Ok(_) | Err(JobError::NotSealed { .. }) => {}
             Err(e) => panic!("{ctx}: resume by unseal failed: {e}"),
         },
@@ -285,7 +324,7 @@ fn steps_of(img: &[u8], o: &SealOptions, sealed_first: bool) -> u64 {
     }
     let before = s.steps();
     if sealed_first {
-        unseal(&s, &NoProgress).unwrap();
+        unseal(&s, o.master_key.as_ref(), &NoProgress).unwrap();
     } else {
         seal(&s, o, &NoProgress).unwrap();
     }
@@ -314,6 +353,104 @@ fn crash_or_fault_at_every_step_loses_nothing_patent_placement() {
 }
 
 #[test]
+fn crash_or_fault_at_every_step_loses_nothing_secure_profile() {
+    crash_everywhere(secure(PlacementKind::Feistel, 512, 0), 512);
+}
+
+#[test]
+fn crash_or_fault_at_every_step_loses_nothing_secure_4k_with_slack() {
+    crash_everywhere(secure(PlacementKind::Feistel, 4096, 50), 4096);
+}
+
+#[test]
+fn secure_profile_refuses_a_wrong_or_missing_key_without_change() {
+    let mut rng = StdRng::seed_from_u64(8);
+    let img = tagged_image(64, 512, &mut rng);
+    let s = SimStorage::new(img.clone());
+    let o = secure(PlacementKind::Feistel, 512, 0);
+    let missing = SealOptions {
+        master_key: None,
+        ..o.clone()
+    };
+    assert!(matches!(
+        seal(&s, &missing, &NoProgress),
+        Err(JobError::KeyMissing { .. })
+    ));
+    assert_eq!((s.image(), s.record()), (img.clone(), None));
+    seal(&s, &o, &NoProgress).unwrap();
+    let rec = record(&s).unwrap();
+    assert!(
+        rec.seed.is_none(),
+        "secure record holds the seed in the clear"
+    );
+    let text = String::from_utf8(s.record().unwrap()).unwrap();
+    assert!(!text.contains(&hex::encode([0x42u8; 32])));
+    let sealed = (s.image(), s.record());
+    let wrong = MasterKey::from_bytes([7; 32]);
+    assert!(matches!(
+        unseal(&s, Some(&wrong), &NoProgress),
+        Err(JobError::WrongKey { .. })
+    ));
+    assert!(matches!(
+        unseal(&s, None, &NoProgress),
+        Err(JobError::KeyMissing { .. })
+    ));
+    assert!(matches!(
+        verify(&s, Some(&wrong), &NoProgress),
+        Err(JobError::WrongKey { .. })
+    ));
+    // A record whose disk identity was edited (and re-checksummed) no longer unwraps.
+    let mut edited = rec.clone();
+    edited.seal_id = "ffffffffffffffffffffffffffffffff".into();
+    s.write_record(&edited.encode()).unwrap();
+    assert!(matches!(
+        unseal(&s, Some(&master()), &NoProgress),
+        Err(JobError::Key { .. })
+    ));
+    s.write_record(&sealed.1.clone().unwrap()).unwrap();
+    assert_eq!((s.image(), s.record()), sealed);
+    verify(&s, Some(&master()), &NoProgress).unwrap();
+    unseal(&s, Some(&master()), &NoProgress).unwrap();
+    assert_eq!(s.image(), img);
+}
+
+#[test]
+fn shred_destroys_the_key_and_unseal_is_refused() {
+    let mut rng = StdRng::seed_from_u64(9);
+    let img = tagged_image(64, 512, &mut rng);
+    let s = SimStorage::new(img.clone());
+    let o = secure(PlacementKind::Feistel, 512, 0);
+    seal(&s, &o, &NoProgress).unwrap();
+    let wrapped = record(&s).unwrap().wrapped_key.unwrap();
+    let sealed = s.image();
+    let tomb = shred(&s).unwrap();
+    assert_eq!(tomb.phase, Phase::Shredded);
+    let text = String::from_utf8(s.record().unwrap()).unwrap();
+    assert!(
+        !text.contains(&wrapped.ciphertext),
+        "wrapped key survived the shred"
+    );
+    assert!(matches!(
+        unseal(&s, Some(&master()), &NoProgress),
+        Err(JobError::Shredded { .. })
+    ));
+    assert!(matches!(
+        verify(&s, None, &NoProgress),
+        Err(JobError::Shredded { .. })
+    ));
+    assert!(matches!(shred(&s), Err(JobError::Shredded { .. })));
+    assert_eq!(s.image(), sealed);
+    // The patent profile has no key to destroy.
+    let p = SimStorage::new(img.clone());
+    seal(&p, &SealOptions::default(), &NoProgress).unwrap();
+    assert!(matches!(shred(&p), Err(JobError::Unsupported(_))));
+    // New data can be sealed over a shredded image.
+    seal(&s, &o, &NoProgress).unwrap();
+    unseal(&s, Some(&master()), &NoProgress).unwrap();
+    assert_eq!(s.image(), sealed);
+}
+
+#[test]
 fn crash_or_fault_at_every_step_loses_nothing_feistel_with_slack() {
     crash_everywhere(opts(PlacementKind::Feistel, 512, 50), 512);
 }
@@ -332,7 +469,7 @@ fn repeated_crashes_during_recovery_lose_nothing() {
             let _ = if sealed_target {
                 seal(&s, &o, &NoProgress).map(|_| ())
             } else {
-                unseal(&s, &NoProgress).map(|_| ())
+                unseal(&s, o.master_key.as_ref(), &NoProgress).map(|_| ())
             };
             s = s.power_loss(&mut rng);
             sealed_target = rng.gen_bool(0.5);
@@ -340,7 +477,7 @@ fn repeated_crashes_during_recovery_lose_nothing() {
         let _ = seal(&s, &o, &NoProgress);
         if s.record().is_some() {
             assert_eq!(record(&s).unwrap().phase, Phase::Sealed, "round {round}");
-            unseal(&s, &NoProgress).unwrap();
+            unseal(&s, o.master_key.as_ref(), &NoProgress).unwrap();
         }
         assert!(s.image() == img, "round {round}: data lost");
         assert_eq!(s.thin_count(), 0);

@@ -257,6 +257,17 @@ impl Storage for ImageStorage {
         })
     }
 
+    fn overwrite_record(&self) -> Result<()> {
+        let what = format!("seal record {}", self.record.display());
+        let overwrite = || -> io::Result<()> {
+            let f = OpenOptions::new().write(true).open(&self.record)?;
+            let len = f.metadata()?.len();
+            f.write_all_at(&vec![0u8; len as usize], 0)?;
+            f.sync_all()
+        };
+        overwrite().map_err(|e| StoreError::io("overwrite", what, e))
+    }
+
     fn remove_record(&self) -> Result<()> {
         match fs::remove_file(&self.record) {
             Ok(()) => sync_dir(&parent_of(&self.record)).map_err(|e| {

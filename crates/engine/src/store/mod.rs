@@ -90,4 +90,7 @@ pub trait Storage {
     fn write_record(&self, bytes: &[u8]) -> Result<()>;
     /// Delete the record durably.
     fn remove_record(&self) -> Result<()>;
+    /// Overwrite the record file's bytes in place with zeros and fsync (crypto-erase: the
+    /// blocks that held the wrapped key are overwritten, not just unlinked).
+    fn overwrite_record(&self) -> Result<()>;
 }

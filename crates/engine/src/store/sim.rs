@@ -363,4 +363,13 @@ impl Storage for SimStorage {
         g.record = None;
         Ok(())
     }
+
+    fn overwrite_record(&self) -> Result<()> {
+        let mut g = lock(&self.inner);
+        g.step("record")?;
+        if let Some(r) = g.record.as_mut() {
+            r.fill(0);
+        }
+        Ok(())
+    }
 }

@@ -104,13 +104,13 @@ fn walk(path: &Path, bytes: u64, cli: &Cli) -> Result<(), CliError> {
     ));
     say("   (the patent profile hides the order of sectors, not their contents; the secure profile will encrypt them)".into());
 
-    let v = jobs::verify(&st, &NoProgress)?;
+    let v = jobs::verify(&st, None, &NoProgress)?;
     say(format!(
         "3. verified the sealed image without unsealing it: BLAKE3 {}",
         v.digest
     ));
 
-    jobs::unseal(&st, &NoProgress)?;
+    jobs::unseal(&st, None, &NoProgress)?;
     let back = fs::read(path).map_err(io(format!("cannot read {}", path.display())))?;
     let back_digest = blake3::hash(&back).to_hex().to_string();
     if back != original {

@@ -4,8 +4,10 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use clap::{Args, Subcommand, ValueEnum};
-use pdguard_core::{PlacementKind, Profile, SealRecord};
+use pdguard_core::keys::MasterKey;
+use pdguard_core::{Phase, PlacementKind, Profile, SealRecord};
 use pdguard_engine::jobs::{self, JobReport, SealOptions};
+use pdguard_engine::keyfile::{self, KeyFileError};
 use pdguard_engine::store::file::{default_record_path, is_block_device, ImageStorage};
 use serde_json::json;
 
@@ -22,6 +24,17 @@ pub enum ImageCommand {
     Verify(Target),
     /// Print the seal record of an image (never a secret).
     Inspect(Target),
+    /// Crypto-erase a sealed image (secure profile): destroy its wrapped key for good.
+    Shred(ShredArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ShredArgs {
+    #[command(flatten)]
+    pub target: Target,
+    /// Confirm: the data becomes unrecoverable, even with the master key.
+    #[arg(long)]
+    pub yes: bool,
 }
 
 /// The image and where its record and thin disk live.
@@ -35,11 +48,14 @@ pub struct Target {
     /// Directory for the thin disk (default: the record's directory).
     #[arg(long)]
     pub thin_dir: Option<PathBuf>,
+    /// Master key file (default: $PDGUARD_KEY_FILE, then /etc/pdguard/master.key).
+    #[arg(long)]
+    pub key_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
 pub enum ProfileArg {
-    /// Keyed placement and AES-256-XTS (not available yet in this build).
+    /// Keyed placement and AES-256-XTS per sector with a wrapped per-seal key.
     Secure,
     /// The patent's literal method: hides sector order, not contents.
     Patent,
@@ -58,7 +74,7 @@ pub struct SealArgs {
     #[command(flatten)]
     pub target: Target,
     /// What the seal hides; see DESIGN.md §6.
-    #[arg(long, value_enum, default_value = "patent")]
+    #[arg(long, value_enum, default_value = "secure")]
     pub profile: ProfileArg,
     /// Bytes per sector: a power of two from 512 to 65536.
     #[arg(long, default_value_t = 512)]
@@ -69,7 +85,8 @@ pub struct SealArgs {
     /// Thin disk this many percent larger than the image (more empty slots).
     #[arg(long = "thin-slack", value_name = "PCT", default_value_t = 0)]
     pub thin_slack: u32,
-    /// Placement of sectors on the thin disk (default: patent).
+    /// Placement of sectors on the thin disk (default: feistel in the secure profile,
+    /// patent in the patent profile).
     #[arg(long, value_enum)]
     pub placement: Option<PlacementArg>,
     /// How bytes are moved; never changes the result.
@@ -83,6 +100,25 @@ pub fn run(cmd: &ImageCommand, cli: &Cli) -> Result<(), CliError> {
         ImageCommand::Unseal(t) => unseal(t, cli),
         ImageCommand::Verify(t) => verify(t, cli),
         ImageCommand::Inspect(t) => inspect(t, cli),
+        ImageCommand::Shred(a) => shred(a, cli),
+    }
+}
+
+/// The master key for a secure-profile job on an existing seal: the key is required, and a
+/// missing file is reported as such (making a new key would not help).
+fn key_for(t: &Target, rec: &SealRecord) -> Result<Option<MasterKey>, CliError> {
+    if rec.profile != Profile::Secure || rec.phase == Phase::Shredded {
+        return Ok(None);
+    }
+    let path = keyfile::locate(t.key_file.as_deref());
+    match keyfile::load(&path) {
+        Ok(k) => Ok(Some(k)),
+        Err(KeyFileError::Missing { path }) => Err(CliError::Input(format!(
+            "{} was sealed with the secure profile and needs its master key (id {}), but there is no key file at {path}; pass --key-file FILE or set PDGUARD_KEY_FILE",
+            t.path.display(),
+            rec.wrapped_key.as_ref().map(|w| w.master_key_id.as_str()).unwrap_or("?"),
+        ))),
+        Err(e) => Err(e.into()),
     }
 }
 
@@ -153,6 +189,12 @@ fn seal(a: &SealArgs, cli: &Cli) -> Result<(), CliError> {
             PlacementArg::Feistel => PlacementKind::Feistel,
         }),
         strategy: a.strategy.clone(),
+        master_key: match a.profile {
+            ProfileArg::Secure => Some(keyfile::load(&keyfile::locate(
+                a.target.key_file.as_deref(),
+            ))?),
+            ProfileArg::Patent => None,
+        },
     };
     let bar = Bar::new(cli.quiet);
     let t0 = Instant::now();
@@ -164,9 +206,10 @@ fn seal(a: &SealArgs, cli: &Cli) -> Result<(), CliError> {
 
 fn unseal(t: &Target, cli: &Cli) -> Result<(), CliError> {
     let st = storage(t)?;
+    let key = key_for(t, &jobs::inspect(&st)?)?;
     let bar = Bar::new(cli.quiet);
     let t0 = Instant::now();
-    let r = jobs::unseal(&st, &bar);
+    let r = jobs::unseal(&st, key.as_ref(), &bar);
     bar.finish();
     report("unseal", st.image_path(), &r?, t0, cli);
     Ok(())
@@ -216,8 +259,15 @@ fn report(command: &str, image: &Path, r: &JobReport, t0: Instant, cli: &Cli) {
 
 fn verify(t: &Target, cli: &Cli) -> Result<(), CliError> {
     let st = storage(t)?;
+    // The key is checked only when one is named: verifying the sealed bytes needs none.
+    let named = t.key_file.is_some() || std::env::var_os(keyfile::KEY_FILE_ENV).is_some();
+    let key = if named {
+        key_for(t, &jobs::inspect(&st)?)?
+    } else {
+        None
+    };
     let bar = Bar::new(cli.quiet);
-    let r = jobs::verify(&st, &bar);
+    let r = jobs::verify(&st, key.as_ref(), &bar);
     bar.finish();
     let r = r?;
     if cli.json {
@@ -238,13 +288,46 @@ fn verify(t: &Target, cli: &Cli) -> Result<(), CliError> {
     Ok(())
 }
 
-/// The record as shown to a user: everything but the seed, which replays the placement.
+/// The record as shown to a user: no seed (it replays the placement) and, of the wrapped
+/// key, only its algorithm and master key id.
 fn public_view(rec: &SealRecord) -> serde_json::Value {
     let mut v = serde_json::to_value(rec).unwrap_or_default();
     if let Some(seed) = &rec.seed {
         v["seed"] = json!(format!("<withheld: {} bytes>", seed.len() / 2));
     }
+    if let Some(w) = &rec.wrapped_key {
+        v["wrapped_key"] = json!({
+            "algorithm": w.algorithm,
+            "master_key_id": w.master_key_id,
+            "ciphertext": "<withheld>",
+        });
+    }
     v
+}
+
+fn shred(a: &ShredArgs, cli: &Cli) -> Result<(), CliError> {
+    let st = storage(&a.target)?;
+    if !a.yes {
+        return Err(CliError::Input(format!(
+            "shred destroys the key of {} and with it the data, for good (even with the master key); run it again with --yes to confirm",
+            a.target.path.display()
+        )));
+    }
+    let rec = jobs::shred(&st)?;
+    if cli.json {
+        let v = json!({
+            "command": "shred",
+            "image": a.target.path.display().to_string(),
+            "phase": rec.phase.name(),
+        });
+        println!("{v}");
+    } else {
+        println!(
+            "shredded {}: its wrapped key is overwritten and gone; the sealed data can no longer be decrypted",
+            a.target.path.display()
+        );
+    }
+    Ok(())
 }
 
 fn inspect(t: &Target, cli: &Cli) -> Result<(), CliError> {

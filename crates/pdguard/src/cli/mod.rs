@@ -11,6 +11,7 @@ use clap::{Parser, Subcommand};
 use thiserror::Error;
 
 use pdguard_engine::jobs::JobError;
+use pdguard_engine::keyfile::{self, KeyFileError};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -35,6 +36,11 @@ pub enum Command {
     /// Seal, unseal, verify or inspect one disk image, offline (no daemon).
     #[command(subcommand)]
     Image(image::ImageCommand),
+    /// Write a new random master key file (mode 0600); never overwrites one.
+    Keygen {
+        /// Where to write the key, e.g. /etc/pdguard/master.key.
+        path: PathBuf,
+    },
     /// Walk through a seal and unseal on a sample image with text in it.
     Demo {
         /// Directory for the sample image (default: a new temporary directory).
@@ -50,6 +56,8 @@ pub enum Command {
 pub enum CliError {
     #[error(transparent)]
     Job(#[from] JobError),
+    #[error(transparent)]
+    KeyFile(#[from] KeyFileError),
     #[error("{0}")]
     Usage(String),
     #[error("{0}")]
@@ -94,7 +102,23 @@ pub fn run(cli: &Cli) -> Result<(), CliError> {
     match &cli.command {
         Command::Image(cmd) => image::run(cmd, cli),
         Command::Demo { dir, size } => demo::run(dir.clone(), size, cli),
+        Command::Keygen { path } => keygen(path, cli),
     }
+}
+
+fn keygen(path: &std::path::Path, cli: &Cli) -> Result<(), CliError> {
+    let key = keyfile::generate(path)?;
+    if cli.json {
+        let v = serde_json::json!({ "command": "keygen", "path": path.display().to_string(), "key_id": key.id() });
+        println!("{v}");
+    } else {
+        println!(
+            "wrote master key {} (id {}, mode 0600); back it up: without it no secure seal made with it can be unsealed",
+            path.display(),
+            key.id()
+        );
+    }
+    Ok(())
 }
 
 /// Parse a size such as `64M`, `1G`, `4096` or `512K` (powers of 1024).

@@ -10,9 +10,22 @@ pub fn bin() -> &'static str {
     env!("CARGO_BIN_EXE_pdguard")
 }
 
-/// Run `pdguard ARGS`, returning its output.
+/// Run `pdguard ARGS`, returning its output. The environment's key file is not inherited:
+/// tests name keys explicitly.
 pub fn pdguard(args: &[&str]) -> Output {
-    Command::new(bin()).args(args).output().unwrap()
+    Command::new(bin())
+        .args(args)
+        .env_remove("PDGUARD_KEY_FILE")
+        .output()
+        .unwrap()
+}
+
+/// Make a new master key file in `dir` with `pdguard keygen`.
+pub fn keygen(dir: &Path, name: &str) -> PathBuf {
+    let p = dir.join(name);
+    let o = pdguard(&["keygen", s(&p)]);
+    assert_eq!(code(&o), 0, "keygen: {}", stderr(&o));
+    p
 }
 
 pub fn code(o: &Output) -> i32 {

@@ -1,0 +1,155 @@
+//! Master key files: made by `pdguard keygen`, mode 0600, refused when group or others can
+//! read them. Lookup order: `--key-file`, then `$PDGUARD_KEY_FILE`, then [`DEFAULT_KEY_FILE`].
+
+use std::fs::{self, OpenOptions};
+use std::io::{self, Write};
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use pdguard_core::keys::{KeyError, MasterKey};
+use thiserror::Error;
+
+/// Where the master key is looked for when neither `--key-file` nor the environment names one.
+pub const DEFAULT_KEY_FILE: &str = "/etc/pdguard/master.key";
+/// The environment variable that names the key file.
+pub const KEY_FILE_ENV: &str = "PDGUARD_KEY_FILE";
+
+#[derive(Debug, Error)]
+pub enum KeyFileError {
+    #[error("no master key file at {path}; make one with `pdguard keygen {path}` or pass --key-file FILE (or set PDGUARD_KEY_FILE)")]
+    Missing { path: String },
+    #[error(
+        "key file {path} can be read by group or others (mode {mode:04o}); run `chmod 600 {path}`"
+    )]
+    Exposed { path: String, mode: u32 },
+    #[error("key file {path} is not a regular file")]
+    NotAFile { path: String },
+    #[error("key file {path} cannot be used")]
+    Parse {
+        path: String,
+        #[source]
+        source: KeyError,
+    },
+    #[error("refusing to overwrite existing key file {path}; move it away first or pick another path (overwriting a master key destroys every seal made with it)")]
+    Exists { path: String },
+    #[error("cannot {op} key file {path}")]
+    Io {
+        op: &'static str,
+        path: String,
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// The key file to use: `explicit`, else `$PDGUARD_KEY_FILE`, else the default path.
+pub fn locate(explicit: Option<&Path>) -> PathBuf {
+    if let Some(p) = explicit {
+        return p.to_path_buf();
+    }
+    match std::env::var_os(KEY_FILE_ENV) {
+        Some(p) if !p.is_empty() => PathBuf::from(p),
+        _ => PathBuf::from(DEFAULT_KEY_FILE),
+    }
+}
+
+/// Read a master key file, refusing one that group or others can read.
+pub fn load(path: &Path) -> Result<MasterKey, KeyFileError> {
+    let shown = path.display().to_string();
+    let meta = fs::metadata(path).map_err(|e| match e.kind() {
+        io::ErrorKind::NotFound => KeyFileError::Missing {
+            path: shown.clone(),
+        },
+        _ => KeyFileError::Io {
+            op: "read",
+            path: shown.clone(),
+            source: e,
+        },
+    })?;
+    if !meta.is_file() {
+        return Err(KeyFileError::NotAFile { path: shown });
+    }
+    let mode = meta.permissions().mode() & 0o7777;
+    if mode & 0o077 != 0 {
+        return Err(KeyFileError::Exposed { path: shown, mode });
+    }
+    let text = zeroize::Zeroizing::new(fs::read(path).map_err(|e| KeyFileError::Io {
+        op: "read",
+        path: shown.clone(),
+        source: e,
+    })?);
+    MasterKey::from_file(&text).map_err(|source| KeyFileError::Parse {
+        path: shown,
+        source,
+    })
+}
+
+/// Write a new random master key to `path` with mode 0600; never overwrites.
+pub fn generate(path: &Path) -> Result<MasterKey, KeyFileError> {
+    let shown = path.display().to_string();
+    let key = MasterKey::from_bytes(rand::random());
+    let mut f = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(|e| match e.kind() {
+            io::ErrorKind::AlreadyExists => KeyFileError::Exists {
+                path: shown.clone(),
+            },
+            _ => KeyFileError::Io {
+                op: "create",
+                path: shown.clone(),
+                source: e,
+            },
+        })?;
+    let io_err = |source| KeyFileError::Io {
+        op: "write",
+        path: shown.clone(),
+        source,
+    };
+    // The umask cannot widen 0600, but an inherited ACL default could: set it explicitly.
+    f.set_permissions(fs::Permissions::from_mode(0o600))
+        .map_err(io_err)?;
+    f.write_all(key.to_file().as_bytes()).map_err(io_err)?;
+    f.sync_all().map_err(io_err)?;
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        crate::store::file::sync_dir(dir).map_err(io_err)?;
+    }
+    Ok(key)
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn generate_load_and_refusals() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("master.key");
+        let k = generate(&p).unwrap();
+        assert_eq!(
+            fs::metadata(&p).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
+        assert_eq!(load(&p).unwrap().id(), k.id());
+        let before = fs::read(&p).unwrap();
+        assert!(matches!(generate(&p), Err(KeyFileError::Exists { .. })));
+        assert_eq!(fs::read(&p).unwrap(), before, "keygen overwrote a key");
+        fs::set_permissions(&p, fs::Permissions::from_mode(0o644)).unwrap();
+        assert!(matches!(
+            load(&p),
+            Err(KeyFileError::Exposed { mode: 0o644, .. })
+        ));
+        fs::set_permissions(&p, fs::Permissions::from_mode(0o640)).unwrap();
+        assert!(matches!(load(&p), Err(KeyFileError::Exposed { .. })));
+        assert!(matches!(
+            load(&dir.path().join("none")),
+            Err(KeyFileError::Missing { .. })
+        ));
+        let junk = dir.path().join("junk");
+        fs::write(&junk, "hello").unwrap();
+        fs::set_permissions(&junk, fs::Permissions::from_mode(0o600)).unwrap();
+        assert!(matches!(load(&junk), Err(KeyFileError::Parse { .. })));
+    }
+}
