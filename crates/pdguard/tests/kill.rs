@@ -30,9 +30,10 @@ fn phase(rec: &Path) -> Option<String> {
     Some(v["phase"].as_str().unwrap().to_string())
 }
 
-fn spawn(cmd: &str, img: &Path) -> Child {
+fn spawn(cmd: &str, img: &Path, extra: &[&str]) -> Child {
     Command::new(bin())
         .args(["image", cmd, s(img), "--quiet"])
+        .args(extra)
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
         .spawn()
@@ -40,9 +41,9 @@ fn spawn(cmd: &str, img: &Path) -> Child {
 }
 
 /// How long each phase lasts, measured by polling the record during one full run.
-fn calibrate(cmd: &str, img: &Path, windows: &mut BTreeMap<String, Duration>) {
+fn calibrate(cmd: &str, img: &Path, extra: &[&str], windows: &mut BTreeMap<String, Duration>) {
     let rec = record_of(img);
-    let mut child = spawn(cmd, img);
+    let mut child = spawn(cmd, img, extra);
     let mut last: Option<(String, Instant)> = None;
     loop {
         let now = phase(&rec);
@@ -67,12 +68,13 @@ fn calibrate(cmd: &str, img: &Path, windows: &mut BTreeMap<String, Duration>) {
 fn kill_during(
     cmd: &str,
     img: &Path,
+    extra: &[&str],
     target: &str,
     window: Duration,
     rng: &mut impl Rng,
 ) -> Option<String> {
     let rec = record_of(img);
-    let mut child = spawn(cmd, img);
+    let mut child = spawn(cmd, img, extra);
     let deadline = Instant::now() + Duration::from_secs(60);
     while phase(&rec).as_deref() != Some(target) {
         if child.try_wait().unwrap().is_some() || Instant::now() > deadline {
@@ -95,8 +97,10 @@ fn kill_during(
     Some(phase(&rec).unwrap_or_else(|| "none".into()))
 }
 
-fn run_ok(cmd: &str, img: &Path, also_ok: &str) {
-    let o = pdguard(&["image", cmd, s(img), "--quiet"]);
+fn run_ok(cmd: &str, img: &Path, extra: &[&str], also_ok: &str) {
+    let mut args = vec!["image", cmd, s(img), "--quiet"];
+    args.extend_from_slice(extra);
+    let o = pdguard(&args);
     let err = stderr(&o);
     assert!(
         code(&o) == 0 || (code(&o) == 1 && err.contains(also_ok)),
@@ -124,14 +128,27 @@ fn assert_original(img: &Path, want: &str, ctx: &str) {
 }
 
 #[test]
-fn sigkill_at_50_moments_over_every_pass_loses_nothing() {
+fn sigkill_at_50_moments_over_every_pass_loses_nothing_patent_profile() {
     let dir = tempfile::tempdir().unwrap();
-    let img = dir.path().join("disk.img");
-    tagged_image(&img, 64 * 2048, 512, 5); // 64 MiB
+    kill_test(dir.path(), &["--profile", "patent"], &[]);
+}
+
+#[test]
+fn sigkill_at_50_moments_over_every_pass_loses_nothing_secure_profile() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = keygen(dir.path(), "master.key");
+    let k = ["--key-file", s(&key)];
+    kill_test(dir.path(), &k, &k);
+}
+
+/// `seal_args` go to every seal, `unseal_args` to every unseal.
+fn kill_test(dir: &Path, seal_args: &[&str], unseal_args: &[&str]) {
+    let img = dir.join("disk.img");
+    tagged_image(&img, 32 * 2048, 512, 5); // 32 MiB
     let original = digest(&img);
     let mut windows = BTreeMap::new();
-    calibrate("seal", &img, &mut windows);
-    calibrate("unseal", &img, &mut windows);
+    calibrate("seal", &img, seal_args, &mut windows);
+    calibrate("unseal", &img, unseal_args, &mut windows);
     assert_eq!(digest(&img), original);
     for p in PHASES {
         assert!(windows.contains_key(p), "phase {p} never seen: {windows:?}");
@@ -148,28 +165,35 @@ fn sigkill_at_50_moments_over_every_pass_loses_nothing() {
         // Kill a seal in scatter or gather, then resume it — or, every third cycle, roll
         // it back with unseal and check the original is there before sealing again.
         let target = PHASES[cycle % 2];
-        if let Some(p) = kill_during("seal", &img, target, windows[target], &mut rng) {
+        if let Some(p) = kill_during("seal", &img, seal_args, target, windows[target], &mut rng) {
             *kills.entry(format!("seal/{p}")).or_default() += 1;
             total += 1;
         }
         if cycle % 3 == 2 {
-            run_ok("unseal", &img, "is not sealed");
+            run_ok("unseal", &img, unseal_args, "is not sealed");
             assert_original(&img, &original, &ctx);
         }
-        run_ok("seal", &img, "already sealed");
+        run_ok("seal", &img, seal_args, "already sealed");
         assert_eq!(phase(&record_of(&img)).as_deref(), Some("sealed"), "{ctx}");
 
         // Kill an unseal in scatter or gather, then resume it — or roll it back with seal.
         let target = PHASES[2 + (cycle / 2) % 2];
-        if let Some(p) = kill_during("unseal", &img, target, windows[target], &mut rng) {
+        if let Some(p) = kill_during(
+            "unseal",
+            &img,
+            unseal_args,
+            target,
+            windows[target],
+            &mut rng,
+        ) {
             *kills.entry(format!("unseal/{p}")).or_default() += 1;
             total += 1;
         }
         if cycle % 3 == 1 {
-            run_ok("seal", &img, "already sealed");
+            run_ok("seal", &img, seal_args, "already sealed");
             assert_eq!(phase(&record_of(&img)).as_deref(), Some("sealed"), "{ctx}");
         }
-        run_ok("unseal", &img, "is not sealed");
+        run_ok("unseal", &img, unseal_args, "is not sealed");
         assert_original(&img, &original, &ctx);
         cycle += 1;
     }
