@@ -9,10 +9,10 @@ set -euo pipefail
 
 usage() {
     cat <<'EOF'
-usage: bench/seal.sh [--size SIZE] [--runs N] [--dir DIR] [--placements "patent feistel"]
-                     [--strategies "direct"] [--json] [--help]
+usage: bench/seal.sh [--size SIZE] [--runs N] [--dir DIR] [--profiles "patent secure"]
+                     [--placements "patent feistel"] [--strategies "direct"] [--json] [--help]
 
-Times `pdguard image seal IMG --profile patent --placement P --strategy S` and
+Times `pdguard image seal IMG --profile R --placement P --strategy S` and
 `pdguard image unseal IMG` on a random, non-sparse image of SIZE bytes, against
 `cp --sparse=never IMG COPY && sync` of the same image, and prints medians.
 
@@ -24,6 +24,9 @@ Times `pdguard image seal IMG --profile patent --placement P --strategy S` and
   --dir DIR           parent directory for the work files; a new subdirectory
                       pdguard-bench.XXXXXX is made in it and removed at exit
                       (default: target/bench-tmp of the repo, else $TMPDIR or /tmp)
+  --profiles LIST     profiles to time, space-separated (default "patent secure"); the
+                      secure profile uses a master key made by `pdguard keygen` in the
+                      work directory
   --placements LIST   placements to time, space-separated (default "patent feistel")
   --strategies LIST   strategies to time, space-separated (default "direct")
   --json              print one JSON object per row on stdout instead of the table
@@ -43,6 +46,7 @@ say() { printf '%s\n' "$*" >&2; }
 size_arg=1G
 runs=3
 parent_dir=
+profiles="patent secure"
 placements="patent feistel"
 strategies="direct"
 json=0
@@ -56,6 +60,8 @@ while [[ $# -gt 0 ]]; do
         --runs=*) runs=${1#*=}; shift ;;
         --dir) need_value "$@"; parent_dir=$2; shift 2 ;;
         --dir=*) parent_dir=${1#*=}; shift ;;
+        --profiles) need_value "$@"; profiles=$2; shift 2 ;;
+        --profiles=*) profiles=${1#*=}; shift ;;
         --placements) need_value "$@"; placements=$2; shift 2 ;;
         --placements=*) placements=${1#*=}; shift ;;
         --strategies) need_value "$@"; strategies=$2; shift 2 ;;
@@ -96,6 +102,11 @@ if ! [[ $runs =~ ^[0-9]+$ ]] || ((10#$runs < 1)); then
 fi
 runs=$((10#$runs))
 
+read -r -a profile_list <<<"$profiles"
+((${#profile_list[@]} > 0)) || die "--profiles is empty"
+for prof in "${profile_list[@]}"; do
+    [[ $prof == patent || $prof == secure ]] || die "unknown profile '$prof'; choose from: patent secure"
+done
 read -r -a placement_list <<<"$placements"
 read -r -a strategy_list <<<"$strategies"
 ((${#placement_list[@]} > 0)) || die "--placements is empty"
@@ -160,6 +171,7 @@ work=$(mktemp -d "$parent_dir/pdguard-bench.XXXXXX") || die "cannot make a direc
 work=$(cd "$work" && pwd)
 img="$work/img"
 copy="$work/copy"
+key="$work/master.key"
 log="$work/pdguard.log"
 
 avail=$(df -P -B1 --output=avail "$work" 2>/dev/null | awk 'NR == 2 { print $1 }') || avail=
@@ -170,6 +182,8 @@ fi
 fs_type=$(df -T "$work" 2>/dev/null | awk 'NR == 2 { print $2 }') || fs_type=
 cpu_model=$(awk -F': *' '/^model name/ { print $2; exit }' /proc/cpuinfo 2>/dev/null) || cpu_model=
 machine="machine: nproc=$(nproc), cpu=${cpu_model:-unknown}, fs=${fs_type:-unknown} ($work), $version, kernel $(uname -r)"
+
+"$bin" keygen "$key" >/dev/null || die "cannot make a master key with $bin keygen"
 
 # --- image -----------------------------------------------------------------------------------
 
@@ -205,9 +219,11 @@ run_copy() { cp --sparse=never -- "$img" "$copy"; }
 declare -A seal_t=() unseal_t=() seal_r=() unseal_r=()
 cp_t=()
 rows=()
-for p in "${placement_list[@]}"; do
-    for s in "${strategy_list[@]}"; do
-        rows+=("$p/$s")
+for prof in "${profile_list[@]}"; do
+    for p in "${placement_list[@]}"; do
+        for s in "${strategy_list[@]}"; do
+            rows+=("$prof/$p/$s")
+        done
     done
 done
 steps=(cp "${rows[@]}")
@@ -231,15 +247,19 @@ for ((r = 0; r < runs; r++)); do
             say "run $((r + 1))/$runs: cp+sync $elapsed s"
             continue
         fi
-        p=${step%%/*}
-        s=${step#*/}
-        timed "$bin" image seal "$img" --profile patent --placement "$p" --strategy "$s" --quiet
+        prof=${step%%/*}
+        rest=${step#*/}
+        p=${rest%%/*}
+        s=${rest#*/}
+        key_args=()
+        if [[ $prof == secure ]]; then key_args=(--key-file "$key"); fi
+        timed "$bin" image seal "$img" --profile "$prof" --placement "$p" --strategy "$s" "${key_args[@]}" --quiet
         this_seal[$step]=$elapsed
         sealed_digest=$(digest "$img")
         if [[ $sealed_digest == "$orig_digest" ]]; then
             die "$step: the image is unchanged after seal; the seal did nothing"
         fi
-        timed "$bin" image unseal "$img" --quiet
+        timed "$bin" image unseal "$img" "${key_args[@]}" --quiet
         this_unseal[$step]=$elapsed
         got=$(digest "$img")
         if [[ $got != "$orig_digest" ]]; then
@@ -266,14 +286,15 @@ median() {
 cp_med=$(median "${cp_t[*]}")
 if ((json)); then
     for step in "${rows[@]}"; do
-        awk -v placement="${step%%/*}" -v strategy="${step#*/}" -v size="$size_bytes" -v runs="$runs" \
+        rest=${step#*/}
+        awk -v profile="${step%%/*}" -v placement="${rest%%/*}" -v strategy="${rest#*/}" -v size="$size_bytes" -v runs="$runs" \
             -v seal="$(median "${seal_t[$step]}")" -v unseal="$(median "${unseal_t[$step]}")" \
             -v cp="$cp_med" -v sr="$(median "${seal_r[$step]}")" -v ur="$(median "${unseal_r[$step]}")" \
             -v nproc="$(nproc)" -v cpu="$cpu_model" -v fs="$fs_type" -v version="$version" \
             -v digest_tool="$digest_tool" '
             function q(s) { gsub(/\\/, "\\\\", s); gsub(/"/, "\\\"", s); return "\"" s "\"" }
             BEGIN {
-                printf "{\"placement\":%s,\"strategy\":%s,\"profile\":\"patent\",\"size_bytes\":%d,\"runs\":%d,", q(placement), q(strategy), size, runs
+                printf "{\"profile\":%s,\"placement\":%s,\"strategy\":%s,\"size_bytes\":%d,\"runs\":%d,", q(profile), q(placement), q(strategy), size, runs
                 printf "\"median_seal_s\":%.3f,\"median_unseal_s\":%.3f,\"median_cp_sync_s\":%.3f,", seal, unseal, cp
                 printf "\"median_seal_over_cp\":%.2f,\"median_unseal_over_cp\":%.2f,\"ratio\":\"median of per-run ratios\",", sr, ur
                 printf "\"round_trip\":\"bit-exact (%s)\",\"nproc\":%d,\"cpu\":%s,\"fs\":%s,\"pdguard\":%s}\n", digest_tool, nproc, q(cpu), q(fs), q(version)
@@ -283,14 +304,15 @@ if ((json)); then
 fi
 
 mib=$(awk -v b="$size_bytes" 'BEGIN { printf "%.1f", b / 1048576 }')
-printf 'pdguard seal benchmark: profile patent, image %s bytes (%s MiB, random, not sparse), %d run(s)\n' "$size_bytes" "$mib" "$runs"
+printf 'pdguard seal benchmark: profiles %s, image %s bytes (%s MiB, random, not sparse), %d run(s)\n' "$profiles" "$size_bytes" "$mib" "$runs"
 printf '%s\n' "$machine"
 printf 'times: wall clock seconds, medians over runs; each step starts after a sync and includes a trailing sync\n'
 printf 'ratios: median of per-run ratios (each run'\''s seal or unseal over the same run'\''s cp+sync)\n'
 printf 'every round trip checked bit-exact with %s\n\n' "$digest_tool"
-printf '%-10s %-10s %10s %10s %10s %8s %10s\n' placement strategy seal_s unseal_s cp_sync_s seal/cp unseal/cp
+printf '%-8s %-10s %-10s %10s %10s %10s %8s %10s\n' profile placement strategy seal_s unseal_s cp_sync_s seal/cp unseal/cp
 for step in "${rows[@]}"; do
-    printf '%-10s %-10s %10.2f %10.2f %10.2f %8.2f %10.2f\n' "${step%%/*}" "${step#*/}" \
+    rest=${step#*/}
+    printf '%-8s %-10s %-10s %10.2f %10.2f %10.2f %8.2f %10.2f\n' "${step%%/*}" "${rest%%/*}" "${rest#*/}" \
         "$(median "${seal_t[$step]}")" "$(median "${unseal_t[$step]}")" "$cp_med" \
         "$(median "${seal_r[$step]}")" "$(median "${unseal_r[$step]}")"
 done

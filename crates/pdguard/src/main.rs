@@ -17,7 +17,7 @@ fn main() -> ExitCode {
             eprintln!("pdguard: {line}");
             if args.json {
                 let v = serde_json::json!({ "error": line, "exit_code": e.exit_code() });
-                println!("{v}");
+                cli::out!("{v}");
             }
             ExitCode::from(e.exit_code())
         }

@@ -234,7 +234,7 @@ fn report(command: &str, image: &Path, r: &JobReport, t0: Instant, cli: &Cli) {
             "sealed_digest": rec.sealed_digest,
             "seconds": secs,
         });
-        println!("{v}");
+        out!("{v}");
         return;
     }
     let resumed = match r.resumed_from {
@@ -247,7 +247,7 @@ fn report(command: &str, image: &Path, r: &JobReport, t0: Instant, cli: &Cli) {
         jobs::Outcome::SealRolledBack => "rolled back an interrupted seal; not sealed:",
         jobs::Outcome::UnsealRolledBack => "rolled back an interrupted unseal; still sealed:",
     };
-    println!(
+    out!(
         "{what} {}{resumed}: {} sectors of {} bytes, {} profile, {} placement, {secs:.2} s",
         image.display(),
         rec.sectors,
@@ -277,9 +277,9 @@ fn verify(t: &Target, cli: &Cli) -> Result<(), CliError> {
             "intact": true,
             "sealed_digest": r.digest,
         });
-        println!("{v}");
+        out!("{v}");
     } else {
-        println!(
+        out!(
             "{} is intact: BLAKE3 {} matches its seal record",
             t.path.display(),
             r.digest
@@ -320,9 +320,9 @@ fn shred(a: &ShredArgs, cli: &Cli) -> Result<(), CliError> {
             "image": a.target.path.display().to_string(),
             "phase": rec.phase.name(),
         });
-        println!("{v}");
+        out!("{v}");
     } else {
-        println!(
+        out!(
             "shredded {}: its wrapped key is overwritten and gone; the sealed data can no longer be decrypted",
             a.target.path.display()
         );
@@ -335,17 +335,17 @@ fn inspect(t: &Target, cli: &Cli) -> Result<(), CliError> {
     let rec = jobs::inspect(&st)?;
     let v = public_view(&rec);
     if cli.json {
-        println!("{v}");
+        out!("{v}");
         return Ok(());
     }
-    println!("seal record {}", st.record_path().display());
+    out!("seal record {}", st.record_path().display());
     if let Some(obj) = v.as_object() {
         for (k, val) in obj {
             let text = match val {
                 serde_json::Value::String(s) => s.clone(),
                 other => other.to_string(),
             };
-            println!("  {k:<20} {text}");
+            out!("  {k:<20} {text}");
         }
     }
     Ok(())

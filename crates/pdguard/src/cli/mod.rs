@@ -1,5 +1,15 @@
 //! Command-line front-end: `pdguard image …` (offline, on one image) and `pdguard demo`.
 
+/// Print a line on stdout. A closed pipe (`pdguard … | head`) is not an error worth a panic:
+/// the line is dropped.
+macro_rules! out {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout().lock(), $($arg)*);
+    }};
+}
+pub(crate) use out;
+
 mod demo;
 mod image;
 mod progress;
@@ -110,9 +120,9 @@ fn keygen(path: &std::path::Path, cli: &Cli) -> Result<(), CliError> {
     let key = keyfile::generate(path)?;
     if cli.json {
         let v = serde_json::json!({ "command": "keygen", "path": path.display().to_string(), "key_id": key.id() });
-        println!("{v}");
+        out!("{v}");
     } else {
-        println!(
+        out!(
             "wrote master key {} (id {}, mode 0600); back it up: without it no secure seal made with it can be unsealed",
             path.display(),
             key.id()
