@@ -4,6 +4,9 @@
 //!   file) and the seal record, behind small traits with real and simulated implementations.
 //! - [`jobs`]: seal and unseal — scatter, wipe, gather — and verify.
 
+pub mod gate;
 pub mod jobs;
 pub mod keyfile;
+pub mod registry;
+pub mod service;
 pub mod store;

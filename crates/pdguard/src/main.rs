@@ -1,6 +1,7 @@
 //! The `pdguard` binary: parse the command line, run it, print the error chain once and
 //! map it to the exit codes of DESIGN.md §5 (0 ok, 1 error, 2 usage, 3 verification failed).
 
+mod api;
 mod cli;
 
 use std::process::ExitCode;
@@ -32,5 +33,6 @@ fn init_logging() {
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
 }

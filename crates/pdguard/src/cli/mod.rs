@@ -10,9 +10,16 @@ macro_rules! out {
 }
 pub(crate) use out;
 
+mod client;
 mod demo;
 mod image;
 mod progress;
+mod serve;
+
+/// Where the daemon keeps its state unless told otherwise.
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/pdguard";
+/// The environment variable that names the state directory.
+pub const STATE_DIR_ENV: &str = "PDGUARD_STATE_DIR";
 
 use std::error::Error as _;
 use std::path::PathBuf;
@@ -46,6 +53,30 @@ pub enum Command {
     /// Seal, unseal, verify or inspect one disk image, offline (no daemon).
     #[command(subcommand)]
     Image(image::ImageCommand),
+    /// Run the daemon: registry, dangling flag, background sealing, reclaim, admin API.
+    Serve(serve::ServeArgs),
+    /// Manage the daemon's disks.
+    Disk {
+        #[command(flatten)]
+        conn: client::Conn,
+        #[command(subcommand)]
+        cmd: client::DiskCommand,
+    },
+    /// Tell the daemon about containers and the disks they use.
+    Container {
+        #[command(flatten)]
+        conn: client::Conn,
+        #[command(subcommand)]
+        cmd: client::ContainerCommand,
+    },
+    /// Disks, containers and running jobs of the daemon.
+    Status {
+        #[command(flatten)]
+        conn: client::Conn,
+        /// Refresh every second until interrupted.
+        #[arg(long)]
+        watch: bool,
+    },
     /// Write a new random master key file (mode 0600); never overwrites one.
     Keygen {
         /// Where to write the key, e.g. /etc/pdguard/master.key.
@@ -68,6 +99,10 @@ pub enum CliError {
     Job(#[from] JobError),
     #[error(transparent)]
     KeyFile(#[from] KeyFileError),
+    #[error(transparent)]
+    Client(#[from] crate::api::client::ClientError),
+    #[error("the daemon cannot start")]
+    Service(#[from] pdguard_engine::service::ServiceError),
     #[error("{0}")]
     Usage(String),
     #[error("{0}")]
@@ -87,6 +122,11 @@ impl CliError {
     pub fn exit_code(&self) -> u8 {
         match self {
             Self::Job(e) if e.is_verification() => 3,
+            Self::Client(crate::api::client::ClientError::Api { code, .. })
+                if code == "verification_failed" =>
+            {
+                3
+            }
             Self::Usage(_) => 2,
             _ => 1,
         }
@@ -113,6 +153,10 @@ pub fn run(cli: &Cli) -> Result<(), CliError> {
         Command::Image(cmd) => image::run(cmd, cli),
         Command::Demo { dir, size } => demo::run(dir.clone(), size, cli),
         Command::Keygen { path } => keygen(path, cli),
+        Command::Serve(a) => serve::run(a),
+        Command::Disk { conn, cmd } => client::disk(cmd, conn, cli),
+        Command::Container { conn, cmd } => client::container(cmd, conn, cli),
+        Command::Status { conn, watch } => client::status(*watch, conn, cli),
     }
 }
 

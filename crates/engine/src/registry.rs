@@ -1,0 +1,271 @@
+//! The registry: disks, containers and their associations, with the patent's dangling
+//! flag ([031]: "the dangling flag status at initiation may be set as FALSE"), kept in an
+//! embedded crash-safe database (redb: copy-on-write B-trees, each commit durable).
+//!
+//! Every change is one write transaction, so a crash leaves the registry as it was before
+//! or after the change, never between.
+
+use std::path::{Path, PathBuf};
+
+use redb::{Database, ReadableTable, TableDefinition};
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+
+const DISKS: TableDefinition<&str, &[u8]> = TableDefinition::new("disks");
+const CONTAINERS: TableDefinition<&str, &[u8]> = TableDefinition::new("containers");
+
+#[derive(Debug, Error)]
+pub enum RegistryError {
+    #[error("cannot open the registry database {path}")]
+    Open {
+        path: String,
+        #[source]
+        source: redb::DatabaseError,
+    },
+    #[error("registry database error: {0}")]
+    Db(String),
+    #[error("registry entry {key} is corrupt: {why}")]
+    Corrupt { key: String, why: String },
+}
+
+macro_rules! db_err {
+    ($($t:ty),*) => {$(
+        impl From<$t> for RegistryError {
+            fn from(e: $t) -> Self {
+                Self::Db(e.to_string())
+            }
+        }
+    )*};
+}
+db_err!(
+    redb::TransactionError,
+    redb::TableError,
+    redb::StorageError,
+    redb::CommitError
+);
+
+/// A disk's place in its life cycle (DESIGN.md §5).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Hash, PartialOrd, Ord)]
+#[serde(rename_all = "kebab-case")]
+pub enum DiskState {
+    /// Never attached.
+    Available,
+    /// At least one operational container uses it.
+    Attached,
+    /// No operational container any more; the grace period runs.
+    Grace,
+    Sealing,
+    Sealed,
+    Unsealing,
+    /// A job failed; `error` says why. The seal record still says where the data is.
+    Failed,
+}
+
+impl DiskState {
+    pub const ALL: [DiskState; 7] = [
+        Self::Available,
+        Self::Attached,
+        Self::Grace,
+        Self::Sealing,
+        Self::Sealed,
+        Self::Unsealing,
+        Self::Failed,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Available => "available",
+            Self::Attached => "attached",
+            Self::Grace => "grace",
+            Self::Sealing => "sealing",
+            Self::Sealed => "sealed",
+            Self::Unsealing => "unsealing",
+            Self::Failed => "failed",
+        }
+    }
+}
+
+/// A persistent disk.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Disk {
+    pub name: String,
+    /// Random 128-bit hex identifier.
+    pub id: String,
+    pub path: PathBuf,
+    pub size: u64,
+    pub sector_size: u32,
+    pub state: DiskState,
+    /// The patent's dangling flag: TRUE once every associated container has been
+    /// non-operational for the grace period (claim 6).
+    pub dangling: bool,
+    /// The file lives in the state directory and is deleted with the disk.
+    pub managed: bool,
+    /// Unix milliseconds at which the grace period ends (state `grace`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub grace_until_ms: Option<u64>,
+    /// Why the last job failed (state `failed`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    pub created_unix: u64,
+}
+
+/// A container's state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ContainerState {
+    Running,
+    Stopped,
+    Crashed,
+    Removed,
+}
+
+impl ContainerState {
+    /// Claim 6 / [028]: deleted, crashed or corrupt containers are non-operational.
+    pub fn operational(self) -> bool {
+        self == Self::Running
+    }
+}
+
+/// A container and the disks associated with it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Container {
+    pub id: String,
+    pub state: ContainerState,
+    /// Unix milliseconds of the last state change.
+    pub since_ms: u64,
+    /// Names of associated disks. A removed container has none ([028]: its association is
+    /// dropped at once).
+    pub disks: Vec<String>,
+}
+
+/// The registry database.
+pub struct Registry {
+    db: Database,
+    path: PathBuf,
+}
+
+impl Registry {
+    /// Open or create the registry at `path`.
+    pub fn open(path: &Path) -> Result<Self, RegistryError> {
+        let db = Database::create(path).map_err(|source| RegistryError::Open {
+            path: path.display().to_string(),
+            source,
+        })?;
+        let tx = db.begin_write()?;
+        tx.open_table(DISKS)?;
+        tx.open_table(CONTAINERS)?;
+        tx.commit()?;
+        Ok(Self {
+            db,
+            path: path.to_path_buf(),
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn disks(&self) -> Result<Vec<Disk>, RegistryError> {
+        self.all(DISKS)
+    }
+
+    pub fn containers(&self) -> Result<Vec<Container>, RegistryError> {
+        self.all(CONTAINERS)
+    }
+
+    pub fn put_disk(&self, d: &Disk) -> Result<(), RegistryError> {
+        self.put(DISKS, &d.name, d)
+    }
+
+    pub fn put_container(&self, c: &Container) -> Result<(), RegistryError> {
+        self.put(CONTAINERS, &c.id, c)
+    }
+
+    pub fn remove_disk(&self, name: &str) -> Result<(), RegistryError> {
+        let tx = self.db.begin_write()?;
+        tx.open_table(DISKS)?.remove(name)?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    fn put<T: Serialize>(
+        &self,
+        table: TableDefinition<&str, &[u8]>,
+        key: &str,
+        value: &T,
+    ) -> Result<(), RegistryError> {
+        let bytes = serde_json::to_vec(value).map_err(|e| RegistryError::Db(e.to_string()))?;
+        let tx = self.db.begin_write()?;
+        tx.open_table(table)?.insert(key, bytes.as_slice())?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    fn all<T: for<'de> Deserialize<'de>>(
+        &self,
+        table: TableDefinition<&str, &[u8]>,
+    ) -> Result<Vec<T>, RegistryError> {
+        let tx = self.db.begin_read()?;
+        let t = tx.open_table(table)?;
+        let mut out = Vec::new();
+        for entry in t.iter()? {
+            let (k, v) = entry?;
+            let item = serde_json::from_slice(v.value()).map_err(|e| RegistryError::Corrupt {
+                key: k.value().to_string(),
+                why: e.to_string(),
+            })?;
+            out.push(item);
+        }
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn disk(name: &str) -> Disk {
+        Disk {
+            name: name.into(),
+            id: "00".repeat(16),
+            path: PathBuf::from(format!("/tmp/{name}.img")),
+            size: 4096,
+            sector_size: 512,
+            state: DiskState::Available,
+            dangling: false,
+            managed: true,
+            grace_until_ms: None,
+            error: None,
+            created_unix: 1,
+        }
+    }
+
+    #[test]
+    fn entries_survive_reopening() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("registry.redb");
+        {
+            let r = Registry::open(&p).unwrap();
+            r.put_disk(&disk("a")).unwrap();
+            let mut b = disk("b");
+            b.dangling = true;
+            b.state = DiskState::Sealed;
+            r.put_disk(&b).unwrap();
+            r.put_container(&Container {
+                id: "c1".into(),
+                state: ContainerState::Running,
+                since_ms: 5,
+                disks: vec!["a".into()],
+            })
+            .unwrap();
+            r.remove_disk("a").unwrap();
+        }
+        let r = Registry::open(&p).unwrap();
+        let disks = r.disks().unwrap();
+        assert_eq!(disks.len(), 1);
+        assert_eq!(disks[0].state, DiskState::Sealed);
+        assert!(disks[0].dangling);
+        assert_eq!(r.containers().unwrap()[0].disks, vec!["a".to_string()]);
+    }
+}

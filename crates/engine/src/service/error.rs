@@ -1,0 +1,64 @@
+//! Errors of the daemon's service layer, each with a stable code and an HTTP status.
+
+use thiserror::Error;
+
+use crate::jobs::JobError;
+use crate::registry::RegistryError;
+
+#[derive(Debug, Error)]
+pub enum ServiceError {
+    #[error("no {kind} named {name:?}; list them with `pdguard {kind} ls`")]
+    NotFound { kind: &'static str, name: String },
+    #[error("a {kind} named {name:?} already exists; pick another name")]
+    Exists { kind: &'static str, name: String },
+    #[error("{0}")]
+    Invalid(String),
+    #[error("{0}")]
+    Busy(String),
+    #[error("the registry failed")]
+    Registry(#[from] RegistryError),
+    #[error("{what}")]
+    Io {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("disk {disk}: {action} failed")]
+    Job {
+        disk: String,
+        action: &'static str,
+        #[source]
+        source: Box<JobError>,
+    },
+    #[error("the daemon is shutting down")]
+    ShuttingDown,
+}
+
+impl ServiceError {
+    /// A stable, machine-readable code.
+    pub fn code(&self) -> &'static str {
+        match self {
+            Self::NotFound { kind: "disk", .. } => "disk_not_found",
+            Self::NotFound { .. } => "container_not_found",
+            Self::Exists { .. } => "already_exists",
+            Self::Invalid(_) => "invalid_request",
+            Self::Busy(_) => "conflict",
+            Self::Registry(_) => "registry_error",
+            Self::Io { .. } => "io_error",
+            Self::Job { source, .. } if source.is_verification() => "verification_failed",
+            Self::Job { .. } => "job_failed",
+            Self::ShuttingDown => "shutting_down",
+        }
+    }
+
+    /// The HTTP status that carries it.
+    pub fn http_status(&self) -> u16 {
+        match self {
+            Self::NotFound { .. } => 404,
+            Self::Exists { .. } | Self::Busy(_) => 409,
+            Self::Invalid(_) => 400,
+            Self::ShuttingDown => 503,
+            Self::Job { .. } | Self::Registry(_) | Self::Io { .. } => 500,
+        }
+    }
+}

@@ -1,0 +1,853 @@
+//! The hypervisor side of the patent ([029]-[034]), as a daemon's service layer: the
+//! registry of disks and containers, the dangling flag and its grace period (claim 6), the
+//! policy that seals a dangling disk in a background job and unseals it when a container
+//! reclaims it ([030]), the I/O gate of each disk, restart recovery and metrics.
+//!
+//! The HTTP front-end (`pdguard serve`) calls these methods; nothing here knows HTTP.
+
+mod error;
+mod metrics;
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex as StdMutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use pdguard_core::keys::MasterKey;
+use pdguard_core::Profile;
+use serde::Serialize;
+use tokio::sync::{watch, Mutex, Semaphore};
+
+pub use error::ServiceError;
+pub use metrics::Metrics;
+
+use crate::gate::{Gate, GateState, SealedIo};
+use crate::jobs::{self, JobError, Progress, SealOptions};
+use crate::registry::{Container, ContainerState, Disk, DiskState, Registry};
+use crate::store::file::{default_record_path, ImageStorage};
+
+type Result<T, E = ServiceError> = std::result::Result<T, E>;
+
+/// How the daemon runs.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub state_dir: PathBuf,
+    /// How long every associated container must stay non-operational before the dangling
+    /// flag turns TRUE.
+    pub grace: Duration,
+    pub profile: Profile,
+    pub master_key: Option<MasterKey>,
+    pub sealed_io: SealedIo,
+    /// Seal and unseal jobs that may run at once.
+    pub jobs: usize,
+    pub sector_size: u32,
+    /// How bytes are moved (a strategy name), for new seals.
+    pub strategy: String,
+}
+
+/// What a job is doing now, for `status` and `disk show`.
+#[derive(Debug, Clone, Serialize)]
+pub struct JobProgress {
+    pub job: &'static str,
+    pub pass: &'static str,
+    pub done_bytes: u64,
+    pub total_bytes: u64,
+}
+
+/// A disk as the API shows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct DiskView {
+    #[serde(flatten)]
+    pub disk: Disk,
+    /// Containers associated with the disk.
+    pub containers: Vec<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub progress: Option<JobProgress>,
+}
+
+/// A container as the API shows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct ContainerView {
+    #[serde(flatten)]
+    pub container: Container,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum JobKind {
+    Seal,
+    Unseal,
+}
+
+#[derive(Default)]
+struct State {
+    disks: BTreeMap<String, Disk>,
+    containers: BTreeMap<String, Container>,
+}
+
+impl State {
+    fn disk_mut(&mut self, name: &str) -> Result<&mut Disk> {
+        self.disks
+            .get_mut(name)
+            .ok_or_else(|| ServiceError::NotFound {
+                kind: "disk",
+                name: name.into(),
+            })
+    }
+
+    /// Containers associated with `disk`.
+    fn users(&self, disk: &str) -> Vec<String> {
+        self.containers
+            .values()
+            .filter(|c| c.disks.iter().any(|d| d == disk))
+            .map(|c| c.id.clone())
+            .collect()
+    }
+
+    /// True while some operational container is associated with `disk`.
+    fn in_use(&self, disk: &str) -> bool {
+        self.containers
+            .values()
+            .any(|c| c.state.operational() && c.disks.iter().any(|d| d == disk))
+    }
+}
+
+struct Shared {
+    cfg: Config,
+    registry: Registry,
+    state: Mutex<State>,
+    gates: StdMutex<HashMap<String, Arc<Gate>>>,
+    slots: Semaphore,
+    running: StdMutex<HashMap<String, watch::Receiver<bool>>>,
+    progress: StdMutex<HashMap<String, JobProgress>>,
+    metrics: Metrics,
+}
+
+/// The daemon's service: cheap to clone, shared by every request.
+#[derive(Clone)]
+pub struct Service {
+    s: Arc<Shared>,
+}
+
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+fn lock<T>(m: &StdMutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn valid_name(s: &str, max: usize) -> bool {
+    let mut chars = s.chars();
+    matches!(chars.next(), Some(c) if c.is_ascii_alphanumeric())
+        && s.len() <= max
+        && chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
+}
+
+impl Service {
+    /// Open the registry in the state directory and recover: resume interrupted jobs and
+    /// set every gate from its disk's state.
+    pub async fn start(cfg: Config) -> Result<Self> {
+        let disks_dir = cfg.state_dir.join("disks");
+        std::fs::create_dir_all(&disks_dir).map_err(|source| ServiceError::Io {
+            what: format!("cannot create {}", disks_dir.display()),
+            source,
+        })?;
+        let registry = Registry::open(&cfg.state_dir.join("registry.redb"))?;
+        let mut state = State::default();
+        for d in registry.disks()? {
+            state.disks.insert(d.name.clone(), d);
+        }
+        for c in registry.containers()? {
+            state.containers.insert(c.id.clone(), c);
+        }
+        let jobs = cfg.jobs.max(1);
+        let svc = Self {
+            s: Arc::new(Shared {
+                cfg,
+                registry,
+                state: Mutex::new(state),
+                gates: StdMutex::new(HashMap::new()),
+                slots: Semaphore::new(jobs),
+                running: StdMutex::new(HashMap::new()),
+                progress: StdMutex::new(HashMap::new()),
+                metrics: Metrics::default(),
+            }),
+        };
+        svc.recover().await;
+        Ok(svc)
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.s.cfg
+    }
+
+    async fn recover(&self) {
+        let st = self.s.state.lock().await;
+        for d in st.disks.values() {
+            let gate = self.gate(&d.name);
+            gate.set(self.gate_state_for(d.state));
+            match d.state {
+                DiskState::Sealing => {
+                    tracing::info!(disk = %d.name, "resuming an interrupted seal");
+                    self.start_job(d, JobKind::Seal);
+                }
+                DiskState::Unsealing => {
+                    tracing::info!(disk = %d.name, "resuming an interrupted unseal");
+                    self.start_job(d, JobKind::Unseal);
+                }
+                _ => {}
+            }
+        }
+    }
+
+    fn gate_state_for(&self, state: DiskState) -> GateState {
+        match state {
+            DiskState::Sealed => GateState::Sealed(self.s.cfg.sealed_io),
+            DiskState::Sealing | DiskState::Unsealing | DiskState::Failed => GateState::Blocked,
+            _ => GateState::Open,
+        }
+    }
+
+    /// The I/O gate of a disk; every front-end passes through it.
+    pub fn gate(&self, disk: &str) -> Arc<Gate> {
+        let mut g = lock(&self.s.gates);
+        Arc::clone(g.entry(disk.to_string()).or_default())
+    }
+
+    fn persist(&self, d: &Disk) -> Result<()> {
+        Ok(self.s.registry.put_disk(d)?)
+    }
+
+    fn view(&self, st: &State, d: &Disk) -> DiskView {
+        DiskView {
+            disk: d.clone(),
+            containers: st.users(&d.name),
+            progress: lock(&self.s.progress).get(&d.name).cloned(),
+        }
+    }
+
+    pub async fn disks(&self) -> Vec<DiskView> {
+        let st = self.s.state.lock().await;
+        st.disks.values().map(|d| self.view(&st, d)).collect()
+    }
+
+    pub async fn disk(&self, name: &str) -> Result<DiskView> {
+        let st = self.s.state.lock().await;
+        let d = st.disks.get(name).ok_or_else(|| ServiceError::NotFound {
+            kind: "disk",
+            name: name.into(),
+        })?;
+        Ok(self.view(&st, d))
+    }
+
+    pub async fn containers(&self) -> Vec<ContainerView> {
+        let st = self.s.state.lock().await;
+        st.containers
+            .values()
+            .map(|c| ContainerView {
+                container: c.clone(),
+            })
+            .collect()
+    }
+
+    /// Register a new disk: a sparse file of `size` bytes in `STATE/disks/`, or at `path`.
+    pub async fn create_disk(
+        &self,
+        name: &str,
+        size: u64,
+        path: Option<PathBuf>,
+    ) -> Result<DiskView> {
+        if !valid_name(name, 64) {
+            return Err(ServiceError::Invalid(format!(
+                "disk name {name:?} is not 1-64 letters, digits, '.', '_' or '-' starting with a letter or digit"
+            )));
+        }
+        let sector = u64::from(self.s.cfg.sector_size);
+        if size == 0 || !size.is_multiple_of(sector) {
+            return Err(ServiceError::Invalid(format!(
+                "size {size} bytes is not a positive multiple of the sector size {sector}; use for example 64M or 1G"
+            )));
+        }
+        let mut st = self.s.state.lock().await;
+        if st.disks.contains_key(name) {
+            return Err(ServiceError::Exists {
+                kind: "disk",
+                name: name.into(),
+            });
+        }
+        let managed = path.is_none();
+        let path = match path {
+            Some(p) if p.is_absolute() => p,
+            Some(p) => {
+                return Err(ServiceError::Invalid(format!(
+                    "disk path {} is not absolute; give the full path",
+                    p.display()
+                )))
+            }
+            None => self
+                .s
+                .cfg
+                .state_dir
+                .join("disks")
+                .join(format!("{name}.img")),
+        };
+        if let Some(other) = st.disks.values().find(|d| d.path == path) {
+            return Err(ServiceError::Busy(format!(
+                "path {} is already used by disk {:?}; pick another path",
+                path.display(),
+                other.name
+            )));
+        }
+        create_file(&path, size, managed)?;
+        let d = Disk {
+            name: name.into(),
+            id: hex::encode(rand::random::<[u8; 16]>()),
+            path,
+            size,
+            sector_size: self.s.cfg.sector_size,
+            state: DiskState::Available,
+            dangling: false,
+            managed,
+            grace_until_ms: None,
+            error: None,
+            created_unix: now_ms() / 1000,
+        };
+        self.persist(&d)?;
+        self.gate(name).set(GateState::Open);
+        st.disks.insert(name.into(), d.clone());
+        Ok(self.view(&st, &d))
+    }
+
+    /// Delete a disk (its file too when it lives in the state directory). With `shred`, a
+    /// disk sealed in the secure profile is crypto-erased first.
+    pub async fn remove_disk(&self, name: &str, shred: bool) -> Result<()> {
+        let mut st = self.s.state.lock().await;
+        let d = st.disk_mut(name)?.clone();
+        if st.in_use(name) {
+            return Err(ServiceError::Busy(format!(
+                "disk {name:?} is attached to a running container ({}); take the container down first",
+                st.users(name).join(", ")
+            )));
+        }
+        if matches!(d.state, DiskState::Sealing | DiskState::Unsealing) {
+            return Err(ServiceError::Busy(format!(
+                "disk {name:?} is {}; wait for the job to finish",
+                d.state.name()
+            )));
+        }
+        let storage = storage_of(&d);
+        if shred {
+            if d.state != DiskState::Sealed {
+                return Err(ServiceError::Invalid(format!(
+                    "disk {name:?} is {}, not sealed; only a sealed disk can be shredded",
+                    d.state.name()
+                )));
+            }
+            jobs::shred(&storage).map_err(|source| ServiceError::Job {
+                disk: name.into(),
+                action: "shred",
+                source: Box::new(source),
+            })?;
+        }
+        if d.managed {
+            remove_if_exists(&d.path)?;
+        }
+        remove_if_exists(storage.record_path())?;
+        self.s.registry.remove_disk(name)?;
+        st.disks.remove(name);
+        for c in st.containers.values_mut() {
+            if c.disks.iter().any(|x| x == name) {
+                c.disks.retain(|x| x != name);
+                self.s.registry.put_container(c)?;
+            }
+        }
+        lock(&self.s.gates).remove(name);
+        Ok(())
+    }
+
+    /// Seal a disk now, whatever its grace period; refused while a running container uses it.
+    pub async fn seal_disk(&self, name: &str) -> Result<DiskView> {
+        let rx = {
+            let mut st = self.s.state.lock().await;
+            if st.in_use(name) {
+                return Err(ServiceError::Busy(format!(
+                    "disk {name:?} is attached to a running container ({}); take it down first",
+                    st.users(name).join(", ")
+                )));
+            }
+            let d = st.disk_mut(name)?;
+            match d.state {
+                DiskState::Sealed => {
+                    return Err(ServiceError::Busy(format!(
+                        "disk {name:?} is already sealed"
+                    )))
+                }
+                DiskState::Sealing | DiskState::Unsealing => {
+                    return Err(ServiceError::Busy(format!(
+                        "disk {name:?} is {}; wait for the job to finish",
+                        d.state.name()
+                    )))
+                }
+                _ => {}
+            }
+            d.state = DiskState::Sealing;
+            d.grace_until_ms = None;
+            let d = d.clone();
+            self.persist(&d)?;
+            self.start_job(&d, JobKind::Seal)
+        };
+        self.wait_and_check(name, rx, "seal").await
+    }
+
+    /// Unseal a sealed (or failed) disk now, without attaching it.
+    pub async fn unseal_disk(&self, name: &str) -> Result<DiskView> {
+        let rx = {
+            let mut st = self.s.state.lock().await;
+            let d = st.disk_mut(name)?;
+            if !matches!(d.state, DiskState::Sealed | DiskState::Failed) {
+                return Err(ServiceError::Busy(format!(
+                    "disk {name:?} is {}, not sealed",
+                    d.state.name()
+                )));
+            }
+            d.state = DiskState::Unsealing;
+            d.dangling = false;
+            let d = d.clone();
+            self.persist(&d)?;
+            self.start_job(&d, JobKind::Unseal)
+        };
+        self.wait_and_check(name, rx, "unseal").await
+    }
+
+    async fn wait_and_check(
+        &self,
+        name: &str,
+        mut rx: watch::Receiver<bool>,
+        action: &'static str,
+    ) -> Result<DiskView> {
+        let _ = rx.wait_for(|done| *done).await;
+        let v = self.disk(name).await?;
+        if v.disk.state == DiskState::Failed {
+            return Err(ServiceError::Invalid(format!(
+                "disk {name:?}: {action} failed: {}",
+                v.disk.error.clone().unwrap_or_default()
+            )));
+        }
+        Ok(v)
+    }
+
+    /// A container starts (or restarts) and uses `disks`. Returns when every one of them is
+    /// usable: a dangling, sealing or sealed disk is reclaimed — its flag turns FALSE, a
+    /// seal in flight is first completed, it is unsealed and its digest checked, and only
+    /// then does its gate open ([030]).
+    pub async fn container_up(&self, id: &str, disks: &[String]) -> Result<ContainerView> {
+        if !valid_name(id, 128) {
+            return Err(ServiceError::Invalid(format!(
+                "container id {id:?} is not 1-128 letters, digits, '.', '_' or '-'"
+            )));
+        }
+        {
+            let mut st = self.s.state.lock().await;
+            if let Some(missing) = disks.iter().find(|d| !st.disks.contains_key(*d)) {
+                return Err(ServiceError::NotFound {
+                    kind: "disk",
+                    name: missing.clone(),
+                });
+            }
+            let c = st
+                .containers
+                .entry(id.to_string())
+                .or_insert_with(|| Container {
+                    id: id.into(),
+                    state: ContainerState::Running,
+                    since_ms: 0,
+                    disks: Vec::new(),
+                });
+            c.state = ContainerState::Running;
+            c.since_ms = now_ms();
+            for d in disks {
+                if !c.disks.contains(d) {
+                    c.disks.push(d.clone());
+                }
+            }
+            self.s.registry.put_container(c)?;
+        }
+        let all = {
+            let st = self.s.state.lock().await;
+            st.containers
+                .get(id)
+                .map(|c| c.disks.clone())
+                .unwrap_or_default()
+        };
+        for d in &all {
+            self.reclaim(d).await?;
+        }
+        let st = self.s.state.lock().await;
+        let c = st
+            .containers
+            .get(id)
+            .cloned()
+            .ok_or_else(|| ServiceError::NotFound {
+                kind: "container",
+                name: id.into(),
+            })?;
+        Ok(ContainerView { container: c })
+    }
+
+    /// Make one disk usable for a running container.
+    async fn reclaim(&self, name: &str) -> Result<()> {
+        let mut unsealed_once = false;
+        loop {
+            let rx = {
+                let mut st = self.s.state.lock().await;
+                let d = st.disk_mut(name)?;
+                d.dangling = false;
+                match d.state {
+                    DiskState::Available | DiskState::Attached | DiskState::Grace => {
+                        d.state = DiskState::Attached;
+                        d.grace_until_ms = None;
+                        d.error = None;
+                        let d = d.clone();
+                        self.persist(&d)?;
+                        self.gate(name).set(GateState::Open);
+                        return Ok(());
+                    }
+                    DiskState::Failed if unsealed_once => {
+                        return Err(ServiceError::Invalid(format!(
+                            "disk {name:?} could not be unsealed: {}",
+                            d.error.clone().unwrap_or_default()
+                        )));
+                    }
+                    DiskState::Sealed | DiskState::Failed => {
+                        unsealed_once = true;
+                        d.state = DiskState::Unsealing;
+                        let d = d.clone();
+                        self.persist(&d)?;
+                        self.start_job(&d, JobKind::Unseal)
+                    }
+                    DiskState::Sealing | DiskState::Unsealing => {
+                        let d = d.clone();
+                        self.persist(&d)?;
+                        match lock(&self.s.running).get(name).cloned() {
+                            Some(rx) => rx,
+                            None => self.start_job(&d, job_of(d.state)),
+                        }
+                    }
+                }
+            };
+            let mut rx = rx;
+            let _ = rx.wait_for(|done| *done).await;
+        }
+    }
+
+    /// A container stops, crashes or is removed. A removed container's associations are
+    /// dropped at once; a disk with no operational container left enters its grace period.
+    pub async fn container_down(&self, id: &str, how: ContainerState) -> Result<ContainerView> {
+        if how == ContainerState::Running {
+            return Err(ServiceError::Invalid(
+                "a container goes down as stopped, crashed or removed".into(),
+            ));
+        }
+        let mut st = self.s.state.lock().await;
+        let c = st
+            .containers
+            .get_mut(id)
+            .ok_or_else(|| ServiceError::NotFound {
+                kind: "container",
+                name: id.into(),
+            })?;
+        c.state = how;
+        c.since_ms = now_ms();
+        let disks = c.disks.clone();
+        if how == ContainerState::Removed {
+            c.disks.clear();
+        }
+        let view = ContainerView {
+            container: c.clone(),
+        };
+        self.s.registry.put_container(c)?;
+        let until = now_ms() + self.s.cfg.grace.as_millis() as u64;
+        for name in disks {
+            if st.in_use(&name) {
+                continue;
+            }
+            if let Some(d) = st.disks.get_mut(&name) {
+                if d.state == DiskState::Attached {
+                    d.state = DiskState::Grace;
+                    d.grace_until_ms = Some(until);
+                    let d = d.clone();
+                    self.persist(&d)?;
+                }
+            }
+        }
+        Ok(view)
+    }
+
+    /// One policy step: a disk whose grace period ended with no operational container
+    /// turns dangling (claim 6) and its seal job starts (claim 1, [034]).
+    pub async fn tick(&self) {
+        let mut st = self.s.state.lock().await;
+        let now = now_ms();
+        let due: Vec<String> = st
+            .disks
+            .values()
+            .filter(|d| d.state == DiskState::Grace && d.grace_until_ms.is_some_and(|t| t <= now))
+            .map(|d| d.name.clone())
+            .collect();
+        for name in due {
+            let in_use = st.in_use(&name);
+            let Some(d) = st.disks.get_mut(&name) else {
+                continue;
+            };
+            if in_use {
+                d.state = DiskState::Attached;
+                d.grace_until_ms = None;
+            } else {
+                tracing::info!(disk = %name, "dangling: every container is gone; sealing");
+                d.dangling = true;
+                d.state = DiskState::Sealing;
+                d.grace_until_ms = None;
+            }
+            let d = d.clone();
+            if let Err(e) = self.persist(&d) {
+                tracing::error!(disk = %name, error = %e, "cannot record the dangling flag");
+                continue;
+            }
+            if d.state == DiskState::Sealing {
+                self.start_job(&d, JobKind::Seal);
+            }
+        }
+    }
+
+    /// Run [`Self::tick`] until `stop` turns true.
+    pub async fn run_policy(&self, mut stop: watch::Receiver<bool>) {
+        let mut every = tokio::time::interval(Duration::from_millis(100));
+        loop {
+            tokio::select! {
+                _ = every.tick() => self.tick().await,
+                r = stop.changed() => {
+                    if r.is_err() || *stop.borrow() {
+                        return;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Start a background job on `d` (whose state the caller has set and persisted).
+    fn start_job(&self, d: &Disk, kind: JobKind) -> watch::Receiver<bool> {
+        let (tx, rx) = watch::channel(false);
+        lock(&self.s.running).insert(d.name.clone(), rx.clone());
+        let svc = self.clone();
+        let disk = d.clone();
+        tokio::spawn(async move {
+            let gate = svc.gate(&disk.name);
+            let _ = tokio::task::spawn_blocking(move || gate.block()).await;
+            let permit = svc.s.slots.acquire().await;
+            svc.s.metrics.started(kind == JobKind::Seal);
+            let t0 = std::time::Instant::now();
+            let runner = svc.clone();
+            let d2 = disk.clone();
+            let result = tokio::task::spawn_blocking(move || runner.run_job(&d2, kind))
+                .await
+                .unwrap_or_else(|e| Err(format!("job panicked: {e}")));
+            drop(permit);
+            svc.s.metrics.job_seconds(t0.elapsed());
+            svc.finish_job(&disk.name, kind, result).await;
+            lock(&svc.s.progress).remove(&disk.name);
+            lock(&svc.s.running).remove(&disk.name);
+            let _ = tx.send(true);
+        });
+        rx
+    }
+
+    /// The job itself, on a blocking thread. Resumes whatever a crash interrupted.
+    fn run_job(&self, d: &Disk, kind: JobKind) -> Result<(), String> {
+        let storage = storage_of(d);
+        let progress = DiskProgress {
+            svc: self.clone(),
+            disk: d.name.clone(),
+            job: if kind == JobKind::Seal {
+                "seal"
+            } else {
+                "unseal"
+            },
+        };
+        let key = self.s.cfg.master_key.as_ref();
+        let r = match kind {
+            JobKind::Seal => {
+                let opts = SealOptions {
+                    profile: self.s.cfg.profile,
+                    sector_size: d.sector_size,
+                    master_key: self.s.cfg.master_key.clone(),
+                    strategy: self.s.cfg.strategy.clone(),
+                    ..SealOptions::default()
+                };
+                match jobs::seal(&storage, &opts, &progress) {
+                    Ok(_) | Err(JobError::AlreadySealed { .. }) => Ok(()),
+                    Err(e) => Err(e),
+                }
+            }
+            // The record is removed last by an unseal: no record means it already finished.
+            JobKind::Unseal if !storage.record_path().exists() => Ok(()),
+            JobKind::Unseal => jobs::unseal(&storage, key, &progress).map(|_| ()),
+        };
+        r.map_err(|e| error_chain(&e))
+    }
+
+    async fn finish_job(&self, name: &str, kind: JobKind, result: Result<(), String>) {
+        let mut st = self.s.state.lock().await;
+        let in_use = st.in_use(name);
+        let Some(d) = st.disks.get_mut(name) else {
+            return;
+        };
+        let ok = result.is_ok();
+        match (kind, result) {
+            (JobKind::Seal, Ok(())) => {
+                d.state = DiskState::Sealed;
+                d.error = None;
+            }
+            (JobKind::Unseal, Ok(())) => {
+                d.state = if in_use {
+                    DiskState::Attached
+                } else {
+                    DiskState::Available
+                };
+                d.dangling = false;
+                d.error = None;
+            }
+            (_, Err(e)) => {
+                tracing::error!(disk = %name, error = %e, "job failed");
+                d.state = DiskState::Failed;
+                d.error = Some(e);
+            }
+        }
+        self.s.metrics.finished(kind == JobKind::Seal, ok);
+        let d = d.clone();
+        if let Err(e) = self.persist(&d) {
+            tracing::error!(disk = %name, error = %e, "cannot record the job's end");
+        }
+        self.gate(name).set(self.gate_state_for(d.state));
+    }
+
+    /// Prometheus text exposition.
+    pub async fn metrics_text(&self) -> String {
+        let st = self.s.state.lock().await;
+        let mut by_state: BTreeMap<DiskState, u64> = BTreeMap::new();
+        for d in st.disks.values() {
+            *by_state.entry(d.state).or_default() += 1;
+        }
+        let dangling = st.disks.values().filter(|d| d.dangling).count() as u64;
+        let gate_waits: u64 = lock(&self.s.gates).values().map(|g| g.waits()).sum();
+        self.s.metrics.render(&by_state, dangling, gate_waits)
+    }
+
+    /// Wait for every running job to end (for shutdown and tests).
+    pub async fn wait_idle(&self) {
+        loop {
+            let next = lock(&self.s.running).values().next().cloned();
+            match next {
+                Some(mut rx) => {
+                    let _ = rx.wait_for(|d| *d).await;
+                }
+                None => return,
+            }
+        }
+    }
+}
+
+fn job_of(state: DiskState) -> JobKind {
+    if state == DiskState::Sealing {
+        JobKind::Seal
+    } else {
+        JobKind::Unseal
+    }
+}
+
+fn storage_of(d: &Disk) -> ImageStorage {
+    ImageStorage::new(d.path.clone(), default_record_path(&d.path), None)
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut src = e.source();
+    while let Some(c) = src {
+        let t = c.to_string();
+        if !s.contains(&t) {
+            s.push_str(": ");
+            s.push_str(&t);
+        }
+        src = c.source();
+    }
+    s
+}
+
+fn create_file(path: &Path, size: u64, managed: bool) -> Result<()> {
+    let io = |what: String| move |source| ServiceError::Io { what, source };
+    match std::fs::metadata(path) {
+        Ok(m) if managed => Err(ServiceError::Busy(format!(
+            "{} already exists ({} bytes); remove it or pick another disk name",
+            path.display(),
+            m.len()
+        ))),
+        Ok(m) if m.len() != size => Err(ServiceError::Invalid(format!(
+            "{} exists with {} bytes, not {size}; give its real size or another path",
+            path.display(),
+            m.len()
+        ))),
+        Ok(_) => Ok(()),
+        Err(_) => {
+            let f = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(path)
+                .map_err(io(format!("cannot create disk file {}", path.display())))?;
+            f.set_len(size)
+                .and_then(|()| f.sync_all())
+                .map_err(io(format!("cannot size disk file {}", path.display())))?;
+            Ok(())
+        }
+    }
+}
+
+fn remove_if_exists(path: &Path) -> Result<()> {
+    match std::fs::remove_file(path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(source) => Err(ServiceError::Io {
+            what: format!("cannot delete {}", path.display()),
+            source,
+        }),
+    }
+}
+
+/// Forwards a job's progress to `status` and the metrics.
+struct DiskProgress {
+    svc: Service,
+    disk: String,
+    job: &'static str,
+}
+
+impl Progress for DiskProgress {
+    fn pass(&self, name: &'static str, total_bytes: u64) {
+        lock(&self.svc.s.progress).insert(
+            self.disk.clone(),
+            JobProgress {
+                job: self.job,
+                pass: name,
+                done_bytes: 0,
+                total_bytes,
+            },
+        );
+    }
+
+    fn advance(&self, bytes: u64) {
+        self.svc.s.metrics.moved(bytes);
+        if let Some(p) = lock(&self.svc.s.progress).get_mut(&self.disk) {
+            p.done_bytes += bytes;
+        }
+    }
+}

@@ -1,0 +1,223 @@
+//! `pdguard serve`: the daemon — registry, dangling flag, background sealing, reclaim, and
+//! the admin API on a unix socket (mode 0600) or a loopback TCP port.
+
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use clap::{Args, ValueEnum};
+use pdguard_core::keys::MasterKey;
+use pdguard_core::Profile;
+use pdguard_engine::gate::SealedIo;
+use pdguard_engine::jobs::SealOptions;
+use pdguard_engine::keyfile::{self, KeyFileError};
+use pdguard_engine::service::{Config, Service};
+
+use super::image::ProfileArg;
+use super::{CliError, DEFAULT_STATE_DIR, STATE_DIR_ENV};
+use crate::api::{server, Endpoint};
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum SealedIoArg {
+    /// Readers see only sealed bytes; writes are refused (the patent unblocks I/O, claim 5).
+    ReadOnly,
+    /// Every request is refused.
+    Refuse,
+}
+
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// State directory: registry, socket, managed disks (default $PDGUARD_STATE_DIR, then
+    /// /var/lib/pdguard).
+    #[arg(long)]
+    pub state_dir: Option<PathBuf>,
+    /// Where the admin API listens: unix:PATH or tcp:127.0.0.1:PORT (default
+    /// unix:STATE/pdguard.sock).
+    #[arg(long)]
+    pub api: Option<String>,
+    /// How long every container of a disk must stay down before the disk is dangling.
+    #[arg(long, default_value = "30s")]
+    pub grace: String,
+    /// Profile of new seals.
+    #[arg(long, value_enum, default_value = "secure")]
+    pub profile: ProfileArg,
+    /// Master key file (default $PDGUARD_KEY_FILE, then /etc/pdguard/master.key if it
+    /// exists, else STATE/master.key, made on first start).
+    #[arg(long)]
+    pub key_file: Option<PathBuf>,
+    /// What I/O on a sealed disk gets.
+    #[arg(long, value_enum, default_value = "read-only")]
+    pub sealed_io: SealedIoArg,
+    /// Seal and unseal jobs at once (default: one per core).
+    #[arg(long)]
+    pub jobs: Option<usize>,
+    /// How bytes are moved by new seals.
+    #[arg(long)]
+    pub strategy: Option<String>,
+}
+
+pub fn state_dir(flag: Option<&Path>) -> PathBuf {
+    flag.map(Path::to_path_buf)
+        .or_else(|| {
+            std::env::var_os(STATE_DIR_ENV)
+                .filter(|v| !v.is_empty())
+                .map(PathBuf::from)
+        })
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_DIR))
+}
+
+fn master_key(a: &ServeArgs, state: &Path) -> Result<Option<MasterKey>, CliError> {
+    if matches!(a.profile, ProfileArg::Patent) && a.key_file.is_none() {
+        return Ok(None);
+    }
+    let explicit = a.key_file.is_some() || std::env::var_os(keyfile::KEY_FILE_ENV).is_some();
+    let system = PathBuf::from(keyfile::DEFAULT_KEY_FILE);
+    if explicit || system.exists() {
+        return Ok(Some(keyfile::load(&keyfile::locate(
+            a.key_file.as_deref(),
+        ))?));
+    }
+    let own = state.join("master.key");
+    match keyfile::load(&own) {
+        Ok(k) => Ok(Some(k)),
+        Err(KeyFileError::Missing { .. }) => {
+            let k = keyfile::generate(&own)?;
+            tracing::warn!(path = %own.display(), id = %k.id(), "made a new master key; back it up");
+            Ok(Some(k))
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+pub fn run(a: &ServeArgs) -> Result<(), CliError> {
+    let grace = humantime::parse_duration(&a.grace).map_err(|e| {
+        CliError::Usage(format!(
+            "--grace {:?} is not a duration such as 30s, 2m or 500ms: {e}",
+            a.grace
+        ))
+    })?;
+    let state = state_dir(a.state_dir.as_deref());
+    std::fs::create_dir_all(&state).map_err(|source| CliError::Io {
+        what: format!("cannot create the state directory {}", state.display()),
+        source,
+    })?;
+    let _ = std::fs::set_permissions(&state, std::fs::Permissions::from_mode(0o700));
+    let endpoint = match &a.api {
+        Some(s) => Endpoint::parse(s).map_err(CliError::Usage)?,
+        None => Endpoint::Unix(state.join("pdguard.sock")),
+    };
+    if let Endpoint::Tcp(addr) = &endpoint {
+        let loopback = addr
+            .parse::<std::net::SocketAddr>()
+            .map(|a| a.ip().is_loopback());
+        if loopback != Ok(true) {
+            return Err(CliError::Usage(format!(
+                "--api tcp:{addr}: the admin API has no authentication; listen on a loopback address such as tcp:127.0.0.1:7070"
+            )));
+        }
+    }
+    let cfg = Config {
+        grace,
+        profile: match a.profile {
+            ProfileArg::Secure => Profile::Secure,
+            ProfileArg::Patent => Profile::Patent,
+        },
+        master_key: master_key(a, &state)?,
+        sealed_io: match a.sealed_io {
+            SealedIoArg::ReadOnly => SealedIo::ReadOnly,
+            SealedIoArg::Refuse => SealedIo::Refuse,
+        },
+        jobs: a.jobs.unwrap_or_else(|| {
+            std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1)
+        }),
+        sector_size: 512,
+        strategy: a
+            .strategy
+            .clone()
+            .unwrap_or_else(|| SealOptions::default().strategy),
+        state_dir: state,
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|source| CliError::Io {
+            what: "cannot start the async runtime".into(),
+            source,
+        })?;
+    rt.block_on(serve(cfg, endpoint))
+}
+
+async fn serve(cfg: Config, endpoint: Endpoint) -> Result<(), CliError> {
+    let svc = Service::start(cfg).await?;
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let policy = {
+        let svc = svc.clone();
+        tokio::spawn(async move { svc.run_policy(stop_rx).await })
+    };
+    let app = server::router(svc.clone());
+    let shutdown = async {
+        let mut term =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {},
+            _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => {},
+        }
+        tracing::info!("shutting down; running jobs resume on the next start");
+    };
+    eprintln!(
+        "pdguard: serving the admin API on {endpoint} (state {})",
+        svc.config().state_dir.display()
+    );
+    let served = match &endpoint {
+        Endpoint::Unix(path) => {
+            let listener = bind_unix(path)?;
+            axum::serve(listener, app)
+                .with_graceful_shutdown(shutdown)
+                .await
+        }
+        Endpoint::Tcp(addr) => {
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|source| CliError::Io {
+                    what: format!("cannot listen on {addr}"),
+                    source,
+                })?;
+            axum::serve(listener, app)
+                .with_graceful_shutdown(shutdown)
+                .await
+        }
+    };
+    let _ = stop_tx.send(true);
+    let _ = tokio::time::timeout(Duration::from_secs(1), policy).await;
+    served.map_err(|source| CliError::Io {
+        what: "the admin API server failed".into(),
+        source,
+    })
+}
+
+/// Bind the socket with mode 0600, replacing a stale socket file but never another file.
+fn bind_unix(path: &Path) -> Result<tokio::net::UnixListener, CliError> {
+    if let Ok(m) = std::fs::symlink_metadata(path) {
+        if !m.file_type().is_socket() {
+            return Err(CliError::Input(format!(
+                "{} exists and is not a socket; move it away or pass another --api",
+                path.display()
+            )));
+        }
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            return Err(CliError::Input(format!(
+                "another pdguard daemon already serves {}; stop it first",
+                path.display()
+            )));
+        }
+        let _ = std::fs::remove_file(path);
+    }
+    let io = |what: String| move |source| CliError::Io { what, source };
+    let l = tokio::net::UnixListener::bind(path)
+        .map_err(io(format!("cannot listen on {}", path.display())))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+        .map_err(io(format!("cannot set the mode of {}", path.display())))?;
+    Ok(l)
+}
