@@ -96,7 +96,12 @@ pub fn run(a: &ServeArgs) -> Result<(), CliError> {
             a.grace
         ))
     })?;
-    let state = state_dir(a.state_dir.as_deref());
+    // Absolute, so that disk paths in the registry do not depend on the working directory.
+    let state =
+        std::path::absolute(state_dir(a.state_dir.as_deref())).map_err(|source| CliError::Io {
+            what: "cannot resolve the state directory".into(),
+            source,
+        })?;
     std::fs::create_dir_all(&state).map_err(|source| CliError::Io {
         what: format!("cannot create the state directory {}", state.display()),
         source,
