@@ -599,3 +599,34 @@ fn a_thousand_random_calls_leave_the_daemon_consistent() {
     let b = check(&d);
     assert_eq!(a["containers"], b["containers"]);
 }
+
+/// `disk rm` refuses a disk a running container uses; `--shred` crypto-erases a sealed disk
+/// and deletes its file and record.
+#[test]
+fn remove_and_shred_disks() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = Daemon::start(&dir.path().join("state"), &["--grace", "0s"]);
+    d.ok(&["disk", "create", "d1", "--size", "4M"]);
+    d.ok(&["container", "up", "c1", "--disk", "d1"]);
+    let path = path_of(&d.disk("d1"));
+    fill_random(&path, 6);
+    let o = d.cli(&["disk", "rm", "d1"]);
+    assert_eq!(code(&o), 1);
+    assert!(
+        stderr(&o).contains("take the container down first"),
+        "{}",
+        stderr(&o)
+    );
+    let o = d.cli(&["disk", "rm", "d1", "--shred"]);
+    assert_eq!(code(&o), 1);
+    d.ok(&["container", "down", "c1", "--removed"]);
+    d.wait_state("d1", "sealed", 60);
+    assert!(record_of(&path).exists());
+    let v = d.ok(&["disk", "rm", "d1", "--shred"]);
+    assert_eq!(v["shredded"], true);
+    assert!(!path.exists(), "the disk file is still there");
+    assert!(!record_of(&path).exists(), "the seal record is still there");
+    let o = d.cli(&["disk", "show", "d1"]);
+    assert_eq!(code(&o), 1);
+    assert!(stderr(&o).contains("no disk named"), "{}", stderr(&o));
+}
