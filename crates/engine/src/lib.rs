@@ -10,3 +10,19 @@ pub mod keyfile;
 pub mod registry;
 pub mod service;
 pub mod store;
+
+/// An error and its causes on one line, each cause once (a cause whose text the line already
+/// holds is not repeated).
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut line = e.to_string();
+    let mut src = e.source();
+    while let Some(cause) = src {
+        let text = cause.to_string();
+        if !line.contains(&text) {
+            line.push_str(": ");
+            line.push_str(&text);
+        }
+        src = cause.source();
+    }
+    line
+}

@@ -21,6 +21,7 @@ use tokio::sync::{watch, Mutex, Semaphore};
 pub use error::ServiceError;
 pub use metrics::Metrics;
 
+use crate::error_chain;
 use crate::gate::{Gate, GateState, SealedIo};
 use crate::jobs::{self, JobError, Progress, SealOptions};
 use crate::registry::{Container, ContainerState, Disk, DiskState, Registry};
@@ -769,20 +770,6 @@ fn job_of(state: DiskState) -> JobKind {
 
 fn storage_of(d: &Disk) -> ImageStorage {
     ImageStorage::new(d.path.clone(), default_record_path(&d.path), None)
-}
-
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut src = e.source();
-    while let Some(c) = src {
-        let t = c.to_string();
-        if !s.contains(&t) {
-            s.push_str(": ");
-            s.push_str(&t);
-        }
-        src = c.source();
-    }
-    s
 }
 
 fn create_file(path: &Path, size: u64, managed: bool) -> Result<()> {

@@ -32,16 +32,7 @@ impl ApiError {
 
 impl From<ServiceError> for ApiError {
     fn from(e: ServiceError) -> Self {
-        let mut message = e.to_string();
-        let mut src = std::error::Error::source(&e);
-        while let Some(s) = src {
-            let t = s.to_string();
-            if !message.contains(&t) {
-                message = format!("{message}: {t}");
-            }
-            src = s.source();
-        }
-        Self::new(e.http_status(), e.code(), message)
+        Self::new(e.http_status(), e.code(), pdguard_engine::error_chain(&e))
     }
 }
 

@@ -21,7 +21,6 @@ pub const DEFAULT_STATE_DIR: &str = "/var/lib/pdguard";
 /// The environment variable that names the state directory.
 pub const STATE_DIR_ENV: &str = "PDGUARD_STATE_DIR";
 
-use std::error::Error as _;
 use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
@@ -135,17 +134,7 @@ impl CliError {
 
 /// The whole cause chain on one line, each cause once.
 pub fn error_chain(e: &CliError) -> String {
-    let mut line = e.to_string();
-    let mut src = e.source();
-    while let Some(s) = src {
-        let text = s.to_string();
-        if !line.contains(&text) {
-            line.push_str(": ");
-            line.push_str(&text);
-        }
-        src = s.source();
-    }
-    line
+    pdguard_engine::error_chain(e)
 }
 
 pub fn run(cli: &Cli) -> Result<(), CliError> {
