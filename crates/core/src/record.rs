@@ -298,6 +298,22 @@ mod tests {
         }
     }
 
+    proptest::proptest! {
+        #[test]
+        fn decoding_arbitrary_bytes_never_panics(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..2048)) {
+            let _ = SealRecord::decode(&bytes);
+        }
+
+        #[test]
+        fn decoding_a_mangled_record_never_panics(cut in 0usize..2000, flip in proptest::prelude::any::<u8>(), at in 0usize..2000) {
+            let mut b = sample().encode();
+            let at = at % b.len();
+            b[at] ^= flip;
+            b.truncate(cut.max(1));
+            let _ = SealRecord::decode(&b);
+        }
+    }
+
     #[test]
     fn round_trip() {
         let r = sample();

@@ -29,4 +29,6 @@ pub struct NoProgress;
 impl Progress for NoProgress {}
 
 #[cfg(test)]
+mod proptests;
+#[cfg(test)]
 mod tests;
