@@ -29,6 +29,9 @@ pub struct SealOptions {
     pub strategy: String,
     /// The master key: required by the secure profile, unused by the patent profile.
     pub master_key: Option<MasterKey>,
+    /// Memory the passes may use for buffers (`--memory`); never changes the bytes and is
+    /// not recorded.
+    pub memory_bytes: u64,
 }
 
 impl Default for SealOptions {
@@ -39,8 +42,9 @@ impl Default for SealOptions {
             word_length: pdguard_core::geometry::DEFAULT_WORD_LENGTH,
             thin_slack_pct: 0,
             placement: None,
-            strategy: "direct".into(),
+            strategy: strategy::DEFAULT_STRATEGY.into(),
             master_key: None,
+            memory_bytes: strategy::DEFAULT_MEMORY_BYTES,
         }
     }
 }
@@ -212,14 +216,14 @@ pub fn seal(
     let key = opts.master_key.as_ref();
     match rec.phase {
         Phase::SealScatter => {
-            let mut job = Job::open(storage, progress, rec, "seal", key)?;
+            let mut job = Job::open(storage, progress, rec, "seal", key, opts.memory_bytes)?;
             job.check_seed()?;
             job.seal_scatter()?;
             job.seal_gather()?;
             Ok(done(job, Outcome::Sealed))
         }
         Phase::SealGather => {
-            let mut job = Job::open(storage, progress, rec, "seal", key)?;
+            let mut job = Job::open(storage, progress, rec, "seal", key, opts.memory_bytes)?;
             job.seal_gather()?;
             Ok(done(job, Outcome::Sealed))
         }
@@ -232,12 +236,12 @@ pub fn seal(
             })
         }
         Phase::UnsealScatter => {
-            let mut job = Job::open(storage, progress, rec, "seal", key)?;
+            let mut job = Job::open(storage, progress, rec, "seal", key, opts.memory_bytes)?;
             job.abandon_unseal_scatter()?;
             Ok(done(job, Outcome::UnsealRolledBack))
         }
         Phase::UnsealGather => {
-            let mut job = Job::open(storage, progress, rec, "seal", key)?;
+            let mut job = Job::open(storage, progress, rec, "seal", key, opts.memory_bytes)?;
             job.commit(Phase::SealGather)?;
             job.seal_gather()?;
             Ok(done(job, Outcome::UnsealRolledBack))
@@ -263,12 +267,22 @@ pub fn unseal(
     key: Option<&MasterKey>,
     progress: &dyn Progress,
 ) -> Result<JobReport> {
+    unseal_with(storage, key, progress, strategy::DEFAULT_MEMORY_BYTES)
+}
+
+/// [`unseal`] with a memory budget for the passes (`--memory`).
+pub fn unseal_with(
+    storage: &dyn Storage,
+    key: Option<&MasterKey>,
+    progress: &dyn Progress,
+    memory_bytes: u64,
+) -> Result<JobReport> {
     let rec = inspect(storage)?;
     if rec.phase == Phase::Shredded {
         return Err(in_progress(storage, rec.phase));
     }
     let from = (rec.phase != Phase::Sealed).then_some(rec.phase);
-    let mut job = Job::open(storage, progress, rec, "unseal", key)?;
+    let mut job = Job::open(storage, progress, rec, "unseal", key, memory_bytes)?;
     let outcome = match job.rec.phase {
         Phase::SealScatter => {
             // The image was never touched: dropping the thin disk and record is the rollback.
@@ -417,7 +431,15 @@ fn fresh_seal(
         rec.wrapped_key = Some(keys::wrap(master, &data_key, &seed, rand::random(), &aad));
     }
     let key = opts.master_key.as_ref();
-    let mut job = Job::with_image(storage, progress, rec, "seal", image, key)?;
+    let mut job = Job::with_image(
+        storage,
+        progress,
+        rec,
+        "seal",
+        image,
+        key,
+        opts.memory_bytes,
+    )?;
     // Everything that can be checked is checked before the first write.
     job.check_space()?;
     job.rec.updated_unix = now();
@@ -446,6 +468,7 @@ struct Job<'a> {
     keys: Keys,
     /// The command the user ran: `seal` or `unseal`.
     command: &'static str,
+    memory_bytes: u64,
 }
 
 /// What a record's profile and key give a job: the [040] seed, the key the placement is
@@ -524,6 +547,7 @@ impl<'a> Job<'a> {
         rec: SealRecord,
         command: &'static str,
         key: Option<&MasterKey>,
+        memory_bytes: u64,
     ) -> Result<Self> {
         // Keys first: a wrong or missing key is refused before the image is opened.
         Keys::resolve(storage, &rec, key)?;
@@ -531,7 +555,7 @@ impl<'a> Job<'a> {
             image: storage.image_name(),
             source,
         })?;
-        Self::with_image(storage, progress, rec, command, image, key)
+        Self::with_image(storage, progress, rec, command, image, key, memory_bytes)
     }
 
     fn with_image(
@@ -541,6 +565,7 @@ impl<'a> Job<'a> {
         command: &'static str,
         image: Box<dyn Disk>,
         key: Option<&MasterKey>,
+        memory_bytes: u64,
     ) -> Result<Self> {
         let keys = Keys::resolve(storage, &rec, key)?;
         check_size(storage, &rec, &*image)?;
@@ -579,6 +604,7 @@ impl<'a> Job<'a> {
             strategy,
             keys,
             command,
+            memory_bytes,
         })
     }
 
@@ -601,6 +627,7 @@ impl<'a> Job<'a> {
                 .map(|c| c as &dyn pdguard_core::cipher::SectorCipher),
             digest_key: self.keys.digest_key,
             progress: self.progress,
+            memory_bytes: self.memory_bytes,
         }
     }
 

@@ -144,6 +144,11 @@ impl SimStorage {
         g.fault = Some((at, fault));
     }
 
+    /// Drop an armed fault that has not fired.
+    pub fn disarm(&self) {
+        lock(&self.inner).fault = None;
+    }
+
     /// Steps taken so far.
     pub fn steps(&self) -> u64 {
         lock(&self.inner).steps

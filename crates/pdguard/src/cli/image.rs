@@ -19,7 +19,7 @@ pub enum ImageCommand {
     /// Seal an image in place: every sector moved to a pseudo-random place through a thin disk.
     Seal(SealArgs),
     /// Restore a sealed image bit-exact and check it against the seal-time digest.
-    Unseal(Target),
+    Unseal(UnsealArgs),
     /// Check a sealed image against its record without unsealing it (exit 3 on mismatch).
     Verify(Target),
     /// Print the seal record of an image (never a secret).
@@ -51,6 +51,29 @@ pub struct Target {
     /// Master key file (default: $PDGUARD_KEY_FILE, then /etc/pdguard/master.key).
     #[arg(long)]
     pub key_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct UnsealArgs {
+    #[command(flatten)]
+    pub target: Target,
+    #[command(flatten)]
+    pub memory: MemoryArg,
+}
+
+/// Memory budget of the passes.
+#[derive(Debug, Args)]
+pub struct MemoryArg {
+    /// Memory for buffers, e.g. 64M or 1G (K, M, G, T: powers of 1024). Changes speed only,
+    /// never the result; disks larger than it work.
+    #[arg(long = "memory", value_name = "SIZE", default_value = "256M", value_parser = parse_memory)]
+    pub bytes: u64,
+}
+
+fn parse_memory(s: &str) -> Result<u64, String> {
+    super::parse_size(s).filter(|&b| b > 0).ok_or_else(|| {
+        format!("{s:?} is not a size; give bytes or a number with K, M, G or T, e.g. 256M")
+    })
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -90,14 +113,16 @@ pub struct SealArgs {
     #[arg(long, value_enum)]
     pub placement: Option<PlacementArg>,
     /// How bytes are moved; never changes the result.
-    #[arg(long, default_value = "direct")]
+    #[arg(long, default_value = "window")]
     pub strategy: String,
+    #[command(flatten)]
+    pub memory: MemoryArg,
 }
 
 pub fn run(cmd: &ImageCommand, cli: &Cli) -> Result<(), CliError> {
     match cmd {
         ImageCommand::Seal(a) => seal(a, cli),
-        ImageCommand::Unseal(t) => unseal(t, cli),
+        ImageCommand::Unseal(a) => unseal(&a.target, a.memory.bytes, cli),
         ImageCommand::Verify(t) => verify(t, cli),
         ImageCommand::Inspect(t) => inspect(t, cli),
         ImageCommand::Shred(a) => shred(a, cli),
@@ -195,6 +220,7 @@ fn seal(a: &SealArgs, cli: &Cli) -> Result<(), CliError> {
             ))?),
             ProfileArg::Patent => None,
         },
+        memory_bytes: a.memory.bytes,
     };
     let bar = Bar::new(cli.quiet);
     let t0 = Instant::now();
@@ -204,12 +230,12 @@ fn seal(a: &SealArgs, cli: &Cli) -> Result<(), CliError> {
     Ok(())
 }
 
-fn unseal(t: &Target, cli: &Cli) -> Result<(), CliError> {
+fn unseal(t: &Target, memory_bytes: u64, cli: &Cli) -> Result<(), CliError> {
     let st = storage(t)?;
     let key = key_for(t, &jobs::inspect(&st)?)?;
     let bar = Bar::new(cli.quiet);
     let t0 = Instant::now();
-    let r = jobs::unseal(&st, key.as_ref(), &bar);
+    let r = jobs::unseal_with(&st, key.as_ref(), &bar, memory_bytes);
     bar.finish();
     report("unseal", st.image_path(), &r?, t0, cli);
     Ok(())

@@ -14,12 +14,33 @@
 //!
 //! Sealed gather is the patent's "copy the thin disk back linearly, skipping empty
 //! sectors" ([043]-[045]); the unseal passes are the exact inverses of the seal passes.
+//!
+//! All four passes of one strategy agree on one thin-disk layout: a job rolls back across
+//! directions (an unseal may gather plain from a seal's thin disk, a seal may gather sealed
+//! from an unseal's), and a resumed job uses the strategy named in the record.
+//!
+//! - [`Direct`] (`direct`): the patent's literal method; slot `s` of the thin disk is bytes
+//!   `[s*S, (s+1)*S)`; one system call per sector on the random side.
+//! - [`Window`] (`window`, the default): large sequential I/O only, the thin disk in
+//!   windows of packed sectors (see `window.rs` and `docs/on-disk-layout.md`).
+
+mod direct;
+mod window;
+
+pub use direct::Direct;
+pub use window::{Layout, Window};
 
 use pdguard_core::{Geometry, Placement};
 
 use super::Progress;
 use crate::store::{Disk, Result};
 use pdguard_core::cipher::SectorCipher;
+
+/// Default memory budget of a pass (`--memory`): buffers, windows and read-ahead together.
+pub const DEFAULT_MEMORY_BYTES: u64 = 256 << 20;
+
+/// The strategy a new seal uses unless told otherwise.
+pub const DEFAULT_STRATEGY: &str = "window";
 
 /// Bytes read or written per sequential I/O.
 const CHUNK_BYTES: usize = 1 << 20;
@@ -32,6 +53,10 @@ pub struct PassCtx<'a> {
     /// Keys the plaintext digest in the secure profile.
     pub digest_key: Option<[u8; 32]>,
     pub progress: &'a dyn Progress,
+    /// Memory a pass may use for its buffers, in bytes (`--memory`). Changes how bytes are
+    /// moved (buffer and I/O sizes), never where they go: the layout depends only on the
+    /// geometry in the record.
+    pub memory_bytes: u64,
 }
 
 impl PassCtx<'_> {
@@ -86,128 +111,13 @@ pub trait Strategy: Send + Sync {
 pub fn by_name(name: &str) -> Option<Box<dyn Strategy>> {
     match name {
         "direct" => Some(Box::new(Direct)),
+        "window" => Some(Box::new(Window)),
         _ => None,
     }
 }
 
 /// Names of every strategy, for help texts.
-pub const STRATEGIES: &[&str] = &["direct"];
-
-/// The patent's literal method: the disk is read linearly and each sector is written to the
-/// thin disk on its own at the drawn offset (claim 2); the thin disk is read back linearly,
-/// skipping empty slots. Sequential sides use 1 MiB I/O; the random side is one sector per
-/// system call.
-pub struct Direct;
-
-impl Strategy for Direct {
-    fn name(&self) -> &'static str {
-        "direct"
-    }
-
-    fn scatter_plain(
-        &self,
-        ctx: &PassCtx,
-        image: &dyn Disk,
-        thin: &dyn Disk,
-    ) -> Result<blake3::Hash> {
-        let (g, s) = (ctx.geometry, ctx.sector());
-        let mut hasher = ctx.plain_hasher();
-        let mut buf = vec![0u8; ctx.chunk_sectors() as usize * s];
-        let mut i = 0;
-        while i < g.sectors() {
-            let n = ctx.chunk_sectors().min(g.sectors() - i);
-            let chunk = &mut buf[..n as usize * s];
-            image.read_at(chunk, g.offset(i))?;
-            hasher.update(chunk);
-            for (k, sector) in chunk.chunks_exact_mut(s).enumerate() {
-                let slot = ctx.placement.slot_of(i + k as u64);
-                if let Some(c) = ctx.cipher {
-                    c.encrypt(slot, sector);
-                }
-                thin.write_at(sector, g.offset(slot))?;
-            }
-            ctx.progress.advance(chunk.len() as u64);
-            i += n;
-        }
-        Ok(hasher.finalize())
-    }
-
-    fn gather_sealed(
-        &self,
-        ctx: &PassCtx,
-        thin: &dyn Disk,
-        image: &dyn Disk,
-    ) -> Result<blake3::Hash> {
-        let mut out = SequentialWriter::new(ctx, image, blake3::Hasher::new());
-        let mut inbuf = vec![0u8; ctx.chunk_sectors() as usize * ctx.sector()];
-        let g = ctx.geometry;
-        let mut slot = 0;
-        while slot < g.thin_sectors() {
-            let n = ctx.chunk_sectors().min(g.thin_sectors() - slot);
-            let used: Vec<u64> = (slot..slot + n)
-                .filter(|&t| ctx.placement.sector_of(t).is_some())
-                .collect();
-            if !used.is_empty() {
-                let chunk = &mut inbuf[..n as usize * ctx.sector()];
-                thin.read_at(chunk, g.offset(slot))?;
-                for t in used {
-                    let at = (t - slot) as usize * ctx.sector();
-                    out.push(&chunk[at..at + ctx.sector()])?;
-                }
-            }
-            slot += n;
-        }
-        out.finish()
-    }
-
-    fn scatter_sealed(
-        &self,
-        ctx: &PassCtx,
-        image: &dyn Disk,
-        thin: &dyn Disk,
-    ) -> Result<blake3::Hash> {
-        let (g, s) = (ctx.geometry, ctx.sector());
-        let mut hasher = blake3::Hasher::new();
-        let mut buf = vec![0u8; ctx.chunk_sectors() as usize * s];
-        let mut slots = (0..g.thin_sectors()).filter(|&t| ctx.placement.sector_of(t).is_some());
-        let mut j = 0;
-        while j < g.sectors() {
-            let n = ctx.chunk_sectors().min(g.sectors() - j);
-            let chunk = &mut buf[..n as usize * s];
-            image.read_at(chunk, g.offset(j))?;
-            hasher.update(chunk);
-            for sector in chunk.chunks_exact(s) {
-                // The placement is injective with N sectors, so exactly N slots are used.
-                let Some(slot) = slots.next() else {
-                    unreachable!("placement has fewer used slots than sectors")
-                };
-                thin.write_at(sector, g.offset(slot))?;
-            }
-            ctx.progress.advance(chunk.len() as u64);
-            j += n;
-        }
-        Ok(hasher.finalize())
-    }
-
-    fn gather_plain(
-        &self,
-        ctx: &PassCtx,
-        thin: &dyn Disk,
-        image: &dyn Disk,
-    ) -> Result<blake3::Hash> {
-        let mut out = SequentialWriter::new(ctx, image, ctx.plain_hasher());
-        let mut sector = vec![0u8; ctx.sector()];
-        for i in 0..ctx.geometry.sectors() {
-            let slot = ctx.placement.slot_of(i);
-            thin.read_at(&mut sector, ctx.geometry.offset(slot))?;
-            if let Some(c) = ctx.cipher {
-                c.decrypt(slot, &mut sector);
-            }
-            out.push(&sector)?;
-        }
-        out.finish()
-    }
-}
+pub const STRATEGIES: &[&str] = &["window", "direct"];
 
 /// Collects sectors for image positions 0, 1, 2, ... and writes them in 1 MiB runs,
 /// hashing what it writes.

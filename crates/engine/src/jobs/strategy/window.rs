@@ -1,0 +1,880 @@
+//! [`Window`]: the four passes with large sequential I/O only, the same images as
+//! [`Direct`](super::Direct).
+//!
+//! # Thin-disk layout
+//!
+//! The slots `[0, M)` are cut into windows of `K` consecutive slots ([`Layout`]); window `w`
+//! holds slots `[w*K, (w+1)*K)` and owns the same bytes of the thin disk as under `direct`,
+//! `[w*K*S, (w+1)*K*S)` (its *region*). Inside its region a window stores the sectors whose
+//! slot falls in it **packed at the start, in ascending sector index `i`**: the `r`-th
+//! smallest such `i` is at `w*K*S + r*S`. The rest of the region is never written (a hole).
+//! `K` depends only on `M` and `S`, which the record holds, so every pass of every later
+//! process finds the same layout; the memory budget changes buffer sizes, never `K`.
+//!
+//! Why this order: a scatter reading the image in order `i` appends to each window's
+//! region sequentially (one large write per window buffer), a plain gather is a k-way merge
+//! of the windows' regions (each read sequentially), and in the sealed image (slots in
+//! ascending order, empty ones skipped) window `w` is one contiguous run, so a sealed pass
+//! moves one window at a time, reordering it in memory.
+//!
+//! # Memory
+//!
+//! [`PassCtx::memory_bytes`] bounds the buffers of a pass (see [`Budget`]): plain passes
+//! keep one buffer per window plus a few chunks in flight, sealed passes four buffers of up
+//! to one window's region. A window larger than a quarter of the budget is moved in slices,
+//! reading its source once per slice. Below a floor of one sector per buffer (and a window in
+//! at most 64 slices) the budget is exceeded rather than the I/O made absurdly small.
+//!
+//! # Threads
+//!
+//! Each pass runs a reader thread, the calling thread (placement, cipher, reordering) and a
+//! writer thread, joined by bounded channels inside [`std::thread::scope`]; the BLAKE3
+//! digest is computed by whichever helper sees the bytes in image order. A pass adds no
+//! fsync: the job fsyncs the thin disk after a scatter and the image after a gather.
+
+use std::mem;
+use std::sync::mpsc::{channel, sync_channel, Receiver, Sender, SyncSender};
+use std::sync::Arc;
+use std::thread::{self, ScopedJoinHandle};
+use std::time::Instant;
+
+use pdguard_core::{Geometry, Placement};
+
+use super::{PassCtx, Strategy};
+use crate::store::{Disk, Result, StoreError};
+
+/// Windows aim at regions of about `sqrt(M * S * REGION_FACTOR)` bytes: 23 MiB for a 4 GiB
+/// thin disk, 91 MiB for 64 GiB, 362 MiB for 1 TiB. It balances the two kinds of pass: a
+/// sealed pass holds one region in memory, a plain pass one buffer per window.
+const REGION_FACTOR: u128 = 1 << 17;
+/// Small disks still get this many windows (when they have that many slots).
+const MIN_WINDOWS: u64 = 8;
+/// Largest window, in slots: reorderings index a window with `u32`.
+const MAX_WINDOW_SLOTS: u64 = 1 << 31;
+/// Largest sequential I/O on the image side of a plain pass.
+const MAX_CHUNK: u64 = 4 << 20;
+/// Largest buffer of one window in a plain pass.
+const MAX_WINDOW_BUF: u64 = 8 << 20;
+/// Chunks of the image in flight between the main thread and its reader or writer.
+const CHUNKS: usize = 3;
+/// Window buffers in flight to the writer of a plain scatter, beyond one per window.
+const IN_FLIGHT: usize = 4;
+/// A window is moved in at most this many slices, however small the budget.
+const MAX_SLICES: u64 = 64;
+
+/// The `window` strategy: see the module documentation.
+pub struct Window;
+
+/// The thin-disk layout of the `window` strategy: windows of `K` slots. A pure function of the
+/// record's slot count `M` and sector size `S`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Layout {
+    slots: u64,
+    sector: u64,
+    window: u64,
+}
+
+impl Layout {
+    /// `K = max(1, min(floor(isqrt(M * S * 2^17) / S), ceil(M / 8), 2^31))`.
+    pub fn new(g: &Geometry) -> Self {
+        let slots = g.thin_sectors();
+        let sector = u64::from(g.sector_size());
+        let target = isqrt(u128::from(slots) * u128::from(sector) * REGION_FACTOR);
+        let by_size = u64::try_from(target / u128::from(sector)).unwrap_or(u64::MAX);
+        let most = slots.div_ceil(MIN_WINDOWS).clamp(1, MAX_WINDOW_SLOTS);
+        let window = by_size.clamp(1, most);
+        Self {
+            slots,
+            sector,
+            window,
+        }
+    }
+
+    /// `K`: slots per window (the last window may have fewer).
+    pub fn window_slots(&self) -> u64 {
+        self.window
+    }
+
+    /// `W = ceil(M / K)`: number of windows.
+    pub fn windows(&self) -> u64 {
+        self.slots.div_ceil(self.window)
+    }
+
+    /// The window that holds `slot`.
+    pub fn window_of(&self, slot: u64) -> usize {
+        (slot / self.window) as usize
+    }
+
+    fn first_slot(&self, w: usize) -> u64 {
+        w as u64 * self.window
+    }
+
+    /// Slots in window `w`.
+    fn capacity(&self, w: usize) -> u64 {
+        self.window.min(self.slots - self.first_slot(w))
+    }
+
+    /// Byte offset on the thin disk of the `r`-th packed sector of window `w`.
+    pub fn packed_offset(&self, w: usize, r: u64) -> u64 {
+        (self.first_slot(w) + r) * self.sector
+    }
+}
+
+/// `floor(sqrt(n))`, exact.
+fn isqrt(n: u128) -> u128 {
+    let mut x = (n as f64).sqrt() as u128;
+    while x * x > n {
+        x -= 1;
+    }
+    while (x + 1) * (x + 1) <= n {
+        x += 1;
+    }
+    x
+}
+
+/// How a pass spends its memory budget. Never changes where bytes go.
+#[derive(Debug, Clone, Copy)]
+struct Budget {
+    /// Bytes per sequential image-side I/O of a plain pass.
+    chunk: usize,
+    /// Bytes of one window's buffer in a plain scatter; a plain gather reads each window
+    /// ahead in two halves of it.
+    window_buf: usize,
+    /// Sectors per piece (read) and slice (written) of a sealed pass.
+    slice: u64,
+}
+
+impl Budget {
+    fn new(memory: u64, lay: &Layout) -> Self {
+        let s = lay.sector;
+        let sectors = |b: u64| (b / s).max(1);
+        let chunk = sectors(MAX_CHUNK.min(memory / 16));
+        let rest = memory.saturating_sub(CHUNKS as u64 * chunk * s);
+        let per_window = rest / (lay.windows() + IN_FLIGHT as u64);
+        let window_buf = sectors(MAX_WINDOW_BUF.min(per_window));
+        let slice = sectors(memory / 4)
+            .max(lay.window.div_ceil(MAX_SLICES))
+            .min(lay.window);
+        Self {
+            chunk: (chunk * s) as usize,
+            window_buf: (window_buf * s) as usize,
+            slice,
+        }
+    }
+}
+
+/// Why the calling thread of a pass stopped before the end.
+enum Stop {
+    /// Its own I/O failed.
+    Io(StoreError),
+    /// A helper thread quit; the helper's own result says why.
+    Peer,
+}
+
+impl From<StoreError> for Stop {
+    fn from(e: StoreError) -> Self {
+        Self::Io(e)
+    }
+}
+
+type Step<T = ()> = std::result::Result<T, Stop>;
+
+fn internal(why: &str) -> StoreError {
+    StoreError::io(
+        "move",
+        "sectors with the window strategy",
+        std::io::Error::other(format!("internal error: {why}")),
+    )
+}
+
+/// A helper's result; a panic in it is a panic of the pass.
+fn joined<T>(h: ScopedJoinHandle<'_, Result<T>>) -> Result<T> {
+    match h.join() {
+        Ok(r) => r,
+        Err(p) => std::panic::resume_unwind(p),
+    }
+}
+
+/// The calling thread's own error first (a helper may have failed only because it left);
+/// else the first helper's error; else success.
+fn settle<const K: usize>(main: Step, helpers: [Result<()>; K]) -> Result<()> {
+    match main {
+        Err(Stop::Io(e)) => Err(e),
+        other => {
+            for h in helpers {
+                h?;
+            }
+            match other {
+                Ok(()) => Ok(()),
+                Err(_) => Err(internal("a helper thread stopped early without an error")),
+            }
+        }
+    }
+}
+
+/// A buffer of `cap` bytes: a returned one, a new one while fewer than `limit` exist, or the
+/// next one returned.
+fn spare(pool: &Receiver<Vec<u8>>, made: &mut usize, limit: usize, cap: usize) -> Step<Vec<u8>> {
+    if let Ok(b) = pool.try_recv() {
+        return Ok(b);
+    }
+    if *made < limit {
+        *made += 1;
+        return Ok(Vec::with_capacity(cap));
+    }
+    pool.recv().map_err(|_| Stop::Peer)
+}
+
+/// `out[k] = pi(first + k)`.
+fn slots_of(p: &dyn Placement, first: u64, out: &mut [u64]) {
+    for (k, o) in out.iter_mut().enumerate() {
+        *o = p.slot_of(first + k as u64);
+    }
+}
+
+/// Reads `disk` bytes `[0, len)` in order in `chunk`-byte pieces, into at most `depth`
+/// buffers that the consumer sends back; hashes what it reads if given a hasher.
+#[allow(clippy::too_many_arguments)]
+fn read_sequential(
+    disk: &dyn Disk,
+    len: u64,
+    chunk: usize,
+    depth: usize,
+    back: Receiver<Vec<u8>>,
+    out: SyncSender<Vec<u8>>,
+    mut hasher: Option<blake3::Hasher>,
+) -> Result<Option<blake3::Hash>> {
+    let mut made = 0;
+    let mut off = 0;
+    while off < len {
+        let n = (len - off).min(chunk as u64) as usize;
+        let Ok(mut buf) = spare(&back, &mut made, depth, chunk) else {
+            return Ok(None); // the consumer left; it says why
+        };
+        buf.resize(n, 0);
+        disk.read_at(&mut buf, off)?;
+        if let Some(h) = hasher.as_mut() {
+            h.update(&buf);
+        }
+        if out.send(buf).is_err() {
+            return Ok(None);
+        }
+        off += n as u64;
+    }
+    Ok(hasher.map(|h| h.finalize()))
+}
+
+/// Writes each `(offset, bytes)` it receives, in order, and sends the buffer back (still
+/// holding its bytes: a consumer that overwrites it whole need not clear or zero it); hashes
+/// what it writes if given a hasher.
+fn write_jobs(
+    disk: &dyn Disk,
+    jobs: Receiver<(u64, Vec<u8>)>,
+    back: Sender<Vec<u8>>,
+    mut hasher: Option<blake3::Hasher>,
+) -> Result<Option<blake3::Hash>> {
+    for (off, buf) in jobs {
+        if let Some(h) = hasher.as_mut() {
+            h.update(&buf);
+        }
+        disk.write_at(&buf, off)?;
+        let _ = back.send(buf);
+    }
+    Ok(hasher.map(|h| h.finalize()))
+}
+
+fn log_pass(pass: &'static str, ctx: &PassCtx, lay: &Layout, b: &Budget, t0: Instant) {
+    let secs = t0.elapsed().as_secs_f64();
+    let mib = ctx.geometry.disk_bytes() as f64 / f64::from(1 << 20);
+    tracing::info!(
+        pass,
+        strategy = "window",
+        windows = lay.windows(),
+        window_slots = lay.window,
+        chunk = b.chunk,
+        window_buf = b.window_buf,
+        slice_sectors = b.slice,
+        seconds = format_args!("{secs:.3}"),
+        mib_per_s = format_args!("{:.0}", mib / secs.max(1e-9)),
+        "pass done"
+    );
+}
+
+impl Strategy for Window {
+    fn name(&self) -> &'static str {
+        "window"
+    }
+
+    /// `thin[pi(i)] = E(image[i])`: the image is read in order; each sector is appended to
+    /// its window's buffer, and a full buffer is one write at the window's next packed place.
+    fn scatter_plain(
+        &self,
+        ctx: &PassCtx,
+        image: &dyn Disk,
+        thin: &dyn Disk,
+    ) -> Result<blake3::Hash> {
+        let t0 = Instant::now();
+        let lay = Layout::new(&ctx.geometry);
+        let b = Budget::new(ctx.memory_bytes, &lay);
+        let len = ctx.geometry.disk_bytes();
+        let mut digest = None;
+        thread::scope(|sc| {
+            let (full_tx, full_rx) = sync_channel(CHUNKS);
+            let (back_tx, back_rx) = channel();
+            let hasher = Some(ctx.plain_hasher());
+            let reader = sc.spawn(move || {
+                read_sequential(image, len, b.chunk, CHUNKS, back_rx, full_tx, hasher)
+            });
+            let (job_tx, job_rx) = sync_channel(IN_FLIGHT);
+            let (spare_tx, spare_rx) = channel();
+            let writer = sc.spawn(move || write_jobs(thin, job_rx, spare_tx, None));
+            let main = scatter_main(ctx, &lay, &b, full_rx, back_tx, job_tx, spare_rx);
+            let read = joined(reader).map(|h| digest = h);
+            settle(main, [read, joined(writer).map(drop)])
+        })?;
+        log_pass("scatter plain", ctx, &lay, &b, t0);
+        digest.ok_or_else(|| internal("no digest from the reader"))
+    }
+
+    /// `image[j] = thin[u_j]`: window by window, its packed sectors are read, put in slot
+    /// order and written as one run of the sealed image.
+    fn gather_sealed(
+        &self,
+        ctx: &PassCtx,
+        thin: &dyn Disk,
+        image: &dyn Disk,
+    ) -> Result<blake3::Hash> {
+        sealed_pass(ctx, Dir::Gather, thin, image)
+    }
+
+    /// `thin[u_j] = image[j]`: window by window, its run of the sealed image is read, put in
+    /// sector order and written packed.
+    fn scatter_sealed(
+        &self,
+        ctx: &PassCtx,
+        image: &dyn Disk,
+        thin: &dyn Disk,
+    ) -> Result<blake3::Hash> {
+        sealed_pass(ctx, Dir::Scatter, image, thin)
+    }
+
+    /// `image[i] = D(thin[pi(i)])`: a merge of the windows' packed streams (each in
+    /// ascending `i`), read ahead sequentially, the image written in order.
+    fn gather_plain(
+        &self,
+        ctx: &PassCtx,
+        thin: &dyn Disk,
+        image: &dyn Disk,
+    ) -> Result<blake3::Hash> {
+        let t0 = Instant::now();
+        let lay = Layout::new(&ctx.geometry);
+        let b = Budget::new(ctx.memory_bytes, &lay);
+        let mut digest = None;
+        thread::scope(|sc| {
+            let (req_tx, req_rx) = channel::<(usize, u64, Vec<u8>)>();
+            let (resp_tx, resp_rx) = channel();
+            let reader = sc.spawn(move || {
+                for (w, off, mut buf) in req_rx {
+                    thin.read_at(&mut buf, off)?;
+                    if resp_tx.send((w, buf)).is_err() {
+                        break;
+                    }
+                }
+                Ok(())
+            });
+            let (job_tx, job_rx) = sync_channel(CHUNKS - 1);
+            let (spare_tx, spare_rx) = channel();
+            let hasher = Some(ctx.plain_hasher());
+            let writer = sc.spawn(move || write_jobs(image, job_rx, spare_tx, hasher));
+            let streams = Streams::new(&lay, &b, req_tx, resp_rx);
+            let main = gather_main(ctx, &lay, &b, streams, job_tx, spare_rx);
+            let read = joined(reader);
+            let wrote = joined(writer).map(|h| digest = h);
+            settle(main, [read, wrote])
+        })?;
+        log_pass("gather plain", ctx, &lay, &b, t0);
+        digest.ok_or_else(|| internal("no digest from the writer"))
+    }
+}
+
+/// The calling thread of a plain scatter.
+fn scatter_main(
+    ctx: &PassCtx,
+    lay: &Layout,
+    b: &Budget,
+    full: Receiver<Vec<u8>>,
+    back: Sender<Vec<u8>>,
+    jobs: SyncSender<(u64, Vec<u8>)>,
+    pool: Receiver<Vec<u8>>,
+) -> Step {
+    let s = lay.sector as usize;
+    let windows = lay.windows() as usize;
+    let mut bufs: Vec<Vec<u8>> = vec![Vec::new(); windows];
+    // Sectors of each window already sent to the writer.
+    let mut sent = vec![0u64; windows];
+    let mut made = 0;
+    let mut slots = Vec::new();
+    let mut i = 0u64;
+    for chunk in full.iter() {
+        let n = chunk.len() / s;
+        slots.resize(n, 0);
+        slots_of(ctx.placement, i, &mut slots);
+        for (sector, &slot) in chunk.chunks_exact(s).zip(&slots) {
+            let w = lay.window_of(slot);
+            let buf = &mut bufs[w];
+            if buf.capacity() == 0 {
+                buf.reserve_exact(b.window_buf);
+            }
+            let at = buf.len();
+            buf.extend_from_slice(sector);
+            if let Some(c) = ctx.cipher {
+                c.encrypt(slot, &mut buf[at..]);
+            }
+            if buf.len() >= b.window_buf {
+                let mut fresh = spare(&pool, &mut made, IN_FLIGHT, b.window_buf)?;
+                fresh.clear();
+                let full = mem::replace(&mut bufs[w], fresh);
+                let off = lay.packed_offset(w, sent[w]);
+                sent[w] += (full.len() / s) as u64;
+                jobs.send((off, full)).map_err(|_| Stop::Peer)?;
+            }
+        }
+        ctx.progress.advance(chunk.len() as u64);
+        i += n as u64;
+        let _ = back.send(chunk);
+    }
+    if i != ctx.geometry.sectors() {
+        return Err(Stop::Peer);
+    }
+    for (w, buf) in bufs.into_iter().enumerate() {
+        if !buf.is_empty() {
+            let off = lay.packed_offset(w, sent[w]);
+            jobs.send((off, buf)).map_err(|_| Stop::Peer)?;
+        }
+    }
+    Ok(())
+}
+
+/// The packed sectors of every window as streams in ascending `i`, each read ahead in two
+/// halves of a window buffer by the reader thread.
+struct Streams {
+    lay: Layout,
+    s: usize,
+    half: u64,
+    cur: Vec<Vec<u8>>,
+    pos: Vec<usize>,
+    /// Packed sectors requested so far, per window.
+    asked: Vec<u64>,
+    pending: Vec<bool>,
+    ready: Vec<Option<Vec<u8>>>,
+    req: Sender<(usize, u64, Vec<u8>)>,
+    resp: Receiver<(usize, Vec<u8>)>,
+}
+
+impl Streams {
+    fn new(
+        lay: &Layout,
+        b: &Budget,
+        req: Sender<(usize, u64, Vec<u8>)>,
+        resp: Receiver<(usize, Vec<u8>)>,
+    ) -> Self {
+        let w = lay.windows() as usize;
+        Self {
+            lay: *lay,
+            s: lay.sector as usize,
+            half: (b.window_buf as u64 / 2 / lay.sector).max(1),
+            cur: vec![Vec::new(); w],
+            pos: vec![0; w],
+            asked: vec![0; w],
+            pending: vec![false; w],
+            ready: vec![None; w],
+            req,
+            resp,
+        }
+    }
+
+    /// Ask the reader for the next part of window `w`'s region, into `buf`.
+    fn request(&mut self, w: usize, mut buf: Vec<u8>) -> Step {
+        let n = self.half.min(self.lay.capacity(w) - self.asked[w]);
+        if n == 0 {
+            return Ok(());
+        }
+        buf.resize(n as usize * self.s, 0);
+        let off = self.lay.packed_offset(w, self.asked[w]);
+        self.asked[w] += n;
+        self.pending[w] = true;
+        self.req.send((w, off, buf)).map_err(|_| Stop::Peer)
+    }
+
+    fn start(&mut self) -> Step {
+        for w in 0..self.cur.len() {
+            self.request(w, Vec::new())?;
+        }
+        Ok(())
+    }
+
+    /// The next sector of window `w`.
+    fn next(&mut self, w: usize) -> Step<&[u8]> {
+        if self.pos[w] == self.cur[w].len() {
+            self.refill(w)?;
+        }
+        let at = self.pos[w];
+        self.pos[w] += self.s;
+        Ok(&self.cur[w][at..at + self.s])
+    }
+
+    fn refill(&mut self, w: usize) -> Step {
+        if !self.pending[w] && self.ready[w].is_none() {
+            return Err(Stop::Io(internal("a window's stream ended early")));
+        }
+        let fresh = loop {
+            if let Some(b) = self.ready[w].take() {
+                break b;
+            }
+            let (v, buf) = self.resp.recv().map_err(|_| Stop::Peer)?;
+            self.pending[v] = false;
+            self.ready[v] = Some(buf);
+        };
+        let old = mem::replace(&mut self.cur[w], fresh);
+        self.pos[w] = 0;
+        self.request(w, old)
+    }
+}
+
+/// The calling thread of a plain gather.
+fn gather_main(
+    ctx: &PassCtx,
+    lay: &Layout,
+    b: &Budget,
+    mut streams: Streams,
+    jobs: SyncSender<(u64, Vec<u8>)>,
+    pool: Receiver<Vec<u8>>,
+) -> Step {
+    let s = lay.sector as usize;
+    let n_total = ctx.geometry.sectors();
+    let per_chunk = (b.chunk / s) as u64;
+    streams.start()?;
+    let mut made = 0;
+    let mut slots = Vec::new();
+    let mut i = 0u64;
+    while i < n_total {
+        let n = per_chunk.min(n_total - i);
+        slots.resize(n as usize, 0);
+        slots_of(ctx.placement, i, &mut slots);
+        let mut out = spare(&pool, &mut made, CHUNKS, b.chunk)?;
+        out.clear();
+        for &slot in &slots {
+            let sector = streams.next(lay.window_of(slot))?;
+            let at = out.len();
+            out.extend_from_slice(sector);
+            if let Some(c) = ctx.cipher {
+                c.decrypt(slot, &mut out[at..]);
+            }
+        }
+        ctx.progress.advance(out.len() as u64);
+        jobs.send((ctx.geometry.offset(i), out))
+            .map_err(|_| Stop::Peer)?;
+        i += n;
+    }
+    Ok(())
+}
+
+/// Which sealed pass: gather (packed region to sealed run) or scatter (the inverse).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Dir {
+    Gather,
+    Scatter,
+}
+
+/// One window of a sealed pass: its run starts at sealed sector `start` and holds `count`
+/// sectors; the sector at run position `k` is packed at rank `perm[k]` of the window.
+struct Plan {
+    w: usize,
+    start: u64,
+    count: u64,
+    perm: Vec<u32>,
+}
+
+/// A piece of a window's source, read for one slice of its destination.
+struct Piece {
+    plan: Arc<Plan>,
+    slice: u64,
+    piece: u64,
+    buf: Vec<u8>,
+}
+
+impl Plan {
+    /// Byte offset of the source's `k`-th sector (packed rank or run position).
+    fn src(&self, lay: &Layout, dir: Dir, k: u64) -> u64 {
+        match dir {
+            Dir::Gather => lay.packed_offset(self.w, k),
+            Dir::Scatter => (self.start + k) * lay.sector,
+        }
+    }
+
+    fn dst(&self, lay: &Layout, dir: Dir, k: u64) -> u64 {
+        match dir {
+            Dir::Gather => (self.start + k) * lay.sector,
+            Dir::Scatter => lay.packed_offset(self.w, k),
+        }
+    }
+}
+
+/// Computes each window's [`Plan`] in order: `pi^-1` of every slot of the window, then the
+/// rank of each sector among the window's sectors.
+fn plan_windows(ctx: &PassCtx, lay: &Layout, out: SyncSender<Arc<Plan>>) -> Result<()> {
+    let mut start = 0;
+    let mut pairs: Vec<(u64, u32)> = Vec::new();
+    for w in 0..lay.windows() as usize {
+        pairs.clear();
+        let first = lay.first_slot(w);
+        for slot in first..first + lay.capacity(w) {
+            if let Some(i) = ctx.placement.sector_of(slot) {
+                pairs.push((i, pairs.len() as u32));
+            }
+        }
+        if pairs.is_empty() {
+            continue;
+        }
+        pairs.sort_unstable_by_key(|p| p.0);
+        let mut perm = vec![0u32; pairs.len()];
+        for (r, &(_, k)) in pairs.iter().enumerate() {
+            perm[k as usize] = r as u32;
+        }
+        let count = pairs.len() as u64;
+        let plan = Plan {
+            w,
+            start,
+            count,
+            perm,
+        };
+        if out.send(Arc::new(plan)).is_err() {
+            return Ok(()); // the consumer left; it says why
+        }
+        start += count;
+    }
+    if start != ctx.geometry.sectors() {
+        return Err(internal(
+            "the placement's used slots do not match the sectors",
+        ));
+    }
+    Ok(())
+}
+
+/// Reads the source of every plan: for each slice of a window, its whole source in pieces
+/// of `q` sectors. Hashes the source during the first slice if given a hasher.
+#[allow(clippy::too_many_arguments)]
+fn read_plans(
+    src: &dyn Disk,
+    lay: &Layout,
+    dir: Dir,
+    q: u64,
+    plans: Receiver<Arc<Plan>>,
+    back: Receiver<Vec<u8>>,
+    out: SyncSender<Piece>,
+    mut hasher: Option<blake3::Hasher>,
+) -> Result<Option<blake3::Hash>> {
+    let s = lay.sector as usize;
+    let mut made = 0;
+    for plan in plans {
+        let parts = plan.count.div_ceil(q);
+        for slice in 0..parts {
+            for piece in 0..parts {
+                let p0 = piece * q;
+                let n = q.min(plan.count - p0) as usize;
+                let Ok(mut buf) = spare(&back, &mut made, 2, q as usize * s) else {
+                    return Ok(None);
+                };
+                buf.resize(n * s, 0);
+                src.read_at(&mut buf, plan.src(lay, dir, p0))?;
+                if slice == 0 {
+                    if let Some(h) = hasher.as_mut() {
+                        h.update(&buf);
+                    }
+                }
+                let p = Piece {
+                    plan: Arc::clone(&plan),
+                    slice,
+                    piece,
+                    buf,
+                };
+                if out.send(p).is_err() {
+                    return Ok(None);
+                }
+            }
+        }
+    }
+    Ok(hasher.map(|h| h.finalize()))
+}
+
+/// The calling thread of a sealed pass: builds each slice of a window's destination from the
+/// pieces of its source.
+#[allow(clippy::too_many_arguments)]
+fn permute_main(
+    ctx: &PassCtx,
+    lay: &Layout,
+    dir: Dir,
+    q: u64,
+    pieces: Receiver<Piece>,
+    back: Sender<Vec<u8>>,
+    jobs: SyncSender<(u64, Vec<u8>)>,
+    pool: Receiver<Vec<u8>>,
+) -> Step {
+    let s = lay.sector as usize;
+    let mut made = 0;
+    let mut out = Vec::new();
+    let mut done = 0u64;
+    for p in pieces.iter() {
+        let plan = &*p.plan;
+        let parts = plan.count.div_ceil(q);
+        let d0 = p.slice * q;
+        let dn = q.min(plan.count - d0);
+        let s0 = p.piece * q;
+        let sn = (p.buf.len() / s) as u64;
+        if p.piece == 0 {
+            // Every sector of the slice is written below (`perm` is a bijection), so a
+            // returned buffer's old bytes need no zeroing.
+            out = spare(&pool, &mut made, 2, q as usize * s)?;
+            out.resize(dn as usize * s, 0);
+        }
+        let mut copy = |from: u64, to: u64| {
+            let (f, t) = (from as usize * s, to as usize * s);
+            out[t..t + s].copy_from_slice(&p.buf[f..f + s]);
+        };
+        match dir {
+            // Destination: run positions [d0, d0 + dn); source: packed ranks [s0, s0 + sn).
+            Dir::Gather => {
+                for k in d0..d0 + dn {
+                    let r = u64::from(plan.perm[k as usize]);
+                    if r >= s0 && r < s0 + sn {
+                        copy(r - s0, k - d0);
+                    }
+                }
+            }
+            // Destination: packed ranks [d0, d0 + dn); source: run positions [s0, s0 + sn).
+            Dir::Scatter => {
+                for k in s0..s0 + sn {
+                    let r = u64::from(plan.perm[k as usize]);
+                    if r >= d0 && r < d0 + dn {
+                        copy(k - s0, r - d0);
+                    }
+                }
+            }
+        }
+        let _ = back.send(p.buf);
+        if p.piece + 1 == parts {
+            let off = plan.dst(lay, dir, d0);
+            done += dn;
+            ctx.progress.advance(dn * lay.sector);
+            jobs.send((off, mem::take(&mut out)))
+                .map_err(|_| Stop::Peer)?;
+        }
+    }
+    if done != ctx.geometry.sectors() {
+        return Err(Stop::Peer);
+    }
+    Ok(())
+}
+
+/// A sealed pass: a planner thread computes each window's reordering, a reader thread reads
+/// its source, the calling thread reorders, a writer thread writes. The digest is of the
+/// sealed image: hashed by the writer when gathering, by the reader when scattering.
+fn sealed_pass(ctx: &PassCtx, dir: Dir, src: &dyn Disk, dst: &dyn Disk) -> Result<blake3::Hash> {
+    let t0 = Instant::now();
+    let lay = Layout::new(&ctx.geometry);
+    let b = Budget::new(ctx.memory_bytes, &lay);
+    let q = b.slice;
+    let mut digest = None;
+    thread::scope(|sc| {
+        let (plan_tx, plan_rx) = sync_channel(2);
+        let planner = sc.spawn(move || plan_windows(ctx, &lay, plan_tx));
+        let (piece_tx, piece_rx) = sync_channel(1);
+        let (back_tx, back_rx) = channel();
+        let read_hasher = (dir == Dir::Scatter).then(blake3::Hasher::new);
+        let reader = sc
+            .spawn(move || read_plans(src, &lay, dir, q, plan_rx, back_rx, piece_tx, read_hasher));
+        let (job_tx, job_rx) = sync_channel(1);
+        let (spare_tx, spare_rx) = channel();
+        let write_hasher = (dir == Dir::Gather).then(blake3::Hasher::new);
+        let writer = sc.spawn(move || write_jobs(dst, job_rx, spare_tx, write_hasher));
+        let main = permute_main(ctx, &lay, dir, q, piece_rx, back_tx, job_tx, spare_rx);
+        let read = joined(reader).map(|h| {
+            if h.is_some() {
+                digest = h;
+            }
+        });
+        let wrote = joined(writer).map(|h| {
+            if h.is_some() {
+                digest = h;
+            }
+        });
+        settle(main, [joined(planner), read, wrote])
+    })?;
+    let pass = match dir {
+        Dir::Gather => "gather sealed",
+        Dir::Scatter => "scatter sealed",
+    };
+    log_pass(pass, ctx, &lay, &b, t0);
+    digest.ok_or_else(|| internal("no digest of the sealed image"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lay(sectors: u64, slots: u64, sector: u32) -> Layout {
+        Layout::new(
+            &Geometry::with_slots(sectors, slots, sector, 32).unwrap_or_else(|e| panic!("{e}")),
+        )
+    }
+
+    #[test]
+    fn isqrt_is_exact() {
+        for n in [
+            0u128,
+            1,
+            2,
+            3,
+            4,
+            15,
+            16,
+            17,
+            1 << 49,
+            (1 << 97) - 1,
+            99_999_999_999,
+        ] {
+            let r = isqrt(n);
+            assert!(r * r <= n && (r + 1) * (r + 1) > n, "{n}");
+        }
+    }
+
+    #[test]
+    fn layout_depends_on_slots_and_sector_size_only_and_is_pinned() {
+        // Pinned: a change here changes where resumed jobs look for their sectors.
+        let cases = [
+            (6u64, 12u64, 512u32, 2u64),
+            (24, 24, 512, 3),
+            (1, 1, 512, 1),
+            (8 << 20, 8 << 20, 512, 46_340),
+            (1 << 20, 1 << 20, 4096, 5_792),
+            (128 << 20, 128 << 20, 512, 185_363),
+        ];
+        for (n, m, s, k) in cases {
+            assert_eq!(lay(n, m, s).window_slots(), k, "N={n} M={m} S={s}");
+            assert_eq!(lay(n.min(m / 2).max(1), m, s), lay(n, m, s));
+        }
+    }
+
+    #[test]
+    fn budget_stays_within_memory_above_the_floor() {
+        let l = lay(8 << 20, 8 << 20, 512);
+        let b = Budget::new(256 << 20, &l);
+        let plain = CHUNKS * b.chunk + (l.windows() as usize + IN_FLIGHT) * b.window_buf;
+        assert!(plain <= 256 << 20, "{b:?}");
+        assert!(4 * b.slice * 512 <= 256 << 20, "{b:?}");
+        assert_eq!(b.slice, l.window_slots(), "a window fits in one slice");
+        let tiny = Budget::new(1, &l);
+        assert_eq!((tiny.chunk, tiny.window_buf), (512, 512));
+        assert_eq!(tiny.slice, l.window_slots().div_ceil(MAX_SLICES));
+    }
+}
