@@ -10,11 +10,14 @@ set -euo pipefail
 usage() {
     cat <<'EOF'
 usage: bench/seal.sh [--size SIZE] [--runs N] [--dir DIR] [--profiles "patent secure"]
-                     [--placements "patent feistel"] [--strategies "direct"] [--json] [--help]
+                     [--placements "patent feistel"] [--strategies "window direct"]
+                     [--memory SIZE] [--sparse] [--sparse-size SIZE] [--sparse-data SIZE]
+                     [--json] [--help]
 
 Times `pdguard image seal IMG --profile R --placement P --strategy S` and
 `pdguard image unseal IMG` on a random, non-sparse image of SIZE bytes, against
-`cp --sparse=never IMG COPY && sync` of the same image, and prints medians.
+`cp --sparse=never IMG COPY && sync` of the same image, and prints medians, then the
+median time of each pass (from PDGUARD_LOG=info; `direct` logs none).
 
   --size SIZE         image size: bytes, or with a suffix K M G T (KiB…, as head -c
                       reads them; KB MB GB TB are powers of 1000); a multiple of 512
@@ -28,7 +31,15 @@ Times `pdguard image seal IMG --profile R --placement P --strategy S` and
                       secure profile uses a master key made by `pdguard keygen` in the
                       work directory
   --placements LIST   placements to time, space-separated (default "patent feistel")
-  --strategies LIST   strategies to time, space-separated (default "direct")
+  --strategies LIST   strategies to time, space-separated (default "window direct":
+                      the default strategy and the patent's per-sector writes, side by
+                      side; "window" alone for the fast one)
+  --memory SIZE       pass --memory SIZE to every seal and unseal (default: pdguard's)
+  --sparse            also time a sparse case: an image of --sparse-size bytes (default
+                      64G) holding --sparse-data bytes (default 1G) of random data in 16
+                      extents, against `cp --sparse=always` of it (copying the data only);
+                      skipped, with a note, when DIR has less than 2 x --sparse-size free
+                      (pdguard writes the holes out: it is not sparse-aware yet)
   --json              print one JSON object per row on stdout instead of the table
   -h, --help          print this help
 
@@ -48,8 +59,12 @@ runs=3
 parent_dir=
 profiles="patent secure"
 placements="patent feistel"
-strategies="direct"
+strategies="window direct"
 json=0
+memory=
+sparse=0
+sparse_size_arg=64G
+sparse_data_arg=1G
 
 need_value() { [[ $# -ge 2 && -n $2 ]] || die "$1 needs a value (see --help)"; }
 while [[ $# -gt 0 ]]; do
@@ -66,6 +81,13 @@ while [[ $# -gt 0 ]]; do
         --placements=*) placements=${1#*=}; shift ;;
         --strategies) need_value "$@"; strategies=$2; shift 2 ;;
         --strategies=*) strategies=${1#*=}; shift ;;
+        --memory) need_value "$@"; memory=$2; shift 2 ;;
+        --memory=*) memory=${1#*=}; shift ;;
+        --sparse) sparse=1; shift ;;
+        --sparse-size) need_value "$@"; sparse_size_arg=$2; shift 2 ;;
+        --sparse-size=*) sparse_size_arg=${1#*=}; shift ;;
+        --sparse-data) need_value "$@"; sparse_data_arg=$2; shift 2 ;;
+        --sparse-data=*) sparse_data_arg=${1#*=}; shift ;;
         --json) json=1; shift ;;
         -h | --help) usage; exit 0 ;;
         *) usage >&2; die "unknown argument: $1" ;;
@@ -117,6 +139,17 @@ done
 for s in "${strategy_list[@]}"; do
     [[ $s =~ ^[A-Za-z0-9_-]+$ ]] || die "strategy name '$s' has odd characters"
 done
+mem_args=()
+if [[ -n $memory ]]; then
+    [[ $memory =~ ^[0-9]+[KMGTkmgt]?$ ]] || die "--memory $memory: give bytes or a number with K, M, G or T"
+    mem_args=(--memory "$memory")
+fi
+if ((sparse)); then
+    sparse_bytes=$(parse_size "$sparse_size_arg") || die "--sparse-size $sparse_size_arg: give a byte count or a number with K, M, G or T"
+    sparse_data=$(parse_size "$sparse_data_arg") || die "--sparse-data $sparse_data_arg: give a byte count or a number with K, M, G or T"
+    ((sparse_bytes % (16 * 512) == 0 && sparse_data % (16 * 512) == 0)) || die "--sparse-size and --sparse-data must be multiples of 8 KiB (16 extents of whole sectors)"
+    ((sparse_data > 0 && sparse_data <= sparse_bytes)) || die "--sparse-data must be more than 0 and at most --sparse-size"
+fi
 
 # --- tools -----------------------------------------------------------------------------------
 
@@ -174,7 +207,7 @@ copy="$work/copy"
 key="$work/master.key"
 log="$work/pdguard.log"
 
-avail=$(df -P -B1 --output=avail "$work" 2>/dev/null | awk 'NR == 2 { print $1 }') || avail=
+avail=$(df -B1 --output=avail "$work" 2>/dev/null | awk 'NR == 2 { print $1 }') || avail=
 if [[ $avail =~ ^[0-9]+$ ]] && ((avail < size_bytes * 2 + 64 * 1024 * 1024)); then
     die "$work has $avail bytes free; the benchmark needs about $((size_bytes * 2)) (image + copy or thin disk)"
 fi
@@ -214,10 +247,17 @@ timed() {
     elapsed=$(awk -v a="$t0" -v b="$now_v" 'BEGIN { printf "%.3f", b - a }')
 }
 
-run_copy() { cp --sparse=never -- "$img" "$copy"; }
+# The pass times pdguard logged in the last timed command: "scatter=S gather=G" (or "- -").
+pass_times() {
+    sed 's/\x1b\[[0-9;]*m//g' "$log" | awk '
+        /pass done/ {
+            match($0, /pass="[a-z ]*"/); p = substr($0, RSTART + 6, RLENGTH - 7)
+            match($0, /seconds=[0-9.]+/); t = substr($0, RSTART + 8, RLENGTH - 8)
+            if (p ~ /^scatter/) sc = t; else if (p ~ /^gather/) ga = t
+        }
+        END { printf "%s %s", (sc == "" ? "-" : sc), (ga == "" ? "-" : ga) }'
+}
 
-declare -A seal_t=() unseal_t=() seal_r=() unseal_r=()
-cp_t=()
 rows=()
 for prof in "${profile_list[@]}"; do
     for p in "${placement_list[@]}"; do
@@ -226,93 +266,177 @@ for prof in "${profile_list[@]}"; do
         done
     done
 done
-steps=(cp "${rows[@]}")
-nsteps=${#steps[@]}
 
-for ((r = 0; r < runs; r++)); do
-    # This run's items, rotated so that no row always runs first or right after the copy.
-    order=()
-    for ((i = 0; i < nsteps; i++)); do
-        order+=("${steps[$(((i + r) % nsteps))]}")
+# Results, keyed "case|row" (times, ratios to the reference copy, pass times) and "case"
+# (reference copy times).
+declare -A seal_t=() unseal_t=() seal_r=() unseal_r=() ref_t=()
+declare -A seal_sc=() seal_ga=() unseal_sc=() unseal_ga=()
+
+# measure CASE IMAGE DIGEST REF_COMMAND...: `runs` runs of the reference copy and every row,
+# interleaved, the order rotated from run to run so that no row always runs first or right
+# after the copy; every round trip checked bit-exact.
+measure() {
+    local case=$1 image=$2 want=$3
+    shift 3
+    local steps=(ref "${rows[@]}") nsteps r i step prof rest p s got sealed_digest this_ref
+    nsteps=${#steps[@]}
+    for ((r = 0; r < runs; r++)); do
+        local order=()
+        for ((i = 0; i < nsteps; i++)); do
+            order+=("${steps[$(((i + r) % nsteps))]}")
+        done
+        local -A this_seal=() this_unseal=()
+        this_ref=
+        for step in "${order[@]}"; do
+            if [[ $step == ref ]]; then
+                timed "$@"
+                this_ref=$elapsed
+                ref_t[$case]+="$elapsed "
+                rm -f -- "$copy"
+                sync
+                say "$case run $((r + 1))/$runs: reference copy+sync $elapsed s"
+                continue
+            fi
+            prof=${step%%/*}
+            rest=${step#*/}
+            p=${rest%%/*}
+            s=${rest#*/}
+            local key_args=()
+            if [[ $prof == secure ]]; then key_args=(--key-file "$key"); fi
+            timed env PDGUARD_LOG=info "$bin" image seal "$image" --profile "$prof" --placement "$p" --strategy "$s" "${key_args[@]}" "${mem_args[@]}" --quiet
+            this_seal[$step]=$elapsed
+            read -r sc ga <<<"$(pass_times)"
+            seal_sc[$case|$step]+="$sc "
+            seal_ga[$case|$step]+="$ga "
+            sealed_digest=$(digest "$image")
+            if [[ $sealed_digest == "$want" ]]; then
+                die "$case $step: the image is unchanged after seal; the seal did nothing"
+            fi
+            timed env PDGUARD_LOG=info "$bin" image unseal "$image" "${key_args[@]}" "${mem_args[@]}" --quiet
+            this_unseal[$step]=$elapsed
+            read -r sc ga <<<"$(pass_times)"
+            unseal_sc[$case|$step]+="$sc "
+            unseal_ga[$case|$step]+="$ga "
+            got=$(digest "$image")
+            if [[ $got != "$want" ]]; then
+                die "$case $step run $((r + 1)): round trip broken: $digest_tool after unseal is $got, before seal was $want; no numbers are reported"
+            fi
+            say "$case run $((r + 1))/$runs: $step seal ${this_seal[$step]} s, unseal ${this_unseal[$step]} s, round trip bit-exact"
+        done
+        for step in "${rows[@]}"; do
+            seal_t[$case|$step]+="${this_seal[$step]} "
+            unseal_t[$case|$step]+="${this_unseal[$step]} "
+            seal_r[$case|$step]+="$(awk -v a="${this_seal[$step]}" -v b="$this_ref" 'BEGIN { printf "%.4f", (b > 0 ? a / b : 0) }') "
+            unseal_r[$case|$step]+="$(awk -v a="${this_unseal[$step]}" -v b="$this_ref" 'BEGIN { printf "%.4f", (b > 0 ? a / b : 0) }') "
+        done
     done
-    declare -A this_seal=() this_unseal=()
-    this_cp=
-    for step in "${order[@]}"; do
-        if [[ $step == cp ]]; then
-            timed run_copy
-            this_cp=$elapsed
-            cp_t+=("$elapsed")
-            rm -f -- "$copy"
-            sync
-            say "run $((r + 1))/$runs: cp+sync $elapsed s"
-            continue
-        fi
-        prof=${step%%/*}
-        rest=${step#*/}
-        p=${rest%%/*}
-        s=${rest#*/}
-        key_args=()
-        if [[ $prof == secure ]]; then key_args=(--key-file "$key"); fi
-        timed "$bin" image seal "$img" --profile "$prof" --placement "$p" --strategy "$s" "${key_args[@]}" --quiet
-        this_seal[$step]=$elapsed
-        sealed_digest=$(digest "$img")
-        if [[ $sealed_digest == "$orig_digest" ]]; then
-            die "$step: the image is unchanged after seal; the seal did nothing"
-        fi
-        timed "$bin" image unseal "$img" "${key_args[@]}" --quiet
-        this_unseal[$step]=$elapsed
-        got=$(digest "$img")
-        if [[ $got != "$orig_digest" ]]; then
-            die "$step run $((r + 1)): round trip broken: $digest_tool after unseal is $got, before seal was $orig_digest; no numbers are reported"
-        fi
-        say "run $((r + 1))/$runs: $step seal ${this_seal[$step]} s, unseal ${this_unseal[$step]} s, round trip bit-exact"
-    done
-    for step in "${rows[@]}"; do
-        seal_t[$step]+="${this_seal[$step]} "
-        unseal_t[$step]+="${this_unseal[$step]} "
-        seal_r[$step]+="$(awk -v a="${this_seal[$step]}" -v b="$this_cp" 'BEGIN { printf "%.4f", (b > 0 ? a / b : 0) }') "
-        unseal_r[$step]+="$(awk -v a="${this_unseal[$step]}" -v b="$this_cp" 'BEGIN { printf "%.4f", (b > 0 ? a / b : 0) }') "
-    done
-    unset this_seal this_unseal
-done
+}
+
+run_copy() { cp --sparse=never -- "$img" "$copy"; }
+measure random "$img" "$orig_digest" run_copy
+
+# --- sparse case -----------------------------------------------------------------------------
+
+sparse_note=
+if ((sparse)); then
+    rm -f -- "$img"
+    sync
+    avail=$(df -B1 --output=avail "$work" 2>/dev/null | awk 'NR == 2 { print $1 }') || avail=0
+    need=$((2 * sparse_bytes + 256 * 1024 * 1024))
+    if ((avail < need)); then
+        sparse_note="sparse case skipped: it needs about $need bytes free in $work (thin disk and image written out in full: pdguard is not sparse-aware yet), there are $avail"
+        say "$sparse_note"
+    else
+        simg="$work/sparse.img"
+        say "making a sparse image of $sparse_bytes bytes holding $sparse_data bytes of random data in 16 extents"
+        truncate -s "$sparse_bytes" "$simg" || die "cannot make $simg"
+        for ((k = 0; k < 16; k++)); do
+            head -c $((sparse_data / 16)) /dev/urandom |
+                dd of="$simg" bs=1M seek=$((k * (sparse_bytes / 16))) oflag=seek_bytes conv=notrunc status=none ||
+                die "cannot write the data of $simg"
+        done
+        sync
+        sparse_digest=$(digest "$simg")
+        run_sparse_copy() { cp --sparse=always -- "$simg" "$copy"; }
+        measure sparse "$simg" "$sparse_digest" run_sparse_copy
+        rm -f -- "$simg"
+    fi
+fi
 
 median() {
     # shellcheck disable=SC2048,SC2086 # word splitting of the list is intended
-    printf '%s\n' $* | sort -g | awk '{ v[NR] = $1 } END { if (NR % 2) print v[(NR + 1) / 2]; else print (v[NR / 2] + v[NR / 2 + 1]) / 2 }'
+    printf '%s\n' $* | sort -g | awk '$1 != "-" { v[++n] = $1 } END { if (n == 0) print "-"; else if (n % 2) print v[(n + 1) / 2]; else print (v[n / 2] + v[n / 2 + 1]) / 2 }'
 }
 
 # --- report ----------------------------------------------------------------------------------
 
-cp_med=$(median "${cp_t[*]}")
+cases=(random)
+if ((sparse)) && [[ -z $sparse_note ]]; then cases+=(sparse); fi
 if ((json)); then
-    for step in "${rows[@]}"; do
-        rest=${step#*/}
-        awk -v profile="${step%%/*}" -v placement="${rest%%/*}" -v strategy="${rest#*/}" -v size="$size_bytes" -v runs="$runs" \
-            -v seal="$(median "${seal_t[$step]}")" -v unseal="$(median "${unseal_t[$step]}")" \
-            -v cp="$cp_med" -v sr="$(median "${seal_r[$step]}")" -v ur="$(median "${unseal_r[$step]}")" \
-            -v nproc="$(nproc)" -v cpu="$cpu_model" -v fs="$fs_type" -v version="$version" \
-            -v digest_tool="$digest_tool" '
-            function q(s) { gsub(/\\/, "\\\\", s); gsub(/"/, "\\\"", s); return "\"" s "\"" }
-            BEGIN {
-                printf "{\"profile\":%s,\"placement\":%s,\"strategy\":%s,\"size_bytes\":%d,\"runs\":%d,", q(profile), q(placement), q(strategy), size, runs
-                printf "\"median_seal_s\":%.3f,\"median_unseal_s\":%.3f,\"median_cp_sync_s\":%.3f,", seal, unseal, cp
-                printf "\"median_seal_over_cp\":%.2f,\"median_unseal_over_cp\":%.2f,\"ratio\":\"median of per-run ratios\",", sr, ur
-                printf "\"round_trip\":\"bit-exact (%s)\",\"nproc\":%d,\"cpu\":%s,\"fs\":%s,\"pdguard\":%s}\n", digest_tool, nproc, q(cpu), q(fs), q(version)
-            }'
+    for case in "${cases[@]}"; do
+        ref_med=$(median "${ref_t[$case]}")
+        if [[ $case == random ]]; then bytes=$size_bytes data=$size_bytes; else bytes=$sparse_bytes data=$sparse_data; fi
+        for step in "${rows[@]}"; do
+            k="$case|$step"
+            rest=${step#*/}
+            awk -v case_="$case" -v profile="${step%%/*}" -v placement="${rest%%/*}" -v strategy="${rest#*/}" -v size="$bytes" -v data="$data" -v runs="$runs" \
+                -v seal="$(median "${seal_t[$k]}")" -v unseal="$(median "${unseal_t[$k]}")" \
+                -v cp="$ref_med" -v sr="$(median "${seal_r[$k]}")" -v ur="$(median "${unseal_r[$k]}")" \
+                -v ssc="$(median "${seal_sc[$k]}")" -v sga="$(median "${seal_ga[$k]}")" \
+                -v usc="$(median "${unseal_sc[$k]}")" -v uga="$(median "${unseal_ga[$k]}")" \
+                -v nproc="$(nproc)" -v cpu="$cpu_model" -v fs="$fs_type" -v version="$version" \
+                -v digest_tool="$digest_tool" -v memory="${memory:-default}" '
+                function q(s) { gsub(/\\/, "\\\\", s); gsub(/"/, "\\\"", s); return "\"" s "\"" }
+                function n(s) { return s == "-" ? "null" : sprintf("%.3f", s) }
+                BEGIN {
+                    printf "{\"case\":%s,\"profile\":%s,\"placement\":%s,\"strategy\":%s,\"size_bytes\":%d,\"data_bytes\":%d,\"runs\":%d,\"memory\":%s,", q(case_), q(profile), q(placement), q(strategy), size, data, runs, q(memory)
+                    printf "\"median_seal_s\":%.3f,\"median_unseal_s\":%.3f,\"median_cp_sync_s\":%.3f,", seal, unseal, cp
+                    printf "\"median_seal_over_cp\":%.2f,\"median_unseal_over_cp\":%.2f,\"ratio\":\"median of per-run ratios\",", sr, ur
+                    printf "\"median_seal_scatter_s\":%s,\"median_seal_gather_s\":%s,\"median_unseal_scatter_s\":%s,\"median_unseal_gather_s\":%s,", n(ssc), n(sga), n(usc), n(uga)
+                    printf "\"round_trip\":\"bit-exact (%s)\",\"nproc\":%d,\"cpu\":%s,\"fs\":%s,\"pdguard\":%s}\n", digest_tool, nproc, q(cpu), q(fs), q(version)
+                }'
+        done
     done
+    if [[ -n $sparse_note ]]; then
+        awk -v note="$sparse_note" 'BEGIN { gsub(/"/, "\\\"", note); printf "{\"case\":\"sparse\",\"skipped\":\"%s\"}\n", note }'
+    fi
     exit 0
 fi
 
 mib=$(awk -v b="$size_bytes" 'BEGIN { printf "%.1f", b / 1048576 }')
-printf 'pdguard seal benchmark: profiles %s, image %s bytes (%s MiB, random, not sparse), %d run(s)\n' "$profiles" "$size_bytes" "$mib" "$runs"
+printf 'pdguard seal benchmark: profiles %s, image %s bytes (%s MiB, random, not sparse), %d run(s), memory %s\n' "$profiles" "$size_bytes" "$mib" "$runs" "${memory:-default}"
 printf '%s\n' "$machine"
 printf 'times: wall clock seconds, medians over runs; each step starts after a sync and includes a trailing sync\n'
-printf 'ratios: median of per-run ratios (each run'\''s seal or unseal over the same run'\''s cp+sync)\n'
-printf 'every round trip checked bit-exact with %s\n\n' "$digest_tool"
-printf '%-8s %-10s %-10s %10s %10s %10s %8s %10s\n' profile placement strategy seal_s unseal_s cp_sync_s seal/cp unseal/cp
-for step in "${rows[@]}"; do
-    rest=${step#*/}
-    printf '%-8s %-10s %-10s %10.2f %10.2f %10.2f %8.2f %10.2f\n' "${step%%/*}" "${rest%%/*}" "${rest#*/}" \
-        "$(median "${seal_t[$step]}")" "$(median "${unseal_t[$step]}")" "$cp_med" \
-        "$(median "${seal_r[$step]}")" "$(median "${unseal_r[$step]}")"
+printf 'ratios: median of per-run ratios (each run'\''s seal or unseal over the same run'\''s reference copy)\n'
+printf 'every round trip checked bit-exact with %s\n' "$digest_tool"
+for case in "${cases[@]}"; do
+    ref_med=$(median "${ref_t[$case]}")
+    if [[ $case == random ]]; then
+        printf '\nreference: cp --sparse=never IMG COPY && sync\n'
+    else
+        printf '\nsparse case: %s-byte image holding %s bytes of random data in 16 extents; reference: cp --sparse=always IMG COPY && sync (copies the data only)\n' "$sparse_bytes" "$sparse_data"
+    fi
+    printf '%-8s %-10s %-10s %10s %10s %10s %8s %10s\n' profile placement strategy seal_s unseal_s cp_sync_s seal/cp unseal/cp
+    for step in "${rows[@]}"; do
+        k="$case|$step"
+        rest=${step#*/}
+        printf '%-8s %-10s %-10s %10.2f %10.2f %10.2f %8.2f %10.2f\n' "${step%%/*}" "${rest%%/*}" "${rest#*/}" \
+            "$(median "${seal_t[$k]}")" "$(median "${unseal_t[$k]}")" "$ref_med" \
+            "$(median "${seal_r[$k]}")" "$(median "${unseal_r[$k]}")"
+    done
+    printf '\npasses (%s case), median seconds; "rest" = the command minus its two passes (placement, fsyncs, deleting the thin disk)\n' "$case"
+    printf '%-8s %-10s %-10s %13s %12s %10s %15s %13s %12s\n' profile placement strategy seal_scatter seal_gather seal_rest unseal_scatter unseal_gather unseal_rest
+    for step in "${rows[@]}"; do
+        k="$case|$step"
+        rest=${step#*/}
+        awk -v pr="${step%%/*}" -v pl="${rest%%/*}" -v st="${rest#*/}" \
+            -v st_="$(median "${seal_t[$k]}")" -v ssc="$(median "${seal_sc[$k]}")" -v sga="$(median "${seal_ga[$k]}")" \
+            -v ut="$(median "${unseal_t[$k]}")" -v usc="$(median "${unseal_sc[$k]}")" -v uga="$(median "${unseal_ga[$k]}")" '
+            function f(x) { return x == "-" ? "-" : sprintf("%.2f", x) }
+            function r(t, a, b) { return (a == "-" || b == "-") ? "-" : sprintf("%.2f", t - a - b) }
+            BEGIN { printf "%-8s %-10s %-10s %13s %12s %10s %15s %13s %12s\n", pr, pl, st, f(ssc), f(sga), r(st_, ssc, sga), f(usc), f(uga), r(ut, usc, uga) }'
+    done
 done
+if [[ -n $sparse_note ]]; then
+    printf '\n%s\n' "$sparse_note"
+fi

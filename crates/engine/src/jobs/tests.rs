@@ -518,14 +518,20 @@ struct Pass<'a> {
 }
 
 impl Pass<'_> {
-    /// Seal pass 1 then 3 with `strategy`: the thin disk, the sealed image and both digests.
-    fn seal(&self, strategy: &dyn Strategy, img: &[u8]) -> (Vec<u8>, Vec<u8>, [blake3::Hash; 2]) {
+    /// Seal pass 1 with `first` then 3 with `then` (the same object: a job; two objects: a
+    /// job resumed in pass 3): the thin disk, the sealed image and both digests.
+    fn seal(
+        &self,
+        first: &dyn Strategy,
+        then: &dyn Strategy,
+        img: &[u8],
+    ) -> (Vec<u8>, Vec<u8>, [blake3::Hash; 2]) {
         let g = self.ctx.geometry;
         let image = self.storage.create_thin("image", g.disk_bytes()).unwrap();
         image.write_at(img, 0).unwrap();
         let thin = self.storage.create_thin("thin", g.thin_bytes()).unwrap();
-        let plain = strategy.scatter_plain(&self.ctx, &*image, &*thin).unwrap();
-        let sealed = strategy.gather_sealed(&self.ctx, &*thin, &*image).unwrap();
+        let plain = first.scatter_plain(&self.ctx, &*image, &*thin).unwrap();
+        let sealed = then.gather_sealed(&self.ctx, &*thin, &*image).unwrap();
         (
             read_all(&*thin, g.thin_bytes()),
             read_all(&*image, g.disk_bytes()),
@@ -533,18 +539,19 @@ impl Pass<'_> {
         )
     }
 
-    /// Unseal pass 1 then 3 with `strategy` from a sealed image: thin disk, image, digests.
+    /// Unseal pass 1 then 3 from a sealed image, as [`Pass::seal`]: thin disk, image, digests.
     fn unseal(
         &self,
-        strategy: &dyn Strategy,
+        first: &dyn Strategy,
+        then: &dyn Strategy,
         sealed: &[u8],
     ) -> (Vec<u8>, Vec<u8>, [blake3::Hash; 2]) {
         let g = self.ctx.geometry;
         let image = self.storage.create_thin("image", g.disk_bytes()).unwrap();
         image.write_at(sealed, 0).unwrap();
         let thin = self.storage.create_thin("thin", g.thin_bytes()).unwrap();
-        let s = strategy.scatter_sealed(&self.ctx, &*image, &*thin).unwrap();
-        let p = strategy.gather_plain(&self.ctx, &*thin, &*image).unwrap();
+        let s = first.scatter_sealed(&self.ctx, &*image, &*thin).unwrap();
+        let p = then.gather_plain(&self.ctx, &*thin, &*image).unwrap();
         (
             read_all(&*thin, g.thin_bytes()),
             read_all(&*image, g.disk_bytes()),
@@ -586,21 +593,25 @@ fn window_equals_direct(
         ctx: ctx(DEFAULT_MEMORY_BYTES),
         storage: SimStorage::new(Vec::new()),
     };
-    let (_, want_sealed, want_digests) = direct.seal(&Direct, &img);
+    let (_, want_sealed, want_digests) = direct.seal(&Direct, &Direct, &img);
     let what = format!("{kind:?} secure={secure} S={sector} N={sectors} slack={slack}");
     if sectors > 8 {
         assert_ne!(want_sealed, img, "{what}: direct did not seal");
     }
-    for memory in BUDGETS {
-        let what = format!("{what} memory={memory}");
+    // One object for both passes may carry pi from the first to the second (a job); two
+    // objects may not (a job resumed after a crash).
+    for (memory, one_job) in BUDGETS.into_iter().flat_map(|m| [(m, true), (m, false)]) {
+        let what = format!("{what} memory={memory} one_job={one_job}");
         let w = Pass {
             ctx: ctx(memory),
             storage: SimStorage::new(Vec::new()),
         };
-        let (thin, sealed, digests) = w.seal(&Window, &img);
+        let (a, b) = (Window::default(), Window::default());
+        let then = if one_job { &a } else { &b };
+        let (thin, sealed, digests) = w.seal(&a, then, &img);
         assert!(sealed == want_sealed, "{what}: sealed images differ");
         assert_eq!(digests, want_digests, "{what}: digests differ");
-        let (thin2, plain, back) = w.unseal(&Window, &sealed);
+        let (thin2, plain, back) = w.unseal(&a, then, &sealed);
         assert!(
             thin2 == thin,
             "{what}: sealed scatter left another thin layout"
@@ -657,7 +668,7 @@ fn window_thin_disk_is_packed_by_sector_index_in_each_window() {
         },
         storage: SimStorage::new(Vec::new()),
     };
-    let (thin, _, _) = pass.seal(&Window, &img);
+    let (thin, _, _) = pass.seal(&Window::default(), &Window::default(), &img);
     let lay = Layout::new(&g);
     assert!(lay.windows() >= 8, "{lay:?}");
     let mut want = vec![0u8; g.thin_bytes() as usize];
@@ -847,4 +858,42 @@ fn repeated_crashes_during_recovery_lose_nothing_direct() {
         &with_strategy(opts(PlacementKind::Patent, 512, 0), "direct", 1),
         58,
     );
+}
+
+#[test]
+fn fig2_of_the_patent_through_the_window_strategy() {
+    // docs/on-disk-layout.md: K = 2; windows pack their sectors in sector order, so the thin
+    // disk is X2 X5 | X1 X4 | X0 X3 | empty, and the sealed image is FIG. 2's.
+    let g = Geometry::with_slots(6, 12, 512, 32).unwrap();
+    assert_eq!(Layout::new(&g).window_slots(), 2);
+    let x: Vec<Vec<u8>> = (0..6u8).map(|k| vec![b'A' + k; 512]).collect();
+    let placement = FixedPlacement::new(vec![5, 3, 0, 4, 2, 1], 12).unwrap();
+    for one_job in [true, false] {
+        let pass = Pass {
+            ctx: PassCtx {
+                geometry: g,
+                placement: &placement,
+                cipher: None,
+                digest_key: None,
+                progress: &NoProgress,
+                memory_bytes: DEFAULT_MEMORY_BYTES,
+            },
+            storage: SimStorage::new(Vec::new()),
+        };
+        let (a, b) = (Window::default(), Window::default());
+        let then = if one_job { &a } else { &b };
+        let (thin, sealed, _) = pass.seal(&a, then, &x.concat());
+        let empty = vec![0u8; 512];
+        let want_thin = [&x[2], &x[5], &x[1], &x[4], &x[0], &x[3]]
+            .into_iter()
+            .chain(std::iter::repeat_n(&empty, 6))
+            .flatten()
+            .copied()
+            .collect::<Vec<u8>>();
+        assert!(thin == want_thin, "thin disk is not X2 X5 X1 X4 X0 X3");
+        assert_eq!(sealed, [2, 5, 4, 1, 3, 0].map(|k| x[k].clone()).concat());
+        let (thin2, plain, _) = pass.unseal(&a, then, &sealed);
+        assert!(thin2 == want_thin);
+        assert_eq!(plain, x.concat());
+    }
 }

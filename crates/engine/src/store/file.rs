@@ -76,6 +76,15 @@ impl Disk for FileDisk {
         self.check()?;
         self.poison(self.file.sync_all(), "fsync", None)
     }
+
+    /// `posix_fadvise(DONTNEED)`: Linux starts writeback of the dirty pages of the range
+    /// (without waiting) and drops its clean ones. A hint: errors are ignored.
+    fn release(&self, offset: u64, len: u64) {
+        if let Some(len) = std::num::NonZeroU64::new(len) {
+            let _ =
+                rustix::fs::fadvise(&self.file, offset, Some(len), rustix::fs::Advice::DontNeed);
+        }
+    }
 }
 
 /// fsync a directory so that a create, rename or unlink inside it is durable.

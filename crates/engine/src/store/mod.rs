@@ -63,6 +63,11 @@ pub trait Disk: Send + Sync {
     fn write_at(&self, buf: &[u8], offset: u64) -> Result<()>;
     /// Make every write so far durable (fsync). After a failure the disk refuses further I/O.
     fn sync(&self) -> Result<()>;
+    /// A hint, never a durability point (only [`sync`](Self::sync) is one): the pass is done
+    /// with `[offset, offset + len)` for now. Start writing it back if it is dirty and drop it
+    /// from the page cache once clean, so that a long pass keeps the device busy instead of
+    /// leaving gigabytes for `sync` (and the thin disk's `unlink`) at the end. Default: nothing.
+    fn release(&self, _offset: u64, _len: u64) {}
 }
 
 /// Everything one job touches: the image, its thin disk and its seal record.

@@ -111,7 +111,7 @@ pub trait Strategy: Send + Sync {
 pub fn by_name(name: &str) -> Option<Box<dyn Strategy>> {
     match name {
         "direct" => Some(Box::new(Direct)),
-        "window" => Some(Box::new(Window)),
+        "window" => Some(Box::new(Window::default())),
         _ => None,
     }
 }

@@ -34,8 +34,8 @@
 
 use std::mem;
 use std::sync::mpsc::{channel, sync_channel, Receiver, Sender, SyncSender};
-use std::sync::Arc;
-use std::thread::{self, ScopedJoinHandle};
+use std::sync::{Arc, Mutex};
+use std::thread::{self, Scope, ScopedJoinHandle};
 use std::time::Instant;
 
 use pdguard_core::{Geometry, Placement};
@@ -52,18 +52,92 @@ const MIN_WINDOWS: u64 = 8;
 /// Largest window, in slots: reorderings index a window with `u32`.
 const MAX_WINDOW_SLOTS: u64 = 1 << 31;
 /// Largest sequential I/O on the image side of a plain pass.
-const MAX_CHUNK: u64 = 4 << 20;
-/// Largest buffer of one window in a plain pass.
-const MAX_WINDOW_BUF: u64 = 8 << 20;
+const MAX_CHUNK: u64 = 1 << 20;
+/// Largest buffer of one window in a plain pass. Small on purpose: the kernel copies a
+/// buffer still in the CPU cache into the page cache several times faster than a cold one,
+/// and 256 KiB writes are already large for a file system.
+const MAX_WINDOW_BUF: u64 = 256 << 10;
 /// Chunks of the image in flight between the main thread and its reader or writer.
 const CHUNKS: usize = 3;
-/// Window buffers in flight to the writer of a plain scatter, beyond one per window.
+/// Window buffers in flight to the writer of a plain scatter, beyond one per window: at least
+/// this many, and up to [`IN_FLIGHT_BYTES`] of them, so that the writer's hiccups do not stall
+/// the calling thread.
 const IN_FLIGHT: usize = 4;
+const IN_FLIGHT_BYTES: u64 = 8 << 20;
+/// Bytes per write of a sealed pass: small, so that the writer copies them to the page cache
+/// while they are still in the CPU cache (large cold buffers make the kernel's copy several
+/// times slower).
+const WRITE_CHUNK: usize = 256 << 10;
+/// Bytes of contiguous writes released to writeback at once (measured: releasing every
+/// 256 KiB write keeps the device busiest; larger batches let writes wait).
+const RELEASE_BYTES: u64 = 256 << 10;
+/// Write buffers of a sealed pass.
+const OUT_BUFS: usize = 4;
 /// A window is moved in at most this many slices, however small the budget.
 const MAX_SLICES: u64 = 64;
 
 /// The `window` strategy: see the module documentation.
-pub struct Window;
+#[derive(Default)]
+pub struct Window {
+    /// `pi` as one pass of this job computed it, for the next pass of the same job.
+    map: Mutex<Option<SlotMap>>,
+}
+
+/// `slots[i] = pi(i)`, kept from a seal's scatter for its gather and from an unseal's
+/// scatter for its gather, so that an expensive placement (Feistel: about 200 ns a sector)
+/// is evaluated once per job rather than once per pass. Kept only while it fits the memory
+/// budget (with its regrouping, `8 N` bytes in half the budget) and `M < 2^32`.
+struct SlotMap {
+    key: MapKey,
+    slots: Vec<u32>,
+}
+
+/// What a map was computed for: the geometry, the placement object and three of its values
+/// (so that a map is never used with another placement, even one at the same address).
+#[derive(Debug, PartialEq, Eq)]
+struct MapKey {
+    geometry: Geometry,
+    placement: usize,
+    probe: [u64; 3],
+}
+
+impl MapKey {
+    fn of(ctx: &PassCtx) -> Self {
+        let (p, n) = (ctx.placement, ctx.geometry.sectors());
+        Self {
+            geometry: ctx.geometry,
+            placement: std::ptr::from_ref(p).cast::<()>() as usize,
+            probe: [p.slot_of(0), p.slot_of(n / 2), p.slot_of(n - 1)],
+        }
+    }
+}
+
+impl Window {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Option<SlotMap>> {
+        self.map.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The map a previous pass of this job left, if it was for this placement; any map is
+    /// dropped either way.
+    fn take_map(&self, ctx: &PassCtx) -> Option<Vec<u32>> {
+        let m = self.lock().take()?;
+        (m.key == MapKey::of(ctx)).then_some(m.slots)
+    }
+
+    fn keep_map(&self, ctx: &PassCtx, slots: Vec<u32>) {
+        *self.lock() = Some(SlotMap {
+            key: MapKey::of(ctx),
+            slots,
+        });
+    }
+
+    /// Whether a pass should build a [`SlotMap`] for the next one.
+    fn may_map(ctx: &PassCtx) -> bool {
+        let g = ctx.geometry;
+        g.thin_sectors() <= u64::from(u32::MAX)
+            && g.sectors().saturating_mul(8) <= ctx.memory_bytes / 2
+    }
+}
 
 /// The thin-disk layout of the `window` strategy: windows of `K` slots. A pure function of the
 /// record's slot count `M` and sector size `S`.
@@ -140,6 +214,8 @@ struct Budget {
     /// Bytes of one window's buffer in a plain scatter; a plain gather reads each window
     /// ahead in two halves of it.
     window_buf: usize,
+    /// Window buffers in flight to the writer of a plain scatter.
+    in_flight: usize,
     /// Sectors per piece (read) and slice (written) of a sealed pass.
     slice: u64,
 }
@@ -152,12 +228,17 @@ impl Budget {
         let rest = memory.saturating_sub(CHUNKS as u64 * chunk * s);
         let per_window = rest / (lay.windows() + IN_FLIGHT as u64);
         let window_buf = sectors(MAX_WINDOW_BUF.min(per_window));
+        let spare_bufs = (rest / (window_buf * s)).saturating_sub(lay.windows());
+        let in_flight = (IN_FLIGHT_BYTES / (window_buf * s))
+            .min(spare_bufs)
+            .max(IN_FLIGHT as u64);
         let slice = sectors(memory / 4)
             .max(lay.window.div_ceil(MAX_SLICES))
             .min(lay.window);
         Self {
             chunk: (chunk * s) as usize,
             window_buf: (window_buf * s) as usize,
+            in_flight: in_flight as usize,
             slice,
         }
     }
@@ -185,6 +266,18 @@ fn internal(why: &str) -> StoreError {
         "sectors with the window strategy",
         std::io::Error::other(format!("internal error: {why}")),
     )
+}
+
+/// Start a helper thread named `name` (seen in `top -H` and `perf`).
+fn spawn<'s, T: Send + 's>(
+    sc: &'s Scope<'s, '_>,
+    name: &str,
+    f: impl FnOnce() -> T + Send + 's,
+) -> ScopedJoinHandle<'s, T> {
+    thread::Builder::new()
+        .name(name.into())
+        .spawn_scoped(sc, f)
+        .unwrap_or_else(|e| panic!("cannot start a thread: {e}"))
 }
 
 /// A helper's result; a panic in it is a panic of the pass.
@@ -273,14 +366,43 @@ fn write_jobs(
     back: Sender<Vec<u8>>,
     mut hasher: Option<blake3::Hasher>,
 ) -> Result<Option<blake3::Hash>> {
+    let mut behind = WriteBehind::default();
     for (off, buf) in jobs {
         if let Some(h) = hasher.as_mut() {
             h.update(&buf);
         }
         disk.write_at(&buf, off)?;
+        behind.wrote(disk, off, buf.len() as u64);
         let _ = back.send(buf);
     }
+    behind.flush(disk);
     Ok(hasher.map(|h| h.finalize()))
+}
+
+/// Written ranges not yet [released](Disk::release), keyed by their end: a write that
+/// continues one extends it, and a range is released once it holds [`RELEASE_BYTES`] (one
+/// writeback request per few MiB rather than per buffer).
+#[derive(Default)]
+struct WriteBehind {
+    ranges: std::collections::HashMap<u64, u64>,
+}
+
+impl WriteBehind {
+    fn wrote(&mut self, disk: &dyn Disk, off: u64, len: u64) {
+        let start = self.ranges.remove(&off).unwrap_or(off);
+        let end = off + len;
+        if end - start >= RELEASE_BYTES {
+            disk.release(start, end - start);
+        } else {
+            self.ranges.insert(end, start);
+        }
+    }
+
+    fn flush(self, disk: &dyn Disk) {
+        for (end, start) in self.ranges {
+            disk.release(start, end - start);
+        }
+    }
 }
 
 fn log_pass(pass: &'static str, ctx: &PassCtx, lay: &Layout, b: &Budget, t0: Instant) {
@@ -318,20 +440,37 @@ impl Strategy for Window {
         let b = Budget::new(ctx.memory_bytes, &lay);
         let len = ctx.geometry.disk_bytes();
         let mut digest = None;
+        drop(self.take_map(ctx));
+        let mut map =
+            Self::may_map(ctx).then(|| Vec::with_capacity(ctx.geometry.sectors() as usize));
         thread::scope(|sc| {
             let (full_tx, full_rx) = sync_channel(CHUNKS);
             let (back_tx, back_rx) = channel();
             let hasher = Some(ctx.plain_hasher());
-            let reader = sc.spawn(move || {
+            let reader = spawn(sc, "pdguard-read", move || {
                 read_sequential(image, len, b.chunk, CHUNKS, back_rx, full_tx, hasher)
             });
-            let (job_tx, job_rx) = sync_channel(IN_FLIGHT);
+            let (job_tx, job_rx) = sync_channel(b.in_flight);
             let (spare_tx, spare_rx) = channel();
-            let writer = sc.spawn(move || write_jobs(thin, job_rx, spare_tx, None));
-            let main = scatter_main(ctx, &lay, &b, full_rx, back_tx, job_tx, spare_rx);
+            let writer = spawn(sc, "pdguard-write", move || {
+                write_jobs(thin, job_rx, spare_tx, None)
+            });
+            let main = scatter_main(
+                ctx,
+                &lay,
+                &b,
+                full_rx,
+                back_tx,
+                job_tx,
+                spare_rx,
+                map.as_mut(),
+            );
             let read = joined(reader).map(|h| digest = h);
             settle(main, [read, joined(writer).map(drop)])
         })?;
+        if let Some(map) = map {
+            self.keep_map(ctx, map);
+        }
         log_pass("scatter plain", ctx, &lay, &b, t0);
         digest.ok_or_else(|| internal("no digest from the reader"))
     }
@@ -344,7 +483,7 @@ impl Strategy for Window {
         thin: &dyn Disk,
         image: &dyn Disk,
     ) -> Result<blake3::Hash> {
-        sealed_pass(ctx, Dir::Gather, thin, image)
+        self.sealed_pass(ctx, Dir::Gather, thin, image)
     }
 
     /// `thin[u_j] = image[j]`: window by window, its run of the sealed image is read, put in
@@ -355,7 +494,7 @@ impl Strategy for Window {
         image: &dyn Disk,
         thin: &dyn Disk,
     ) -> Result<blake3::Hash> {
-        sealed_pass(ctx, Dir::Scatter, image, thin)
+        self.sealed_pass(ctx, Dir::Scatter, image, thin)
     }
 
     /// `image[i] = D(thin[pi(i)])`: a merge of the windows' packed streams (each in
@@ -373,9 +512,10 @@ impl Strategy for Window {
         thread::scope(|sc| {
             let (req_tx, req_rx) = channel::<(usize, u64, Vec<u8>)>();
             let (resp_tx, resp_rx) = channel();
-            let reader = sc.spawn(move || {
+            let reader = spawn(sc, "pdguard-read", move || {
                 for (w, off, mut buf) in req_rx {
                     thin.read_at(&mut buf, off)?;
+                    thin.release(off, buf.len() as u64);
                     if resp_tx.send((w, buf)).is_err() {
                         break;
                     }
@@ -385,9 +525,12 @@ impl Strategy for Window {
             let (job_tx, job_rx) = sync_channel(CHUNKS - 1);
             let (spare_tx, spare_rx) = channel();
             let hasher = Some(ctx.plain_hasher());
-            let writer = sc.spawn(move || write_jobs(image, job_rx, spare_tx, hasher));
+            let writer = spawn(sc, "pdguard-write", move || {
+                write_jobs(image, job_rx, spare_tx, hasher)
+            });
             let streams = Streams::new(&lay, &b, req_tx, resp_rx);
-            let main = gather_main(ctx, &lay, &b, streams, job_tx, spare_rx);
+            let map = self.take_map(ctx);
+            let main = gather_main(ctx, &lay, &b, streams, job_tx, spare_rx, map.as_deref());
             let read = joined(reader);
             let wrote = joined(writer).map(|h| digest = h);
             settle(main, [read, wrote])
@@ -398,6 +541,7 @@ impl Strategy for Window {
 }
 
 /// The calling thread of a plain scatter.
+#[allow(clippy::too_many_arguments)]
 fn scatter_main(
     ctx: &PassCtx,
     lay: &Layout,
@@ -406,10 +550,18 @@ fn scatter_main(
     back: Sender<Vec<u8>>,
     jobs: SyncSender<(u64, Vec<u8>)>,
     pool: Receiver<Vec<u8>>,
+    mut map: Option<&mut Vec<u32>>,
 ) -> Step {
     let s = lay.sector as usize;
     let windows = lay.windows() as usize;
     let mut bufs: Vec<Vec<u8>> = vec![Vec::new(); windows];
+    // Windows fill at about the same rate: with equal buffers they would all be full at
+    // once, the writer busy while this thread waits, then idle while it fills them again.
+    // Staggered first flushes (window w after (w+1)/W of a buffer) spread the writes out.
+    let per_buf = b.window_buf / s;
+    let mut limit: Vec<usize> = (0..windows)
+        .map(|w| (per_buf * (w + 1) / windows).max(1) * s)
+        .collect();
     // Sectors of each window already sent to the writer.
     let mut sent = vec![0u64; windows];
     let mut made = 0;
@@ -419,6 +571,9 @@ fn scatter_main(
         let n = chunk.len() / s;
         slots.resize(n, 0);
         slots_of(ctx.placement, i, &mut slots);
+        if let Some(m) = map.as_mut() {
+            m.extend(slots.iter().map(|&t| t as u32));
+        }
         for (sector, &slot) in chunk.chunks_exact(s).zip(&slots) {
             let w = lay.window_of(slot);
             let buf = &mut bufs[w];
@@ -430,8 +585,9 @@ fn scatter_main(
             if let Some(c) = ctx.cipher {
                 c.encrypt(slot, &mut buf[at..]);
             }
-            if buf.len() >= b.window_buf {
-                let mut fresh = spare(&pool, &mut made, IN_FLIGHT, b.window_buf)?;
+            if buf.len() >= limit[w] {
+                limit[w] = b.window_buf;
+                let mut fresh = spare(&pool, &mut made, b.in_flight, b.window_buf)?;
                 fresh.clear();
                 let full = mem::replace(&mut bufs[w], fresh);
                 let off = lay.packed_offset(w, sent[w]);
@@ -495,7 +651,14 @@ impl Streams {
 
     /// Ask the reader for the next part of window `w`'s region, into `buf`.
     fn request(&mut self, w: usize, mut buf: Vec<u8>) -> Step {
-        let n = self.half.min(self.lay.capacity(w) - self.asked[w]);
+        let mut n = self.half;
+        if self.asked[w] == 0 {
+            // Staggered like the scatter's buffers, so that the windows do not all run dry
+            // at once.
+            let windows = self.cur.len() as u64;
+            n = (n * (w as u64 + 1) / windows).max(1);
+        }
+        let n = n.min(self.lay.capacity(w) - self.asked[w]);
         if n == 0 {
             return Ok(());
         }
@@ -549,6 +712,7 @@ fn gather_main(
     mut streams: Streams,
     jobs: SyncSender<(u64, Vec<u8>)>,
     pool: Receiver<Vec<u8>>,
+    map: Option<&[u32]>,
 ) -> Step {
     let s = lay.sector as usize;
     let n_total = ctx.geometry.sectors();
@@ -560,7 +724,15 @@ fn gather_main(
     while i < n_total {
         let n = per_chunk.min(n_total - i);
         slots.resize(n as usize, 0);
-        slots_of(ctx.placement, i, &mut slots);
+        match map {
+            Some(m) => {
+                let part = &m[i as usize..(i + n) as usize];
+                for (t, &m) in slots.iter_mut().zip(part) {
+                    *t = u64::from(m);
+                }
+            }
+            None => slots_of(ctx.placement, i, &mut slots),
+        }
         let mut out = spare(&pool, &mut made, CHUNKS, b.chunk)?;
         out.clear();
         for &slot in &slots {
@@ -587,12 +759,13 @@ enum Dir {
 }
 
 /// One window of a sealed pass: its run starts at sealed sector `start` and holds `count`
-/// sectors; the sector at run position `k` is packed at rank `perm[k]` of the window.
+/// sectors; destination sector `t` of the window (run position when gathering, packed rank
+/// when scattering) is source sector `from[t]`.
 struct Plan {
     w: usize,
     start: u64,
     count: u64,
-    perm: Vec<u32>,
+    from: Vec<u32>,
 }
 
 /// A piece of a window's source, read for one slice of its destination.
@@ -621,35 +794,58 @@ impl Plan {
 }
 
 /// Computes each window's [`Plan`] in order: `pi^-1` of every slot of the window, then the
-/// rank of each sector among the window's sectors.
-fn plan_windows(ctx: &PassCtx, lay: &Layout, out: SyncSender<Arc<Plan>>) -> Result<()> {
+/// rank of each sector among the window's sectors. With `map`, also records `pi`.
+fn plan_windows(
+    ctx: &PassCtx,
+    lay: &Layout,
+    dir: Dir,
+    out: SyncSender<Arc<Plan>>,
+    mut map: Option<Vec<u32>>,
+) -> Result<Option<Vec<u32>>> {
     let mut start = 0;
+    // (sector i, run position k), in run order, then sorted into packed order; and the
+    // window-relative slot of run position k.
     let mut pairs: Vec<(u64, u32)> = Vec::new();
+    let mut rel: Vec<u32> = Vec::new();
     for w in 0..lay.windows() as usize {
         pairs.clear();
+        rel.clear();
         let first = lay.first_slot(w);
-        for slot in first..first + lay.capacity(w) {
+        for (t, slot) in (first..first + lay.capacity(w)).enumerate() {
             if let Some(i) = ctx.placement.sector_of(slot) {
                 pairs.push((i, pairs.len() as u32));
+                rel.push(t as u32);
             }
         }
         if pairs.is_empty() {
             continue;
         }
         pairs.sort_unstable_by_key(|p| p.0);
-        let mut perm = vec![0u32; pairs.len()];
-        for (r, &(_, k)) in pairs.iter().enumerate() {
-            perm[k as usize] = r as u32;
+        if let Some(m) = map.as_mut() {
+            for &(i, k) in &pairs {
+                m[i as usize] = (first + u64::from(rel[k as usize])) as u32;
+            }
         }
+        // Now pairs[r].1 is the run position of the sector packed at rank r.
+        let from = match dir {
+            Dir::Scatter => pairs.iter().map(|p| p.1).collect(),
+            Dir::Gather => {
+                let mut from = vec![0u32; pairs.len()];
+                for (r, &(_, k)) in pairs.iter().enumerate() {
+                    from[k as usize] = r as u32;
+                }
+                from
+            }
+        };
         let count = pairs.len() as u64;
         let plan = Plan {
             w,
             start,
             count,
-            perm,
+            from,
         };
         if out.send(Arc::new(plan)).is_err() {
-            return Ok(()); // the consumer left; it says why
+            return Ok(None); // the consumer left; it says why
         }
         start += count;
     }
@@ -657,6 +853,71 @@ fn plan_windows(ctx: &PassCtx, lay: &Layout, out: SyncSender<Arc<Plan>>) -> Resu
         return Err(internal(
             "the placement's used slots do not match the sectors",
         ));
+    }
+    Ok(map)
+}
+
+/// [`plan_windows`] for a gather from a [`SlotMap`] of the same placement: no `pi^-1`, no
+/// sort. The sectors are grouped by window in ascending `i` (packed order); a sector's run
+/// position is the rank of its slot among the window's used slots.
+fn plan_from_map(lay: &Layout, map: Vec<u32>, out: SyncSender<Arc<Plan>>) -> Result<()> {
+    let windows = lay.windows() as usize;
+    let mut start = vec![0usize; windows + 1];
+    for &t in &map {
+        start[lay.window_of(u64::from(t)) + 1] += 1;
+    }
+    for w in 0..windows {
+        start[w + 1] += start[w];
+    }
+    // Window-relative slots, grouped by window, each group in ascending i.
+    let mut grouped = vec![0u32; map.len()];
+    let mut fill = start.clone();
+    for &t in &map {
+        let w = lay.window_of(u64::from(t));
+        grouped[fill[w]] = (u64::from(t) - lay.first_slot(w)) as u32;
+        fill[w] += 1;
+    }
+    drop(map);
+    let (mut used, mut before) = (Vec::new(), Vec::new());
+    for w in 0..windows {
+        let rel = &grouped[start[w]..start[w + 1]];
+        if rel.is_empty() {
+            continue;
+        }
+        let mut from = vec![0u32; rel.len()];
+        if rel.len() as u64 == lay.capacity(w) {
+            // Every slot is used: the run position is the relative slot.
+            for (r, &k) in rel.iter().enumerate() {
+                from[k as usize] = r as u32;
+            }
+        } else {
+            // The run position is the number of used slots below: a bitmap with counts.
+            used.clear();
+            used.resize(lay.capacity(w).div_ceil(64) as usize, 0u64);
+            for &k in rel {
+                used[k as usize / 64] |= 1 << (k % 64);
+            }
+            before.clear();
+            let mut acc = 0u32;
+            for &word in &used {
+                before.push(acc);
+                acc += word.count_ones();
+            }
+            for (r, &k) in rel.iter().enumerate() {
+                let (q, bit) = (k as usize / 64, k % 64);
+                let rank = before[q] + (used[q] & ((1u64 << bit) - 1)).count_ones();
+                from[rank as usize] = r as u32;
+            }
+        }
+        let plan = Plan {
+            w,
+            start: start[w] as u64,
+            count: rel.len() as u64,
+            from,
+        };
+        if out.send(Arc::new(plan)).is_err() {
+            return Ok(());
+        }
     }
     Ok(())
 }
@@ -686,7 +947,11 @@ fn read_plans(
                     return Ok(None);
                 };
                 buf.resize(n * s, 0);
-                src.read_at(&mut buf, plan.src(lay, dir, p0))?;
+                let off = plan.src(lay, dir, p0);
+                src.read_at(&mut buf, off)?;
+                if dir == Dir::Gather && slice + 1 == parts {
+                    src.release(off, buf.len() as u64);
+                }
                 if slice == 0 {
                     if let Some(h) = hasher.as_mut() {
                         h.update(&buf);
@@ -707,8 +972,8 @@ fn read_plans(
     Ok(hasher.map(|h| h.finalize()))
 }
 
-/// The calling thread of a sealed pass: builds each slice of a window's destination from the
-/// pieces of its source.
+/// The calling thread of a sealed pass: builds each window's destination from the pieces
+/// of its source and hands it to the writer in small pieces, still hot in the cache.
 #[allow(clippy::too_many_arguments)]
 fn permute_main(
     ctx: &PassCtx,
@@ -721,53 +986,65 @@ fn permute_main(
     pool: Receiver<Vec<u8>>,
 ) -> Step {
     let s = lay.sector as usize;
+    let out_sectors = (WRITE_CHUNK / s).max(1) as u64;
     let mut made = 0;
-    let mut out = Vec::new();
+    let mut slice = Vec::new();
     let mut done = 0u64;
     for p in pieces.iter() {
         let plan = &*p.plan;
         let parts = plan.count.div_ceil(q);
         let d0 = p.slice * q;
         let dn = q.min(plan.count - d0);
+        let copy = |out: &mut Vec<u8>, from: u64| {
+            let f = from as usize * s;
+            out.extend_from_slice(&p.buf[f..f + s]);
+        };
+        if parts == 1 {
+            // The whole source is in this piece: emit the destination in order.
+            let mut t = 0;
+            while t < dn {
+                let n = out_sectors.min(dn - t);
+                let mut out = spare(&pool, &mut made, OUT_BUFS, n as usize * s)?;
+                out.clear();
+                for &f in &plan.from[t as usize..(t + n) as usize] {
+                    copy(&mut out, u64::from(f));
+                }
+                jobs.send((plan.dst(lay, dir, t), out))
+                    .map_err(|_| Stop::Peer)?;
+                ctx.progress.advance(n * lay.sector);
+                t += n;
+            }
+            done += dn;
+            let _ = back.send(p.buf);
+            continue;
+        }
+        // A window larger than a slice: destination [d0, d0 + dn) collects its sectors
+        // from every piece of the source, [s0, s0 + sn) at a time.
         let s0 = p.piece * q;
         let sn = (p.buf.len() / s) as u64;
         if p.piece == 0 {
-            // Every sector of the slice is written below (`perm` is a bijection), so a
-            // returned buffer's old bytes need no zeroing.
-            out = spare(&pool, &mut made, 2, q as usize * s)?;
-            out.resize(dn as usize * s, 0);
+            slice.clear();
+            slice.resize(dn as usize * s, 0);
         }
-        let mut copy = |from: u64, to: u64| {
-            let (f, t) = (from as usize * s, to as usize * s);
-            out[t..t + s].copy_from_slice(&p.buf[f..f + s]);
-        };
-        match dir {
-            // Destination: run positions [d0, d0 + dn); source: packed ranks [s0, s0 + sn).
-            Dir::Gather => {
-                for k in d0..d0 + dn {
-                    let r = u64::from(plan.perm[k as usize]);
-                    if r >= s0 && r < s0 + sn {
-                        copy(r - s0, k - d0);
-                    }
-                }
-            }
-            // Destination: packed ranks [d0, d0 + dn); source: run positions [s0, s0 + sn).
-            Dir::Scatter => {
-                for k in s0..s0 + sn {
-                    let r = u64::from(plan.perm[k as usize]);
-                    if r >= d0 && r < d0 + dn {
-                        copy(k - s0, r - d0);
-                    }
-                }
+        for t in d0..d0 + dn {
+            let f = u64::from(plan.from[t as usize]);
+            if f >= s0 && f < s0 + sn {
+                let (a, b) = ((f - s0) as usize * s, (t - d0) as usize * s);
+                slice[b..b + s].copy_from_slice(&p.buf[a..a + s]);
             }
         }
         let _ = back.send(p.buf);
         if p.piece + 1 == parts {
-            let off = plan.dst(lay, dir, d0);
+            for (k, part) in slice.chunks(out_sectors as usize * s).enumerate() {
+                let mut out = spare(&pool, &mut made, OUT_BUFS, part.len())?;
+                out.clear();
+                out.extend_from_slice(part);
+                let t = d0 + k as u64 * out_sectors;
+                jobs.send((plan.dst(lay, dir, t), out))
+                    .map_err(|_| Stop::Peer)?;
+            }
             done += dn;
             ctx.progress.advance(dn * lay.sector);
-            jobs.send((off, mem::take(&mut out)))
-                .map_err(|_| Stop::Peer)?;
         }
     }
     if done != ctx.geometry.sectors() {
@@ -776,56 +1053,153 @@ fn permute_main(
     Ok(())
 }
 
-/// A sealed pass: a planner thread computes each window's reordering, a reader thread reads
-/// its source, the calling thread reorders, a writer thread writes. The digest is of the
-/// sealed image: hashed by the writer when gathering, by the reader when scattering.
-fn sealed_pass(ctx: &PassCtx, dir: Dir, src: &dyn Disk, dst: &dyn Disk) -> Result<blake3::Hash> {
-    let t0 = Instant::now();
-    let lay = Layout::new(&ctx.geometry);
-    let b = Budget::new(ctx.memory_bytes, &lay);
-    let q = b.slice;
-    let mut digest = None;
-    thread::scope(|sc| {
-        let (plan_tx, plan_rx) = sync_channel(2);
-        let planner = sc.spawn(move || plan_windows(ctx, &lay, plan_tx));
-        let (piece_tx, piece_rx) = sync_channel(1);
-        let (back_tx, back_rx) = channel();
-        let read_hasher = (dir == Dir::Scatter).then(blake3::Hasher::new);
-        let reader = sc
-            .spawn(move || read_plans(src, &lay, dir, q, plan_rx, back_rx, piece_tx, read_hasher));
-        let (job_tx, job_rx) = sync_channel(1);
-        let (spare_tx, spare_rx) = channel();
-        let write_hasher = (dir == Dir::Gather).then(blake3::Hasher::new);
-        let writer = sc.spawn(move || write_jobs(dst, job_rx, spare_tx, write_hasher));
-        let main = permute_main(ctx, &lay, dir, q, piece_rx, back_tx, job_tx, spare_rx);
-        let read = joined(reader).map(|h| {
-            if h.is_some() {
-                digest = h;
-            }
-        });
-        let wrote = joined(writer).map(|h| {
-            if h.is_some() {
-                digest = h;
-            }
-        });
-        settle(main, [joined(planner), read, wrote])
-    })?;
-    let pass = match dir {
-        Dir::Gather => "gather sealed",
-        Dir::Scatter => "scatter sealed",
-    };
-    log_pass(pass, ctx, &lay, &b, t0);
-    digest.ok_or_else(|| internal("no digest of the sealed image"))
+impl Window {
+    /// A sealed pass: a planner thread computes each window's reordering, a reader thread reads
+    /// its source, the calling thread reorders, a writer thread writes. The digest is of the
+    /// sealed image: hashed by the writer when gathering, by the reader when scattering.
+    fn sealed_pass(
+        &self,
+        ctx: &PassCtx,
+        dir: Dir,
+        src: &dyn Disk,
+        dst: &dyn Disk,
+    ) -> Result<blake3::Hash> {
+        let t0 = Instant::now();
+        let lay = Layout::new(&ctx.geometry);
+        let b = Budget::new(ctx.memory_bytes, &lay);
+        let q = b.slice;
+        let mut digest = None;
+        let old = self.take_map(ctx);
+        let mut kept = None;
+        thread::scope(|sc| {
+            let (plan_tx, plan_rx) = sync_channel(2);
+            let planner = spawn(sc, "pdguard-plan", move || match (dir, old) {
+                (Dir::Gather, Some(map)) => plan_from_map(&lay, map, plan_tx).map(|()| None),
+                (Dir::Gather, None) => plan_windows(ctx, &lay, dir, plan_tx, None),
+                (Dir::Scatter, _) => {
+                    let map =
+                        Self::may_map(ctx).then(|| vec![0u32; ctx.geometry.sectors() as usize]);
+                    plan_windows(ctx, &lay, dir, plan_tx, map)
+                }
+            });
+            let (piece_tx, piece_rx) = sync_channel(1);
+            let (back_tx, back_rx) = channel();
+            let read_hasher = (dir == Dir::Scatter).then(blake3::Hasher::new);
+            let reader = spawn(sc, "pdguard-read", move || {
+                read_plans(src, &lay, dir, q, plan_rx, back_rx, piece_tx, read_hasher)
+            });
+            let (job_tx, job_rx) = sync_channel(OUT_BUFS - 2);
+            let (spare_tx, spare_rx) = channel();
+            let write_hasher = (dir == Dir::Gather).then(blake3::Hasher::new);
+            let writer = spawn(sc, "pdguard-write", move || {
+                write_jobs(dst, job_rx, spare_tx, write_hasher)
+            });
+            let main = permute_main(ctx, &lay, dir, q, piece_rx, back_tx, job_tx, spare_rx);
+            let read = joined(reader).map(|h| {
+                if h.is_some() {
+                    digest = h;
+                }
+            });
+            let wrote = joined(writer).map(|h| {
+                if h.is_some() {
+                    digest = h;
+                }
+            });
+            let planned = joined(planner).map(|m| kept = m);
+            settle(main, [planned, read, wrote])
+        })?;
+        if let Some(map) = kept {
+            self.keep_map(ctx, map);
+        }
+        let pass = match dir {
+            Dir::Gather => "gather sealed",
+            Dir::Scatter => "scatter sealed",
+        };
+        log_pass(pass, ctx, &lay, &b, t0);
+        digest.ok_or_else(|| internal("no digest of the sealed image"))
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::jobs::strategy::DEFAULT_MEMORY_BYTES;
+    use pdguard_core::PlacementKind;
+    use std::sync::atomic::{AtomicU64, Ordering};
 
     fn lay(sectors: u64, slots: u64, sector: u32) -> Layout {
         Layout::new(
             &Geometry::with_slots(sectors, slots, sector, 32).unwrap_or_else(|e| panic!("{e}")),
         )
+    }
+
+    /// A placement that counts its evaluations.
+    struct Counting<'a>(&'a dyn Placement, AtomicU64, AtomicU64);
+
+    impl Placement for Counting<'_> {
+        fn sectors(&self) -> u64 {
+            self.0.sectors()
+        }
+        fn slots(&self) -> u64 {
+            self.0.slots()
+        }
+        fn slot_of(&self, sector: u64) -> u64 {
+            self.1.fetch_add(1, Ordering::Relaxed);
+            self.0.slot_of(sector)
+        }
+        fn sector_of(&self, slot: u64) -> Option<u64> {
+            self.2.fetch_add(1, Ordering::Relaxed);
+            self.0.sector_of(slot)
+        }
+    }
+
+    #[test]
+    fn a_job_evaluates_the_placement_once_when_the_budget_allows() {
+        use crate::jobs::NoProgress;
+        use crate::store::sim::SimStorage;
+        use crate::store::Storage;
+        let g = Geometry::new(2000 * 512, 512, 32, 25).unwrap_or_else(|e| panic!("{e}"));
+        let (n, m) = (g.sectors(), g.thin_sectors());
+        let inner = pdguard_core::placement::build(PlacementKind::Feistel, b"k", n, m)
+            .unwrap_or_else(|e| panic!("{e}"));
+        let p = Counting(&*inner, AtomicU64::new(0), AtomicU64::new(0));
+        let st = SimStorage::new(Vec::new());
+        let disk = |name: &str, len| st.create_thin(name, len).unwrap_or_else(|e| panic!("{e}"));
+        let (image, thin) = (disk("image", g.disk_bytes()), disk("thin", g.thin_bytes()));
+        let (slot_of, sector_of) = (
+            || p.1.load(Ordering::Relaxed),
+            || p.2.load(Ordering::Relaxed),
+        );
+        for (memory, mapped) in [(DEFAULT_MEMORY_BYTES, true), (8 * n, false)] {
+            let ctx = PassCtx {
+                geometry: g,
+                placement: &p,
+                cipher: None,
+                digest_key: None,
+                progress: &NoProgress,
+                memory_bytes: memory,
+            };
+            let w = Window::default();
+            let run = |f: &dyn Fn() -> Result<blake3::Hash>| {
+                let before = (slot_of(), sector_of());
+                f().unwrap_or_else(|e| panic!("{e}"));
+                (slot_of() - before.0, sector_of() - before.1)
+            };
+            // Each pass that uses or keeps a map probes pi three times.
+            let probes = if mapped { 3 } else { 0 };
+            let scatter = run(&|| w.scatter_plain(&ctx, &*image, &*thin));
+            assert_eq!(scatter, (n + probes, 0), "memory {memory}");
+            assert_eq!(w.lock().is_some(), mapped);
+            let gather = run(&|| w.gather_sealed(&ctx, &*thin, &*image));
+            let want = if mapped { (3, 0) } else { (0, m) };
+            assert_eq!(gather, want, "memory {memory}");
+            assert!(w.lock().is_none(), "a map outlived the pass that used it");
+            let scatter = run(&|| w.scatter_sealed(&ctx, &*image, &*thin));
+            assert_eq!(scatter, (probes, m), "memory {memory}");
+            let gather = run(&|| w.gather_plain(&ctx, &*thin, &*image));
+            let want = if mapped { (3, 0) } else { (n, 0) };
+            assert_eq!(gather, want, "memory {memory}");
+        }
     }
 
     #[test]
@@ -869,7 +1243,7 @@ mod tests {
     fn budget_stays_within_memory_above_the_floor() {
         let l = lay(8 << 20, 8 << 20, 512);
         let b = Budget::new(256 << 20, &l);
-        let plain = CHUNKS * b.chunk + (l.windows() as usize + IN_FLIGHT) * b.window_buf;
+        let plain = CHUNKS * b.chunk + (l.windows() as usize + b.in_flight) * b.window_buf;
         assert!(plain <= 256 << 20, "{b:?}");
         assert!(4 * b.slice * 512 <= 256 << 20, "{b:?}");
         assert_eq!(b.slice, l.window_slots(), "a window fits in one slice");
