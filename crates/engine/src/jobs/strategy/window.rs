@@ -19,18 +19,32 @@
 //!
 //! # Memory
 //!
-//! [`PassCtx::memory_bytes`] bounds the buffers of a pass (see [`Budget`]): plain passes
-//! keep one buffer per window plus a few chunks in flight, sealed passes four buffers of up
-//! to one window's region. A window larger than a quarter of the budget is moved in slices,
-//! reading its source once per slice. Below a floor of one sector per buffer (and a window in
-//! at most 64 slices) the budget is exceeded rather than the I/O made absurdly small.
+//! [`PassCtx::memory_bytes`] (`--memory`, default 256 MiB) bounds what a pass holds, however
+//! large the disk (see [`Budget`]):
+//! - a plain pass: one buffer of up to 256 KiB per window, a few MiB in flight, 1 MiB chunks;
+//! - a sealed pass: a window's source (up to a quarter of the budget, twice for read-ahead)
+//!   and a few 256 KiB writes in flight; a window larger than a quarter of the budget is
+//!   moved in slices, reading its source once per slice (at most 64 slices);
+//! - a map of `pi` (4 bytes a sector, 8 while it is regrouped) carried from a job's first
+//!   pass to its second, only when it fits in half the budget ([`SlotMap`]).
 //!
-//! # Threads
+//! Below a floor of one sector per buffer the budget is exceeded rather than the I/O made
+//! absurdly small.
+//!
+//! # Threads and I/O
 //!
 //! Each pass runs a reader thread, the calling thread (placement, cipher, reordering) and a
-//! writer thread, joined by bounded channels inside [`std::thread::scope`]; the BLAKE3
-//! digest is computed by whichever helper sees the bytes in image order. A pass adds no
-//! fsync: the job fsyncs the thin disk after a scatter and the image after a gather.
+//! writer thread, and a sealed pass a planner thread, joined by bounded channels inside
+//! [`std::thread::scope`]; the BLAKE3 digest is computed by whichever helper sees the bytes
+//! in image order. Buffers are small and recycled so that the bytes the kernel copies are
+//! still in the CPU cache. Windows fill at about the same rate, so their first flushes (and
+//! a plain gather's first read-aheads) are staggered to spread the I/O out.
+//!
+//! A pass adds no fsync: the job fsyncs the thin disk after a scatter and the image after a
+//! gather. The writer asks the kernel to start writing back each range it wrote
+//! ([`Disk::release`]), and a gather drops the thin disk's pages it has read: the device is
+//! kept busy during the pass instead of at the final fsync, and little page cache is left
+//! for the thin disk's deletion.
 
 use std::mem;
 use std::sync::mpsc::{channel, sync_channel, Receiver, Sender, SyncSender};
