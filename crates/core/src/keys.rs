@@ -143,7 +143,7 @@ impl SealKeys {
 
 /// The associated data of the key wrap: record version and disk identity.
 pub fn wrap_aad(rec: &SealRecord) -> Vec<u8> {
-    format!(
+    let mut aad = format!(
         "pdguard seal record v{}|seal {}|profile {}|placement {}|bytes {}|sector {}|word {}|sectors {}|slots {}",
         rec.version,
         rec.seal_id,
@@ -154,8 +154,15 @@ pub fn wrap_aad(rec: &SealRecord) -> Vec<u8> {
         rec.word_length,
         rec.sectors,
         rec.thin_sectors
-    )
-    .into_bytes()
+    );
+    // Version 2 binds the fields that change what the sealed bytes mean.
+    if rec.version >= 2 {
+        aad.push_str(&format!(
+            "|digest {}|keep-holes {}",
+            rec.digest, rec.keep_holes
+        ));
+    }
+    aad.into_bytes()
 }
 
 /// Wrap `data_key` and the [040] `seed` under `master`, bound to `aad`.

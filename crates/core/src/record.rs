@@ -17,13 +17,16 @@
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
+use crate::digest::DigestScheme;
 use crate::geometry::{Geometry, GeometryError};
 use crate::placement::PlacementKind;
 
 /// First word of every record file.
 pub const RECORD_MAGIC: &str = "PDGUARD-SEAL-RECORD";
 /// Version this build writes, and the newest it reads.
-pub const RECORD_VERSION: u32 = 1;
+/// Version 2 added `digest` (the `blake3-64k` scheme) and `keep_holes`; version 1 records
+/// are read as `digest: blake3`, `keep_holes: false`.
+pub const RECORD_VERSION: u32 = 2;
 /// Suffix of the record beside its image: `disk.img` -> `disk.img.pdguard`.
 pub const RECORD_SUFFIX: &str = ".pdguard";
 /// Records are small; anything larger is not one of ours.
@@ -143,6 +146,15 @@ pub struct SealRecord {
     pub phase: Phase,
     /// Path of the thin disk while a job runs.
     pub thin_path: String,
+    /// How `plain_digest` and `sealed_digest` are computed: `blake3-64k` (version 2) or
+    /// `blake3` (version 1 records, where the field is absent). See `digest.rs`.
+    #[serde(default = "legacy_digest")]
+    pub digest: String,
+    /// Secure profile: sectors of zeros stay zeros (not encrypted) so that holes stay holes;
+    /// leaks how many sectors are zero (`--keep-holes`). Always false in the patent profile,
+    /// where zeros stay zeros anyway.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub keep_holes: bool,
     /// BLAKE3 of the plaintext image, known from the end of seal scatter.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub plain_digest: Option<String>,
@@ -160,6 +172,11 @@ pub struct SealRecord {
     pub writer: String,
 }
 
+/// Records of version 1 have no `digest` field: they hash the whole image.
+fn legacy_digest() -> String {
+    DigestScheme::Whole.name().into()
+}
+
 impl SealRecord {
     /// The geometry this record describes.
     pub fn geometry(&self) -> Result<Geometry, GeometryError> {
@@ -173,6 +190,10 @@ impl SealRecord {
 
     pub fn placement_kind(&self) -> Option<PlacementKind> {
         PlacementKind::from_name(&self.placement)
+    }
+
+    pub fn digest_scheme(&self) -> Option<DigestScheme> {
+        DigestScheme::from_name(&self.digest)
     }
 
     /// Serialise with the checksummed header line.
@@ -242,6 +263,12 @@ impl SealRecord {
         if self.placement_kind().is_none() {
             return bad(format!("unknown placement {:?}", self.placement));
         }
+        if self.digest_scheme().is_none() {
+            return bad(format!("unknown digest scheme {:?}", self.digest));
+        }
+        if self.keep_holes && self.profile != Profile::Secure {
+            return bad("keep_holes outside the secure profile".into());
+        }
         match self.profile {
             Profile::Patent if self.seed.is_none() => {
                 return bad("patent profile without a seed".into())
@@ -292,6 +319,8 @@ mod tests {
             plain_digest: Some("ab".repeat(32)),
             sealed_digest: Some("cd".repeat(32)),
             sealed_fingerprint: Some("ef".repeat(32)),
+            digest: "blake3-64k".into(),
+            keep_holes: false,
             created_unix: 1,
             updated_unix: 2,
             writer: "pdguard test".into(),
@@ -341,11 +370,47 @@ mod tests {
     #[test]
     fn newer_version_is_named() {
         let mut r = sample();
-        r.version = 2;
+        r.version = RECORD_VERSION + 1;
         assert_eq!(
             SealRecord::decode(&r.encode()),
-            Err(RecordError::NewerVersion(2))
+            Err(RecordError::NewerVersion(RECORD_VERSION + 1))
         );
+    }
+
+    /// A version 1 record (no `digest`, no `keep_holes`) reads as the whole-image BLAKE3
+    /// digest without holes kept, which is what version 1 wrote.
+    #[test]
+    fn version_1_records_still_read() {
+        let mut r = sample();
+        r.version = 1;
+        let text = String::from_utf8(r.encode()).unwrap();
+        let (_, body) = text.split_once('\n').unwrap();
+        let mut v: serde_json::Value = serde_json::from_str(body).unwrap();
+        let obj = v.as_object_mut().unwrap();
+        obj.remove("digest");
+        obj.remove("keep_holes");
+        let body = serde_json::to_string_pretty(&v).unwrap() + "\n";
+        let sum = blake3::hash(body.as_bytes()).to_hex();
+        let old = format!("{RECORD_MAGIC} 1 {sum}\n{body}");
+        let got = SealRecord::decode(old.as_bytes()).unwrap();
+        assert_eq!(got.digest_scheme(), Some(DigestScheme::Whole));
+        assert!(!got.keep_holes);
+    }
+
+    #[test]
+    fn unknown_digest_and_misplaced_keep_holes_are_inconsistent() {
+        let mut r = sample();
+        r.digest = "md5".into();
+        assert!(matches!(
+            SealRecord::decode(&r.encode()),
+            Err(RecordError::Inconsistent(_))
+        ));
+        let mut r = sample();
+        r.keep_holes = true; // the sample is in the patent profile
+        assert!(matches!(
+            SealRecord::decode(&r.encode()),
+            Err(RecordError::Inconsistent(_))
+        ));
     }
 
     #[test]

@@ -254,9 +254,14 @@ fn bad_input_is_refused_and_changes_nothing() {
         "corrupt",
     );
     let newer = String::from_utf8(good.clone()).unwrap().replacen(
-        "PDGUARD-SEAL-RECORD 1 ",
+        "PDGUARD-SEAL-RECORD 2 ",
         "PDGUARD-SEAL-RECORD 9 ",
         1,
+    );
+    assert_ne!(
+        newer.as_bytes(),
+        &good[..],
+        "the record's version is not 2 any more"
     );
     fs::write(&rec, newer).unwrap();
     refused(&["image", "unseal", s(&img)], 1, "newer pdguard");
@@ -296,6 +301,18 @@ fn bad_input_is_refused_and_changes_nothing() {
     // Usage errors exit 2.
     let o = pdguard(&["image", "seal", s(&img), "--placement", "dice"]);
     assert_eq!(code(&o), 2);
+    refused(
+        &[
+            "image",
+            "seal",
+            s(&img),
+            "--profile",
+            "patent",
+            "--keep-holes",
+        ],
+        2,
+        "--keep-holes applies to --profile secure only",
+    );
     let o = pdguard(&["image", "seal"]);
     assert_eq!(code(&o), 2);
 }

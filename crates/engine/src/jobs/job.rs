@@ -4,6 +4,7 @@
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use pdguard_core::cipher::XtsAes256;
+use pdguard_core::digest::{DigestScheme, ImageHasher};
 use pdguard_core::keys::{self, DataKey, MasterKey};
 use pdguard_core::record::RECORD_VERSION;
 use pdguard_core::{
@@ -15,7 +16,7 @@ use zeroize::Zeroizing;
 use super::error::{JobError, Result};
 use super::strategy::{self, PassCtx, Strategy};
 use super::Progress;
-use crate::store::{Disk, Storage, StoreError};
+use crate::store::{Disk, Sparse, Storage, StoreError};
 
 /// How to seal an image that is not sealed yet.
 #[derive(Debug, Clone)]
@@ -32,6 +33,10 @@ pub struct SealOptions {
     /// Memory the passes may use for buffers (`--memory`); never changes the bytes and is
     /// not recorded.
     pub memory_bytes: u64,
+    /// Secure profile only (`--keep-holes`): sectors of zeros are not encrypted, so a sparse
+    /// disk stays sparse and seals in proportion to its data, at the price of revealing how
+    /// many of its sectors are zeros. The patent profile always keeps zeros as zeros.
+    pub keep_holes: bool,
 }
 
 impl Default for SealOptions {
@@ -45,6 +50,7 @@ impl Default for SealOptions {
             strategy: strategy::DEFAULT_STRATEGY.into(),
             master_key: None,
             memory_bytes: strategy::DEFAULT_MEMORY_BYTES,
+            keep_holes: false,
         }
     }
 }
@@ -142,7 +148,14 @@ pub fn verify(
     let image = storage.open_image(false).map_err(store_err)?;
     check_size(storage, &rec, &*image)?;
     progress.pass("verify", rec.image_bytes);
-    let digest = hash_image(&*image, rec.image_bytes, progress).map_err(store_err)?;
+    let scheme = rec.digest_scheme().ok_or_else(|| JobError::Record {
+        record: storage.record_name(),
+        source: pdguard_core::RecordError::Inconsistent(format!(
+            "unknown digest scheme {:?}",
+            rec.digest
+        )),
+    })?;
+    let digest = hash_image(&*image, scheme, progress).map_err(store_err)?;
     let expected = rec.sealed_digest.clone().unwrap_or_default();
     if digest != expected {
         return Err(JobError::Verification {
@@ -156,16 +169,29 @@ pub fn verify(
     })
 }
 
-fn hash_image(image: &dyn Disk, len: u64, progress: &dyn Progress) -> Result<String, StoreError> {
-    let mut hasher = blake3::Hasher::new();
+/// The sealed digest of `image`, reading only its data ranges.
+fn hash_image(
+    image: &dyn Disk,
+    scheme: DigestScheme,
+    progress: &dyn Progress,
+) -> Result<String, StoreError> {
+    let mut hasher = ImageHasher::new(scheme, None);
     let mut buf = vec![0u8; 1 << 20];
-    let mut off = 0;
-    while off < len {
-        let n = (len - off).min(buf.len() as u64) as usize;
-        image.read_at(&mut buf[..n], off)?;
-        hasher.update(&buf[..n]);
-        progress.advance(n as u64);
-        off += n as u64;
+    let map = image.data_map()?;
+    for (r, data) in map.pieces(0, map.len()) {
+        if !data {
+            hasher.update_zeros(r.end - r.start);
+            progress.advance(r.end - r.start);
+            continue;
+        }
+        let mut off = r.start;
+        while off < r.end {
+            let n = (r.end - off).min(buf.len() as u64) as usize;
+            image.read_at(&mut buf[..n], off)?;
+            hasher.update(&buf[..n]);
+            progress.advance(n as u64);
+            off += n as u64;
+        }
     }
     Ok(hasher.finalize().to_hex().to_string())
 }
@@ -373,6 +399,11 @@ fn fresh_seal(
             image: storage.image_name(),
         });
     }
+    if opts.keep_holes && opts.profile != Profile::Secure {
+        return Err(JobError::Unsupported(
+            "--keep-holes applies to the secure profile only (the patent profile never encrypts, so its holes stay holes anyway); drop it or use --profile secure".into(),
+        ));
+    }
     let Some(strategy) = strategy::by_name(&opts.strategy) else {
         return Err(JobError::Unsupported(format!(
             "unknown strategy {:?}; choose one of: {}",
@@ -421,6 +452,8 @@ fn fresh_seal(
         plain_digest: None,
         sealed_digest: None,
         sealed_fingerprint: None,
+        digest: DigestScheme::DEFAULT.name().into(),
+        keep_holes: opts.keep_holes,
         created_unix: t,
         updated_unix: t,
         writer: concat!("pdguard ", env!("CARGO_PKG_VERSION")).into(),
@@ -466,6 +499,7 @@ struct Job<'a> {
     placement: Box<dyn Placement>,
     strategy: Box<dyn Strategy>,
     keys: Keys,
+    digest: DigestScheme,
     /// The command the user ran: `seal` or `unseal`.
     command: &'static str,
     memory_bytes: u64,
@@ -584,6 +618,9 @@ impl<'a> Job<'a> {
         let kind = rec
             .placement_kind()
             .ok_or_else(|| record_err(format!("unknown placement {:?}", rec.placement)))?;
+        let digest = rec
+            .digest_scheme()
+            .ok_or_else(|| record_err(format!("unknown digest scheme {:?}", rec.digest)))?;
         let placement = placement::build(
             kind,
             &keys.placement_key,
@@ -603,6 +640,7 @@ impl<'a> Job<'a> {
             placement,
             strategy,
             keys,
+            digest,
             command,
             memory_bytes,
         })
@@ -626,6 +664,8 @@ impl<'a> Job<'a> {
                 .as_ref()
                 .map(|c| c as &dyn pdguard_core::cipher::SectorCipher),
             digest_key: self.keys.digest_key,
+            digest: self.digest,
+            keep_holes: self.rec.keep_holes,
             progress: self.progress,
             memory_bytes: self.memory_bytes,
         }
@@ -633,6 +673,11 @@ impl<'a> Job<'a> {
 
     fn image_name(&self) -> String {
         self.storage.image_name()
+    }
+
+    /// `disk` as a pass sees it: holes not read, zeros not written into them.
+    fn sparse<'d>(&self, disk: &'d dyn Disk) -> Result<Sparse<'d>, StoreError> {
+        Sparse::new(disk, self.geometry.sector_size().into())
     }
 
     fn action(&self) -> &'static str {
@@ -736,9 +781,8 @@ impl<'a> Job<'a> {
                 let thin = job
                     .storage
                     .create_thin(&thin_path, job.geometry.thin_bytes())?;
-                let h = job
-                    .strategy
-                    .scatter_plain(&job.ctx(), &*job.image, &*thin)?;
+                let (image, thin) = (job.sparse(&*job.image)?, job.sparse(&*thin)?);
+                let h = job.strategy.scatter_plain(&job.ctx(), &image, &thin)?;
                 thin.sync()?;
                 Ok(h)
             };
@@ -797,8 +841,9 @@ impl<'a> Job<'a> {
         let thin = self.open_thin()?;
         self.progress.pass("gather", self.geometry.disk_bytes());
         let digest = self
-            .strategy
-            .gather_sealed(&self.ctx(), &*thin, &*self.image)
+            .sparse(&*thin)
+            .and_then(|t| Ok((t, self.sparse(&*self.image)?)))
+            .and_then(|(t, i)| self.strategy.gather_sealed(&self.ctx(), &t, &i))
             .and_then(|d| self.image.sync().map(|()| d))
             .and_then(|d| Ok((d, self.fingerprint()?)))
             .map_err(|e| self.interrupted(e));
@@ -828,9 +873,8 @@ impl<'a> Job<'a> {
             let thin = self
                 .storage
                 .create_thin(&thin_path, self.geometry.thin_bytes())?;
-            let h = self
-                .strategy
-                .scatter_sealed(&self.ctx(), &*self.image, &*thin)?;
+            let (image, thin) = (self.sparse(&*self.image)?, self.sparse(&*thin)?);
+            let h = self.strategy.scatter_sealed(&self.ctx(), &image, &thin)?;
             thin.sync()?;
             Ok(h)
         };
@@ -874,8 +918,9 @@ impl<'a> Job<'a> {
         let thin = self.open_thin()?;
         self.progress.pass("gather", self.geometry.disk_bytes());
         let digest = self
-            .strategy
-            .gather_plain(&self.ctx(), &*thin, &*self.image)
+            .sparse(&*thin)
+            .and_then(|t| Ok((t, self.sparse(&*self.image)?)))
+            .and_then(|(t, i)| self.strategy.gather_plain(&self.ctx(), &t, &i))
             .and_then(|d| self.image.sync().map(|()| d))
             .map_err(|e| self.interrupted(e))?
             .to_hex()

@@ -10,7 +10,7 @@ use rand::{Rng, SeedableRng};
 use super::strategy::{Direct, PassCtx, Strategy};
 use super::*;
 use crate::store::sim::{Fault, SimStorage};
-use crate::store::Storage;
+use crate::store::{Sparse, Storage};
 
 /// An image whose sectors each begin with their own index as a tag, the rest random.
 fn tagged_image(sectors: u64, sector: usize, rng: &mut StdRng) -> Vec<u8> {
@@ -20,6 +20,29 @@ fn tagged_image(sectors: u64, sector: usize, rng: &mut StdRng) -> Vec<u8> {
         s[..8].copy_from_slice(&(i as u64).to_le_bytes());
     }
     img
+}
+
+/// [`tagged_image`] with holes: about half of its 4 KiB blocks and a fifth of the other
+/// sectors are zeros, so that every pass meets holes, zero sectors in data ranges, and data.
+fn holey_image(sectors: u64, sector: usize, rng: &mut StdRng) -> Vec<u8> {
+    let mut img = tagged_image(sectors, sector, rng);
+    for block in img.chunks_mut(4096) {
+        if rng.gen_bool(0.5) {
+            block.fill(0);
+        }
+    }
+    for s in img.chunks_exact_mut(sector) {
+        if rng.gen_bool(0.2) {
+            s.fill(0);
+        }
+    }
+    img
+}
+
+fn zero_sectors(img: &[u8], sector: usize) -> usize {
+    img.chunks_exact(sector)
+        .filter(|s| s.iter().all(|&b| b == 0))
+        .count()
 }
 
 fn master() -> MasterKey {
@@ -62,6 +85,9 @@ fn fig2_of_the_patent_through_scatter_and_gather() {
         placement: &placement,
         cipher: None,
         digest_key: None,
+        // The version 1 scheme: the sealed digest is plain BLAKE3 of the sealed image.
+        digest: pdguard_core::digest::DigestScheme::Whole,
+        keep_holes: false,
         progress: &NoProgress,
         memory_bytes: strategy::DEFAULT_MEMORY_BYTES,
     };
@@ -530,8 +556,14 @@ impl Pass<'_> {
         let image = self.storage.create_thin("image", g.disk_bytes()).unwrap();
         image.write_at(img, 0).unwrap();
         let thin = self.storage.create_thin("thin", g.thin_bytes()).unwrap();
-        let plain = first.scatter_plain(&self.ctx, &*image, &*thin).unwrap();
-        let sealed = then.gather_sealed(&self.ctx, &*thin, &*image).unwrap();
+        let s = u64::from(g.sector_size());
+        let sparse = |d| Sparse::new(d, s).unwrap();
+        let plain = first
+            .scatter_plain(&self.ctx, &sparse(&*image), &sparse(&*thin))
+            .unwrap();
+        let sealed = then
+            .gather_sealed(&self.ctx, &sparse(&*thin), &sparse(&*image))
+            .unwrap();
         (
             read_all(&*thin, g.thin_bytes()),
             read_all(&*image, g.disk_bytes()),
@@ -550,8 +582,14 @@ impl Pass<'_> {
         let image = self.storage.create_thin("image", g.disk_bytes()).unwrap();
         image.write_at(sealed, 0).unwrap();
         let thin = self.storage.create_thin("thin", g.thin_bytes()).unwrap();
-        let s = first.scatter_sealed(&self.ctx, &*image, &*thin).unwrap();
-        let p = then.gather_plain(&self.ctx, &*thin, &*image).unwrap();
+        let sz = u64::from(g.sector_size());
+        let sparse = |d| Sparse::new(d, sz).unwrap();
+        let s = first
+            .scatter_sealed(&self.ctx, &sparse(&*image), &sparse(&*thin))
+            .unwrap();
+        let p = then
+            .gather_plain(&self.ctx, &sparse(&*thin), &sparse(&*image))
+            .unwrap();
         (
             read_all(&*thin, g.thin_bytes()),
             read_all(&*image, g.disk_bytes()),
@@ -576,16 +614,43 @@ fn window_equals_direct(
     (sector, sectors, slack): (u32, u64, u32),
     rng: &mut StdRng,
 ) {
+    for (holes, keep_holes) in [(false, false), (true, false), (true, secure)] {
+        window_equals_direct_on(
+            kind,
+            secure,
+            keep_holes,
+            holes,
+            (sector, sectors, slack),
+            rng,
+        );
+    }
+}
+
+/// [`window_equals_direct`] on one image: dense or with holes, zeros kept or encrypted.
+fn window_equals_direct_on(
+    kind: PlacementKind,
+    secure: bool,
+    keep_holes: bool,
+    holes: bool,
+    (sector, sectors, slack): (u32, u64, u32),
+    rng: &mut StdRng,
+) {
     let g = Geometry::new(sectors * u64::from(sector), sector, 32, slack).unwrap();
     let key: [u8; 32] = rng.gen();
     let p = placement::build(kind, &key, g.sectors(), g.thin_sectors()).unwrap();
     let xts = XtsAes256::new(&[0x5a; 64]);
-    let img = tagged_image(sectors, sector as usize, rng);
+    let img = if holes {
+        holey_image(sectors, sector as usize, rng)
+    } else {
+        tagged_image(sectors, sector as usize, rng)
+    };
     let ctx = |memory_bytes| PassCtx {
         geometry: g,
         placement: &*p,
         cipher: secure.then_some(&xts as &dyn SectorCipher),
         digest_key: secure.then_some([9; 32]),
+        digest: pdguard_core::digest::DigestScheme::DEFAULT,
+        keep_holes,
         progress: &NoProgress,
         memory_bytes,
     };
@@ -594,9 +659,19 @@ fn window_equals_direct(
         storage: SimStorage::new(Vec::new()),
     };
     let (_, want_sealed, want_digests) = direct.seal(&Direct, &Direct, &img);
-    let what = format!("{kind:?} secure={secure} S={sector} N={sectors} slack={slack}");
+    let what = format!(
+        "{kind:?} secure={secure} keep_holes={keep_holes} holes={holes} S={sector} N={sectors} slack={slack}"
+    );
     if sectors > 8 {
         assert_ne!(want_sealed, img, "{what}: direct did not seal");
+    }
+    // Zeros stay zeros in the patent profile and with keep_holes; the secure profile
+    // otherwise leaves no sector of zeros.
+    let zeros = zero_sectors(&want_sealed, sector as usize);
+    if secure && !keep_holes {
+        assert_eq!(zeros, 0, "{what}: a zero sector was not encrypted");
+    } else {
+        assert_eq!(zeros, zero_sectors(&img, sector as usize), "{what}");
     }
     // One object for both passes may carry pi from the first to the second (a job); two
     // objects may not (a job resumed after a crash).
@@ -663,6 +738,8 @@ fn window_thin_disk_is_packed_by_sector_index_in_each_window() {
             placement: &*p,
             cipher: Some(&xts),
             digest_key: None,
+            digest: pdguard_core::digest::DigestScheme::DEFAULT,
+            keep_holes: false,
             progress: &NoProgress,
             memory_bytes: 8 << 10,
         },
@@ -875,6 +952,8 @@ fn fig2_of_the_patent_through_the_window_strategy() {
                 placement: &placement,
                 cipher: None,
                 digest_key: None,
+                digest: pdguard_core::digest::DigestScheme::DEFAULT,
+                keep_holes: false,
                 progress: &NoProgress,
                 memory_bytes: DEFAULT_MEMORY_BYTES,
             },
@@ -896,4 +975,147 @@ fn fig2_of_the_patent_through_the_window_strategy() {
         assert!(thin2 == want_thin);
         assert_eq!(plain, x.concat());
     }
+}
+
+fn crash_everywhere_holey(o: SealOptions, sector: usize, seed: u64) {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let img = holey_image(24, sector, &mut rng);
+    assert!(zero_sectors(&img, sector) > 0 && zero_sectors(&img, sector) < 24);
+    for sealed_first in [false, true] {
+        let total = steps_of(&img, &o, sealed_first);
+        for step in 1..=total {
+            for fault in [Fault::Crash, Fault::Eio, Fault::NoSpace] {
+                for then in [Then::Seal, Then::Unseal] {
+                    crash_case(&img, &o, sealed_first, step, fault, then, &mut rng);
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn crash_or_fault_at_every_step_loses_nothing_with_holes_patent_profile() {
+    // Zero sectors are skipped over holes, so the number of steps depends on the data; a
+    // resumed pass must still find every sector.
+    crash_everywhere_holey(opts(PlacementKind::Feistel, 512, 50), 512, 70);
+    crash_everywhere_holey(
+        with_strategy(opts(PlacementKind::Patent, 512, 0), "direct", 1),
+        512,
+        71,
+    );
+}
+
+#[test]
+fn crash_or_fault_at_every_step_loses_nothing_with_holes_kept_secure_profile() {
+    let keep = |o: SealOptions| SealOptions {
+        keep_holes: true,
+        ..o
+    };
+    crash_everywhere_holey(keep(secure(PlacementKind::Feistel, 512, 0)), 512, 72);
+    crash_everywhere_holey(
+        keep(with_strategy(
+            secure(PlacementKind::Feistel, 4096, 50),
+            "window",
+            1,
+        )),
+        4096,
+        73,
+    );
+}
+
+#[test]
+fn keep_holes_is_recorded_and_refused_outside_the_secure_profile() {
+    let mut rng = StdRng::seed_from_u64(74);
+    let img = holey_image(300, 512, &mut rng);
+    let s = SimStorage::new(img.clone());
+    let o = SealOptions {
+        keep_holes: true,
+        ..secure(PlacementKind::Feistel, 512, 0)
+    };
+    let r = seal(&s, &o, &NoProgress).unwrap();
+    assert!(r.record.keep_holes);
+    assert_eq!(r.record.digest, "blake3-64k");
+    assert_eq!(r.record.version, pdguard_core::record::RECORD_VERSION);
+    assert_eq!(zero_sectors(&s.image(), 512), zero_sectors(&img, 512));
+    verify(&s, None, &NoProgress).unwrap();
+    unseal(&s, o.master_key.as_ref(), &NoProgress).unwrap();
+    assert!(s.image() == img);
+
+    // The patent profile has nothing to keep: refused, nothing changed.
+    let s = SimStorage::new(img.clone());
+    let o = SealOptions {
+        keep_holes: true,
+        ..opts(PlacementKind::Feistel, 512, 0)
+    };
+    let e = seal(&s, &o, &NoProgress).unwrap_err();
+    assert!(e.to_string().contains("--keep-holes"), "{e}");
+    assert!(s.image() == img && s.record().is_none() && s.thin_count() == 0);
+}
+
+#[test]
+fn a_mostly_empty_disk_seals_and_unseals_in_proportion_to_its_data() {
+    // 4 MiB with 96 KiB of data in three places: the passes must not read the holes nor
+    // write zeros into them. Without sparseness each pass would read and write 4 MiB.
+    let mut rng = StdRng::seed_from_u64(75);
+    let sectors = 8192u64;
+    let mut img = vec![0u8; sectors as usize * 512];
+    for start in [0usize, 1 << 20, 3 << 20] {
+        rng.fill(&mut img[start..start + (32 << 10)]);
+    }
+    let data = 96u64 << 10;
+    let keep = SealOptions {
+        keep_holes: true,
+        ..secure(PlacementKind::Feistel, 512, 0)
+    };
+    for (what, o) in [
+        ("patent", opts(PlacementKind::Feistel, 512, 0)),
+        ("patent slack", opts(PlacementKind::Feistel, 512, 25)),
+        ("secure keep-holes", keep),
+        (
+            "patent direct",
+            with_strategy(opts(PlacementKind::Feistel, 512, 0), "direct", 1),
+        ),
+    ] {
+        let s = SimStorage::new(img.clone());
+        seal(&s, &o, &NoProgress).unwrap();
+        let (read, written) = s.io_bytes();
+        // Scatter reads the data and writes it; gather reads it back (the thin disk's data
+        // ranges, in 4 KiB blocks) and writes it, plus zeros over the original's data.
+        // `direct` scatters 512-byte sectors over the thin disk, so its gather reads up to
+        // one 4 KiB block per data sector.
+        let read_bound = if what.ends_with("direct") { 10 } else { 3 };
+        assert!(read <= read_bound * data, "{what}: seal read {read} bytes");
+        assert!(written <= 3 * data, "{what}: seal wrote {written} bytes");
+        let sealed = s.image();
+        unseal(&s, o.master_key.as_ref(), &NoProgress).unwrap();
+        assert!(s.image() == img, "{what}: not bit-exact");
+        let (read2, written2) = s.io_bytes();
+        // The sealed data is spread over the image in 512-byte sectors, so its 4 KiB blocks
+        // hold up to 8 times the data (the sim reports holes per 4 KiB like a file system).
+        let sealed_blocks = sealed
+            .chunks(4096)
+            .filter(|b| b.iter().any(|&x| x != 0))
+            .count() as u64
+            * 4096;
+        // `direct` reads the thin disk sector by sector, in its scattered layout.
+        let sealed_blocks = if what.ends_with("direct") {
+            2 * sealed_blocks
+        } else {
+            sealed_blocks
+        };
+        assert!(
+            read2 - read <= sealed_blocks + 2 * data,
+            "{what}: unseal read {} bytes",
+            read2 - read
+        );
+        assert!(
+            written2 - written <= sealed_blocks + 2 * data,
+            "{what}: unseal wrote {} bytes",
+            written2 - written
+        );
+    }
+    // The secure profile without keep_holes encrypts the holes: all of it is written.
+    let s = SimStorage::new(img.clone());
+    seal(&s, &secure(PlacementKind::Feistel, 512, 0), &NoProgress).unwrap();
+    assert!(s.io_bytes().1 >= 2 * sectors * 512);
 }

@@ -6,7 +6,7 @@ use std::os::unix::fs::{FileExt, FileTypeExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use super::{Disk, Result, Storage, StoreError};
+use super::{DataMap, Disk, Result, Storage, StoreError};
 
 /// Suffix of a thin disk's file name.
 pub const THIN_SUFFIX: &str = ".pdguard-thin";
@@ -55,6 +55,12 @@ impl FileDisk {
     }
 }
 
+impl FileDisk {
+    fn map_error(&self, e: rustix::io::Errno) -> StoreError {
+        StoreError::io("find the holes of", &self.what, e.into())
+    }
+}
+
 impl Disk for FileDisk {
     fn len(&self) -> u64 {
         self.len
@@ -75,6 +81,33 @@ impl Disk for FileDisk {
     fn sync(&self) -> Result<()> {
         self.check()?;
         self.poison(self.file.sync_all(), "fsync", None)
+    }
+
+    /// `lseek(SEEK_DATA)` and `lseek(SEEK_HOLE)` from the start to the end. A file system or
+    /// device that does not support them (`EINVAL`, `EOPNOTSUPP`, ...) is all data, which is
+    /// always safe; only an I/O error is an error.
+    fn data_map(&self) -> Result<DataMap> {
+        use rustix::fs::{seek, SeekFrom};
+        use rustix::io::Errno;
+        self.check()?;
+        let mut ranges = Vec::new();
+        let mut off = 0;
+        while off < self.len {
+            let start = match seek(&self.file, SeekFrom::Data(off)) {
+                Ok(p) => p,
+                Err(Errno::NXIO) => break,
+                Err(Errno::IO) => return Err(self.map_error(Errno::IO)),
+                Err(_) => return Ok(DataMap::full(self.len)),
+            };
+            let end = match seek(&self.file, SeekFrom::Hole(start)) {
+                Ok(p) => p.max(start + 1),
+                Err(Errno::IO) => return Err(self.map_error(Errno::IO)),
+                Err(_) => return Ok(DataMap::full(self.len)),
+            };
+            ranges.push(start..end);
+            off = end;
+        }
+        Ok(DataMap::from_ranges(self.len, ranges))
     }
 
     /// `posix_fadvise(DONTNEED)`: Linux starts writeback of the dirty pages of the range

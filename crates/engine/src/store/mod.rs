@@ -6,6 +6,7 @@
 
 pub mod file;
 pub mod sim;
+mod sparse;
 
 use std::io;
 
@@ -68,7 +69,15 @@ pub trait Disk: Send + Sync {
     /// from the page cache once clean, so that a long pass keeps the device busy instead of
     /// leaving gigabytes for `sync` (and the thin disk's `unlink`) at the end. Default: nothing.
     fn release(&self, _offset: u64, _len: u64) {}
+    /// Which bytes may hold data now (`SEEK_DATA`/`SEEK_HOLE`); everything else is a hole
+    /// and reads as zeros. Conservative: a range not known to be a hole is data. Default:
+    /// all of it.
+    fn data_map(&self) -> Result<DataMap> {
+        Ok(DataMap::full(self.len()))
+    }
 }
+
+pub use sparse::{DataMap, Sparse};
 
 /// Everything one job touches: the image, its thin disk and its seal record.
 pub trait Storage {

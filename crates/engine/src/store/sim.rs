@@ -15,7 +15,11 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use rand::Rng;
 
-use super::{Disk, Result, Storage, StoreError};
+use super::{DataMap, Disk, Result, Storage, StoreError};
+
+/// The sim reports holes by content: any 4 KiB block of zeros, as a file system would after
+/// `fallocate(PUNCH_HOLE)` of every zero block. Sound: a reported hole reads as zeros.
+const HOLE_GRAIN: usize = 4096;
 
 /// What goes wrong at the armed step.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -67,6 +71,9 @@ struct Inner {
     fault: Option<(u64, Fault)>,
     dead: bool,
     free: u64,
+    /// Bytes read and written through disks (image and thin disks), for tests of sparseness.
+    read_bytes: u64,
+    written_bytes: u64,
 }
 
 impl Inner {
@@ -169,6 +176,12 @@ impl SimStorage {
         lock(&self.inner).record.clone()
     }
 
+    /// Bytes read and written through disks since this storage was made.
+    pub fn io_bytes(&self) -> (u64, u64) {
+        let g = lock(&self.inner);
+        (g.read_bytes, g.written_bytes)
+    }
+
     /// How many thin disks exist now.
     pub fn thin_count(&self) -> usize {
         lock(&self.inner).thins.len()
@@ -262,6 +275,7 @@ impl Disk for SimDisk {
             |g| {
                 let f = g.file(&self.which).ok_or_else(|| self.gone())?;
                 buf.copy_from_slice(&f.data[r]);
+                g.read_bytes += buf.len() as u64;
                 Ok(())
             },
             false,
@@ -275,10 +289,23 @@ impl Disk for SimDisk {
                 let f = g.file(&self.which).ok_or_else(|| self.gone())?;
                 f.data[r.clone()].copy_from_slice(buf);
                 f.pending.push((r.start, buf.to_vec()));
+                g.written_bytes += buf.len() as u64;
                 Ok(())
             },
             true,
         )
+    }
+
+    fn data_map(&self) -> Result<DataMap> {
+        let mut g = lock(&self.inner);
+        let f = g.file(&self.which).ok_or_else(|| self.gone())?;
+        let ranges = f
+            .data
+            .chunks(HOLE_GRAIN)
+            .enumerate()
+            .filter(|(_, b)| !pdguard_core::digest::is_zero(b))
+            .map(|(k, _)| (k * HOLE_GRAIN) as u64..((k + 1) * HOLE_GRAIN) as u64);
+        Ok(DataMap::from_ranges(self.len, ranges))
     }
 
     fn sync(&self) -> Result<()> {

@@ -115,6 +115,11 @@ pub struct SealArgs {
     /// How bytes are moved; never changes the result.
     #[arg(long, default_value = "window")]
     pub strategy: String,
+    /// Secure profile: leave sectors of zeros unencrypted, so that a sparse image stays
+    /// sparse and seals in proportion to its data. Reveals how many sectors are zeros (not
+    /// which: they are moved like the rest). The patent profile always keeps holes.
+    #[arg(long)]
+    pub keep_holes: bool,
     #[command(flatten)]
     pub memory: MemoryArg,
 }
@@ -200,6 +205,11 @@ fn storage(t: &Target) -> Result<ImageStorage, CliError> {
 }
 
 fn seal(a: &SealArgs, cli: &Cli) -> Result<(), CliError> {
+    if a.keep_holes && matches!(a.profile, ProfileArg::Patent) {
+        return Err(CliError::Usage(
+            "--keep-holes applies to --profile secure only: the patent profile never encrypts, so its holes stay holes anyway; drop --keep-holes".into(),
+        ));
+    }
     let st = storage(&a.target)?;
     let opts = SealOptions {
         profile: match a.profile {
@@ -221,6 +231,7 @@ fn seal(a: &SealArgs, cli: &Cli) -> Result<(), CliError> {
             ProfileArg::Patent => None,
         },
         memory_bytes: a.memory.bytes,
+        keep_holes: a.keep_holes,
     };
     let bar = Bar::new(cli.quiet);
     let t0 = Instant::now();
@@ -256,6 +267,8 @@ fn report(command: &str, image: &Path, r: &JobReport, t0: Instant, cli: &Cli) {
             "sector_size": rec.sector_size,
             "sectors": rec.sectors,
             "thin_sectors": rec.thin_sectors,
+            "keep_holes": rec.keep_holes,
+            "digest": rec.digest,
             "plain_digest": rec.plain_digest,
             "sealed_digest": rec.sealed_digest,
             "seconds": secs,

@@ -31,9 +31,7 @@ impl Strategy for Direct {
             hasher.update(chunk);
             for (k, sector) in chunk.chunks_exact_mut(s).enumerate() {
                 let slot = ctx.placement.slot_of(i + k as u64);
-                if let Some(c) = ctx.cipher {
-                    c.encrypt(slot, sector);
-                }
+                ctx.encrypt(slot, sector);
                 thin.write_at(sector, g.offset(slot))?;
             }
             ctx.progress.advance(chunk.len() as u64);
@@ -48,7 +46,7 @@ impl Strategy for Direct {
         thin: &dyn Disk,
         image: &dyn Disk,
     ) -> Result<blake3::Hash> {
-        let mut out = SequentialWriter::new(ctx, image, blake3::Hasher::new());
+        let mut out = SequentialWriter::new(ctx, image, ctx.sealed_hasher());
         let mut inbuf = vec![0u8; ctx.chunk_sectors() as usize * ctx.sector()];
         let g = ctx.geometry;
         let mut slot = 0;
@@ -77,7 +75,7 @@ impl Strategy for Direct {
         thin: &dyn Disk,
     ) -> Result<blake3::Hash> {
         let (g, s) = (ctx.geometry, ctx.sector());
-        let mut hasher = blake3::Hasher::new();
+        let mut hasher = ctx.sealed_hasher();
         let mut buf = vec![0u8; ctx.chunk_sectors() as usize * s];
         let mut slots = (0..g.thin_sectors()).filter(|&t| ctx.placement.sector_of(t).is_some());
         let mut j = 0;
@@ -110,9 +108,7 @@ impl Strategy for Direct {
         for i in 0..ctx.geometry.sectors() {
             let slot = ctx.placement.slot_of(i);
             thin.read_at(&mut sector, ctx.geometry.offset(slot))?;
-            if let Some(c) = ctx.cipher {
-                c.decrypt(slot, &mut sector);
-            }
+            ctx.decrypt(slot, &mut sector);
             out.push(&sector)?;
         }
         out.finish()

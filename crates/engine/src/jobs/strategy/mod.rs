@@ -35,6 +35,7 @@ use pdguard_core::{Geometry, Placement};
 use super::Progress;
 use crate::store::{Disk, Result};
 use pdguard_core::cipher::SectorCipher;
+use pdguard_core::digest::{is_zero, DigestScheme, ImageHasher};
 
 /// Default memory budget of a pass (`--memory`): buffers, windows and read-ahead together.
 pub const DEFAULT_MEMORY_BYTES: u64 = 256 << 20;
@@ -52,6 +53,11 @@ pub struct PassCtx<'a> {
     pub cipher: Option<&'a dyn SectorCipher>,
     /// Keys the plaintext digest in the secure profile.
     pub digest_key: Option<[u8; 32]>,
+    /// How the passes' digests are computed (the record's `digest`).
+    pub digest: DigestScheme,
+    /// Secure profile with `--keep-holes`: sectors of zeros are neither encrypted nor
+    /// decrypted, so they stay zeros (and holes stay holes).
+    pub keep_holes: bool,
     pub progress: &'a dyn Progress,
     /// Memory a pass may use for its buffers, in bytes (`--memory`). Changes how bytes are
     /// moved (buffer and I/O sizes), never where they go: the layout depends only on the
@@ -61,10 +67,32 @@ pub struct PassCtx<'a> {
 
 impl PassCtx<'_> {
     /// The hasher of the plaintext digest: keyed in the secure profile.
-    fn plain_hasher(&self) -> blake3::Hasher {
-        match &self.digest_key {
-            Some(k) => blake3::Hasher::new_keyed(k),
-            None => blake3::Hasher::new(),
+    fn plain_hasher(&self) -> ImageHasher {
+        ImageHasher::new(self.digest, self.digest_key.as_ref())
+    }
+
+    /// The hasher of the sealed image's digest: never keyed (anyone may verify it).
+    fn sealed_hasher(&self) -> ImageHasher {
+        ImageHasher::new(self.digest, None)
+    }
+
+    /// `E`: encrypt one sector in place for thin slot `slot` (nothing in the patent profile;
+    /// nothing for a sector of zeros with `keep_holes`).
+    fn encrypt(&self, slot: u64, sector: &mut [u8]) {
+        if let Some(c) = self.cipher {
+            if !(self.keep_holes && is_zero(sector)) {
+                c.encrypt(slot, sector);
+            }
+        }
+    }
+
+    /// `D`, the inverse of [`encrypt`](Self::encrypt). With `keep_holes`, a sealed sector of
+    /// zeros is a hole: its ciphertext would be all zeros with probability `2^-(8 S)`.
+    fn decrypt(&self, slot: u64, sector: &mut [u8]) {
+        if let Some(c) = self.cipher {
+            if !(self.keep_holes && is_zero(sector)) {
+                c.decrypt(slot, sector);
+            }
         }
     }
 
@@ -126,11 +154,11 @@ struct SequentialWriter<'a> {
     image: &'a dyn Disk,
     buf: Vec<u8>,
     next: u64,
-    hasher: blake3::Hasher,
+    hasher: ImageHasher,
 }
 
 impl<'a> SequentialWriter<'a> {
-    fn new(ctx: &'a PassCtx<'a>, image: &'a dyn Disk, hasher: blake3::Hasher) -> Self {
+    fn new(ctx: &'a PassCtx<'a>, image: &'a dyn Disk, hasher: ImageHasher) -> Self {
         Self {
             ctx,
             image,

@@ -52,6 +52,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::{self, Scope, ScopedJoinHandle};
 use std::time::Instant;
 
+use pdguard_core::digest::ImageHasher;
 use pdguard_core::{Geometry, Placement};
 
 use super::{PassCtx, Strategy};
@@ -348,7 +349,7 @@ fn read_sequential(
     depth: usize,
     back: Receiver<Vec<u8>>,
     out: SyncSender<Vec<u8>>,
-    mut hasher: Option<blake3::Hasher>,
+    mut hasher: Option<ImageHasher>,
 ) -> Result<Option<blake3::Hash>> {
     let mut made = 0;
     let mut off = 0;
@@ -377,7 +378,7 @@ fn write_jobs(
     disk: &dyn Disk,
     jobs: Receiver<(u64, Vec<u8>)>,
     back: Sender<Vec<u8>>,
-    mut hasher: Option<blake3::Hasher>,
+    mut hasher: Option<ImageHasher>,
 ) -> Result<Option<blake3::Hash>> {
     let mut behind = WriteBehind::default();
     for (off, buf) in jobs {
@@ -603,9 +604,7 @@ fn scatter_main(
             }
             let at = buf.len();
             buf.extend_from_slice(sector);
-            if let Some(c) = ctx.cipher {
-                c.encrypt(slot, &mut buf[at..]);
-            }
+            ctx.encrypt(slot, &mut buf[at..]);
             if buf.len() >= limit[w] {
                 limit[w] = b.window_buf;
                 let mut fresh = spare(&pool, &mut made, b.in_flight, b.window_buf)?;
@@ -760,9 +759,7 @@ fn gather_main(
             let sector = streams.next(lay.window_of(slot))?;
             let at = out.len();
             out.extend_from_slice(sector);
-            if let Some(c) = ctx.cipher {
-                c.decrypt(slot, &mut out[at..]);
-            }
+            ctx.decrypt(slot, &mut out[at..]);
         }
         ctx.progress.advance(out.len() as u64);
         jobs.send((ctx.geometry.offset(i), out))
@@ -954,7 +951,7 @@ fn read_plans(
     plans: Receiver<Arc<Plan>>,
     back: Receiver<Vec<u8>>,
     out: SyncSender<Piece>,
-    mut hasher: Option<blake3::Hasher>,
+    mut hasher: Option<ImageHasher>,
 ) -> Result<Option<blake3::Hash>> {
     let s = lay.sector as usize;
     let mut made = 0;
@@ -1105,13 +1102,13 @@ impl Window {
             });
             let (piece_tx, piece_rx) = sync_channel(1);
             let (back_tx, back_rx) = channel();
-            let read_hasher = (dir == Dir::Scatter).then(blake3::Hasher::new);
+            let read_hasher = (dir == Dir::Scatter).then(|| ctx.sealed_hasher());
             let reader = spawn(sc, "pdguard-read", move || {
                 read_plans(src, &lay, dir, q, plan_rx, back_rx, piece_tx, read_hasher)
             });
             let (job_tx, job_rx) = sync_channel(OUT_BUFS - 2);
             let (spare_tx, spare_rx) = channel();
-            let write_hasher = (dir == Dir::Gather).then(blake3::Hasher::new);
+            let write_hasher = (dir == Dir::Gather).then(|| ctx.sealed_hasher());
             let writer = spawn(sc, "pdguard-write", move || {
                 write_jobs(dst, job_rx, spare_tx, write_hasher)
             });
@@ -1197,6 +1194,8 @@ mod tests {
                 placement: &p,
                 cipher: None,
                 digest_key: None,
+                digest: pdguard_core::digest::DigestScheme::DEFAULT,
+                keep_holes: false,
                 progress: &NoProgress,
                 memory_bytes: memory,
             };
