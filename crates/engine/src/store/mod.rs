@@ -62,6 +62,17 @@ pub trait Disk: Send + Sync {
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()>;
     /// Write all of `buf` at `offset`.
     fn write_at(&self, buf: &[u8], offset: u64) -> Result<()>;
+    /// Write `len` zero bytes at `offset` (a [`Sparse`] disk skips its holes).
+    fn write_zeros(&self, offset: u64, len: u64) -> Result<()> {
+        static ZEROS: [u8; 64 << 10] = [0; 64 << 10];
+        let mut at = offset;
+        while at < offset + len {
+            let n = (offset + len - at).min(ZEROS.len() as u64);
+            self.write_at(&ZEROS[..n as usize], at)?;
+            at += n;
+        }
+        Ok(())
+    }
     /// Make every write so far durable (fsync). After a failure the disk refuses further I/O.
     fn sync(&self) -> Result<()>;
     /// A hint, never a durability point (only [`sync`](Self::sync) is one): the pass is done

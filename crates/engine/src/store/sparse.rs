@@ -98,16 +98,21 @@ impl DataMap {
 pub struct Sparse<'a> {
     inner: &'a dyn Disk,
     map: DataMap,
-    /// Granularity of the zero test when writing into a hole: the sector size.
+    /// Granularity of the zero test when writing into a hole: the sector size, at least a
+    /// page (a file system allocates whole blocks, so writing a page's zeros with its data
+    /// costs nothing and saves system calls).
     grain: u64,
 }
+
+/// A file system block or memory page: the least a file system allocates.
+const PAGE: u64 = 4096;
 
 impl<'a> Sparse<'a> {
     pub fn new(inner: &'a dyn Disk, grain: u64) -> Result<Self> {
         Ok(Self {
             map: inner.data_map()?,
             inner,
-            grain: grain.max(1),
+            grain: grain.max(PAGE),
         })
     }
 
@@ -181,6 +186,19 @@ impl Disk for Sparse<'_> {
         if covered < buf.len() as u64 {
             self.inner
                 .write_at(&buf[covered as usize..], offset + covered)?;
+        }
+        Ok(())
+    }
+
+    fn write_zeros(&self, offset: u64, len: u64) -> Result<()> {
+        let covered = self.map.len().saturating_sub(offset).min(len);
+        for (r, data) in self.map.pieces(offset, covered) {
+            if data {
+                self.inner.write_zeros(r.start, r.end - r.start)?;
+            }
+        }
+        if covered < len {
+            self.inner.write_zeros(offset + covered, len - covered)?;
         }
         Ok(())
     }

@@ -339,8 +339,25 @@ fn slots_of(p: &dyn Placement, first: u64, out: &mut [u64]) {
     }
 }
 
+/// A piece of a disk read in order: bytes, or a hole (zeros that were not read).
+enum Chunk {
+    Data(Vec<u8>),
+    Zeros(u64),
+}
+
+impl Chunk {
+    fn len(&self) -> u64 {
+        match self {
+            Self::Data(b) => b.len() as u64,
+            Self::Zeros(n) => *n,
+        }
+    }
+}
+
 /// Reads `disk` bytes `[0, len)` in order in `chunk`-byte pieces, into at most `depth`
-/// buffers that the consumer sends back; hashes what it reads if given a hasher.
+/// buffers that the consumer sends back; a piece that is all hole in the disk's
+/// [data map](Disk::data_map) is sent as [`Chunk::Zeros`] without being read. Hashes what
+/// it reads if given a hasher.
 #[allow(clippy::too_many_arguments)]
 fn read_sequential(
     disk: &dyn Disk,
@@ -348,22 +365,31 @@ fn read_sequential(
     chunk: usize,
     depth: usize,
     back: Receiver<Vec<u8>>,
-    out: SyncSender<Vec<u8>>,
+    out: SyncSender<Chunk>,
     mut hasher: Option<ImageHasher>,
 ) -> Result<Option<blake3::Hash>> {
+    let map = disk.data_map()?;
     let mut made = 0;
     let mut off = 0;
     while off < len {
         let n = (len - off).min(chunk as u64) as usize;
-        let Ok(mut buf) = spare(&back, &mut made, depth, chunk) else {
-            return Ok(None); // the consumer left; it says why
+        let piece = if map.is_hole(off, n as u64) {
+            if let Some(h) = hasher.as_mut() {
+                h.update_zeros(n as u64);
+            }
+            Chunk::Zeros(n as u64)
+        } else {
+            let Ok(mut buf) = spare(&back, &mut made, depth, chunk) else {
+                return Ok(None); // the consumer left; it says why
+            };
+            buf.resize(n, 0);
+            disk.read_at(&mut buf, off)?;
+            if let Some(h) = hasher.as_mut() {
+                h.update(&buf);
+            }
+            Chunk::Data(buf)
         };
-        buf.resize(n, 0);
-        disk.read_at(&mut buf, off)?;
-        if let Some(h) = hasher.as_mut() {
-            h.update(&buf);
-        }
-        if out.send(buf).is_err() {
+        if out.send(piece).is_err() {
             return Ok(None);
         }
         off += n as u64;
@@ -371,23 +397,40 @@ fn read_sequential(
     Ok(hasher.map(|h| h.finalize()))
 }
 
-/// Writes each `(offset, bytes)` it receives, in order, and sends the buffer back (still
-/// holding its bytes: a consumer that overwrites it whole need not clear or zero it); hashes
-/// what it writes if given a hasher.
+/// What a writer thread writes at an offset: bytes, or a run of zeros (skipped where the
+/// destination is a hole, see [`Disk::write_zeros`]).
+enum Out {
+    Bytes(Vec<u8>),
+    Zeros(u64),
+}
+
+/// Writes each `(offset, what)` it receives, in order, and sends byte buffers back (still
+/// holding their bytes: a consumer that overwrites one whole need not clear or zero it);
+/// hashes what it writes if given a hasher.
 fn write_jobs(
     disk: &dyn Disk,
-    jobs: Receiver<(u64, Vec<u8>)>,
+    jobs: Receiver<(u64, Out)>,
     back: Sender<Vec<u8>>,
     mut hasher: Option<ImageHasher>,
 ) -> Result<Option<blake3::Hash>> {
     let mut behind = WriteBehind::default();
-    for (off, buf) in jobs {
-        if let Some(h) = hasher.as_mut() {
-            h.update(&buf);
+    for (off, out) in jobs {
+        match out {
+            Out::Bytes(buf) => {
+                if let Some(h) = hasher.as_mut() {
+                    h.update(&buf);
+                }
+                disk.write_at(&buf, off)?;
+                behind.wrote(disk, off, buf.len() as u64);
+                let _ = back.send(buf);
+            }
+            Out::Zeros(len) => {
+                if let Some(h) = hasher.as_mut() {
+                    h.update_zeros(len);
+                }
+                disk.write_zeros(off, len)?;
+            }
         }
-        disk.write_at(&buf, off)?;
-        behind.wrote(disk, off, buf.len() as u64);
-        let _ = back.send(buf);
     }
     behind.flush(disk);
     Ok(hasher.map(|h| h.finalize()))
@@ -562,73 +605,154 @@ impl Strategy for Window {
     }
 }
 
+/// The window buffers of a plain scatter: each holds the next packed sectors of its window,
+/// from packed rank `sent[w]` on.
+struct Buckets<'a> {
+    lay: &'a Layout,
+    b: &'a Budget,
+    bufs: Vec<Vec<u8>>,
+    /// Fill level at which a window's buffer is sent (staggered for the first send).
+    limit: Vec<usize>,
+    /// Packed sectors of each window already sent to the writer, or skipped as zeros.
+    sent: Vec<u64>,
+    made: usize,
+    jobs: SyncSender<(u64, Out)>,
+    pool: Receiver<Vec<u8>>,
+}
+
+impl<'a> Buckets<'a> {
+    fn new(
+        lay: &'a Layout,
+        b: &'a Budget,
+        jobs: SyncSender<(u64, Out)>,
+        pool: Receiver<Vec<u8>>,
+    ) -> Self {
+        let s = lay.sector as usize;
+        let windows = lay.windows() as usize;
+        // Windows fill at about the same rate: with equal buffers they would all be full
+        // at once, the writer busy while this thread waits, then idle while it fills them
+        // again. Staggered first sends (window w after (w+1)/W of a buffer) spread the
+        // writes out.
+        let per_buf = b.window_buf / s;
+        Self {
+            lay,
+            b,
+            bufs: vec![Vec::new(); windows],
+            limit: (0..windows)
+                .map(|w| (per_buf * (w + 1) / windows).max(1) * s)
+                .collect(),
+            sent: vec![0; windows],
+            made: 0,
+            jobs,
+            pool,
+        }
+    }
+
+    /// Append `E(sector)` to window `w`'s buffer; send the buffer when full.
+    fn push(&mut self, ctx: &PassCtx, w: usize, slot: u64, sector: &[u8]) -> Step {
+        let buf = &mut self.bufs[w];
+        if buf.capacity() == 0 {
+            buf.reserve_exact(self.b.window_buf);
+        }
+        let at = buf.len();
+        buf.extend_from_slice(sector);
+        ctx.encrypt(slot, &mut buf[at..]);
+        if buf.len() >= self.limit[w] {
+            self.limit[w] = self.b.window_buf;
+            self.send(w)?;
+        }
+        Ok(())
+    }
+
+    /// A sector of zeros that stays zeros goes to window `w`: its packed place is a hole of
+    /// the new thin disk already, so it is skipped rather than written.
+    fn skip(&mut self, w: usize) -> Step {
+        if !self.bufs[w].is_empty() {
+            self.send(w)?;
+        }
+        self.sent[w] += 1;
+        Ok(())
+    }
+
+    fn send(&mut self, w: usize) -> Step {
+        let mut fresh = spare(
+            &self.pool,
+            &mut self.made,
+            self.b.in_flight,
+            self.b.window_buf,
+        )?;
+        fresh.clear();
+        let full = mem::replace(&mut self.bufs[w], fresh);
+        let off = self.lay.packed_offset(w, self.sent[w]);
+        self.sent[w] += (full.len() / self.lay.sector as usize) as u64;
+        self.jobs
+            .send((off, Out::Bytes(full)))
+            .map_err(|_| Stop::Peer)
+    }
+
+    fn finish(mut self) -> Step {
+        for w in 0..self.bufs.len() {
+            if !self.bufs[w].is_empty() {
+                self.send(w)?;
+            }
+        }
+        Ok(())
+    }
+}
+
 /// The calling thread of a plain scatter.
 #[allow(clippy::too_many_arguments)]
 fn scatter_main(
     ctx: &PassCtx,
     lay: &Layout,
     b: &Budget,
-    full: Receiver<Vec<u8>>,
+    full: Receiver<Chunk>,
     back: Sender<Vec<u8>>,
-    jobs: SyncSender<(u64, Vec<u8>)>,
+    jobs: SyncSender<(u64, Out)>,
     pool: Receiver<Vec<u8>>,
     mut map: Option<&mut Vec<u32>>,
 ) -> Step {
     let s = lay.sector as usize;
-    let windows = lay.windows() as usize;
-    let mut bufs: Vec<Vec<u8>> = vec![Vec::new(); windows];
-    // Windows fill at about the same rate: with equal buffers they would all be full at
-    // once, the writer busy while this thread waits, then idle while it fills them again.
-    // Staggered first flushes (window w after (w+1)/W of a buffer) spread the writes out.
-    let per_buf = b.window_buf / s;
-    let mut limit: Vec<usize> = (0..windows)
-        .map(|w| (per_buf * (w + 1) / windows).max(1) * s)
-        .collect();
-    // Sectors of each window already sent to the writer.
-    let mut sent = vec![0u64; windows];
-    let mut made = 0;
+    let mut buckets = Buckets::new(lay, b, jobs, pool);
+    // Zeros stay zeros unless the secure profile encrypts them.
+    let zeros_stay = ctx.cipher.is_none() || ctx.keep_holes;
+    let zero = vec![0u8; s];
     let mut slots = Vec::new();
     let mut i = 0u64;
     for chunk in full.iter() {
-        let n = chunk.len() / s;
+        let n = (chunk.len() / s as u64) as usize;
         slots.resize(n, 0);
         slots_of(ctx.placement, i, &mut slots);
         if let Some(m) = map.as_mut() {
             m.extend(slots.iter().map(|&t| t as u32));
         }
-        for (sector, &slot) in chunk.chunks_exact(s).zip(&slots) {
-            let w = lay.window_of(slot);
-            let buf = &mut bufs[w];
-            if buf.capacity() == 0 {
-                buf.reserve_exact(b.window_buf);
+        match &chunk {
+            Chunk::Data(bytes) => {
+                for (sector, &slot) in bytes.chunks_exact(s).zip(&slots) {
+                    buckets.push(ctx, lay.window_of(slot), slot, sector)?;
+                }
             }
-            let at = buf.len();
-            buf.extend_from_slice(sector);
-            ctx.encrypt(slot, &mut buf[at..]);
-            if buf.len() >= limit[w] {
-                limit[w] = b.window_buf;
-                let mut fresh = spare(&pool, &mut made, b.in_flight, b.window_buf)?;
-                fresh.clear();
-                let full = mem::replace(&mut bufs[w], fresh);
-                let off = lay.packed_offset(w, sent[w]);
-                sent[w] += (full.len() / s) as u64;
-                jobs.send((off, full)).map_err(|_| Stop::Peer)?;
+            Chunk::Zeros(_) if zeros_stay => {
+                for &slot in &slots {
+                    buckets.skip(lay.window_of(slot))?;
+                }
+            }
+            Chunk::Zeros(_) => {
+                for &slot in &slots {
+                    buckets.push(ctx, lay.window_of(slot), slot, &zero)?;
+                }
             }
         }
-        ctx.progress.advance(chunk.len() as u64);
+        ctx.progress.advance(chunk.len());
         i += n as u64;
-        let _ = back.send(chunk);
+        if let Chunk::Data(bytes) = chunk {
+            let _ = back.send(bytes);
+        }
     }
     if i != ctx.geometry.sectors() {
         return Err(Stop::Peer);
     }
-    for (w, buf) in bufs.into_iter().enumerate() {
-        if !buf.is_empty() {
-            let off = lay.packed_offset(w, sent[w]);
-            jobs.send((off, buf)).map_err(|_| Stop::Peer)?;
-        }
-    }
-    Ok(())
+    buckets.finish()
 }
 
 /// The packed sectors of every window as streams in ascending `i`, each read ahead in two
@@ -730,7 +854,7 @@ fn gather_main(
     lay: &Layout,
     b: &Budget,
     mut streams: Streams,
-    jobs: SyncSender<(u64, Vec<u8>)>,
+    jobs: SyncSender<(u64, Out)>,
     pool: Receiver<Vec<u8>>,
     map: Option<&[u32]>,
 ) -> Step {
@@ -762,7 +886,7 @@ fn gather_main(
             ctx.decrypt(slot, &mut out[at..]);
         }
         ctx.progress.advance(out.len() as u64);
-        jobs.send((ctx.geometry.offset(i), out))
+        jobs.send((ctx.geometry.offset(i), Out::Bytes(out)))
             .map_err(|_| Stop::Peer)?;
         i += n;
     }
@@ -792,6 +916,36 @@ struct Piece {
     slice: u64,
     piece: u64,
     buf: Vec<u8>,
+    /// Which of the piece's sectors were read, one bit each; `None`: all of them. A sector
+    /// not read lies in a hole of the source, so it is zeros, and its bytes in `buf` are
+    /// stale.
+    present: Option<Vec<u64>>,
+}
+
+impl Piece {
+    fn has(&self, k: u64) -> bool {
+        match &self.present {
+            Some(m) => m[(k / 64) as usize] >> (k % 64) & 1 == 1,
+            None => true,
+        }
+    }
+}
+
+/// The sectors of `[off, off + n * s)` that touch a data range of `map`, as merged sector
+/// ranges relative to `off`.
+fn data_sectors(map: &crate::store::DataMap, off: u64, n: u64, s: u64) -> Vec<(u64, u64)> {
+    let mut v: Vec<(u64, u64)> = Vec::new();
+    for (r, data) in map.pieces(off, n * s) {
+        if !data {
+            continue;
+        }
+        let (a, b) = ((r.start - off) / s, (r.end - off).div_ceil(s));
+        match v.last_mut() {
+            Some(last) if a <= last.1 => last.1 = last.1.max(b),
+            _ => v.push((a, b)),
+        }
+    }
+    v
 }
 
 impl Plan {
@@ -824,6 +978,7 @@ fn plan_windows(
     // (sector i, run position k), in run order, then sorted into packed order; and the
     // window-relative slot of run position k.
     let mut pairs: Vec<(u64, u32)> = Vec::new();
+    let mut tmp = Vec::new();
     let mut rel: Vec<u32> = Vec::new();
     for w in 0..lay.windows() as usize {
         pairs.clear();
@@ -838,7 +993,7 @@ fn plan_windows(
         if pairs.is_empty() {
             continue;
         }
-        pairs.sort_unstable_by_key(|p| p.0);
+        sort_by_sector(&mut pairs, &mut tmp, ctx.geometry.sectors());
         if let Some(m) = map.as_mut() {
             for &(i, k) in &pairs {
                 m[i as usize] = (first + u64::from(rel[k as usize])) as u32;
@@ -873,6 +1028,39 @@ fn plan_windows(
         ));
     }
     Ok(map)
+}
+
+/// Sorts `v` by sector index (`.0`, below `sectors`): an LSD radix sort, 11 bits a pass, for
+/// all but small windows (a window holds up to millions of sectors, and a comparison sort of
+/// every window was most of a sealed pass's planning).
+fn sort_by_sector(v: &mut Vec<(u64, u32)>, tmp: &mut Vec<(u64, u32)>, sectors: u64) {
+    const BITS: u32 = 11;
+    if v.len() < 1024 {
+        v.sort_unstable_by_key(|p| p.0);
+        return;
+    }
+    let key_bits = u64::BITS - sectors.saturating_sub(1).leading_zeros();
+    let mask = (1u64 << BITS) - 1;
+    let mut shift = 0;
+    while shift < key_bits {
+        let mut count = [0usize; 1 << BITS];
+        for &(i, _) in v.iter() {
+            count[((i >> shift) & mask) as usize] += 1;
+        }
+        let mut sum = 0;
+        for c in &mut count {
+            (*c, sum) = (sum, sum + *c);
+        }
+        tmp.clear();
+        tmp.resize(v.len(), (0, 0));
+        for &e in v.iter() {
+            let d = ((e.0 >> shift) & mask) as usize;
+            tmp[count[d]] = e;
+            count[d] += 1;
+        }
+        mem::swap(v, tmp);
+        shift += BITS;
+    }
 }
 
 /// [`plan_windows`] for a gather from a [`SlotMap`] of the same placement: no `pi^-1`, no
@@ -941,7 +1129,8 @@ fn plan_from_map(lay: &Layout, map: Vec<u32>, out: SyncSender<Arc<Plan>>) -> Res
 }
 
 /// Reads the source of every plan: for each slice of a window, its whole source in pieces
-/// of `q` sectors. Hashes the source during the first slice if given a hasher.
+/// of `q` sectors, skipping the source's holes. Hashes the source during the first slice if
+/// given a hasher.
 #[allow(clippy::too_many_arguments)]
 fn read_plans(
     src: &dyn Disk,
@@ -953,33 +1142,60 @@ fn read_plans(
     out: SyncSender<Piece>,
     mut hasher: Option<ImageHasher>,
 ) -> Result<Option<blake3::Hash>> {
-    let s = lay.sector as usize;
+    let s = lay.sector;
+    let map = src.data_map()?;
     let mut made = 0;
     for plan in plans {
         let parts = plan.count.div_ceil(q);
         for slice in 0..parts {
             for piece in 0..parts {
                 let p0 = piece * q;
-                let n = q.min(plan.count - p0) as usize;
-                let Ok(mut buf) = spare(&back, &mut made, 2, q as usize * s) else {
+                let n = q.min(plan.count - p0);
+                let Ok(mut buf) = spare(&back, &mut made, 2, (q * s) as usize) else {
                     return Ok(None);
                 };
-                buf.resize(n * s, 0);
                 let off = plan.src(lay, dir, p0);
-                src.read_at(&mut buf, off)?;
-                if dir == Dir::Gather && slice + 1 == parts {
-                    src.release(off, buf.len() as u64);
-                }
-                if slice == 0 {
-                    if let Some(h) = hasher.as_mut() {
-                        h.update(&buf);
+                let ranges = data_sectors(&map, off, n, s);
+                let present = match ranges.as_slice() {
+                    [(0, b)] if *b == n => None,
+                    _ => {
+                        let mut m = vec![0u64; n.div_ceil(64) as usize];
+                        for &(a, b) in &ranges {
+                            for k in a..b {
+                                m[(k / 64) as usize] |= 1 << (k % 64);
+                            }
+                        }
+                        Some(m)
                     }
+                };
+                // Only the sectors read are ever looked at: no need to zero the others.
+                if buf.len() < (n * s) as usize {
+                    buf.resize((n * s) as usize, 0);
+                }
+                buf.truncate((n * s) as usize);
+                let hash = slice == 0 && hasher.is_some();
+                let mut hashed = 0;
+                for &(a, b) in &ranges {
+                    let part = &mut buf[(a * s) as usize..(b * s) as usize];
+                    src.read_at(part, off + a * s)?;
+                    if let (true, Some(h)) = (hash, hasher.as_mut()) {
+                        h.update_zeros((a - hashed) * s);
+                        h.update(part);
+                        hashed = b;
+                    }
+                }
+                if let (true, Some(h)) = (hash, hasher.as_mut()) {
+                    h.update_zeros((n - hashed) * s);
+                }
+                if dir == Dir::Gather && slice + 1 == parts {
+                    src.release(off, n * s);
                 }
                 let p = Piece {
                     plan: Arc::clone(&plan),
                     slice,
                     piece,
                     buf,
+                    present,
                 };
                 if out.send(p).is_err() {
                     return Ok(None);
@@ -988,6 +1204,75 @@ fn read_plans(
         }
     }
     Ok(hasher.map(|h| h.finalize()))
+}
+
+/// Sends destination sectors `[t0, t0 + n)` of a window to the writer (`sector(t)`: the
+/// bytes of destination sector `t`, `None` for zeros from a hole of the source). Pages
+/// (4 KiB of the destination, at least one sector) that hold any data are sent as bytes, the
+/// zeros in them included, since a file system allocates whole blocks anyway; pages of
+/// zeros only are sent as runs of [`Out::Zeros`], which costs nothing over a hole.
+#[allow(clippy::too_many_arguments)]
+fn emit<'b>(
+    lay: &Layout,
+    plan: &Plan,
+    dir: Dir,
+    (t0, n): (u64, u64),
+    sector: impl Fn(u64) -> Option<&'b [u8]>,
+    zero: &[u8],
+    jobs: &SyncSender<(u64, Out)>,
+    pool: &Receiver<Vec<u8>>,
+    made: &mut usize,
+) -> Step {
+    let s = lay.sector;
+    let unit = (4096 / s).max(1);
+    let base = plan.dst(lay, dir, 0) / s;
+    let send = |t: u64, out: Out| {
+        jobs.send((plan.dst(lay, dir, t), out))
+            .map_err(|_| Stop::Peer)
+    };
+    let mut bytes: Option<(u64, Vec<u8>)> = None;
+    let mut zeros: Option<(u64, u64)> = None;
+    let mut t = t0;
+    while t < t0 + n {
+        let end = (((base + t) / unit + 1) * unit - base).min(t0 + n);
+        if (t..end).any(|k| sector(k).is_some()) {
+            if let Some((z, len)) = zeros.take() {
+                send(z, Out::Zeros(len * s))?;
+            }
+            let (b0, mut buf) = match bytes.take() {
+                Some(b) => b,
+                None => {
+                    let mut b = spare(pool, made, OUT_BUFS, WRITE_CHUNK)?;
+                    b.clear();
+                    (t, b)
+                }
+            };
+            for k in t..end {
+                buf.extend_from_slice(sector(k).unwrap_or(zero));
+            }
+            if buf.len() >= WRITE_CHUNK {
+                send(b0, Out::Bytes(buf))?;
+            } else {
+                bytes = Some((b0, buf));
+            }
+        } else {
+            if let Some((b0, buf)) = bytes.take() {
+                send(b0, Out::Bytes(buf))?;
+            }
+            match &mut zeros {
+                Some((_, len)) => *len += end - t,
+                None => zeros = Some((t, end - t)),
+            }
+        }
+        t = end;
+    }
+    if let Some((b0, buf)) = bytes {
+        send(b0, Out::Bytes(buf))?;
+    }
+    if let Some((z, len)) = zeros {
+        send(z, Out::Zeros(len * s))?;
+    }
+    Ok(())
 }
 
 /// The calling thread of a sealed pass: builds each window's destination from the pieces
@@ -1000,35 +1285,42 @@ fn permute_main(
     q: u64,
     pieces: Receiver<Piece>,
     back: Sender<Vec<u8>>,
-    jobs: SyncSender<(u64, Vec<u8>)>,
+    jobs: SyncSender<(u64, Out)>,
     pool: Receiver<Vec<u8>>,
 ) -> Step {
     let s = lay.sector as usize;
-    let out_sectors = (WRITE_CHUNK / s).max(1) as u64;
+    let zero = vec![0u8; s];
     let mut made = 0;
     let mut slice = Vec::new();
+    let mut slice_has = Vec::new();
     let mut done = 0u64;
     for p in pieces.iter() {
         let plan = &*p.plan;
         let parts = plan.count.div_ceil(q);
         let d0 = p.slice * q;
         let dn = q.min(plan.count - d0);
-        let copy = |out: &mut Vec<u8>, from: u64| {
-            let f = from as usize * s;
-            out.extend_from_slice(&p.buf[f..f + s]);
-        };
         if parts == 1 {
             // The whole source is in this piece: emit the destination in order.
+            let sector = |t: u64| {
+                let f = u64::from(plan.from[t as usize]);
+                p.has(f)
+                    .then(|| &p.buf[f as usize * s..(f as usize + 1) * s])
+            };
+            let chunk = (WRITE_CHUNK / s).max(1) as u64;
             let mut t = 0;
             while t < dn {
-                let n = out_sectors.min(dn - t);
-                let mut out = spare(&pool, &mut made, OUT_BUFS, n as usize * s)?;
-                out.clear();
-                for &f in &plan.from[t as usize..(t + n) as usize] {
-                    copy(&mut out, u64::from(f));
-                }
-                jobs.send((plan.dst(lay, dir, t), out))
-                    .map_err(|_| Stop::Peer)?;
+                let n = chunk.min(dn - t);
+                emit(
+                    lay,
+                    plan,
+                    dir,
+                    (t, n),
+                    sector,
+                    &zero,
+                    &jobs,
+                    &pool,
+                    &mut made,
+                )?;
                 ctx.progress.advance(n * lay.sector);
                 t += n;
             }
@@ -1043,24 +1335,34 @@ fn permute_main(
         if p.piece == 0 {
             slice.clear();
             slice.resize(dn as usize * s, 0);
+            slice_has.clear();
+            slice_has.resize(dn as usize, false);
         }
         for t in d0..d0 + dn {
             let f = u64::from(plan.from[t as usize]);
-            if f >= s0 && f < s0 + sn {
+            if f >= s0 && f < s0 + sn && p.has(f - s0) {
                 let (a, b) = ((f - s0) as usize * s, (t - d0) as usize * s);
                 slice[b..b + s].copy_from_slice(&p.buf[a..a + s]);
+                slice_has[(t - d0) as usize] = true;
             }
         }
         let _ = back.send(p.buf);
         if p.piece + 1 == parts {
-            for (k, part) in slice.chunks(out_sectors as usize * s).enumerate() {
-                let mut out = spare(&pool, &mut made, OUT_BUFS, part.len())?;
-                out.clear();
-                out.extend_from_slice(part);
-                let t = d0 + k as u64 * out_sectors;
-                jobs.send((plan.dst(lay, dir, t), out))
-                    .map_err(|_| Stop::Peer)?;
-            }
+            let sector = |t: u64| {
+                let k = (t - d0) as usize;
+                slice_has[k].then(|| &slice[k * s..(k + 1) * s])
+            };
+            emit(
+                lay,
+                plan,
+                dir,
+                (d0, dn),
+                sector,
+                &zero,
+                &jobs,
+                &pool,
+                &mut made,
+            )?;
             done += dn;
             ctx.progress.advance(dn * lay.sector);
         }
@@ -1271,6 +1573,21 @@ mod tests {
         }
         want.push((300 * k, 100));
         assert_eq!(got, want);
+    }
+
+    #[test]
+    fn radix_sort_sorts_by_sector_like_a_comparison_sort() {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(9);
+        for (len, sectors) in [(0usize, 1u64), (5, 10), (5000, 5000), (20_000, 1 << 40)] {
+            let mut v: Vec<(u64, u32)> = (0..len)
+                .map(|k| (rng.gen_range(0..sectors), k as u32))
+                .collect();
+            let mut want = v.clone();
+            want.sort_by_key(|p| p.0); // stable, like the radix sort
+            sort_by_sector(&mut v, &mut Vec::new(), sectors);
+            assert_eq!(v, want, "len {len}");
+        }
     }
 
     #[test]
