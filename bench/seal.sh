@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Benchmark `pdguard image seal|unseal` against a plain `cp --sparse=never && sync` of the same
-# image. An honest measurement, no timed assertions: every round trip is checked bit-exact
-# (digest of the image after unseal == digest before seal) and the script aborts rather than
-# report numbers for a broken one.
+# image (and, with --sparse, a sparse image against `cp --sparse=always && sync` of it). An
+# honest measurement, no timed assertions: every round trip is checked bit-exact (digest of
+# the image after unseal == digest before seal) and the script aborts rather than report
+# numbers for a broken one.
 #
 # Run `bench/seal.sh --help` for the options.
 set -euo pipefail
@@ -12,7 +13,7 @@ usage() {
 usage: bench/seal.sh [--size SIZE] [--runs N] [--dir DIR] [--profiles "patent secure"]
                      [--placements "patent feistel"] [--strategies "window direct"]
                      [--memory SIZE] [--sparse] [--sparse-size SIZE] [--sparse-data SIZE]
-                     [--json] [--help]
+                     [--sparse-sector-size N] [--json] [--help]
 
 Times `pdguard image seal IMG --profile R --placement P --strategy S` and
 `pdguard image unseal IMG` on a random, non-sparse image of SIZE bytes, against
@@ -37,14 +38,29 @@ median time of each pass (from PDGUARD_LOG=info; `direct` logs none).
   --memory SIZE       pass --memory SIZE to every seal and unseal (default: pdguard's)
   --sparse            also time a sparse case: an image of --sparse-size bytes (default
                       64G) holding --sparse-data bytes (default 1G) of random data in 16
-                      extents, against `cp --sparse=always` of it (copying the data only);
-                      skipped, with a note, when DIR has less than 2 x --sparse-size free
-                      (pdguard writes the holes out: it is not sparse-aware yet)
+                      extents, against `cp --sparse=always IMG COPY && sync` (copying the
+                      data only; the goal is a seal within 3 x that copy). The patent
+                      profile runs as is, the secure profile with --keep-holes (row
+                      "secure+kh"; without it every sector is encrypted and the whole image
+                      is written). The image is restored from a pristine sparse copy
+                      (untimed) before every step, and the space the sealed image allocates
+                      is reported. Skipped, with a note, when DIR has too little free
+                      space: pdguard asks for the image's full size free for its thin disk
+                      before every seal and unseal, on top of the pristine copy and the
+                      sealed image (which allocates up to (1 + B/S) x the data, B the file
+                      system's block size, S the sector size)
+  --sparse-sector-size N
+                      --sector-size of the sparse case's seals (default 512, pdguard's
+                      default): a power of two from 512 to 65536. At 512 each 4 KiB block
+                      of data holds 8 sectors that land in 8 different blocks, so the moved
+                      sectors may allocate 8 x the data; 4096 shows the cost without that
+                      amplification
   --json              print one JSON object per row on stdout instead of the table
   -h, --help          print this help
 
-Needs about 2 x SIZE of free space in DIR. Every timed step is preceded by `sync`
-and includes a trailing `sync` (page cache is not dropped). Progress goes to stderr.
+Needs about 2 x SIZE of free space in DIR (and, with --sparse, see above). Every timed
+step is preceded by `sync` and includes a trailing `sync` (page cache is not dropped).
+Progress goes to stderr.
 EOF
 }
 
@@ -65,6 +81,8 @@ memory=
 sparse=0
 sparse_size_arg=64G
 sparse_data_arg=1G
+sparse_sector_arg=512
+sparse_opt= # the first --sparse-* option given, to refuse it without --sparse
 
 need_value() { [[ $# -ge 2 && -n $2 ]] || die "$1 needs a value (see --help)"; }
 while [[ $# -gt 0 ]]; do
@@ -84,10 +102,12 @@ while [[ $# -gt 0 ]]; do
         --memory) need_value "$@"; memory=$2; shift 2 ;;
         --memory=*) memory=${1#*=}; shift ;;
         --sparse) sparse=1; shift ;;
-        --sparse-size) need_value "$@"; sparse_size_arg=$2; shift 2 ;;
-        --sparse-size=*) sparse_size_arg=${1#*=}; shift ;;
-        --sparse-data) need_value "$@"; sparse_data_arg=$2; shift 2 ;;
-        --sparse-data=*) sparse_data_arg=${1#*=}; shift ;;
+        --sparse-size) need_value "$@"; sparse_size_arg=$2; sparse_opt=${sparse_opt:-$1}; shift 2 ;;
+        --sparse-size=*) sparse_size_arg=${1#*=}; sparse_opt=${sparse_opt:-${1%%=*}}; shift ;;
+        --sparse-data) need_value "$@"; sparse_data_arg=$2; sparse_opt=${sparse_opt:-$1}; shift 2 ;;
+        --sparse-data=*) sparse_data_arg=${1#*=}; sparse_opt=${sparse_opt:-${1%%=*}}; shift ;;
+        --sparse-sector-size) need_value "$@"; sparse_sector_arg=$2; sparse_opt=${sparse_opt:-$1}; shift 2 ;;
+        --sparse-sector-size=*) sparse_sector_arg=${1#*=}; sparse_opt=${sparse_opt:-${1%%=*}}; shift ;;
         --json) json=1; shift ;;
         -h | --help) usage; exit 0 ;;
         *) usage >&2; die "unknown argument: $1" ;;
@@ -144,10 +164,19 @@ if [[ -n $memory ]]; then
     [[ $memory =~ ^[0-9]+[KMGTkmgt]?$ ]] || die "--memory $memory: give bytes or a number with K, M, G or T"
     mem_args=(--memory "$memory")
 fi
+if ((!sparse)) && [[ -n $sparse_opt ]]; then
+    die "$sparse_opt applies to the sparse case only: add --sparse"
+fi
 if ((sparse)); then
     sparse_bytes=$(parse_size "$sparse_size_arg") || die "--sparse-size $sparse_size_arg: give a byte count or a number with K, M, G or T"
     sparse_data=$(parse_size "$sparse_data_arg") || die "--sparse-data $sparse_data_arg: give a byte count or a number with K, M, G or T"
-    ((sparse_bytes % (16 * 512) == 0 && sparse_data % (16 * 512) == 0)) || die "--sparse-size and --sparse-data must be multiples of 8 KiB (16 extents of whole sectors)"
+    if ! [[ $sparse_sector_arg =~ ^[0-9]{1,6}$ ]] || ((10#$sparse_sector_arg < 512 || 10#$sparse_sector_arg > 65536)) ||
+        ((10#$sparse_sector_arg & (10#$sparse_sector_arg - 1))); then
+        die "--sparse-sector-size must be a power of two from 512 to 65536 (pdguard's --sector-size), not '$sparse_sector_arg'"
+    fi
+    sparse_sector=$((10#$sparse_sector_arg))
+    ((sparse_bytes % (16 * sparse_sector) == 0 && sparse_data % (16 * sparse_sector) == 0)) ||
+        die "--sparse-size and --sparse-data must be multiples of 16 x --sparse-sector-size = $((16 * sparse_sector)) bytes (16 extents of whole sectors)"
     ((sparse_data > 0 && sparse_data <= sparse_bytes)) || die "--sparse-data must be more than 0 and at most --sparse-size"
 fi
 
@@ -218,6 +247,40 @@ machine="machine: nproc=$(nproc), cpu=${cpu_model:-unknown}, fs=${fs_type:-unkno
 
 "$bin" keygen "$key" >/dev/null || die "cannot make a master key with $bin keygen"
 
+# Free space the sparse case needs, in bytes (sparse_need), and why (sparse_why):
+# - pdguard checks, before every seal and unseal, that the thin disk's directory has the
+#   image's full size free (the check does not count holes), and at the start of an unseal the
+#   pristine copy and the sealed image exist;
+# - the sealed image keeps the original's data ranges allocated (overwritten in place, never
+#   deallocated) and allocates a file-system block for every data sector moved into a hole:
+#   up to (1 + B/S) x the data, B the block size, S < B the sector size (9 x for 512-byte
+#   sectors on 4 KiB blocks);
+# - the thin disk holds the data packed under `window`, a block per data sector under `direct`.
+sparse_space() {
+    local fs_block amp sealed thin st
+    fs_block=$(stat -f -c %S "$work" 2>/dev/null) || fs_block=
+    if ! [[ $fs_block =~ ^[0-9]+$ ]] || ((fs_block == 0)); then fs_block=4096; fi
+    amp=1
+    if ((fs_block > sparse_sector)); then amp=$((fs_block / sparse_sector)); fi
+    sealed=$((sparse_data * (1 + amp)))
+    if ((sealed > sparse_bytes)); then sealed=$sparse_bytes; fi
+    thin=$sparse_data
+    for st in "${strategy_list[@]}"; do
+        if [[ $st == direct ]]; then thin=$((sparse_data * amp)); fi
+    done
+    # pdguard's free-space check wants the image's full size, which is never less than the thin disk.
+    if ((thin < sparse_bytes)); then thin=$sparse_bytes; fi
+    sparse_need=$((sparse_data + sealed + thin + 256 * 1024 * 1024))
+    sparse_why="pdguard wants the image's full size ($sparse_bytes bytes) free for its thin disk before every seal and unseal, while the pristine copy ($sparse_data bytes) and the sealed image exist (up to $sealed bytes allocated: the data ranges, overwritten in place, plus a $fs_block-byte block for each $sparse_sector-byte data sector moved into a hole), plus 256 MiB to spare"
+}
+if ((sparse)); then
+    sparse_space
+    avail=$(df -B1 --output=avail "$work" 2>/dev/null | awk 'NR == 2 { print $1 }') || avail=
+    if [[ $avail =~ ^[0-9]+$ ]] && ((avail < sparse_need)); then
+        say "note: the sparse case will be skipped unless space is freed: it needs about $sparse_need bytes free in $work, there are $avail"
+    fi
+fi
+
 # --- image -----------------------------------------------------------------------------------
 
 say "making a random image of $size_bytes bytes in $work"
@@ -267,18 +330,30 @@ for prof in "${profile_list[@]}"; do
     done
 done
 
-# Results, keyed "case|row" (times, ratios to the reference copy, pass times) and "case"
-# (reference copy times).
+# Results, keyed "case|row" (times, ratios to the reference copy, pass times, bytes the sealed
+# image allocates) and "case" (reference copy times).
 declare -A seal_t=() unseal_t=() seal_r=() unseal_r=() ref_t=()
-declare -A seal_sc=() seal_ga=() unseal_sc=() unseal_ga=()
+declare -A seal_sc=() seal_ga=() unseal_sc=() unseal_ga=() seal_alloc=()
 
-# measure CASE IMAGE DIGEST REF_COMMAND...: `runs` runs of the reference copy and every row,
-# interleaved, the order rotated from run to run so that no row always runs first or right
-# after the copy; every round trip checked bit-exact.
+# Per case: the --sector-size passed to seal (empty: pdguard's default, 512) and whether the
+# secure profile seals with --keep-holes.
+declare -A case_sector=([random]="") case_keep_holes=([random]=0)
+
+# The profile as the report names it: "secure+kh" for the secure profile with --keep-holes.
+profile_label() {
+    if [[ $2 == secure && ${case_keep_holes[$1]} == 1 ]]; then printf 'secure+kh'; else printf '%s' "$2"; fi
+}
+
+# measure CASE IMAGE DIGEST PREPARE REF_COMMAND...: `runs` runs of the reference copy and every
+# row, interleaved, the order rotated from run to run so that no row always runs first or right
+# after the copy; PREPARE (untimed) runs before each of them; every round trip checked
+# bit-exact.
 measure() {
-    local case=$1 image=$2 want=$3
-    shift 3
+    local case=$1 image=$2 want=$3 prepare=$4
+    shift 4
     local steps=(ref "${rows[@]}") nsteps r i step prof rest p s got sealed_digest this_ref
+    local case_args=()
+    if [[ -n ${case_sector[$case]} ]]; then case_args=(--sector-size "${case_sector[$case]}"); fi
     nsteps=${#steps[@]}
     for ((r = 0; r < runs; r++)); do
         local order=()
@@ -288,6 +363,7 @@ measure() {
         local -A this_seal=() this_unseal=()
         this_ref=
         for step in "${order[@]}"; do
+            "$prepare"
             if [[ $step == ref ]]; then
                 timed "$@"
                 this_ref=$elapsed
@@ -301,13 +377,17 @@ measure() {
             rest=${step#*/}
             p=${rest%%/*}
             s=${rest#*/}
-            local key_args=()
-            if [[ $prof == secure ]]; then key_args=(--key-file "$key"); fi
-            timed env PDGUARD_LOG=info "$bin" image seal "$image" --profile "$prof" --placement "$p" --strategy "$s" "${key_args[@]}" "${mem_args[@]}" --quiet
+            local key_args=() seal_args=("${case_args[@]}")
+            if [[ $prof == secure ]]; then
+                key_args=(--key-file "$key")
+                if [[ ${case_keep_holes[$case]} == 1 ]]; then seal_args+=(--keep-holes); fi
+            fi
+            timed env PDGUARD_LOG=info "$bin" image seal "$image" --profile "$prof" --placement "$p" --strategy "$s" "${seal_args[@]}" "${key_args[@]}" "${mem_args[@]}" --quiet
             this_seal[$step]=$elapsed
             read -r sc ga <<<"$(pass_times)"
             seal_sc[$case|$step]+="$sc "
             seal_ga[$case|$step]+="$ga "
+            seal_alloc[$case|$step]+="$(($(stat -c '%b * %B' "$image"))) "
             sealed_digest=$(digest "$image")
             if [[ $sealed_digest == "$want" ]]; then
                 die "$case $step: the image is unchanged after seal; the seal did nothing"
@@ -321,7 +401,7 @@ measure() {
             if [[ $got != "$want" ]]; then
                 die "$case $step run $((r + 1)): round trip broken: $digest_tool after unseal is $got, before seal was $want; no numbers are reported"
             fi
-            say "$case run $((r + 1))/$runs: $step seal ${this_seal[$step]} s, unseal ${this_unseal[$step]} s, round trip bit-exact"
+            say "$case run $((r + 1))/$runs: $(profile_label "$case" "$prof")/$p/$s seal ${this_seal[$step]} s, unseal ${this_unseal[$step]} s, round trip bit-exact"
         done
         for step in "${rows[@]}"; do
             seal_t[$case|$step]+="${this_seal[$step]} "
@@ -333,7 +413,7 @@ measure() {
 }
 
 run_copy() { cp --sparse=never -- "$img" "$copy"; }
-measure random "$img" "$orig_digest" run_copy
+measure random "$img" "$orig_digest" true run_copy
 
 # --- sparse case -----------------------------------------------------------------------------
 
@@ -341,31 +421,50 @@ sparse_note=
 if ((sparse)); then
     rm -f -- "$img"
     sync
-    avail=$(df -B1 --output=avail "$work" 2>/dev/null | awk 'NR == 2 { print $1 }') || avail=0
-    need=$((2 * sparse_bytes + 256 * 1024 * 1024))
-    if ((avail < need)); then
-        sparse_note="sparse case skipped: it needs about $need bytes free in $work (thin disk and image written out in full: pdguard is not sparse-aware yet), there are $avail"
+    avail=$(df -B1 --output=avail "$work" 2>/dev/null | awk 'NR == 2 { print $1 }') || avail=
+    [[ $avail =~ ^[0-9]+$ ]] || avail=0
+    sparse_space
+    if ((avail < sparse_need)); then
+        sparse_note="sparse case skipped: it needs about $sparse_need bytes free in $work and there are $avail: $sparse_why; try a smaller --sparse-size or another --dir"
         say "$sparse_note"
     else
+        # The pristine image, and the one the steps work on: restored from it before every
+        # step, because a seal and unseal leave the image with more blocks allocated than it
+        # had (the sealed image's blocks stay allocated, holding zeros: pdguard never
+        # deallocates), which would make every later step work on a less sparse image.
+        sorig="$work/sparse.orig"
         simg="$work/sparse.img"
         say "making a sparse image of $sparse_bytes bytes holding $sparse_data bytes of random data in 16 extents"
-        truncate -s "$sparse_bytes" "$simg" || die "cannot make $simg"
+        truncate -s "$sparse_bytes" "$sorig" || die "cannot make $sorig"
         for ((k = 0; k < 16; k++)); do
             head -c $((sparse_data / 16)) /dev/urandom |
-                dd of="$simg" bs=1M seek=$((k * (sparse_bytes / 16))) oflag=seek_bytes conv=notrunc status=none ||
-                die "cannot write the data of $simg"
+                dd of="$sorig" bs=1M seek=$((k * (sparse_bytes / 16))) oflag=seek_bytes conv=notrunc status=none ||
+                die "cannot write the data of $sorig"
         done
         sync
-        sparse_digest=$(digest "$simg")
-        run_sparse_copy() { cp --sparse=always -- "$simg" "$copy"; }
-        measure sparse "$simg" "$sparse_digest" run_sparse_copy
-        rm -f -- "$simg"
+        sparse_alloc=$(($(stat -c '%b * %B' "$sorig")))
+        if ((sparse_alloc > 2 * sparse_data + 1024 * 1024)); then
+            sparse_note="sparse case skipped: the file system of $work allocated $sparse_alloc bytes for a sparse image holding $sparse_data bytes of data (it does not keep holes); pick another --dir"
+            say "$sparse_note"
+        else
+            sparse_digest=$(digest "$sorig")
+            say "sparse image $digest_tool: $sparse_digest ($sparse_alloc bytes allocated)"
+            restore_sparse() {
+                rm -f -- "$simg"
+                cp --sparse=always -- "$sorig" "$simg" || die "cannot restore $simg from $sorig"
+            }
+            run_sparse_copy() { cp --sparse=always -- "$simg" "$copy"; }
+            case_sector[sparse]=$sparse_sector
+            case_keep_holes[sparse]=1
+            measure sparse "$simg" "$sparse_digest" restore_sparse run_sparse_copy
+        fi
+        rm -f -- "$simg" "$sorig"
     fi
 fi
 
 median() {
     # shellcheck disable=SC2048,SC2086 # word splitting of the list is intended
-    printf '%s\n' $* | sort -g | awk '$1 != "-" { v[++n] = $1 } END { if (n == 0) print "-"; else if (n % 2) print v[(n + 1) / 2]; else print (v[n / 2] + v[n / 2 + 1]) / 2 }'
+    printf '%s\n' $* | sort -g | awk 'BEGIN { OFMT = "%.15g" } $1 != "-" { v[++n] = $1 } END { if (n == 0) print "-"; else if (n % 2) print v[(n + 1) / 2]; else print (v[n / 2] + v[n / 2 + 1]) / 2 }'
 }
 
 # --- report ----------------------------------------------------------------------------------
@@ -375,11 +474,18 @@ if ((sparse)) && [[ -z $sparse_note ]]; then cases+=(sparse); fi
 if ((json)); then
     for case in "${cases[@]}"; do
         ref_med=$(median "${ref_t[$case]}")
-        if [[ $case == random ]]; then bytes=$size_bytes data=$size_bytes; else bytes=$sparse_bytes data=$sparse_data; fi
+        if [[ $case == random ]]; then
+            bytes=$size_bytes data=$size_bytes sector=512 reference="cp --sparse=never IMG COPY && sync"
+        else
+            bytes=$sparse_bytes data=$sparse_data sector=$sparse_sector reference="cp --sparse=always IMG COPY && sync"
+        fi
         for step in "${rows[@]}"; do
             k="$case|$step"
             rest=${step#*/}
+            kh=false
+            if [[ $(profile_label "$case" "${step%%/*}") == secure+kh ]]; then kh=true; fi
             awk -v case_="$case" -v profile="${step%%/*}" -v placement="${rest%%/*}" -v strategy="${rest#*/}" -v size="$bytes" -v data="$data" -v runs="$runs" \
+                -v keep_holes="$kh" -v sector="$sector" -v reference="$reference" -v alloc="$(median "${seal_alloc[$k]}")" \
                 -v seal="$(median "${seal_t[$k]}")" -v unseal="$(median "${unseal_t[$k]}")" \
                 -v cp="$ref_med" -v sr="$(median "${seal_r[$k]}")" -v ur="$(median "${unseal_r[$k]}")" \
                 -v ssc="$(median "${seal_sc[$k]}")" -v sga="$(median "${seal_ga[$k]}")" \
@@ -389,8 +495,10 @@ if ((json)); then
                 function q(s) { gsub(/\\/, "\\\\", s); gsub(/"/, "\\\"", s); return "\"" s "\"" }
                 function n(s) { return s == "-" ? "null" : sprintf("%.3f", s) }
                 BEGIN {
-                    printf "{\"case\":%s,\"profile\":%s,\"placement\":%s,\"strategy\":%s,\"size_bytes\":%d,\"data_bytes\":%d,\"runs\":%d,\"memory\":%s,", q(case_), q(profile), q(placement), q(strategy), size, data, runs, q(memory)
-                    printf "\"median_seal_s\":%.3f,\"median_unseal_s\":%.3f,\"median_cp_sync_s\":%.3f,", seal, unseal, cp
+                    # %.0f, not %d: mawk clamps %d to 2^31 - 1.
+                    printf "{\"case\":%s,\"profile\":%s,\"keep_holes\":%s,\"placement\":%s,\"strategy\":%s,\"sector_size\":%d,\"size_bytes\":%.0f,\"data_bytes\":%.0f,\"runs\":%d,\"memory\":%s,", q(case_), q(profile), keep_holes, q(placement), q(strategy), sector, size, data, runs, q(memory)
+                    printf "\"reference\":%s,\"median_seal_s\":%.3f,\"median_unseal_s\":%.3f,\"median_cp_sync_s\":%.3f,", q(reference), seal, unseal, cp
+                    printf "\"median_sealed_allocated_bytes\":%s,", (alloc == "-" ? "null" : sprintf("%.0f", alloc))
                     printf "\"median_seal_over_cp\":%.2f,\"median_unseal_over_cp\":%.2f,\"ratio\":\"median of per-run ratios\",", sr, ur
                     printf "\"median_seal_scatter_s\":%s,\"median_seal_gather_s\":%s,\"median_unseal_scatter_s\":%s,\"median_unseal_gather_s\":%s,", n(ssc), n(sga), n(usc), n(uga)
                     printf "\"round_trip\":\"bit-exact (%s)\",\"nproc\":%d,\"cpu\":%s,\"fs\":%s,\"pdguard\":%s}\n", digest_tool, nproc, q(cpu), q(fs), q(version)
@@ -398,7 +506,7 @@ if ((json)); then
         done
     done
     if [[ -n $sparse_note ]]; then
-        awk -v note="$sparse_note" 'BEGIN { gsub(/"/, "\\\"", note); printf "{\"case\":\"sparse\",\"skipped\":\"%s\"}\n", note }'
+        awk -v note="$sparse_note" -v sector="$sparse_sector" 'BEGIN { gsub(/\\/, "\\\\", note); gsub(/"/, "\\\"", note); printf "{\"case\":\"sparse\",\"sector_size\":%d,\"skipped\":\"%s\"}\n", sector, note }'
     fi
     exit 0
 fi
@@ -414,27 +522,41 @@ for case in "${cases[@]}"; do
     if [[ $case == random ]]; then
         printf '\nreference: cp --sparse=never IMG COPY && sync\n'
     else
-        printf '\nsparse case: %s-byte image holding %s bytes of random data in 16 extents; reference: cp --sparse=always IMG COPY && sync (copies the data only)\n' "$sparse_bytes" "$sparse_data"
+        awk -v b="$sparse_bytes" -v d="$sparse_data" -v s="$sparse_sector" '
+            function h(x) { return x >= 2^30 ? sprintf("%.1f GiB", x / 2^30) : sprintf("%.1f MiB", x / 2^20) }
+            BEGIN { printf "\nsparse case: %.0f-byte image (%s) holding %.0f bytes (%s) of random data in 16 extents, sector size %d (--sector-size %d)\n", b, h(b), d, h(d), s, s }'
+        printf 'rows: the patent profile; the secure profile with --keep-holes ("secure+kh": sectors of zeros are not encrypted, so holes stay holes)\n'
+        printf 'reference: cp --sparse=always IMG COPY && sync (copies the data only); goal: seal within 3 x that copy\n'
+        printf 'the image is restored from a pristine sparse copy before every step (untimed)\n'
+        printf 'sealed_MiB: space the sealed image allocates (median); the original data ranges stay allocated (overwritten in place) and each data sector moved into a hole takes a file-system block of its own: with 512-byte sectors and 4 KiB blocks, up to 8 x the data on top of those ranges\n'
     fi
-    printf '%-8s %-10s %-10s %10s %10s %10s %8s %10s\n' profile placement strategy seal_s unseal_s cp_sync_s seal/cp unseal/cp
+    if [[ $case == random ]]; then
+        printf '%-9s %-10s %-10s %10s %10s %10s %8s %10s\n' profile placement strategy seal_s unseal_s cp_sync_s seal/cp unseal/cp
+    else
+        printf '%-9s %-10s %-10s %10s %10s %10s %8s %10s %11s\n' profile placement strategy seal_s unseal_s cp_sync_s seal/cp unseal/cp sealed_MiB
+    fi
     for step in "${rows[@]}"; do
         k="$case|$step"
         rest=${step#*/}
-        printf '%-8s %-10s %-10s %10.2f %10.2f %10.2f %8.2f %10.2f\n' "${step%%/*}" "${rest%%/*}" "${rest#*/}" \
+        printf '%-9s %-10s %-10s %10.2f %10.2f %10.2f %8.2f %10.2f' "$(profile_label "$case" "${step%%/*}")" "${rest%%/*}" "${rest#*/}" \
             "$(median "${seal_t[$k]}")" "$(median "${unseal_t[$k]}")" "$ref_med" \
             "$(median "${seal_r[$k]}")" "$(median "${unseal_r[$k]}")"
+        if [[ $case == sparse ]]; then
+            awk -v a="$(median "${seal_alloc[$k]}")" 'BEGIN { printf " %11.1f", a / 1048576 }'
+        fi
+        printf '\n'
     done
     printf '\npasses (%s case), median seconds; "rest" = the command minus its two passes (placement, fsyncs, deleting the thin disk)\n' "$case"
-    printf '%-8s %-10s %-10s %13s %12s %10s %15s %13s %12s\n' profile placement strategy seal_scatter seal_gather seal_rest unseal_scatter unseal_gather unseal_rest
+    printf '%-9s %-10s %-10s %13s %12s %10s %15s %13s %12s\n' profile placement strategy seal_scatter seal_gather seal_rest unseal_scatter unseal_gather unseal_rest
     for step in "${rows[@]}"; do
         k="$case|$step"
         rest=${step#*/}
-        awk -v pr="${step%%/*}" -v pl="${rest%%/*}" -v st="${rest#*/}" \
+        awk -v pr="$(profile_label "$case" "${step%%/*}")" -v pl="${rest%%/*}" -v st="${rest#*/}" \
             -v st_="$(median "${seal_t[$k]}")" -v ssc="$(median "${seal_sc[$k]}")" -v sga="$(median "${seal_ga[$k]}")" \
             -v ut="$(median "${unseal_t[$k]}")" -v usc="$(median "${unseal_sc[$k]}")" -v uga="$(median "${unseal_ga[$k]}")" '
             function f(x) { return x == "-" ? "-" : sprintf("%.2f", x) }
             function r(t, a, b) { return (a == "-" || b == "-") ? "-" : sprintf("%.2f", t - a - b) }
-            BEGIN { printf "%-8s %-10s %-10s %13s %12s %10s %15s %13s %12s\n", pr, pl, st, f(ssc), f(sga), r(st_, ssc, sga), f(usc), f(uga), r(ut, usc, uga) }'
+            BEGIN { printf "%-9s %-10s %-10s %13s %12s %10s %15s %13s %12s\n", pr, pl, st, f(ssc), f(sga), r(st_, ssc, sga), f(usc), f(uga), r(ut, usc, uga) }'
     done
 done
 if [[ -n $sparse_note ]]; then
