@@ -397,40 +397,65 @@ fn read_sequential(
     Ok(hasher.map(|h| h.finalize()))
 }
 
-/// What a writer thread writes at an offset: bytes, or a run of zeros (skipped where the
-/// destination is a hole, see [`Disk::write_zeros`]).
+/// What a writer thread writes.
 enum Out {
-    Bytes(Vec<u8>),
+    /// Bytes at an offset.
+    Bytes(u64, Vec<u8>),
+    /// Runs at their offsets, in order: bytes of the buffer, or zeros (skipped where the
+    /// destination is a hole, see [`Disk::write_zeros`]). One message for many small runs.
+    Runs(Vec<u8>, Vec<(u64, Run)>),
+}
+
+enum Run {
+    Bytes(std::ops::Range<usize>),
     Zeros(u64),
 }
 
-/// Writes each `(offset, what)` it receives, in order, and sends byte buffers back (still
-/// holding their bytes: a consumer that overwrites one whole need not clear or zero it);
-/// hashes what it writes if given a hasher.
+/// Writes what it receives, in order, and sends byte buffers back (still holding their
+/// bytes: a consumer that overwrites one whole need not clear or zero it); hashes what it
+/// writes if given a hasher.
 fn write_jobs(
     disk: &dyn Disk,
-    jobs: Receiver<(u64, Out)>,
+    jobs: Receiver<Out>,
     back: Sender<Vec<u8>>,
     mut hasher: Option<ImageHasher>,
 ) -> Result<Option<blake3::Hash>> {
     let mut behind = WriteBehind::default();
-    for (off, out) in jobs {
-        match out {
-            Out::Bytes(buf) => {
+    let put = |bytes: &[u8], off: u64, behind: &mut WriteBehind| -> Result<()> {
+        disk.write_at(bytes, off)?;
+        behind.wrote(disk, off, bytes.len() as u64);
+        Ok(())
+    };
+    for out in jobs {
+        let buf = match out {
+            Out::Bytes(off, buf) => {
                 if let Some(h) = hasher.as_mut() {
                     h.update(&buf);
                 }
-                disk.write_at(&buf, off)?;
-                behind.wrote(disk, off, buf.len() as u64);
-                let _ = back.send(buf);
+                put(&buf, off, &mut behind)?;
+                buf
             }
-            Out::Zeros(len) => {
-                if let Some(h) = hasher.as_mut() {
-                    h.update_zeros(len);
+            Out::Runs(buf, runs) => {
+                for (off, run) in runs {
+                    match run {
+                        Run::Bytes(r) => {
+                            if let Some(h) = hasher.as_mut() {
+                                h.update(&buf[r.clone()]);
+                            }
+                            put(&buf[r], off, &mut behind)?;
+                        }
+                        Run::Zeros(len) => {
+                            if let Some(h) = hasher.as_mut() {
+                                h.update_zeros(len);
+                            }
+                            disk.write_zeros(off, len)?;
+                        }
+                    }
                 }
-                disk.write_zeros(off, len)?;
+                buf
             }
-        }
+        };
+        let _ = back.send(buf);
     }
     behind.flush(disk);
     Ok(hasher.map(|h| h.finalize()))
@@ -616,17 +641,12 @@ struct Buckets<'a> {
     /// Packed sectors of each window already sent to the writer, or skipped as zeros.
     sent: Vec<u64>,
     made: usize,
-    jobs: SyncSender<(u64, Out)>,
+    jobs: SyncSender<Out>,
     pool: Receiver<Vec<u8>>,
 }
 
 impl<'a> Buckets<'a> {
-    fn new(
-        lay: &'a Layout,
-        b: &'a Budget,
-        jobs: SyncSender<(u64, Out)>,
-        pool: Receiver<Vec<u8>>,
-    ) -> Self {
+    fn new(lay: &'a Layout, b: &'a Budget, jobs: SyncSender<Out>, pool: Receiver<Vec<u8>>) -> Self {
         let s = lay.sector as usize;
         let windows = lay.windows() as usize;
         // Windows fill at about the same rate: with equal buffers they would all be full
@@ -686,7 +706,7 @@ impl<'a> Buckets<'a> {
         let off = self.lay.packed_offset(w, self.sent[w]);
         self.sent[w] += (full.len() / self.lay.sector as usize) as u64;
         self.jobs
-            .send((off, Out::Bytes(full)))
+            .send(Out::Bytes(off, full))
             .map_err(|_| Stop::Peer)
     }
 
@@ -708,7 +728,7 @@ fn scatter_main(
     b: &Budget,
     full: Receiver<Chunk>,
     back: Sender<Vec<u8>>,
-    jobs: SyncSender<(u64, Out)>,
+    jobs: SyncSender<Out>,
     pool: Receiver<Vec<u8>>,
     mut map: Option<&mut Vec<u32>>,
 ) -> Step {
@@ -854,7 +874,7 @@ fn gather_main(
     lay: &Layout,
     b: &Budget,
     mut streams: Streams,
-    jobs: SyncSender<(u64, Out)>,
+    jobs: SyncSender<Out>,
     pool: Receiver<Vec<u8>>,
     map: Option<&[u32]>,
 ) -> Step {
@@ -886,7 +906,7 @@ fn gather_main(
             ctx.decrypt(slot, &mut out[at..]);
         }
         ctx.progress.advance(out.len() as u64);
-        jobs.send((ctx.geometry.offset(i), Out::Bytes(out)))
+        jobs.send(Out::Bytes(ctx.geometry.offset(i), out))
             .map_err(|_| Stop::Peer)?;
         i += n;
     }
@@ -1206,11 +1226,11 @@ fn read_plans(
     Ok(hasher.map(|h| h.finalize()))
 }
 
-/// Sends destination sectors `[t0, t0 + n)` of a window to the writer (`sector(t)`: the
-/// bytes of destination sector `t`, `None` for zeros from a hole of the source). Pages
-/// (4 KiB of the destination, at least one sector) that hold any data are sent as bytes, the
-/// zeros in them included, since a file system allocates whole blocks anyway; pages of
-/// zeros only are sent as runs of [`Out::Zeros`], which costs nothing over a hole.
+/// Sends destination sectors `[t0, t0 + n)` of a window to the writer as one message
+/// (`sector(t)`: the bytes of destination sector `t`, `None` for zeros from a hole of the
+/// source). Pages (4 KiB of the destination, at least one sector) that hold any data are
+/// sent as bytes, the zeros in them included, since a file system allocates whole blocks
+/// anyway; pages of zeros only are sent as runs of zeros, which cost nothing over a hole.
 #[allow(clippy::too_many_arguments)]
 fn emit<'b>(
     lay: &Layout,
@@ -1219,60 +1239,38 @@ fn emit<'b>(
     (t0, n): (u64, u64),
     sector: impl Fn(u64) -> Option<&'b [u8]>,
     zero: &[u8],
-    jobs: &SyncSender<(u64, Out)>,
+    jobs: &SyncSender<Out>,
     pool: &Receiver<Vec<u8>>,
     made: &mut usize,
 ) -> Step {
     let s = lay.sector;
     let unit = (4096 / s).max(1);
     let base = plan.dst(lay, dir, 0) / s;
-    let send = |t: u64, out: Out| {
-        jobs.send((plan.dst(lay, dir, t), out))
-            .map_err(|_| Stop::Peer)
-    };
-    let mut bytes: Option<(u64, Vec<u8>)> = None;
-    let mut zeros: Option<(u64, u64)> = None;
+    let mut buf = spare(pool, made, OUT_BUFS, WRITE_CHUNK.max(s as usize))?;
+    buf.clear();
+    let mut runs: Vec<(u64, Run)> = Vec::new();
     let mut t = t0;
     while t < t0 + n {
         let end = (((base + t) / unit + 1) * unit - base).min(t0 + n);
         if (t..end).any(|k| sector(k).is_some()) {
-            if let Some((z, len)) = zeros.take() {
-                send(z, Out::Zeros(len * s))?;
-            }
-            let (b0, mut buf) = match bytes.take() {
-                Some(b) => b,
-                None => {
-                    let mut b = spare(pool, made, OUT_BUFS, WRITE_CHUNK)?;
-                    b.clear();
-                    (t, b)
-                }
-            };
+            let at = buf.len();
             for k in t..end {
                 buf.extend_from_slice(sector(k).unwrap_or(zero));
             }
-            if buf.len() >= WRITE_CHUNK {
-                send(b0, Out::Bytes(buf))?;
-            } else {
-                bytes = Some((b0, buf));
+            match runs.last_mut() {
+                Some((_, Run::Bytes(r))) => r.end = buf.len(),
+                _ => runs.push((plan.dst(lay, dir, t), Run::Bytes(at..buf.len()))),
             }
         } else {
-            if let Some((b0, buf)) = bytes.take() {
-                send(b0, Out::Bytes(buf))?;
-            }
-            match &mut zeros {
-                Some((_, len)) => *len += end - t,
-                None => zeros = Some((t, end - t)),
+            let len = (end - t) * s;
+            match runs.last_mut() {
+                Some((_, Run::Zeros(z))) => *z += len,
+                _ => runs.push((plan.dst(lay, dir, t), Run::Zeros(len))),
             }
         }
         t = end;
     }
-    if let Some((b0, buf)) = bytes {
-        send(b0, Out::Bytes(buf))?;
-    }
-    if let Some((z, len)) = zeros {
-        send(z, Out::Zeros(len * s))?;
-    }
-    Ok(())
+    jobs.send(Out::Runs(buf, runs)).map_err(|_| Stop::Peer)
 }
 
 /// The calling thread of a sealed pass: builds each window's destination from the pieces
@@ -1285,7 +1283,7 @@ fn permute_main(
     q: u64,
     pieces: Receiver<Piece>,
     back: Sender<Vec<u8>>,
-    jobs: SyncSender<(u64, Out)>,
+    jobs: SyncSender<Out>,
     pool: Receiver<Vec<u8>>,
 ) -> Step {
     let s = lay.sector as usize;
@@ -1352,17 +1350,23 @@ fn permute_main(
                 let k = (t - d0) as usize;
                 slice_has[k].then(|| &slice[k * s..(k + 1) * s])
             };
-            emit(
-                lay,
-                plan,
-                dir,
-                (d0, dn),
-                sector,
-                &zero,
-                &jobs,
-                &pool,
-                &mut made,
-            )?;
+            let chunk = (WRITE_CHUNK / s).max(1) as u64;
+            let mut t = d0;
+            while t < d0 + dn {
+                let n = chunk.min(d0 + dn - t);
+                emit(
+                    lay,
+                    plan,
+                    dir,
+                    (t, n),
+                    sector,
+                    &zero,
+                    &jobs,
+                    &pool,
+                    &mut made,
+                )?;
+                t += n;
+            }
             done += dn;
             ctx.progress.advance(dn * lay.sector);
         }
