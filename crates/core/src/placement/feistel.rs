@@ -17,7 +17,7 @@ use aes::cipher::{BlockEncrypt, KeyInit};
 use aes::{Aes256, Block};
 use zeroize::Zeroizing;
 
-use super::{Placement, PlacementError};
+use super::{Placement, PlacementError, EMPTY};
 
 /// Domain separation of the AES key: the caller's key is never used as an AES key as is.
 const CONTEXT: &str = "pdguard 2026-11 feistel placement v1";
@@ -40,6 +40,9 @@ const TABLE_BATCH: usize = 64;
 /// Sector `i` goes to the first value of `E(i), E(E(i)), ...` that is below `M`, where `E` is
 /// a 4-round Feistel permutation of `[0, 2^k)` with AES-256 round functions.
 ///
+/// Values evaluated in lockstep by [`Placement::slots_of`] and [`Placement::sectors_of`].
+const LANES: usize = 16;
+
 /// Clones share the round table (if any) and are cheap.
 #[derive(Clone)]
 pub struct FeistelPlacement {
@@ -173,6 +176,46 @@ impl FeistelPlacement {
         (left << self.half_bits) | right
     }
 
+    /// One step of `E` (`forward`) or `D` for each value `xs[k]`, `k` in `idx` (at most
+    /// [`LANES`]), in lockstep: the table lookups of different values overlap in the memory
+    /// pipeline, where those of one value wait for each other.
+    #[inline(always)]
+    fn step_lanes(&self, table: &[u32], xs: &mut [u64], idx: &[usize], forward: bool) {
+        let (h, mask) = (self.half_bits, self.mask);
+        let (mut l, mut r) = ([0u64; LANES], [0u64; LANES]);
+        for (j, &k) in idx.iter().enumerate() {
+            (l[j], r[j]) = (xs[k] >> h, xs[k] & mask);
+        }
+        if forward {
+            for round in 0..ROUNDS {
+                for j in 0..LANES {
+                    (l[j], r[j]) = (r[j], l[j] ^ self.lookup(table, round, r[j]));
+                }
+            }
+        } else {
+            for round in (0..ROUNDS).rev() {
+                for j in 0..LANES {
+                    (l[j], r[j]) = (r[j] ^ self.lookup(table, round, l[j]), l[j]);
+                }
+            }
+        }
+        for (j, &k) in idx.iter().enumerate() {
+            xs[k] = (l[j] << h) | r[j];
+        }
+    }
+
+    /// Cycle-walk every value of `xs` (each below `2^k`) into `[0, M)`, [`LANES`] values at a
+    /// time: a step for all, then more steps for those still at or above `M`.
+    fn walk_all(&self, table: &[u32], xs: &mut [u64], forward: bool) {
+        let mut pending: Vec<usize> = (0..xs.len()).collect();
+        while !pending.is_empty() {
+            for idx in pending.chunks(LANES) {
+                self.step_lanes(table, xs, idx, forward);
+            }
+            pending.retain(|&k| xs[k] >= self.slots);
+        }
+    }
+
     /// The Feistel rounds of `D` with round function `f`.
     #[inline(always)]
     fn backward(&self, y: u64, f: impl Fn(u8, u64) -> u64) -> u64 {
@@ -233,6 +276,51 @@ impl Placement for FeistelPlacement {
             x = self.encrypt(x);
             if x < self.slots {
                 return x;
+            }
+        }
+    }
+
+    /// Many sectors at once through the round table: the same values as
+    /// [`slot_of`](Placement::slot_of), several times faster.
+    fn slots_of(&self, first: u64, out: &mut [u64]) {
+        let end = first.saturating_add(out.len() as u64);
+        assert!(
+            end <= self.sectors,
+            "sectors up to {end} are outside the disk's {} sectors",
+            self.sectors
+        );
+        for (k, o) in out.iter_mut().enumerate() {
+            *o = first + k as u64;
+        }
+        match self.table.as_deref() {
+            Some(table) => self.walk_all(table, out, true),
+            None => {
+                for o in out.iter_mut() {
+                    *o = self.slot_of(*o);
+                }
+            }
+        }
+    }
+
+    /// Many slots at once, as [`slots_of`](Placement::slots_of) does for sectors.
+    fn sectors_of(&self, first: u64, out: &mut [u64]) {
+        let end = first.saturating_add(out.len() as u64);
+        match self.table.as_deref() {
+            Some(table) if end <= self.slots => {
+                for (k, o) in out.iter_mut().enumerate() {
+                    *o = first + k as u64;
+                }
+                self.walk_all(table, out, false);
+                for o in out.iter_mut() {
+                    if *o >= self.sectors {
+                        *o = EMPTY;
+                    }
+                }
+            }
+            _ => {
+                for (k, o) in out.iter_mut().enumerate() {
+                    *o = self.sector_of(first + k as u64).unwrap_or(EMPTY);
+                }
             }
         }
     }
@@ -467,6 +555,44 @@ mod tests {
                     "M = {}: pi^-1({x})",
                     a.slots
                 );
+            }
+        }
+    }
+
+    #[test]
+    fn batched_evaluation_gives_the_same_values_one_by_one() {
+        for (n, m) in [
+            (1u64, 1u64),
+            (1000, 1000),
+            (1000, 1500),
+            (5000, 1 << 13),
+            (70_000, 70_001),
+        ] {
+            for p in [
+                FeistelPlacement::new(KEY, n, m).unwrap(),
+                FeistelPlacement::without_table(KEY, n, m).unwrap(),
+            ] {
+                let mut slots = vec![0u64; n as usize];
+                p.slots_of(0, &mut slots);
+                let one: Vec<u64> = (0..n).map(|i| p.slot_of(i)).collect();
+                assert_eq!(slots, one, "N={n} M={m}");
+                let len = ((n - n / 2) as usize).min((n / 3) as usize);
+                let mut part = vec![0u64; len];
+                p.slots_of(n / 2, &mut part);
+                assert_eq!(
+                    part,
+                    one[(n / 2) as usize..][..len],
+                    "N={n} M={m}: from N/2"
+                );
+                let mut sectors = vec![0u64; m as usize];
+                p.sectors_of(0, &mut sectors);
+                for (t, &i) in sectors.iter().enumerate() {
+                    assert_eq!(
+                        p.sector_of(t as u64).unwrap_or(EMPTY),
+                        i,
+                        "N={n} M={m} slot {t}"
+                    );
+                }
             }
         }
     }

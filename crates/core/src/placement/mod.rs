@@ -65,7 +65,24 @@ pub trait Placement: Send + Sync {
     /// slot (`slot < M`). Gather skips empty slots ([045]) by this map, never by looking at
     /// the bytes: a sector of zeros is data too.
     fn sector_of(&self, slot: u64) -> Option<u64>;
+    /// `out[k] = pi(first + k)`, for `first + out.len() <= N`. The same values as
+    /// [`slot_of`](Self::slot_of); a placement may compute many at once, faster.
+    fn slots_of(&self, first: u64, out: &mut [u64]) {
+        for (k, o) in out.iter_mut().enumerate() {
+            *o = self.slot_of(first + k as u64);
+        }
+    }
+    /// `out[k] = pi^-1(first + k)`, or [`EMPTY`] for an empty slot, for
+    /// `first + out.len() <= M`. The same values as [`sector_of`](Self::sector_of).
+    fn sectors_of(&self, first: u64, out: &mut [u64]) {
+        for (k, o) in out.iter_mut().enumerate() {
+            *o = self.sector_of(first + k as u64).unwrap_or(EMPTY);
+        }
+    }
 }
+
+/// An empty slot in [`Placement::sectors_of`].
+pub const EMPTY: u64 = u64::MAX;
 
 /// Build the placement `kind` for `sectors` -> `slots`, keyed by `key` (for `patent`, the
 /// [040] seed or a keyed hash of it; for `feistel`, a 32-byte key derived from the same).

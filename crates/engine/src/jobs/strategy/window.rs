@@ -53,7 +53,7 @@ use std::thread::{self, Scope, ScopedJoinHandle};
 use std::time::Instant;
 
 use pdguard_core::digest::ImageHasher;
-use pdguard_core::{Geometry, Placement};
+use pdguard_core::Geometry;
 
 use super::{PassCtx, Strategy};
 use crate::store::{Disk, Result, StoreError};
@@ -87,6 +87,8 @@ const WRITE_CHUNK: usize = 256 << 10;
 const RELEASE_BYTES: u64 = 4 << 20;
 /// Write buffers of a sealed pass.
 const OUT_BUFS: usize = 4;
+/// Slots whose sectors a planner asks the placement for at once.
+const PLAN_BATCH: u64 = 4096;
 /// A window is moved in at most this many slices, however small the budget.
 const MAX_SLICES: u64 = 64;
 
@@ -330,13 +332,6 @@ fn spare(pool: &Receiver<Vec<u8>>, made: &mut usize, limit: usize, cap: usize) -
         return Ok(Vec::with_capacity(cap));
     }
     pool.recv().map_err(|_| Stop::Peer)
-}
-
-/// `out[k] = pi(first + k)`.
-fn slots_of(p: &dyn Placement, first: u64, out: &mut [u64]) {
-    for (k, o) in out.iter_mut().enumerate() {
-        *o = p.slot_of(first + k as u64);
-    }
 }
 
 /// A piece of a disk read in order: bytes, or a hole (zeros that were not read).
@@ -742,7 +737,7 @@ fn scatter_main(
     for chunk in full.iter() {
         let n = (chunk.len() / s as u64) as usize;
         slots.resize(n, 0);
-        slots_of(ctx.placement, i, &mut slots);
+        ctx.placement.slots_of(i, &mut slots);
         if let Some(m) = map.as_mut() {
             m.extend(slots.iter().map(|&t| t as u32));
         }
@@ -895,7 +890,7 @@ fn gather_main(
                     *t = u64::from(m);
                 }
             }
-            None => slots_of(ctx.placement, i, &mut slots),
+            None => ctx.placement.slots_of(i, &mut slots),
         }
         let mut out = spare(&pool, &mut made, CHUNKS, b.chunk)?;
         out.clear();
@@ -999,16 +994,25 @@ fn plan_windows(
     // window-relative slot of run position k.
     let mut pairs: Vec<(u64, u32)> = Vec::new();
     let mut tmp = Vec::new();
+    let mut batch = Vec::new();
     let mut rel: Vec<u32> = Vec::new();
     for w in 0..lay.windows() as usize {
         pairs.clear();
         rel.clear();
         let first = lay.first_slot(w);
-        for (t, slot) in (first..first + lay.capacity(w)).enumerate() {
-            if let Some(i) = ctx.placement.sector_of(slot) {
-                pairs.push((i, pairs.len() as u32));
-                rel.push(t as u32);
+        let cap = lay.capacity(w);
+        let mut t0 = 0;
+        while t0 < cap {
+            let n = PLAN_BATCH.min(cap - t0);
+            batch.resize(n as usize, 0);
+            ctx.placement.sectors_of(first + t0, &mut batch);
+            for (t, &i) in (t0..).zip(&batch) {
+                if i != pdguard_core::placement::EMPTY {
+                    pairs.push((i, pairs.len() as u32));
+                    rel.push(t as u32);
+                }
             }
+            t0 += n;
         }
         if pairs.is_empty() {
             continue;
@@ -1331,8 +1335,10 @@ fn permute_main(
         let s0 = p.piece * q;
         let sn = (p.buf.len() / s) as u64;
         if p.piece == 0 {
-            slice.clear();
-            slice.resize(dn as usize * s, 0);
+            // Only the sectors marked in `slice_has` are read back: no need to zero `slice`.
+            if slice.len() < dn as usize * s {
+                slice.resize(dn as usize * s, 0);
+            }
             slice_has.clear();
             slice_has.resize(dn as usize, false);
         }
@@ -1448,7 +1454,7 @@ impl Window {
 mod tests {
     use super::*;
     use crate::jobs::strategy::DEFAULT_MEMORY_BYTES;
-    use pdguard_core::PlacementKind;
+    use pdguard_core::{Placement, PlacementKind};
     use std::sync::atomic::{AtomicU64, Ordering};
 
     fn lay(sectors: u64, slots: u64, sector: u32) -> Layout {
