@@ -714,7 +714,7 @@ impl<'a> Job<'a> {
             .storage
             .free_bytes(thin)
             .map_err(|e| self.interrupted(e))?;
-        let need = self.geometry.disk_bytes();
+        let need = self.thin_need().map_err(|e| self.interrupted(e))?;
         if free < need {
             return Err(JobError::NoSpace {
                 thin: thin.clone(),
@@ -723,6 +723,21 @@ impl<'a> Job<'a> {
             });
         }
         Ok(())
+    }
+
+    /// Bytes the thin disk of the next scatter may take: the whole disk, unless zeros stay
+    /// zeros (patent profile, or `keep_holes`), when only the sectors in the image's data
+    /// ranges are written there. Packed in windows, they may take a few more pages than in
+    /// the image (a part page where each run ends): a quarter more and 16 MiB cover it. (A
+    /// sealed image's data ranges are pages holding scattered sectors, so for an unseal this
+    /// is generous.)
+    fn thin_need(&self) -> Result<u64, StoreError> {
+        let disk = self.geometry.disk_bytes();
+        if self.keys.cipher.is_some() && !self.rec.keep_holes {
+            return Ok(disk);
+        }
+        let data = self.image.data_map()?.data_bytes();
+        Ok(disk.min(data.saturating_add(data / 4).saturating_add(16 << 20)))
     }
 
     /// A seal interrupted in scatter is resumed only on the image it started on.

@@ -1124,3 +1124,32 @@ fn a_mostly_empty_disk_seals_and_unseals_in_proportion_to_its_data() {
     seal(&s, &secure(PlacementKind::Feistel, 512, 0), &NoProgress).unwrap();
     assert!(s.io_bytes().1 >= 2 * sectors * 512);
 }
+
+#[test]
+fn a_sparse_image_needs_free_space_for_its_data_only_unless_holes_are_encrypted() {
+    // 64 MiB holding 1 MiB: the patent profile and keep_holes write about 1 MiB to the thin
+    // disk (the unseal up to 8 MiB: the sealed data's pages), so 28 MiB free is plenty; the
+    // secure profile without keep_holes writes 64 MiB.
+    let mut rng = StdRng::seed_from_u64(76);
+    let mut img = vec![0u8; 64 << 20];
+    rng.fill(&mut img[8 << 20..9 << 20]);
+    let keep = SealOptions {
+        keep_holes: true,
+        ..secure(PlacementKind::Feistel, 512, 0)
+    };
+    for o in [opts(PlacementKind::Feistel, 512, 0), keep] {
+        let s = SimStorage::new(img.clone());
+        s.set_free_bytes(28 << 20);
+        seal(&s, &o, &NoProgress).unwrap();
+        unseal(&s, o.master_key.as_ref(), &NoProgress).unwrap();
+        assert!(s.image() == img);
+    }
+    let s = SimStorage::new(img.clone());
+    s.set_free_bytes(28 << 20);
+    let o = secure(PlacementKind::Feistel, 512, 0);
+    assert!(matches!(
+        seal(&s, &o, &NoProgress),
+        Err(JobError::NoSpace { need, .. }) if need == 64 << 20
+    ));
+    assert!(s.image() == img && s.record().is_none());
+}
