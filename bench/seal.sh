@@ -45,10 +45,10 @@ median time of each pass (from PDGUARD_LOG=info; `direct` logs none).
                       is written). The image is restored from a pristine sparse copy
                       (untimed) before every step, and the space the sealed image allocates
                       is reported. Skipped, with a note, when DIR has too little free
-                      space: pdguard asks for the image's full size free for its thin disk
-                      before every seal and unseal, on top of the pristine copy and the
-                      sealed image (which allocates up to (1 + B/S) x the data, B the file
-                      system's block size, S the sector size)
+                      space: pdguard asks for the data ranges plus a quarter and 16 MiB
+                      free for its thin disk before every seal and unseal, on top of the
+                      pristine copy and the sealed image (which allocates up to (1 + B/S) x
+                      the data, B the file system's block size, S the sector size)
   --sparse-sector-size N
                       --sector-size of the sparse case's seals (default 512, pdguard's
                       default): a power of two from 512 to 65536. At 512 each 4 KiB block
@@ -264,14 +264,16 @@ sparse_space() {
     if ((fs_block > sparse_sector)); then amp=$((fs_block / sparse_sector)); fi
     sealed=$((sparse_data * (1 + amp)))
     if ((sealed > sparse_bytes)); then sealed=$sparse_bytes; fi
-    thin=$sparse_data
+    # pdguard's free-space check wants the data ranges plus a quarter and 16 MiB for the thin
+    # disk (patent profile and --keep-holes): of the image before a seal, of the sealed image
+    # before an unseal.
+    thin=$((sealed + sealed / 4 + 16 * 1024 * 1024))
     for st in "${strategy_list[@]}"; do
-        if [[ $st == direct ]]; then thin=$((sparse_data * amp)); fi
+        if [[ $st == direct ]] && ((sparse_data * amp > thin)); then thin=$((sparse_data * amp)); fi
     done
-    # pdguard's free-space check wants the image's full size, which is never less than the thin disk.
-    if ((thin < sparse_bytes)); then thin=$sparse_bytes; fi
+    if ((thin > sparse_bytes)); then thin=$sparse_bytes; fi
     sparse_need=$((sparse_data + sealed + thin + 256 * 1024 * 1024))
-    sparse_why="pdguard wants the image's full size ($sparse_bytes bytes) free for its thin disk before every seal and unseal, while the pristine copy ($sparse_data bytes) and the sealed image exist (up to $sealed bytes allocated: the data ranges, overwritten in place, plus a $fs_block-byte block for each $sparse_sector-byte data sector moved into a hole), plus 256 MiB to spare"
+    sparse_why="the pristine copy ($sparse_data bytes) and the sealed image exist together (up to $sealed bytes allocated: the data ranges, overwritten in place, plus a $fs_block-byte block for each $sparse_sector-byte data sector moved into a hole), the thin disk needs up to $thin bytes (pdguard checks for the data ranges plus a quarter and 16 MiB), plus 256 MiB to spare"
 }
 if ((sparse)); then
     sparse_space
