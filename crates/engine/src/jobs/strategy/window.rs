@@ -607,10 +607,17 @@ impl Strategy for Window {
             let (req_tx, req_rx) = channel::<(usize, u64, Vec<u8>)>();
             let (resp_tx, resp_rx) = channel();
             let reader = spawn(sc, "pdguard-read", move || {
+                // Holes of the thin disk are not read: their sectors are zeros.
+                let map = thin.data_map()?;
+                let s = lay.sector;
                 for (w, off, mut buf) in req_rx {
-                    thin.read_at(&mut buf, off)?;
+                    let n = buf.len() as u64 / s;
+                    let ranges = data_sectors(&map, off, n, s);
+                    for &(a, b) in &ranges {
+                        thin.read_at(&mut buf[(a * s) as usize..(b * s) as usize], off + a * s)?;
+                    }
                     thin.release(off, buf.len() as u64);
-                    if resp_tx.send((w, buf)).is_err() {
+                    if resp_tx.send((w, (buf, presence(&ranges, n)))).is_err() {
                         break;
                     }
                 }
@@ -786,21 +793,26 @@ struct Streams {
     s: usize,
     half: u64,
     cur: Vec<Vec<u8>>,
+    /// Which sectors of `cur` were read (see [`Piece::present`]); `None`: all.
+    cur_present: Vec<Option<Vec<u64>>>,
     pos: Vec<usize>,
     /// Packed sectors requested so far, per window.
     asked: Vec<u64>,
     pending: Vec<bool>,
-    ready: Vec<Option<Vec<u8>>>,
+    ready: Vec<Option<Part>>,
     req: Sender<(usize, u64, Vec<u8>)>,
-    resp: Receiver<(usize, Vec<u8>)>,
+    resp: Receiver<(usize, Part)>,
 }
+
+/// Bytes read for a stream, and which of their sectors were read (the others are holes).
+type Part = (Vec<u8>, Option<Vec<u64>>);
 
 impl Streams {
     fn new(
         lay: &Layout,
         b: &Budget,
         req: Sender<(usize, u64, Vec<u8>)>,
-        resp: Receiver<(usize, Vec<u8>)>,
+        resp: Receiver<(usize, Part)>,
     ) -> Self {
         let w = lay.windows() as usize;
         Self {
@@ -808,6 +820,7 @@ impl Streams {
             s: lay.sector as usize,
             half: (b.window_buf as u64 / 2 / lay.sector).max(1),
             cur: vec![Vec::new(); w],
+            cur_present: vec![None; w],
             pos: vec![0; w],
             asked: vec![0; w],
             pending: vec![false; w],
@@ -844,29 +857,35 @@ impl Streams {
         Ok(())
     }
 
-    /// The next sector of window `w`.
-    fn next(&mut self, w: usize) -> Step<&[u8]> {
+    /// The next sector of window `w`; `None` for a sector of zeros in a hole of the thin disk.
+    fn next(&mut self, w: usize) -> Step<Option<&[u8]>> {
         if self.pos[w] == self.cur[w].len() {
             self.refill(w)?;
         }
         let at = self.pos[w];
         self.pos[w] += self.s;
-        Ok(&self.cur[w][at..at + self.s])
+        let k = at / self.s;
+        let read = match &self.cur_present[w] {
+            Some(m) => m[k / 64] >> (k % 64) & 1 == 1,
+            None => true,
+        };
+        Ok(read.then(|| &self.cur[w][at..at + self.s]))
     }
 
     fn refill(&mut self, w: usize) -> Step {
         if !self.pending[w] && self.ready[w].is_none() {
             return Err(Stop::Io(internal("a window's stream ended early")));
         }
-        let fresh = loop {
+        let (fresh, present) = loop {
             if let Some(b) = self.ready[w].take() {
                 break b;
             }
-            let (v, buf) = self.resp.recv().map_err(|_| Stop::Peer)?;
+            let (v, part) = self.resp.recv().map_err(|_| Stop::Peer)?;
             self.pending[v] = false;
-            self.ready[v] = Some(buf);
+            self.ready[v] = Some(part);
         };
         let old = mem::replace(&mut self.cur[w], fresh);
+        self.cur_present[w] = present;
         self.pos[w] = 0;
         self.request(w, old)
     }
@@ -885,6 +904,9 @@ fn gather_main(
     let s = lay.sector as usize;
     let n_total = ctx.geometry.sectors();
     let per_chunk = (b.chunk / s) as u64;
+    let unit = (4096 / lay.sector).max(1);
+    let zeros_stay = ctx.cipher.is_none() || ctx.keep_holes;
+    let zero = vec![0u8; s];
     streams.start()?;
     let mut made = 0;
     let mut slots = Vec::new();
@@ -903,15 +925,51 @@ fn gather_main(
         }
         let mut out = spare(&pool, &mut made, CHUNKS, b.chunk)?;
         out.clear();
-        for &slot in &slots {
-            let sector = streams.next(lay.window_of(slot))?;
+        // Page by page of the image (4 KiB, at least a sector): a page of zeros from holes
+        // of the thin disk joins a run of zeros, a page with data is copied whole.
+        let mut runs: Vec<(u64, Run)> = Vec::new();
+        let mut k = 0;
+        while k < n {
+            let end = (((i + k) / unit + 1) * unit - i).min(n);
             let at = out.len();
-            out.extend_from_slice(sector);
-            ctx.decrypt(slot, &mut out[at..]);
+            let mut any = false;
+            for (j, &slot) in (k..end).zip(&slots[k as usize..end as usize]) {
+                let sector = match streams.next(lay.window_of(slot))? {
+                    Some(bytes) => bytes,
+                    // Zeros from a hole decrypt to zeros only when zeros stay zeros.
+                    None if zeros_stay => {
+                        if any {
+                            out.extend_from_slice(&zero);
+                        }
+                        continue;
+                    }
+                    None => &zero,
+                };
+                if !any {
+                    out.resize(at + (j - k) as usize * s, 0);
+                    any = true;
+                }
+                let from = out.len();
+                out.extend_from_slice(sector);
+                ctx.decrypt(slot, &mut out[from..]);
+            }
+            let off = ctx.geometry.offset(i + k);
+            if any {
+                match runs.last_mut() {
+                    Some((_, Run::Bytes(r))) => r.end = out.len(),
+                    _ => runs.push((off, Run::Bytes(at..out.len()))),
+                }
+            } else {
+                let len = (end - k) * lay.sector;
+                match runs.last_mut() {
+                    Some((_, Run::Zeros(z))) => *z += len,
+                    _ => runs.push((off, Run::Zeros(len))),
+                }
+            }
+            k = end;
         }
-        ctx.progress.advance(out.len() as u64);
-        jobs.send(Out::Bytes(ctx.geometry.offset(i), out))
-            .map_err(|_| Stop::Peer)?;
+        ctx.progress.advance(n * lay.sector);
+        jobs.send(Out::Runs(out, runs)).map_err(|_| Stop::Peer)?;
         i += n;
     }
     Ok(())
@@ -953,6 +1011,22 @@ impl Piece {
             None => true,
         }
     }
+}
+
+/// The bitmap of `n` sectors set in `ranges` (from [`data_sectors`]), `None` when all are.
+fn presence(ranges: &[(u64, u64)], n: u64) -> Option<Vec<u64>> {
+    if let [(0, b)] = ranges {
+        if *b == n {
+            return None;
+        }
+    }
+    let mut m = vec![0u64; n.div_ceil(64) as usize];
+    for &(a, b) in ranges {
+        for k in a..b {
+            m[(k / 64) as usize] |= 1 << (k % 64);
+        }
+    }
+    Some(m)
 }
 
 /// The sectors of `[off, off + n * s)` that touch a data range of `map`, as merged sector
@@ -1189,18 +1263,7 @@ fn read_plans(
                 };
                 let off = plan.src(lay, dir, p0);
                 let ranges = data_sectors(&map, off, n, s);
-                let present = match ranges.as_slice() {
-                    [(0, b)] if *b == n => None,
-                    _ => {
-                        let mut m = vec![0u64; n.div_ceil(64) as usize];
-                        for &(a, b) in &ranges {
-                            for k in a..b {
-                                m[(k / 64) as usize] |= 1 << (k % 64);
-                            }
-                        }
-                        Some(m)
-                    }
-                };
+                let present = presence(&ranges, n);
                 // Only the sectors read are ever looked at: no need to zero the others.
                 if buf.len() < (n * s) as usize {
                     buf.resize((n * s) as usize, 0);
@@ -1239,9 +1302,9 @@ fn read_plans(
     Ok(hasher.map(|h| h.finalize()))
 }
 
-/// Sends destination sectors `[t0, t0 + n)` of a window to the writer as one message
-/// (`sector(t)`: the bytes of destination sector `t`, `None` for zeros from a hole of the
-/// source). Pages (4 KiB of the destination, at least one sector) that hold any data are
+/// Sends destination sectors `[t0, t0 + n)` of a window to the writer, one message per
+/// [`WRITE_CHUNK`] (`sector(t)`: the bytes of destination sector `t`, `None` for zeros from
+/// a hole of the source). Pages (4 KiB of the destination, at least one sector) that hold any data are
 /// sent as bytes, the zeros in them included, since a file system allocates whole blocks
 /// anyway; pages of zeros only are sent as runs of zeros, which cost nothing over a hole.
 #[allow(clippy::too_many_arguments)]
@@ -1251,6 +1314,29 @@ fn emit<'b>(
     dir: Dir,
     (t0, n): (u64, u64),
     sector: impl Fn(u64) -> Option<&'b [u8]>,
+    zero: &[u8],
+    jobs: &SyncSender<Out>,
+    pool: &Receiver<Vec<u8>>,
+    made: &mut usize,
+) -> Step {
+    let chunk = (WRITE_CHUNK as u64 / lay.sector).max(1);
+    let mut t = t0;
+    while t < t0 + n {
+        let m = chunk.min(t0 + n - t);
+        emit_chunk(lay, plan, dir, (t, m), &sector, zero, jobs, pool, made)?;
+        t += m;
+    }
+    Ok(())
+}
+
+/// One message of [`emit`].
+#[allow(clippy::too_many_arguments)]
+fn emit_chunk<'b>(
+    lay: &Layout,
+    plan: &Plan,
+    dir: Dir,
+    (t0, n): (u64, u64),
+    sector: &impl Fn(u64) -> Option<&'b [u8]>,
     zero: &[u8],
     jobs: &SyncSender<Out>,
     pool: &Receiver<Vec<u8>>,
@@ -1317,24 +1403,18 @@ fn permute_main(
                 p.has(f)
                     .then(|| &p.buf[f as usize * s..(f as usize + 1) * s])
             };
-            let chunk = (WRITE_CHUNK / s).max(1) as u64;
-            let mut t = 0;
-            while t < dn {
-                let n = chunk.min(dn - t);
-                emit(
-                    lay,
-                    plan,
-                    dir,
-                    (t, n),
-                    sector,
-                    &zero,
-                    &jobs,
-                    &pool,
-                    &mut made,
-                )?;
-                ctx.progress.advance(n * lay.sector);
-                t += n;
-            }
+            emit(
+                lay,
+                plan,
+                dir,
+                (0, dn),
+                sector,
+                &zero,
+                &jobs,
+                &pool,
+                &mut made,
+            )?;
+            ctx.progress.advance(dn * lay.sector);
             done += dn;
             let _ = back.send(p.buf);
             continue;
@@ -1365,23 +1445,17 @@ fn permute_main(
                 let k = (t - d0) as usize;
                 slice_has[k].then(|| &slice[k * s..(k + 1) * s])
             };
-            let chunk = (WRITE_CHUNK / s).max(1) as u64;
-            let mut t = d0;
-            while t < d0 + dn {
-                let n = chunk.min(d0 + dn - t);
-                emit(
-                    lay,
-                    plan,
-                    dir,
-                    (t, n),
-                    sector,
-                    &zero,
-                    &jobs,
-                    &pool,
-                    &mut made,
-                )?;
-                t += n;
-            }
+            emit(
+                lay,
+                plan,
+                dir,
+                (d0, dn),
+                sector,
+                &zero,
+                &jobs,
+                &pool,
+                &mut made,
+            )?;
             done += dn;
             ctx.progress.advance(dn * lay.sector);
         }
