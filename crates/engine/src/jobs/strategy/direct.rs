@@ -2,6 +2,7 @@
 
 use super::{PassCtx, SequentialWriter, Strategy};
 use crate::store::{Disk, Result};
+use pdguard_core::digest::ImageHasher;
 
 /// The patent's literal method: the disk is read linearly and each sector is written to the
 /// thin disk on its own at the drawn offset (claim 2); the thin disk is read back linearly,
@@ -20,24 +21,12 @@ impl Strategy for Direct {
         image: &dyn Disk,
         thin: &dyn Disk,
     ) -> Result<blake3::Hash> {
-        let (g, s) = (ctx.geometry, ctx.sector());
-        let mut hasher = ctx.plain_hasher();
-        let mut buf = vec![0u8; ctx.chunk_sectors() as usize * s];
-        let mut i = 0;
-        while i < g.sectors() {
-            let n = ctx.chunk_sectors().min(g.sectors() - i);
-            let chunk = &mut buf[..n as usize * s];
-            image.read_at(chunk, g.offset(i))?;
-            hasher.update(chunk);
-            for (k, sector) in chunk.chunks_exact_mut(s).enumerate() {
-                let slot = ctx.placement.slot_of(i + k as u64);
-                ctx.encrypt(slot, sector);
-                thin.write_at(sector, g.offset(slot))?;
-            }
-            ctx.progress.advance(chunk.len() as u64);
-            i += n;
-        }
-        Ok(hasher.finalize())
+        let g = ctx.geometry;
+        read_in_order(ctx, image, ctx.plain_hasher(), |i, sector| {
+            let slot = ctx.placement.slot_of(i);
+            ctx.encrypt(slot, sector);
+            thin.write_at(sector, g.offset(slot))
+        })
     }
 
     fn gather_sealed(
@@ -74,27 +63,15 @@ impl Strategy for Direct {
         image: &dyn Disk,
         thin: &dyn Disk,
     ) -> Result<blake3::Hash> {
-        let (g, s) = (ctx.geometry, ctx.sector());
-        let mut hasher = ctx.sealed_hasher();
-        let mut buf = vec![0u8; ctx.chunk_sectors() as usize * s];
+        let g = ctx.geometry;
         let mut slots = (0..g.thin_sectors()).filter(|&t| ctx.placement.sector_of(t).is_some());
-        let mut j = 0;
-        while j < g.sectors() {
-            let n = ctx.chunk_sectors().min(g.sectors() - j);
-            let chunk = &mut buf[..n as usize * s];
-            image.read_at(chunk, g.offset(j))?;
-            hasher.update(chunk);
-            for sector in chunk.chunks_exact(s) {
-                // The placement is injective with N sectors, so exactly N slots are used.
-                let Some(slot) = slots.next() else {
-                    unreachable!("placement has fewer used slots than sectors")
-                };
-                thin.write_at(sector, g.offset(slot))?;
-            }
-            ctx.progress.advance(chunk.len() as u64);
-            j += n;
-        }
-        Ok(hasher.finalize())
+        read_in_order(ctx, image, ctx.sealed_hasher(), |_, sector| {
+            // The placement is injective with N sectors, so exactly N slots are used.
+            let Some(slot) = slots.next() else {
+                unreachable!("placement has fewer used slots than sectors")
+            };
+            thin.write_at(sector, g.offset(slot))
+        })
     }
 
     fn gather_plain(
@@ -113,4 +90,29 @@ impl Strategy for Direct {
         }
         out.finish()
     }
+}
+
+/// Reads `image` in order in 1 MiB chunks, hashing each chunk before `each(i, sector)` sees
+/// (and may change) sector `i`; the digest of what was read.
+fn read_in_order(
+    ctx: &PassCtx,
+    image: &dyn Disk,
+    mut hasher: ImageHasher,
+    mut each: impl FnMut(u64, &mut [u8]) -> Result<()>,
+) -> Result<blake3::Hash> {
+    let (g, s) = (ctx.geometry, ctx.sector());
+    let mut buf = vec![0u8; ctx.chunk_sectors() as usize * s];
+    let mut i = 0;
+    while i < g.sectors() {
+        let n = ctx.chunk_sectors().min(g.sectors() - i);
+        let chunk = &mut buf[..n as usize * s];
+        image.read_at(chunk, g.offset(i))?;
+        hasher.update(chunk);
+        for (k, sector) in chunk.chunks_exact_mut(s).enumerate() {
+            each(i + k as u64, sector)?;
+        }
+        ctx.progress.advance(chunk.len() as u64);
+        i += n;
+    }
+    Ok(hasher.finalize())
 }
