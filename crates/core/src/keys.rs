@@ -34,6 +34,7 @@ const LABEL_XTS: &[u8] = b"pdguard 2026-11 sector cipher aes-256-xts v1";
 const LABEL_PLACEMENT: &[u8] = b"pdguard 2026-11 placement key v1";
 const LABEL_DIGEST: &[u8] = b"pdguard 2026-11 plaintext digest key v1";
 const CONTEXT_KEY_ID: &str = "pdguard 2026-11 master key id v1";
+const LABEL_RECORD_MAC: &[u8] = b"pdguard 2026-12 seal record mac v1";
 
 #[derive(Debug, Error, PartialEq, Eq)]
 pub enum KeyError {
@@ -88,6 +89,18 @@ impl MasterKey {
         hex::decode_to_slice(hexkey, &mut key).map_err(|_| KeyError::NotAKeyFile)?;
         Ok(Self(key))
     }
+}
+
+/// The key of a version 3 record's MAC: HKDF-SHA256 of the master key, salt = the seal id,
+/// info = `pdguard 2026-12 seal record mac v1`. One key per seal, so a record's MAC cannot
+/// be moved to another seal's record.
+pub fn record_mac_key(master: &MasterKey, seal_id: &str) -> Zeroizing<[u8; 32]> {
+    let hk = Hkdf::<Sha256>::new(Some(seal_id.as_bytes()), &master.0);
+    let mut key = Zeroizing::new([0u8; 32]);
+    // expand only fails for outputs longer than 255 * 32 bytes.
+    let ok = hk.expand(LABEL_RECORD_MAC, &mut key[..]).is_ok();
+    debug_assert!(ok);
+    key
 }
 
 /// A per-seal data key.
@@ -260,6 +273,15 @@ mod tests {
         let mut t = w.clone();
         t.ciphertext.replace_range(0..2, "ff");
         assert_eq!(unwrap(&m, &t, b"aad").err(), Some(KeyError::Unwrap));
+    }
+
+    #[test]
+    fn record_mac_keys_differ_by_master_and_seal() {
+        let a = MasterKey::from_bytes([1; 32]);
+        let b = MasterKey::from_bytes([2; 32]);
+        assert_ne!(*record_mac_key(&a, "s1"), *record_mac_key(&a, "s2"));
+        assert_ne!(*record_mac_key(&a, "s1"), *record_mac_key(&b, "s1"));
+        assert_eq!(*record_mac_key(&a, "s1"), *record_mac_key(&a, "s1"));
     }
 
     #[test]

@@ -8,6 +8,7 @@ pub mod cipher;
 pub mod digest;
 pub mod geometry;
 pub mod keys;
+pub mod keyslot;
 pub mod placement;
 pub mod seed;
 

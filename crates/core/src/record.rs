@@ -8,11 +8,15 @@
 //!
 //! | bytes          | content                                                          |
 //! |----------------|------------------------------------------------------------------|
-//! | line 1         | `PDGUARD-SEAL-RECORD <version> <blake3 hex of the body>`         |
+//! | line 1         | `PDGUARD-SEAL-RECORD <version> <blake3 hex of the body>[ <mac>]`  |
 //! | rest (body)    | the [`SealRecord`] as pretty-printed JSON, then `\n`             |
 //!
-//! The checksum turns a torn or edited record into a clear "corrupt" error instead of a
-//! wrong unseal. A `version` above [`RECORD_VERSION`] is refused: a newer pdguard wrote it.
+//! The checksum turns a torn record into a clear "corrupt" error instead of a wrong unseal;
+//! anyone can recompute it, so it proves nothing against an edit. Version 3 adds a fourth
+//! word: the hex keyed BLAKE3 of the body under a key derived from the master key and the
+//! seal id (`keys::record_mac_key`), or `-` when the record has none (patent profile, or a
+//! `shredding`/`shredded` record written without the key). [`authenticate`] checks it.
+//! A `version` above [`RECORD_VERSION`] is refused: a newer pdguard wrote it.
 
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
@@ -25,8 +29,12 @@ use crate::placement::PlacementKind;
 pub const RECORD_MAGIC: &str = "PDGUARD-SEAL-RECORD";
 /// Version this build writes, and the newest it reads.
 /// Version 2 added `digest` (the `blake3-64k` scheme) and `keep_holes`; version 1 records
-/// are read as `digest: blake3`, `keep_holes: false`.
-pub const RECORD_VERSION: u32 = 2;
+/// are read as `digest: blake3`, `keep_holes: false`. Version 3 added the MAC word of the
+/// header, the `key_slot` (the wrapped key moved out of the record into its key-slot file)
+/// and the `shredding` phase.
+pub const RECORD_VERSION: u32 = 3;
+/// The first version with a MAC word and a key-slot file.
+pub const KEY_SLOT_VERSION: u32 = 3;
 /// Suffix of the record beside its image: `disk.img` -> `disk.img.pdguard`.
 pub const RECORD_SUFFIX: &str = ".pdguard";
 /// Records are small; anything larger is not one of ours.
@@ -42,6 +50,8 @@ pub enum RecordError {
     Corrupt(String),
     #[error("it is inconsistent: {0}")]
     Inconsistent(String),
+    #[error("it is not authentic: {0}; it was edited or replaced after pdguard wrote it, so nothing was touched (restore the record from a backup)")]
+    Unauthenticated(&'static str),
 }
 
 /// What a seal hides (DESIGN.md §6).
@@ -73,6 +83,7 @@ impl Profile {
 /// | `unseal-scatter` | the image (sealed, untouched)      | unseal: restart scatter; seal: drop thin disk, back to `sealed` |
 /// | `unseal-gather`  | the thin disk (complete, synced)   | unseal: restart gather; seal: sealed gather from the thin disk |
 /// | `unsealed`       | the image (plaintext, verified)    | remove thin disk and record   |
+/// | `shredding`      | none: the key slot is being erased | `shred` again finishes it     |
 /// | `shredded`       | none: the key was destroyed        | nothing; the data is gone     |
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -83,6 +94,8 @@ pub enum Phase {
     UnsealScatter,
     UnsealGather,
     Unsealed,
+    /// `image shred` started: the key slot is being overwritten and removed.
+    Shredding,
     /// Crypto-erased by `image shred`: the wrapped key was overwritten and removed.
     Shredded,
 }
@@ -96,6 +109,7 @@ impl Phase {
             Self::UnsealScatter => "unseal-scatter",
             Self::UnsealGather => "unseal-gather",
             Self::Unsealed => "unsealed",
+            Self::Shredding => "shredding",
             Self::Shredded => "shredded",
         }
     }
@@ -104,6 +118,32 @@ impl Phase {
     pub fn thin_is_authoritative(self) -> bool {
         matches!(self, Self::SealGather | Self::UnsealGather)
     }
+
+    /// True once a shred has begun: the record holds no key and needs none.
+    pub fn is_shred(self) -> bool {
+        matches!(self, Self::Shredding | Self::Shredded)
+    }
+}
+
+/// Where a version 3 secure seal keeps its wrapped key: the key-slot file beside the
+/// record (`keyslot.rs`). The record holds no copy of the wrapped key, only what names and
+/// binds the slot.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeySlotRef {
+    /// AEAD that wraps the data key, e.g. `aes-256-gcm-siv`.
+    pub algorithm: String,
+    /// Identifies the master key (a hash of it), so a wrong key file is named as such.
+    pub master_key_id: String,
+    /// Size of the slot file in bytes (fixed for the seal's life).
+    pub bytes: u64,
+    /// BLAKE3 of the whole slot file: binds this record to its slot.
+    pub checksum: String,
+}
+
+/// True for a seal id as pdguard draws it: exactly 32 lowercase hex digits. It becomes part
+/// of file names, so nothing else may pass.
+pub fn valid_seal_id(id: &str) -> bool {
+    id.len() == 32 && id.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
 }
 
 /// A per-seal data key wrapped by the master key (secure profile). Never the key itself.
@@ -141,11 +181,18 @@ pub struct SealRecord {
     /// Hex [040] seed (patent profile only; the secure profile keeps it inside the key).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub seed: Option<String>,
+    /// Versions 1 and 2 only: the wrapped key inside the record.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub wrapped_key: Option<WrappedKey>,
+    /// Version 3, secure profile: the key-slot file that holds the wrapped key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_slot: Option<KeySlotRef>,
     pub phase: Phase,
-    /// Path of the thin disk while a job runs.
-    pub thin_path: String,
+    /// The thin disk's path as derived when the record was written. Never used to open,
+    /// write or delete anything: a job derives the path itself and refuses a record whose
+    /// `thin_path` differs from it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub thin_path: Option<String>,
     /// How `plain_digest` and `sealed_digest` are computed: `blake3-64k` (version 2) or
     /// `blake3` (version 1 records, where the field is absent). See `digest.rs`.
     #[serde(default = "legacy_digest")]
@@ -192,19 +239,39 @@ impl SealRecord {
         PlacementKind::from_name(&self.placement)
     }
 
+    /// The id of the master key this seal needs (secure profile, before a shred).
+    pub fn master_key_id(&self) -> Option<&str> {
+        match (&self.key_slot, &self.wrapped_key) {
+            (Some(s), _) => Some(&s.master_key_id),
+            (None, Some(w)) => Some(&w.master_key_id),
+            (None, None) => None,
+        }
+    }
+
     pub fn digest_scheme(&self) -> Option<DigestScheme> {
         DigestScheme::from_name(&self.digest)
     }
 
-    /// Serialise with the checksummed header line.
+    /// Serialise with the checksummed header line and no MAC.
     pub fn encode(&self) -> Vec<u8> {
+        self.encode_with_mac(None)
+    }
+
+    /// Serialise with the checksummed header line and, from version 3, the MAC word: the
+    /// keyed BLAKE3 of the body under `mac_key`, or `-` without one.
+    pub fn encode_with_mac(&self, mac_key: Option<&[u8; 32]>) -> Vec<u8> {
         // Serialising a plain struct of strings and integers cannot fail.
         let body = match serde_json::to_string_pretty(self) {
             Ok(s) => s + "\n",
             Err(e) => unreachable!("seal record serialisation failed: {e}"),
         };
         let sum = blake3::hash(body.as_bytes()).to_hex();
-        format!("{RECORD_MAGIC} {} {sum}\n{body}", self.version).into_bytes()
+        let mac = match (self.version >= KEY_SLOT_VERSION, mac_key) {
+            (false, _) => String::new(),
+            (true, None) => " -".into(),
+            (true, Some(k)) => format!(" {}", blake3::keyed_hash(k, body.as_bytes()).to_hex()),
+        };
+        format!("{RECORD_MAGIC} {} {sum}{mac}\n{body}", self.version).into_bytes()
     }
 
     /// Parse and check a record file's bytes.
@@ -231,6 +298,19 @@ impl SealRecord {
         let sum = words
             .next()
             .ok_or_else(|| RecordError::Corrupt("header has no checksum".into()))?;
+        let mac = words.next();
+        let mac_ok = match mac {
+            None => version < KEY_SLOT_VERSION,
+            Some(m) => {
+                version >= KEY_SLOT_VERSION
+                    && (m == "-" || (m.len() == 64 && m.bytes().all(|b| b.is_ascii_hexdigit())))
+            }
+        };
+        if !mac_ok || words.next().is_some() {
+            return Err(RecordError::Corrupt(
+                "header has a malformed MAC word".into(),
+            ));
+        }
         if blake3::hash(body.as_bytes()).to_hex().as_str() != sum {
             return Err(RecordError::Corrupt(
                 "checksum does not match its contents (torn or edited)".into(),
@@ -251,6 +331,23 @@ impl SealRecord {
     /// Internal consistency: what a valid writer always produces.
     fn check(&self) -> Result<(), RecordError> {
         let bad = |m: String| Err(RecordError::Inconsistent(m));
+        if !valid_seal_id(&self.seal_id) {
+            return bad("seal_id is not 32 lowercase hex digits".into());
+        }
+        if self.version >= KEY_SLOT_VERSION && self.wrapped_key.is_some() {
+            return bad(
+                "a version 3 record holds a wrapped key (it belongs in the key slot)".into(),
+            );
+        }
+        if self.version < KEY_SLOT_VERSION && self.key_slot.is_some() {
+            return bad(format!(
+                "a version {} record names a key slot",
+                self.version
+            ));
+        }
+        if self.profile == Profile::Patent && self.key_slot.is_some() {
+            return bad("patent profile with a key slot".into());
+        }
         let g = self
             .geometry()
             .map_err(|e| RecordError::Inconsistent(e.to_string()))?;
@@ -273,15 +370,19 @@ impl SealRecord {
             Profile::Patent if self.seed.is_none() => {
                 return bad("patent profile without a seed".into())
             }
-            Profile::Secure if self.wrapped_key.is_none() && self.phase != Phase::Shredded => {
-                return bad("secure profile without a wrapped key".into())
+            Profile::Secure
+                if self.wrapped_key.is_none()
+                    && self.key_slot.is_none()
+                    && !self.phase.is_shred() =>
+            {
+                return bad("secure profile without a wrapped key or key slot".into())
             }
             Profile::Secure if self.seed.is_some() => {
                 return bad("secure profile with a seed in the clear".into())
             }
             _ => {}
         }
-        let after_scatter = !matches!(self.phase, Phase::SealScatter | Phase::Shredded);
+        let after_scatter = !matches!(self.phase, Phase::SealScatter) && !self.phase.is_shred();
         if after_scatter && self.plain_digest.is_none() {
             return bad(format!("phase {} without plain_digest", self.phase.name()));
         }
@@ -293,6 +394,34 @@ impl SealRecord {
         }
         Ok(())
     }
+}
+
+/// Check the MAC word of a record's `bytes` (already decoded by [`SealRecord::decode`])
+/// against `mac_key`. A record without a MAC fails, except in a shred phase, whose record
+/// holds no key and may be written without one.
+pub fn authenticate(bytes: &[u8], rec: &SealRecord, mac_key: &[u8; 32]) -> Result<(), RecordError> {
+    if rec.version < KEY_SLOT_VERSION {
+        return Ok(());
+    }
+    let text = std::str::from_utf8(bytes).map_err(|_| RecordError::NotARecord)?;
+    let (header, body) = text.split_once('\n').ok_or(RecordError::NotARecord)?;
+    let mac = header.split(' ').nth(3).unwrap_or("-");
+    if mac == "-" {
+        if rec.phase.is_shred() {
+            return Ok(());
+        }
+        return Err(RecordError::Unauthenticated("it has no MAC"));
+    }
+    let mut want = [0u8; 32];
+    hex::decode_to_slice(mac, &mut want)
+        .map_err(|_| RecordError::Unauthenticated("its MAC is not hex"))?;
+    // blake3::Hash compares in constant time.
+    if blake3::keyed_hash(mac_key, body.as_bytes()) != blake3::Hash::from(want) {
+        return Err(RecordError::Unauthenticated(
+            "its MAC does not match its contents under this master key",
+        ));
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -314,8 +443,9 @@ mod tests {
             thin_sectors: 12,
             seed: Some("00".repeat(32)),
             wrapped_key: None,
+            key_slot: None,
             phase: Phase::Sealed,
-            thin_path: "/tmp/x.pdguard-thin".into(),
+            thin_path: Some("/tmp/x.pdguard-thin".into()),
             plain_digest: Some("ab".repeat(32)),
             sealed_digest: Some("cd".repeat(32)),
             sealed_fingerprint: Some("ef".repeat(32)),
@@ -411,6 +541,95 @@ mod tests {
             SealRecord::decode(&r.encode()),
             Err(RecordError::Inconsistent(_))
         ));
+    }
+
+    #[test]
+    fn mac_authenticates_the_whole_record() {
+        let key = [7u8; 32];
+        let r = sample();
+        let bytes = r.encode_with_mac(Some(&key));
+        let back = SealRecord::decode(&bytes).unwrap();
+        assert_eq!(back, r);
+        authenticate(&bytes, &back, &key).unwrap();
+        assert!(matches!(
+            authenticate(&bytes, &back, &[8u8; 32]),
+            Err(RecordError::Unauthenticated(_))
+        ));
+        // An attacker edits a field and recomputes the unkeyed checksum, keeping the MAC.
+        let text = String::from_utf8(bytes).unwrap();
+        let (header, _) = text.split_once('\n').unwrap();
+        let mac = header.split(' ').nth(3).unwrap();
+        let mut edited = r.clone();
+        edited.thin_path = Some("/etc/shadow".into());
+        let plain = String::from_utf8(edited.encode()).unwrap();
+        let forged = plain.replacen(" -\n", &format!(" {mac}\n"), 1);
+        let got = SealRecord::decode(forged.as_bytes()).unwrap();
+        assert!(matches!(
+            authenticate(forged.as_bytes(), &got, &key),
+            Err(RecordError::Unauthenticated(_))
+        ));
+        // No MAC at all: refused, except in a shred phase (the record holds no key).
+        let bare = r.encode();
+        assert!(authenticate(&bare, &r, &key).is_err());
+        let mut tomb = r.clone();
+        tomb.phase = Phase::Shredded;
+        tomb.plain_digest = None;
+        authenticate(&tomb.encode(), &tomb, &key).unwrap();
+    }
+
+    #[test]
+    fn seal_ids_are_exactly_32_lowercase_hex() {
+        assert!(valid_seal_id("00112233445566778899aabbccddeeff"));
+        for bad in [
+            "",
+            "0011",
+            "00112233445566778899AABBCCDDEEFF",
+            "../../../../etc/passwd/aabbccdde",
+            "00112233445566778899aabbccddeefg",
+            "00112233445566778899aabbccddeeff0",
+        ] {
+            assert!(!valid_seal_id(bad), "{bad}");
+            let mut r = sample();
+            r.seal_id = bad.into();
+            assert!(matches!(
+                SealRecord::decode(&r.encode()),
+                Err(RecordError::Inconsistent(_))
+            ));
+        }
+    }
+
+    #[test]
+    fn wrapped_key_and_key_slot_belong_to_their_versions() {
+        let slot = KeySlotRef {
+            algorithm: "aes-256-gcm-siv".into(),
+            master_key_id: "00".repeat(8),
+            bytes: 4096,
+            checksum: "11".repeat(32),
+        };
+        let w = WrappedKey {
+            algorithm: "aes-256-gcm-siv".into(),
+            master_key_id: "00".repeat(8),
+            nonce: "22".repeat(12),
+            ciphertext: "33".repeat(80),
+        };
+        let mut r = sample();
+        r.profile = Profile::Secure;
+        r.seed = None;
+        r.key_slot = Some(slot.clone());
+        assert!(SealRecord::decode(&r.encode()).is_ok());
+        r.wrapped_key = Some(w.clone());
+        assert!(
+            SealRecord::decode(&r.encode()).is_err(),
+            "v3 with a wrapped key"
+        );
+        r.version = 2;
+        r.key_slot = None;
+        assert!(SealRecord::decode(&r.encode()).is_ok());
+        r.key_slot = Some(slot);
+        assert!(
+            SealRecord::decode(&r.encode()).is_err(),
+            "v2 with a key slot"
+        );
     }
 
     #[test]

@@ -80,6 +80,24 @@ pub enum JobError {
         source: KeyError,
     },
 
+    #[error("seal record {record} names the thin disk {named}, but the thin disk of this seal is {derived}; pdguard never follows a path from a record, so nothing was touched: {fix}")]
+    ThinPathMismatch {
+        record: String,
+        named: String,
+        derived: String,
+        fix: String,
+    },
+
+    #[error("the key slot {slot} of {image} cannot be used: {why}; restore it (and its record) from a backup")]
+    KeySlot {
+        image: String,
+        slot: String,
+        why: String,
+    },
+
+    #[error("shred interrupted on {image}; run `pdguard image shred {image} --yes` to finish it (its key is already unusable)")]
+    ShredInterrupted { image: String },
+
     #[error("{image} was crypto-erased by `pdguard image shred`: its key is destroyed and its data cannot be recovered; delete the image or seal new data into it")]
     Shredded { image: String },
 

@@ -6,7 +6,8 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use pdguard_core::cipher::XtsAes256;
 use pdguard_core::digest::{DigestScheme, ImageHasher};
 use pdguard_core::keys::{self, DataKey, MasterKey};
-use pdguard_core::record::RECORD_VERSION;
+use pdguard_core::keyslot;
+use pdguard_core::record::{self, KeySlotRef, WrappedKey, KEY_SLOT_VERSION, RECORD_VERSION};
 use pdguard_core::{
     fingerprint_sectors, placement, seed, Geometry, Phase, Placement, PlacementKind, Profile,
     SealRecord,
@@ -103,27 +104,94 @@ fn now() -> u64 {
         .unwrap_or(0)
 }
 
-fn load(storage: &dyn Storage) -> Result<Option<SealRecord>> {
+/// Read and parse the record (checksum and consistency only).
+fn decode(storage: &dyn Storage) -> Result<Option<(Vec<u8>, SealRecord)>> {
     let bytes = storage.read_record().map_err(|source| JobError::Store {
         image: storage.image_name(),
         source,
     })?;
     bytes
         .map(|b| {
-            SealRecord::decode(&b).map_err(|source| JobError::Record {
+            let rec = SealRecord::decode(&b).map_err(|source| JobError::Record {
                 record: storage.record_name(),
                 source,
-            })
+            })?;
+            Ok((b, rec))
         })
         .transpose()
 }
 
-/// The seal record of an image, for `inspect`.
-pub fn inspect(storage: &dyn Storage) -> Result<SealRecord> {
-    load(storage)?.ok_or_else(|| JobError::NotSealed {
+/// The record as a job may use it: parsed, authenticated under the master key when the
+/// seal has one and a key is given (every field, before any file is touched), and naming
+/// no thin disk but the one derived from the seal id.
+fn load(storage: &dyn Storage, key: Option<&MasterKey>) -> Result<Option<SealRecord>> {
+    let Some((bytes, rec)) = decode(storage)? else {
+        return Ok(None);
+    };
+    if let (Profile::Secure, Some(master)) = (rec.profile, key) {
+        if let Some(want) = rec.master_key_id() {
+            if master.id() != want {
+                return Err(JobError::WrongKey {
+                    image: storage.image_name(),
+                    have: master.id(),
+                    want: want.into(),
+                });
+            }
+        }
+        let mac_key = keys::record_mac_key(master, &rec.seal_id);
+        record::authenticate(&bytes, &rec, &mac_key).map_err(|source| JobError::Record {
+            record: storage.record_name(),
+            source,
+        })?;
+    }
+    if let Some(named) = &rec.thin_path {
+        let derived = storage
+            .thin_name(&rec.seal_id)
+            .map_err(|source| JobError::Store {
+                image: storage.image_name(),
+                source,
+            })?;
+        if *named != derived {
+            let (n, d) = (std::path::Path::new(named), std::path::Path::new(&derived));
+            let fix = if n.file_name() == d.file_name() {
+                format!("if the record is genuine, run the command again with --thin-dir {}, else restore the record from a backup", n.parent().unwrap_or(n).display())
+            } else {
+                format!("the record does not belong to image {} (or was edited); pass the record of this image with --record, or restore it from a backup", storage.image_name())
+            };
+            return Err(JobError::ThinPathMismatch {
+                record: storage.record_name(),
+                named: named.clone(),
+                derived,
+                fix,
+            });
+        }
+    }
+    Ok(Some(rec))
+}
+
+/// The key of a record's MAC: secure profile, version 3 on, with the master key.
+fn mac_key_for(rec: &SealRecord, key: Option<&MasterKey>) -> Option<zeroize::Zeroizing<[u8; 32]>> {
+    match (rec.profile, key) {
+        (Profile::Secure, Some(k)) if rec.version >= KEY_SLOT_VERSION => {
+            Some(keys::record_mac_key(k, &rec.seal_id))
+        }
+        _ => None,
+    }
+}
+
+fn not_sealed(storage: &dyn Storage) -> JobError {
+    JobError::NotSealed {
         image: storage.image_name(),
         record: storage.record_name(),
-    })
+    }
+}
+
+/// The seal record of an image, for `inspect`: parsed and checked, not authenticated
+/// (showing it touches nothing).
+pub fn inspect(storage: &dyn Storage) -> Result<SealRecord> {
+    decode(storage)?
+        .map(|(_, rec)| rec)
+        .ok_or_else(|| not_sealed(storage))
 }
 
 /// Check a sealed image against its record's digest without unsealing it ([015]).
@@ -134,7 +202,7 @@ pub fn verify(
     key: Option<&MasterKey>,
     progress: &dyn Progress,
 ) -> Result<VerifyReport> {
-    let rec = inspect(storage)?;
+    let rec = load(storage, key)?.ok_or_else(|| not_sealed(storage))?;
     if rec.phase != Phase::Sealed {
         return Err(in_progress(storage, rec.phase));
     }
@@ -197,17 +265,18 @@ fn hash_image(
 }
 
 fn in_progress(storage: &dyn Storage, phase: Phase) -> JobError {
-    if phase == Phase::Shredded {
-        return JobError::Shredded {
-            image: storage.image_name(),
-        };
+    let image = storage.image_name();
+    match phase {
+        Phase::Shredded => return JobError::Shredded { image },
+        Phase::Shredding => return JobError::ShredInterrupted { image },
+        _ => {}
     }
     let command = match phase {
         Phase::SealScatter | Phase::SealGather => "seal",
         _ => "unseal",
     };
     JobError::InProgress {
-        image: storage.image_name(),
+        image,
         phase: phase.name(),
         command,
     }
@@ -234,12 +303,12 @@ pub fn seal(
     opts: &SealOptions,
     progress: &dyn Progress,
 ) -> Result<JobReport> {
-    let Some(rec) = load(storage)? else {
+    let key = opts.master_key.as_ref();
+    let Some(rec) = load(storage, key)? else {
         return fresh_seal(storage, opts, progress);
     };
     let from = Some(rec.phase);
     let done = |job: Job, outcome| job.report(outcome, from);
-    let key = opts.master_key.as_ref();
     match rec.phase {
         Phase::SealScatter => {
             let mut job = Job::open(storage, progress, rec, "seal", key, opts.memory_bytes)?;
@@ -255,7 +324,7 @@ pub fn seal(
         }
         Phase::Sealed => {
             // A crash after the final record write may have left the thin disk behind.
-            let _ = storage.remove_thin(&rec.thin_path);
+            let _ = storage.remove_thin(&rec.seal_id);
             Err(JobError::AlreadySealed {
                 image: storage.image_name(),
                 record: storage.record_name(),
@@ -276,6 +345,7 @@ pub fn seal(
             finish_unsealed(storage, &rec)?;
             fresh_seal(storage, opts, progress)
         }
+        Phase::Shredding => Err(in_progress(storage, rec.phase)),
         Phase::Shredded => {
             // The old contents are unrecoverable noise: sealing new data over them is fine.
             storage.remove_record().map_err(|source| JobError::Store {
@@ -303,21 +373,18 @@ pub fn unseal_with(
     progress: &dyn Progress,
     memory_bytes: u64,
 ) -> Result<JobReport> {
-    let rec = inspect(storage)?;
-    if rec.phase == Phase::Shredded {
+    let rec = load(storage, key)?.ok_or_else(|| not_sealed(storage))?;
+    if rec.phase.is_shred() {
         return Err(in_progress(storage, rec.phase));
     }
     let from = (rec.phase != Phase::Sealed).then_some(rec.phase);
     let mut job = Job::open(storage, progress, rec, "unseal", key, memory_bytes)?;
     let outcome = match job.rec.phase {
         Phase::SealScatter => {
-            // The image was never touched: dropping the thin disk and record is the rollback.
+            // The image was never touched: dropping the thin disk, the record and then the
+            // key slot is the rollback.
             let image = storage.image_name();
-            let thin = job.rec.thin_path.clone();
-            storage
-                .remove_thin(&thin)
-                .and_then(|()| storage.remove_record())
-                .map_err(|source| job.interrupted(source))?;
+            drop_seal(storage, &job.rec.seal_id).map_err(|source| job.interrupted(source))?;
             tracing::info!(%image, "rolled back an interrupted seal");
             Outcome::SealRolledBack
         }
@@ -345,48 +412,76 @@ pub fn unseal_with(
             finish_unsealed(storage, &job.rec)?;
             Outcome::Unsealed
         }
-        Phase::Shredded => unreachable!("refused above"),
+        Phase::Shredding | Phase::Shredded => unreachable!("refused above"),
     };
     Ok(job.report(outcome, from))
 }
 
-/// Crypto-erase a sealed image (NIST SP 800-88 "Purge" by cryptographic erase): overwrite
-/// the record's bytes in place and fsync, so the blocks that held the wrapped key hold
-/// zeros, then replace the record by a tombstone in phase `shredded` with no key material.
-/// Afterwards the sealed data cannot be decrypted even with the master key.
-pub fn shred(storage: &dyn Storage) -> Result<SealRecord> {
-    let rec = inspect(storage)?;
+/// Crypto-erase a sealed image (NIST SP 800-88 "Purge" by cryptographic erase). The
+/// wrapped key lives in one place, the key slot; in order: the record is marked
+/// `shredding` (it holds no key), the slot is overwritten in place with random bytes,
+/// fsynced and deleted, and the record becomes a `shredded` tombstone. A shred interrupted
+/// anywhere is finished by running it again. Afterwards the sealed data cannot be
+/// decrypted even with the master key.
+///
+/// With the master key, the record is authenticated first; without it the shred still
+/// runs (destroying needs no key, and every path it touches is derived, none read from
+/// the record).
+pub fn shred(storage: &dyn Storage, key: Option<&MasterKey>) -> Result<SealRecord> {
+    let rec = load(storage, key)?.ok_or_else(|| not_sealed(storage))?;
     if rec.profile != Profile::Secure {
         return Err(JobError::Unsupported(format!(
             "{} was sealed with the patent profile, which has no key to destroy; crypto-erase needs the secure profile (overwrite or delete the image instead)",
             storage.image_name()
         )));
     }
-    if rec.phase != Phase::Sealed {
-        return Err(in_progress(storage, rec.phase));
-    }
     let store_err = |source| JobError::Store {
         image: storage.image_name(),
         source,
     };
-    storage.overwrite_record().map_err(store_err)?;
-    let mut tomb = rec;
-    tomb.wrapped_key = None;
-    tomb.plain_digest = None;
-    tomb.phase = Phase::Shredded;
-    tomb.updated_unix = now();
-    storage.write_record(&tomb.encode()).map_err(store_err)?;
-    Ok(tomb)
+    let mac_key = key.map(|k| keys::record_mac_key(k, &rec.seal_id));
+    let mut rec = match rec.phase {
+        Phase::Sealed => {
+            if rec.version < KEY_SLOT_VERSION {
+                // The wrapped key is inside this very record file: keep the file under the
+                // slot's name so that it is overwritten in place, not left in free space.
+                storage.link_record_as_key_slot().map_err(store_err)?;
+            }
+            let mut marked = rec;
+            marked.version = RECORD_VERSION;
+            marked.wrapped_key = None;
+            marked.plain_digest = None;
+            marked.phase = Phase::Shredding;
+            marked.updated_unix = now();
+            let bytes = marked.encode_with_mac(mac_key.as_deref());
+            storage.write_record(&bytes).map_err(store_err)?;
+            marked
+        }
+        Phase::Shredding => rec,
+        other => return Err(in_progress(storage, other)),
+    };
+    storage.destroy_key_slot().map_err(store_err)?;
+    rec.key_slot = None;
+    rec.phase = Phase::Shredded;
+    rec.updated_unix = now();
+    let bytes = rec.encode_with_mac(mac_key.as_deref());
+    storage.write_record(&bytes).map_err(store_err)?;
+    Ok(rec)
+}
+
+/// Undo a seal that never wrote the image: thin disk, record, then key slot (a slot left
+/// by a crash here has no record and is destroyed by the next seal).
+fn drop_seal(storage: &dyn Storage, seal_id: &str) -> Result<(), StoreError> {
+    storage.remove_thin(seal_id)?;
+    storage.remove_record()?;
+    storage.destroy_key_slot()
 }
 
 fn finish_unsealed(storage: &dyn Storage, rec: &SealRecord) -> Result<()> {
-    storage
-        .remove_thin(&rec.thin_path)
-        .and_then(|()| storage.remove_record())
-        .map_err(|source| JobError::Store {
-            image: storage.image_name(),
-            source,
-        })
+    drop_seal(storage, &rec.seal_id).map_err(|source| JobError::Store {
+        image: storage.image_name(),
+        source,
+    })
 }
 
 fn fresh_seal(
@@ -434,9 +529,10 @@ fn fresh_seal(
         Profile::Patent => PlacementKind::Patent,
         Profile::Secure => PlacementKind::Feistel,
     };
+    let thin_path = storage.thin_name(&seal_id).map_err(store_err)?;
     let mut rec = SealRecord {
         version: RECORD_VERSION,
-        thin_path: storage.new_thin_path(&seal_id),
+        thin_path: Some(thin_path),
         seal_id,
         profile: opts.profile,
         placement: opts.placement.unwrap_or(default_placement).name().into(),
@@ -448,6 +544,7 @@ fn fresh_seal(
         thin_sectors: geometry.thin_sectors(),
         seed: (opts.profile == Profile::Patent).then(|| hex::encode(&seed)),
         wrapped_key: None,
+        key_slot: None,
         phase: Phase::SealScatter,
         plain_digest: None,
         sealed_digest: None,
@@ -458,25 +555,44 @@ fn fresh_seal(
         updated_unix: t,
         writer: concat!("pdguard ", env!("CARGO_PKG_VERSION")).into(),
     };
+    let mut slot = None;
     if let (Profile::Secure, Some(master)) = (opts.profile, &opts.master_key) {
         let data_key = DataKey::from_bytes(rand::random());
         let aad = keys::wrap_aad(&rec);
-        rec.wrapped_key = Some(keys::wrap(master, &data_key, &seed, rand::random(), &aad));
+        let wrapped = keys::wrap(master, &data_key, &seed, rand::random(), &aad);
+        let bytes = keyslot::encode(&rec.seal_id, &wrapped).map_err(|e| {
+            JobError::Unsupported(format!("the key slot of {image_name} cannot be made: {e}"))
+        })?;
+        rec.key_slot = Some(KeySlotRef {
+            algorithm: wrapped.algorithm.clone(),
+            master_key_id: wrapped.master_key_id.clone(),
+            bytes: bytes.len() as u64,
+            checksum: blake3::hash(&bytes).to_hex().to_string(),
+        });
+        slot = Some((bytes, wrapped));
     }
     let key = opts.master_key.as_ref();
+    let keys = Keys::from_wrapped(storage, &rec, key, slot.as_ref().map(|s| &s.1))?;
     let mut job = Job::with_image(
         storage,
         progress,
         rec,
         "seal",
         image,
+        keys,
         key,
         opts.memory_bytes,
     )?;
-    // Everything that can be checked is checked before the first write.
+    // Everything that can be checked is checked before the first write. The key slot is
+    // written before the record that names it: a crash in between leaves a slot without a
+    // record, which the next seal destroys.
     job.check_space()?;
+    if let Some((bytes, _)) = &slot {
+        storage.create_key_slot(bytes).map_err(store_err)?;
+    }
     job.rec.updated_unix = now();
-    storage.write_record(&job.rec.encode()).map_err(store_err)?;
+    let bytes = job.record_bytes();
+    storage.write_record(&bytes).map_err(store_err)?;
     job.seal_scatter()?;
     job.seal_gather()?;
     Ok(job.report(Outcome::Sealed, None))
@@ -499,6 +615,8 @@ struct Job<'a> {
     placement: Box<dyn Placement>,
     strategy: Box<dyn Strategy>,
     keys: Keys,
+    /// Keys the record's MAC (secure profile, record version 3 on).
+    mac_key: Option<Zeroizing<[u8; 32]>>,
     digest: DigestScheme,
     /// The command the user ran: `seal` or `unseal`.
     command: &'static str,
@@ -515,10 +633,29 @@ struct Keys {
 }
 
 impl Keys {
+    /// The keys of a record, reading the wrapped key from its key slot (version 3) or from
+    /// the record itself (versions 1 and 2).
     fn resolve(
         storage: &dyn Storage,
         rec: &SealRecord,
         master: Option<&MasterKey>,
+    ) -> Result<Self> {
+        if rec.profile != Profile::Secure || rec.phase.is_shred() || master.is_none() {
+            return Self::from_wrapped(storage, rec, master, None);
+        }
+        let wrapped = match &rec.key_slot {
+            Some(want) => Some(read_slot(storage, rec, want)?),
+            None => None,
+        };
+        Self::from_wrapped(storage, rec, master, wrapped.as_ref())
+    }
+
+    /// The keys of a record; `slot` is the wrapped key of its key slot, if it has one.
+    fn from_wrapped(
+        storage: &dyn Storage,
+        rec: &SealRecord,
+        master: Option<&MasterKey>,
+        slot: Option<&WrappedKey>,
     ) -> Result<Self> {
         let image = storage.image_name();
         let record_err = |e: &str| JobError::Record {
@@ -538,16 +675,15 @@ impl Keys {
                 })
             }
             Profile::Secure => {
-                if rec.phase == Phase::Shredded {
-                    return Err(JobError::Shredded { image });
+                if rec.phase.is_shred() {
+                    return Err(in_progress(storage, rec.phase));
                 }
-                let wrapped = rec
-                    .wrapped_key
-                    .as_ref()
-                    .ok_or_else(|| record_err("no wrapped key"))?;
                 let master = master.ok_or_else(|| JobError::KeyMissing {
                     image: image.clone(),
                 })?;
+                let wrapped = slot
+                    .or(rec.wrapped_key.as_ref())
+                    .ok_or_else(|| record_err("no wrapped key"))?;
                 if master.id() != wrapped.master_key_id {
                     return Err(JobError::WrongKey {
                         image,
@@ -574,6 +710,34 @@ impl Keys {
     }
 }
 
+/// The wrapped key in the key slot, checked against the record that names it.
+fn read_slot(storage: &dyn Storage, rec: &SealRecord, want: &KeySlotRef) -> Result<WrappedKey> {
+    let bad = |why: String| JobError::KeySlot {
+        image: storage.image_name(),
+        slot: storage.key_slot_name(),
+        why,
+    };
+    let bytes = storage
+        .read_key_slot()
+        .map_err(|source| JobError::Store {
+            image: storage.image_name(),
+            source,
+        })?
+        .ok_or_else(|| {
+            bad("it is missing (without it the sealed data cannot be decrypted)".into())
+        })?;
+    if bytes.len() as u64 != want.bytes || blake3::hash(&bytes).to_hex().as_str() != want.checksum {
+        return Err(bad(
+            "it is not the slot the seal record names (size or checksum differ)".into(),
+        ));
+    }
+    let slot = keyslot::decode(&bytes).map_err(|e| bad(e.to_string()))?;
+    if slot.seal_id != rec.seal_id || slot.wrapped.master_key_id != want.master_key_id {
+        return Err(bad("it belongs to another seal".into()));
+    }
+    Ok(slot.wrapped)
+}
+
 impl<'a> Job<'a> {
     fn open(
         storage: &'a dyn Storage,
@@ -584,24 +748,35 @@ impl<'a> Job<'a> {
         memory_bytes: u64,
     ) -> Result<Self> {
         // Keys first: a wrong or missing key is refused before the image is opened.
-        Keys::resolve(storage, &rec, key)?;
+        let keys = Keys::resolve(storage, &rec, key)?;
         let image = storage.open_image(true).map_err(|source| JobError::Store {
             image: storage.image_name(),
             source,
         })?;
-        Self::with_image(storage, progress, rec, command, image, key, memory_bytes)
+        Self::with_image(
+            storage,
+            progress,
+            rec,
+            command,
+            image,
+            keys,
+            key,
+            memory_bytes,
+        )
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn with_image(
         storage: &'a dyn Storage,
         progress: &'a dyn Progress,
         rec: SealRecord,
         command: &'static str,
         image: Box<dyn Disk>,
+        keys: Keys,
         key: Option<&MasterKey>,
         memory_bytes: u64,
     ) -> Result<Self> {
-        let keys = Keys::resolve(storage, &rec, key)?;
+        let mac_key = mac_key_for(&rec, key);
         check_size(storage, &rec, &*image)?;
         let record_err = |e: String| JobError::Record {
             record: storage.record_name(),
@@ -640,6 +815,7 @@ impl<'a> Job<'a> {
             placement,
             strategy,
             keys,
+            mac_key,
             digest,
             command,
             memory_bytes,
@@ -699,25 +875,36 @@ impl<'a> Job<'a> {
         }
     }
 
+    /// The record's bytes, with its MAC when the seal has a key.
+    fn record_bytes(&self) -> Vec<u8> {
+        self.rec.encode_with_mac(self.mac_key.as_deref())
+    }
+
     /// Write the record with a new phase, atomically and durably.
     fn commit(&mut self, phase: Phase) -> Result<()> {
         self.rec.phase = phase;
         self.rec.updated_unix = now();
+        let bytes = self.record_bytes();
         self.storage
-            .write_record(&self.rec.encode())
+            .write_record(&bytes)
             .map_err(|e| self.interrupted(e))
     }
 
+    fn thin_name(&self) -> String {
+        self.storage
+            .thin_name(&self.rec.seal_id)
+            .unwrap_or_else(|_| format!("the thin disk of seal {}", self.rec.seal_id))
+    }
+
     fn check_space(&self) -> Result<()> {
-        let thin = &self.rec.thin_path;
         let free = self
             .storage
-            .free_bytes(thin)
+            .free_bytes(&self.rec.seal_id)
             .map_err(|e| self.interrupted(e))?;
         let need = self.thin_need().map_err(|e| self.interrupted(e))?;
         if free < need {
             return Err(JobError::NoSpace {
-                thin: thin.clone(),
+                thin: self.thin_name(),
                 need,
                 free,
             });
@@ -785,17 +972,17 @@ impl<'a> Job<'a> {
     /// Seal pass 1, scatter: the image is read linearly and each sector goes to its slot
     /// of a new thin disk (claims 1-2). The image is untouched, so a failure rolls back.
     fn seal_scatter(&mut self) -> Result<()> {
-        let thin_path = self.rec.thin_path.clone();
+        let seal_id = self.rec.seal_id.clone();
         let run = |job: &Self| -> Result<blake3::Hash> {
             job.storage
-                .remove_thin(&thin_path)
+                .remove_thin(&seal_id)
                 .map_err(|e| job.interrupted(e))?;
             job.check_space()?;
             job.progress.pass("scatter", job.geometry.disk_bytes());
             let moved = || -> Result<blake3::Hash, StoreError> {
                 let thin = job
                     .storage
-                    .create_thin(&thin_path, job.geometry.thin_bytes())?;
+                    .create_thin(&seal_id, job.geometry.thin_bytes())?;
                 let (image, thin) = (job.sparse(&*job.image)?, job.sparse(&*thin)?);
                 let h = job.strategy.scatter_plain(&job.ctx(), &image, &thin)?;
                 thin.sync()?;
@@ -814,10 +1001,7 @@ impl<'a> Job<'a> {
     /// Undo a failed seal scatter: the image was only read, so dropping the thin disk and
     /// the record restores the state before the seal.
     fn roll_back_seal_scatter(&self, err: JobError) -> JobError {
-        let undone = self
-            .storage
-            .remove_thin(&self.rec.thin_path)
-            .and_then(|()| self.storage.remove_record());
+        let undone = drop_seal(self.storage, &self.rec.seal_id);
         match (err, undone) {
             (JobError::Interrupted { source, .. }, Ok(())) => JobError::RolledBack {
                 action: "sealing",
@@ -838,13 +1022,13 @@ impl<'a> Job<'a> {
     fn open_thin(&self) -> Result<Box<dyn Disk>> {
         let thin = self
             .storage
-            .open_thin(&self.rec.thin_path)
+            .open_thin(&self.rec.seal_id)
             .map_err(|e| self.interrupted(e))?;
         match thin {
             Some(t) if t.len() == self.geometry.thin_bytes() => Ok(t),
             _ => Err(JobError::ThinMissing {
                 image: self.image_name(),
-                thin: self.rec.thin_path.clone(),
+                thin: self.thin_name(),
                 phase: self.rec.phase.name(),
             }),
         }
@@ -868,16 +1052,16 @@ impl<'a> Job<'a> {
         self.commit(Phase::Sealed)?;
         drop(thin);
         self.storage
-            .remove_thin(&self.rec.thin_path)
+            .remove_thin(&self.rec.seal_id)
             .map_err(|e| self.interrupted(e))
     }
 
     /// Unseal pass 1: the sealed image is read linearly back into the thin-disk layout,
     /// and its digest checked before anything is written to the image.
     fn unseal_scatter(&mut self) -> Result<()> {
-        let thin_path = self.rec.thin_path.clone();
+        let seal_id = self.rec.seal_id.clone();
         self.storage
-            .remove_thin(&thin_path)
+            .remove_thin(&seal_id)
             .map_err(|e| self.interrupted(e))?;
         self.check_space()?;
         if self.rec.phase != Phase::UnsealScatter {
@@ -887,7 +1071,7 @@ impl<'a> Job<'a> {
         let moved = || -> Result<blake3::Hash, StoreError> {
             let thin = self
                 .storage
-                .create_thin(&thin_path, self.geometry.thin_bytes())?;
+                .create_thin(&seal_id, self.geometry.thin_bytes())?;
             let (image, thin) = (self.sparse(&*self.image)?, self.sparse(&*thin)?);
             let h = self.strategy.scatter_sealed(&self.ctx(), &image, &thin)?;
             thin.sync()?;
@@ -922,7 +1106,7 @@ impl<'a> Job<'a> {
     /// Drop an unseal's thin disk; the image is still sealed and untouched.
     fn abandon_unseal_scatter(&mut self) -> Result<()> {
         self.storage
-            .remove_thin(&self.rec.thin_path)
+            .remove_thin(&self.rec.seal_id)
             .map_err(|e| self.interrupted(e))?;
         self.commit(Phase::Sealed)
     }

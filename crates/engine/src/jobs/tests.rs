@@ -78,7 +78,7 @@ fn fig2_of_the_patent_through_scatter_and_gather() {
     let x: Vec<Vec<u8>> = (0..6u8).map(|k| vec![b'A' + k; 512]).collect();
     let storage = SimStorage::new(x.concat());
     let image = storage.open_image(true).unwrap();
-    let thin = storage.create_thin("fig2.thin", g.thin_bytes()).unwrap();
+    let thin = storage.scratch_disk("fig2.thin", g.thin_bytes());
     let placement = FixedPlacement::new(vec![5, 3, 0, 4, 2, 1], 12).unwrap();
     let ctx = PassCtx {
         geometry: g,
@@ -108,7 +108,7 @@ fn fig2_of_the_patent_through_scatter_and_gather() {
     assert_eq!(storage.image(), want);
     assert_eq!(sealed, blake3::hash(&want));
     // And back: the unseal passes invert it exactly.
-    let thin2 = storage.create_thin("fig2.thin2", g.thin_bytes()).unwrap();
+    let thin2 = storage.scratch_disk("fig2.thin2", g.thin_bytes());
     assert_eq!(
         Direct.scatter_sealed(&ctx, &*image, &*thin2).unwrap(),
         sealed
@@ -436,13 +436,15 @@ fn secure_profile_refuses_a_wrong_or_missing_key_without_change() {
         verify(&s, Some(&wrong), &NoProgress),
         Err(JobError::WrongKey { .. })
     ));
-    // A record whose disk identity was edited (and re-checksummed) no longer unwraps.
+    // A record whose disk identity was edited (and re-checksummed) is refused: its MAC
+    // no longer matches (and the wrap's associated data would not either).
     let mut edited = rec.clone();
     edited.seal_id = "ffffffffffffffffffffffffffffffff".into();
+    edited.thin_path = Some(s.thin_name(&edited.seal_id).unwrap());
     s.write_record(&edited.encode()).unwrap();
     assert!(matches!(
         unseal(&s, Some(&master()), &NoProgress),
-        Err(JobError::Key { .. })
+        Err(JobError::Record { .. })
     ));
     s.write_record(&sealed.1.clone().unwrap()).unwrap();
     assert_eq!((s.image(), s.record()), sealed);
@@ -458,13 +460,26 @@ fn shred_destroys_the_key_and_unseal_is_refused() {
     let s = SimStorage::new(img.clone());
     let o = secure(PlacementKind::Feistel, 512, 0);
     seal(&s, &o, &NoProgress).unwrap();
-    let wrapped = record(&s).unwrap().wrapped_key.unwrap();
-    let sealed = s.image();
-    let tomb = shred(&s).unwrap();
-    assert_eq!(tomb.phase, Phase::Shredded);
+    let rec = record(&s).unwrap();
+    assert!(
+        rec.wrapped_key.is_none(),
+        "a version 3 record holds the wrapped key"
+    );
+    let slot = s.key_slot().unwrap();
+    let ct = slot_ciphertext(&slot);
     let text = String::from_utf8(s.record().unwrap()).unwrap();
     assert!(
-        !text.contains(&wrapped.ciphertext),
+        !text.contains(&hex::encode(&ct)),
+        "the record holds a copy of the wrapped key"
+    );
+    let before = s.record().unwrap();
+    let sealed = s.image();
+    let tomb = shred(&s, Some(&master())).unwrap();
+    assert_eq!(tomb.phase, Phase::Shredded);
+    assert!(s.key_slot().is_none(), "the key slot survived the shred");
+    let text = String::from_utf8(s.record().unwrap()).unwrap();
+    assert!(
+        !text.contains(&hex::encode(&ct)),
         "wrapped key survived the shred"
     );
     assert!(matches!(
@@ -475,16 +490,274 @@ fn shred_destroys_the_key_and_unseal_is_refused() {
         verify(&s, None, &NoProgress),
         Err(JobError::Shredded { .. })
     ));
-    assert!(matches!(shred(&s), Err(JobError::Shredded { .. })));
+    assert!(matches!(shred(&s, None), Err(JobError::Shredded { .. })));
     assert_eq!(s.image(), sealed);
+    // The record as it was before the shred, written back, cannot unseal: its key slot is
+    // gone, and with it the only copy of the wrapped key.
+    s.write_record(&before).unwrap();
+    assert!(matches!(
+        unseal(&s, Some(&master()), &NoProgress),
+        Err(JobError::KeySlot { .. })
+    ));
+    assert_eq!(s.image(), sealed);
+    s.write_record(&s.record().unwrap()).unwrap();
+    shred(&s, None).unwrap();
     // The patent profile has no key to destroy.
     let p = SimStorage::new(img.clone());
     seal(&p, &SealOptions::default(), &NoProgress).unwrap();
-    assert!(matches!(shred(&p), Err(JobError::Unsupported(_))));
+    assert!(matches!(shred(&p, None), Err(JobError::Unsupported(_))));
+    assert!(p.key_slot().is_none(), "a patent seal has a key slot");
     // New data can be sealed over a shredded image.
     seal(&s, &o, &NoProgress).unwrap();
     unseal(&s, Some(&master()), &NoProgress).unwrap();
     assert_eq!(s.image(), sealed);
+    assert!(
+        s.key_slot().is_none(),
+        "an unsealed image keeps its key slot"
+    );
+}
+
+/// The wrapped key's raw bytes inside a slot file.
+fn slot_ciphertext(slot: &[u8]) -> Vec<u8> {
+    slot[pdguard_core::keyslot::ciphertext_range(slot).unwrap()].to_vec()
+}
+
+/// The record's bytes with its body edited by `edit`, and the unkeyed checksum recomputed
+/// as anyone can; the MAC word is kept as it was.
+fn forge(bytes: &[u8], edit: impl FnOnce(&mut SealRecord)) -> Vec<u8> {
+    let text = String::from_utf8(bytes.to_vec()).unwrap();
+    let (header, _) = text.split_once('\n').unwrap();
+    let mac = header.split(' ').nth(3);
+    let mut rec = SealRecord::decode(bytes).unwrap();
+    edit(&mut rec);
+    let plain = String::from_utf8(rec.encode()).unwrap();
+    match mac {
+        Some(m) => plain.replacen(" -\n", &format!(" {m}\n"), 1).into_bytes(),
+        None => plain.into_bytes(),
+    }
+}
+
+#[test]
+fn an_edited_secure_record_is_refused_before_anything_is_touched() {
+    let mut rng = StdRng::seed_from_u64(91);
+    let img = tagged_image(64, 512, &mut rng);
+    let s = SimStorage::new(img.clone());
+    seal(&s, &secure(PlacementKind::Feistel, 512, 0), &NoProgress).unwrap();
+    let good = s.record().unwrap();
+    let sealed = s.image();
+    let slot = s.key_slot();
+    // Edits that nothing but the MAC catches: a field no other check reads back.
+    let edits: [fn(&mut SealRecord); 3] = [
+        |r| r.sealed_digest = Some("00".repeat(32)),
+        |r| r.writer = "someone else".into(),
+        |r| r.created_unix += 1,
+    ];
+    for edit in edits {
+        let forged = forge(&good, edit);
+        assert!(
+            SealRecord::decode(&forged).is_ok(),
+            "the forgery is well formed"
+        );
+        s.write_record(&forged).unwrap();
+        let unauthentic = |e: JobError| {
+            matches!(
+                e,
+                JobError::Record {
+                    source: pdguard_core::RecordError::Unauthenticated(_),
+                    ..
+                }
+            )
+        };
+        let e = unseal(&s, Some(&master()), &NoProgress).unwrap_err();
+        assert!(unauthentic(e));
+        let e = verify(&s, Some(&master()), &NoProgress).unwrap_err();
+        assert!(unauthentic(e));
+        let e = shred(&s, Some(&master())).unwrap_err();
+        assert!(unauthentic(e));
+        let e = seal(&s, &secure(PlacementKind::Feistel, 512, 0), &NoProgress).unwrap_err();
+        assert!(unauthentic(e));
+        assert_eq!(
+            (s.image(), s.record(), s.key_slot()),
+            (sealed.clone(), Some(forged), slot.clone())
+        );
+    }
+    // A record with its MAC word removed is refused too.
+    let text = String::from_utf8(good.clone()).unwrap();
+    let (header, body) = text.split_once('\n').unwrap();
+    let words: Vec<&str> = header.split(' ').collect();
+    let bare = format!("{} {} {} -\n{body}", words[0], words[1], words[2]);
+    s.write_record(bare.as_bytes()).unwrap();
+    assert!(unseal(&s, Some(&master()), &NoProgress).is_err());
+    assert_eq!(s.image(), sealed);
+    s.write_record(&good).unwrap();
+    unseal(&s, Some(&master()), &NoProgress).unwrap();
+    assert_eq!(s.image(), img);
+}
+
+#[test]
+fn a_record_naming_another_thin_disk_is_refused_in_both_profiles() {
+    for o in [
+        SealOptions::default(),
+        secure(PlacementKind::Feistel, 512, 0),
+    ] {
+        let mut rng = StdRng::seed_from_u64(92);
+        let img = tagged_image(64, 512, &mut rng);
+        let s = SimStorage::new(img.clone());
+        seal(&s, &o, &NoProgress).unwrap();
+        let good = s.record().unwrap();
+        let sealed = s.image();
+        for phase in [
+            Phase::Sealed,
+            Phase::SealGather,
+            Phase::UnsealGather,
+            Phase::Unsealed,
+        ] {
+            let forged = forge(&good, |r| {
+                r.thin_path = Some("/etc/victim".into());
+                r.phase = phase;
+            });
+            s.write_record(&forged).unwrap();
+            // Without the key (patent profile), the derived path is the only defence.
+            for e in [
+                unseal(&s, o.master_key.as_ref(), &NoProgress).unwrap_err(),
+                unseal(&s, None, &NoProgress).unwrap_err(),
+                seal(&s, &o, &NoProgress).unwrap_err(),
+                seal(&s, &SealOptions::default(), &NoProgress).unwrap_err(),
+            ] {
+                let want_mac = o.profile == Profile::Secure && o.master_key.is_some();
+                assert!(
+                    matches!(e, JobError::ThinPathMismatch { .. })
+                        || (want_mac && matches!(e, JobError::Record { .. })),
+                    "{e}"
+                );
+            }
+            assert_eq!((s.image(), s.record()), (sealed.clone(), Some(forged)));
+        }
+        // A seal id that is not 32 lowercase hex digits never becomes a file name.
+        let forged = forge(&good, |r| r.seal_id = "../../../etc/passwd".into());
+        assert!(SealRecord::decode(&forged).is_err());
+        assert!(s.thin_name("../../../etc/passwd").is_err());
+        assert!(s.create_thin("../x", 512).is_err());
+    }
+}
+
+/// A record of version 2 kept its wrapped key inside; shredding it turns the record's own
+/// file into the key slot (hard link) and overwrites that, so no copy is left behind.
+#[test]
+fn shredding_a_version_2_record_destroys_the_record_file_it_was_in() {
+    let mut rng = StdRng::seed_from_u64(93);
+    let s = SimStorage::new(tagged_image(64, 512, &mut rng));
+    seal(&s, &secure(PlacementKind::Feistel, 512, 0), &NoProgress).unwrap();
+    let mut rec = record(&s).unwrap();
+    let slot = s.key_slot().unwrap();
+    rec.version = 2;
+    rec.key_slot = None;
+    rec.wrapped_key = Some(pdguard_core::keyslot::decode(&slot).unwrap().wrapped);
+    s.destroy_key_slot().unwrap();
+    let v2 = rec.encode();
+    s.write_record(&v2).unwrap();
+    let ct = rec.wrapped_key.clone().unwrap().ciphertext;
+    let tomb = shred(&s, None).unwrap();
+    assert_eq!((tomb.phase, tomb.version), (Phase::Shredded, 3));
+    assert!(s.key_slot().is_none());
+    assert!(!String::from_utf8(s.record().unwrap())
+        .unwrap()
+        .contains(&ct));
+}
+
+/// A power loss at every step of a shred: the image is sealed (shred did not start) or the
+/// record says `shredding` or `shredded`, never a record that no command can read; running
+/// `shred` again always finishes it, and after it no copy of the wrapped key is left.
+#[test]
+fn a_power_loss_at_every_step_of_a_shred_is_resumable() {
+    let mut rng = StdRng::seed_from_u64(94);
+    let img = tagged_image(64, 512, &mut rng);
+    let o = secure(PlacementKind::Feistel, 512, 0);
+    let base = SimStorage::new(img.clone());
+    seal(&base, &o, &NoProgress).unwrap();
+    let ct = hex::encode(slot_ciphertext(&base.key_slot().unwrap()));
+    let total = {
+        let probe = base.power_loss(&mut rng);
+        let before = probe.steps();
+        shred(&probe, Some(&master())).unwrap();
+        probe.steps() - before
+    };
+    assert!(total >= 5, "a shred of {total} steps");
+    for step in 1..=total + 1 {
+        let s = base.power_loss(&mut rng);
+        s.arm(step, Fault::Crash);
+        let _ = shred(&s, Some(&master()));
+        let s = s.power_loss(&mut rng);
+        let rec = record(&s).unwrap();
+        match rec.phase {
+            Phase::Sealed => {
+                assert!(s.key_slot().is_some(), "step {step}: sealed without a slot");
+                // Still intact: it unseals.
+                let t = s.power_loss(&mut rng);
+                unseal(&t, Some(&master()), &NoProgress).unwrap();
+                assert!(t.image() == img, "step {step}");
+            }
+            Phase::Shredding => {
+                assert!(matches!(
+                    unseal(&s, Some(&master()), &NoProgress),
+                    Err(JobError::ShredInterrupted { .. })
+                ));
+                assert!(matches!(
+                    seal(&s, &o, &NoProgress),
+                    Err(JobError::ShredInterrupted { .. })
+                ));
+            }
+            Phase::Shredded => assert!(s.key_slot().is_none(), "step {step}"),
+            other => panic!("step {step}: phase {other:?}"),
+        }
+        if rec.phase != Phase::Sealed {
+            shred(&s, Some(&master())).unwrap_or_else(|e| match e {
+                JobError::Shredded { .. } => record(&s).unwrap(),
+                e => panic!("step {step}: {e}"),
+            });
+            assert_eq!(record(&s).unwrap().phase, Phase::Shredded, "step {step}");
+            assert!(s.key_slot().is_none(), "step {step}: slot left");
+            assert!(!String::from_utf8(s.record().unwrap())
+                .unwrap()
+                .contains(&ct));
+        }
+    }
+}
+
+/// A power loss at every step of a secure seal up to its first record write (the key slot's
+/// create, write and fsync among them): afterwards either nothing is sealed (a slot left
+/// behind is destroyed by the next seal) or the seal resumes; the data always comes back.
+#[test]
+fn a_power_loss_during_the_key_slot_write_loses_nothing() {
+    let mut rng = StdRng::seed_from_u64(95);
+    let img = tagged_image(64, 512, &mut rng);
+    let o = secure(PlacementKind::Feistel, 512, 0);
+    for step in 1..=12 {
+        let s = SimStorage::new(img.clone());
+        s.arm(step, Fault::Crash);
+        let _ = seal(&s, &o, &NoProgress);
+        let s = s.power_loss(&mut rng);
+        if s.record().is_none() {
+            assert!(
+                s.image() == img,
+                "step {step}: image changed without a record"
+            );
+            // A new seal replaces any stale slot, and it unseals with the new slot.
+            seal(&s, &o, &NoProgress).unwrap();
+        } else {
+            assert!(
+                s.key_slot().is_some(),
+                "step {step}: a record without its slot"
+            );
+            let _ = seal(&s, &o, &NoProgress);
+        }
+        unseal(&s, Some(&master()), &NoProgress).unwrap();
+        assert!(s.image() == img, "step {step}: data lost");
+        assert!(
+            s.key_slot().is_none(),
+            "step {step}: slot left after unseal"
+        );
+    }
 }
 
 #[test]
@@ -559,9 +832,9 @@ impl Pass<'_> {
         img: &[u8],
     ) -> (Vec<u8>, Vec<u8>, [blake3::Hash; 2]) {
         let g = self.ctx.geometry;
-        let image = self.storage.create_thin("image", g.disk_bytes()).unwrap();
+        let image = self.storage.scratch_disk("image", g.disk_bytes());
         image.write_at(img, 0).unwrap();
-        let thin = self.storage.create_thin("thin", g.thin_bytes()).unwrap();
+        let thin = self.storage.scratch_disk("thin", g.thin_bytes());
         let s = u64::from(g.sector_size());
         let sparse = |d| Sparse::new(d, s).unwrap();
         let plain = first
@@ -585,9 +858,9 @@ impl Pass<'_> {
         sealed: &[u8],
     ) -> (Vec<u8>, Vec<u8>, [blake3::Hash; 2]) {
         let g = self.ctx.geometry;
-        let image = self.storage.create_thin("image", g.disk_bytes()).unwrap();
+        let image = self.storage.scratch_disk("image", g.disk_bytes());
         image.write_at(sealed, 0).unwrap();
-        let thin = self.storage.create_thin("thin", g.thin_bytes()).unwrap();
+        let thin = self.storage.scratch_disk("thin", g.thin_bytes());
         let sz = u64::from(g.sector_size());
         let sparse = |d| Sparse::new(d, sz).unwrap();
         let s = first

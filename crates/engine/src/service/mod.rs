@@ -347,10 +347,12 @@ impl Service {
                     d.state.name()
                 )));
             }
-            jobs::shred(&storage).map_err(|source| ServiceError::Job {
-                disk: name.into(),
-                action: "shred",
-                source: Box::new(source),
+            jobs::shred(&storage, self.s.cfg.master_key.as_ref()).map_err(|source| {
+                ServiceError::Job {
+                    disk: name.into(),
+                    action: "shred",
+                    source: Box::new(source),
+                }
             })?;
         }
         if d.managed {

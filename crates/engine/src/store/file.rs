@@ -2,11 +2,76 @@
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Seek, SeekFrom, Write};
-use std::os::unix::fs::{FileExt, FileTypeExt, OpenOptionsExt};
+use std::os::unix::fs::{FileExt, FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use super::{DataMap, Disk, Result, Storage, StoreError};
+use pdguard_core::keyslot::{MAX_SLOT_BYTES, SLOT_SUFFIX};
+use rand::RngCore;
+
+use super::{check_seal_id, DataMap, Disk, Result, Storage, StoreError};
+
+/// `O_NOFOLLOW` for [`OpenOptionsExt::custom_flags`]: a symbolic link as the last component
+/// fails with `ELOOP` instead of being followed.
+fn nofollow() -> i32 {
+    rustix::fs::OFlags::NOFOLLOW.bits() as i32
+}
+
+/// Open an existing file for pdguard's own use: never through a symbolic link, and only a
+/// regular file. `None` when there is none.
+fn open_own(path: &Path, write: bool, what: &str) -> Result<Option<File>> {
+    let file = match OpenOptions::new()
+        .read(true)
+        .write(write)
+        .custom_flags(nofollow())
+        .open(path)
+    {
+        Ok(f) => f,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) if e.raw_os_error() == Some(rustix::io::Errno::LOOP.raw_os_error()) => {
+            return Err(StoreError::io(
+                "open",
+                what,
+                io::Error::other("it is a symbolic link, which pdguard never follows; remove it"),
+            ))
+        }
+        Err(e) => return Err(StoreError::io("open", what, e)),
+    };
+    let meta = file
+        .metadata()
+        .map_err(|e| StoreError::io("stat", what, e))?;
+    if !meta.file_type().is_file() {
+        return Err(StoreError::io(
+            "open",
+            what,
+            io::Error::other("it is not a regular file; remove it"),
+        ));
+    }
+    Ok(Some(file))
+}
+
+/// Create `path` exclusively (`O_EXCL`: never an existing file, never through a link).
+fn create_own(path: &Path, what: &str) -> Result<File> {
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .custom_flags(nofollow())
+        .mode(0o600)
+        .open(path)
+        .map_err(|e| StoreError::io("create", what, e))
+}
+
+/// Unlink `path` if it exists (a symbolic link is removed, not followed), then fsync its
+/// directory.
+fn remove_own(path: &Path, what: &str) -> Result<()> {
+    match fs::remove_file(path) {
+        Ok(()) => sync_dir(&parent_of(path))
+            .map_err(|e| StoreError::io("fsync the directory of", what, e)),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(StoreError::io("delete", what, e)),
+    }
+}
 
 /// Suffix of a thin disk's file name.
 pub const THIN_SUFFIX: &str = ".pdguard-thin";
@@ -171,6 +236,27 @@ impl ImageStorage {
         &self.record
     }
 
+    /// The key slot beside the record: `PATH.pdguard.key`.
+    pub fn key_slot_path(&self) -> PathBuf {
+        let mut s = self.record.as_os_str().to_owned();
+        s.push(SLOT_SUFFIX);
+        PathBuf::from(s)
+    }
+
+    /// `THIN_DIR/<image file name>.<first 8 digits of the seal id>.pdguard-thin` (the name
+    /// versions 1 and 2 used, so their interrupted jobs still resume).
+    fn thin_path(&self, seal_id: &str) -> Result<PathBuf> {
+        check_seal_id(seal_id)?;
+        let name = self
+            .image
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "disk".into());
+        Ok(self
+            .thin_dir
+            .join(format!("{name}.{}{THIN_SUFFIX}", &seal_id[..8])))
+    }
+
     fn tmp_record(&self) -> PathBuf {
         let mut s = self.record.as_os_str().to_owned();
         s.push(".tmp");
@@ -201,69 +287,109 @@ impl Storage for ImageStorage {
         Ok(Box::new(Self::open_disk(&self.image, what, write)?))
     }
 
-    fn new_thin_path(&self, seal_id: &str) -> String {
-        let name = self
-            .image
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_else(|| "disk".into());
-        let short = seal_id.get(..8).unwrap_or(seal_id);
-        self.thin_dir
-            .join(format!("{name}.{short}{THIN_SUFFIX}"))
-            .display()
-            .to_string()
+    fn thin_name(&self, seal_id: &str) -> Result<String> {
+        Ok(self.thin_path(seal_id)?.display().to_string())
     }
 
-    fn free_bytes(&self, thin_path: &str) -> Result<u64> {
-        let dir = parent_of(Path::new(thin_path));
+    fn free_bytes(&self, seal_id: &str) -> Result<u64> {
+        let dir = parent_of(&self.thin_path(seal_id)?);
         let st = rustix::fs::statvfs(&dir).map_err(|e| {
             StoreError::io("measure free space of", dir.display().to_string(), e.into())
         })?;
         Ok(st.f_bavail.saturating_mul(st.f_frsize))
     }
 
-    fn create_thin(&self, thin_path: &str, bytes: u64) -> Result<Box<dyn Disk>> {
-        let path = Path::new(thin_path);
-        let what = format!("thin disk {thin_path}");
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(path)
-            .map_err(|e| StoreError::io("create", &what, e))?;
+    fn create_thin(&self, seal_id: &str, bytes: u64) -> Result<Box<dyn Disk>> {
+        let path = self.thin_path(seal_id)?;
+        let what = format!("thin disk {}", path.display());
+        remove_own(&path, &what)?;
+        let file = create_own(&path, &what)?;
         // set_len on an empty file allocates nothing: the thin disk is sparse.
         file.set_len(bytes)
             .map_err(|e| StoreError::io("size", &what, e))?;
         file.sync_all()
             .map_err(|e| StoreError::io("fsync", &what, e))?;
-        sync_dir(&parent_of(path))
+        sync_dir(&parent_of(&path))
             .map_err(|e| StoreError::io("fsync the directory of", &what, e))?;
         Ok(Box::new(FileDisk::new(file, what)?))
     }
 
-    fn open_thin(&self, thin_path: &str) -> Result<Option<Box<dyn Disk>>> {
-        let path = Path::new(thin_path);
-        if !path.exists() {
-            return Ok(None);
+    fn open_thin(&self, seal_id: &str) -> Result<Option<Box<dyn Disk>>> {
+        let path = self.thin_path(seal_id)?;
+        let what = format!("thin disk {}", path.display());
+        match open_own(&path, true, &what)? {
+            Some(f) => Ok(Some(Box::new(FileDisk::new(f, what)?))),
+            None => Ok(None),
         }
-        let what = format!("thin disk {thin_path}");
-        Ok(Some(Box::new(Self::open_disk(path, what, true)?)))
     }
 
-    fn remove_thin(&self, thin_path: &str) -> Result<()> {
-        let path = Path::new(thin_path);
-        match fs::remove_file(path) {
-            Ok(()) => sync_dir(&parent_of(path))
-                .map_err(|e| StoreError::io("fsync the directory of", thin_path, e)),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
-            Err(e) => Err(StoreError::io(
-                "delete",
-                format!("thin disk {thin_path}"),
-                e,
-            )),
+    fn remove_thin(&self, seal_id: &str) -> Result<()> {
+        let path = self.thin_path(seal_id)?;
+        remove_own(&path, &format!("thin disk {}", path.display()))
+    }
+
+    fn key_slot_name(&self) -> String {
+        self.key_slot_path().display().to_string()
+    }
+
+    fn create_key_slot(&self, bytes: &[u8]) -> Result<()> {
+        self.destroy_key_slot()?;
+        let path = self.key_slot_path();
+        let what = format!("key slot {}", path.display());
+        let mut f = create_own(&path, &what)?;
+        f.write_all(bytes)
+            .and_then(|()| f.sync_all())
+            .map_err(|e| StoreError::io("write", &what, e))?;
+        sync_dir(&parent_of(&path)).map_err(|e| StoreError::io("fsync the directory of", &what, e))
+    }
+
+    fn read_key_slot(&self) -> Result<Option<Vec<u8>>> {
+        use std::io::Read;
+        let path = self.key_slot_path();
+        let what = format!("key slot {}", path.display());
+        let Some(f) = open_own(&path, false, &what)? else {
+            return Ok(None);
+        };
+        let mut bytes = Vec::new();
+        f.take(MAX_SLOT_BYTES + 1)
+            .read_to_end(&mut bytes)
+            .map_err(|e| StoreError::io("read", &what, e))?;
+        Ok(Some(bytes))
+    }
+
+    fn destroy_key_slot(&self) -> Result<()> {
+        let path = self.key_slot_path();
+        let what = format!("key slot {}", path.display());
+        let Some(f) = open_own(&path, true, &what)? else {
+            return remove_own(&path, &what);
+        };
+        let meta = f.metadata().map_err(|e| StoreError::io("stat", &what, e))?;
+        if meta.nlink() != 1 {
+            return Err(StoreError::io(
+                "overwrite",
+                &what,
+                io::Error::other(format!(
+                    "it has {} names (hard links), so it is not pdguard's own; remove it by hand",
+                    meta.nlink()
+                )),
+            ));
         }
+        // Overwritten in place: the blocks that held the wrapped key now hold noise.
+        let mut noise = vec![0u8; meta.len() as usize];
+        rand::thread_rng().fill_bytes(&mut noise);
+        f.write_all_at(&noise, 0)
+            .and_then(|()| f.sync_all())
+            .map_err(|e| StoreError::io("overwrite", &what, e))?;
+        drop(f);
+        remove_own(&path, &what)
+    }
+
+    fn link_record_as_key_slot(&self) -> Result<()> {
+        let path = self.key_slot_path();
+        let what = format!("key slot {}", path.display());
+        remove_own(&path, &what)?;
+        fs::hard_link(&self.record, &path).map_err(|e| StoreError::io("link", &what, e))?;
+        sync_dir(&parent_of(&path)).map_err(|e| StoreError::io("fsync the directory of", &what, e))
     }
 
     fn read_record(&self) -> Result<Option<Vec<u8>>> {
@@ -282,10 +408,16 @@ impl Storage for ImageStorage {
         let tmp = self.tmp_record();
         let what = format!("seal record {}", self.record.display());
         let write = || -> io::Result<()> {
+            // A stale temporary file (or a link planted in its place) is removed, never
+            // written through: the new one is created exclusively.
+            match fs::remove_file(&tmp) {
+                Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+                _ => {}
+            }
             let mut f = OpenOptions::new()
                 .write(true)
-                .create(true)
-                .truncate(true)
+                .create_new(true)
+                .custom_flags(nofollow())
                 .mode(0o600)
                 .open(&tmp)?;
             f.write_all(bytes)?;
@@ -297,17 +429,6 @@ impl Storage for ImageStorage {
             let _ = fs::remove_file(&tmp);
             StoreError::io("write", what, e)
         })
-    }
-
-    fn overwrite_record(&self) -> Result<()> {
-        let what = format!("seal record {}", self.record.display());
-        let overwrite = || -> io::Result<()> {
-            let f = OpenOptions::new().write(true).open(&self.record)?;
-            let len = f.metadata()?.len();
-            f.write_all_at(&vec![0u8; len as usize], 0)?;
-            f.sync_all()
-        };
-        overwrite().map_err(|e| StoreError::io("overwrite", what, e))
     }
 
     fn remove_record(&self) -> Result<()> {
@@ -326,5 +447,101 @@ impl Storage for ImageStorage {
                 e,
             )),
         }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    const ID: &str = "0123456789abcdef0123456789abcdef";
+
+    fn setup() -> (tempfile::TempDir, ImageStorage, PathBuf) {
+        let dir = tempfile::tempdir().unwrap();
+        let image = dir.path().join("v.img");
+        fs::write(&image, vec![1u8; 4096]).unwrap();
+        let victim = dir.path().join("victim");
+        fs::write(&victim, b"precious").unwrap();
+        let st = ImageStorage::new(image.clone(), default_record_path(&image), None);
+        (dir, st, victim)
+    }
+
+    #[test]
+    fn the_thin_disk_path_is_derived_and_checked() {
+        let (dir, st, _) = setup();
+        assert_eq!(
+            st.thin_name(ID).unwrap(),
+            dir.path()
+                .join("v.img.01234567.pdguard-thin")
+                .display()
+                .to_string()
+        );
+        for bad in ["", "../../etc/passwd", "0123456789ABCDEF0123456789ABCDEF"] {
+            assert!(st.thin_name(bad).is_err(), "{bad}");
+            assert!(st.create_thin(bad, 512).is_err(), "{bad}");
+            assert!(st.remove_thin(bad).is_err(), "{bad}");
+        }
+    }
+
+    /// A symbolic link planted at the derived thin-disk path, key-slot path or temporary
+    /// record path is never followed: the file it points to keeps its bytes.
+    #[test]
+    fn planted_symlinks_are_never_followed() {
+        use std::os::unix::fs::symlink;
+        let (_dir, st, victim) = setup();
+        let thin = PathBuf::from(st.thin_name(ID).unwrap());
+        symlink(&victim, &thin).unwrap();
+        assert!(
+            st.open_thin(ID).is_err(),
+            "opened a thin disk through a link"
+        );
+        let t = st.create_thin(ID, 8192).unwrap();
+        t.write_at(&[9; 512], 0).unwrap();
+        assert!(!fs::symlink_metadata(&thin)
+            .unwrap()
+            .file_type()
+            .is_symlink());
+        st.remove_thin(ID).unwrap();
+        symlink(&victim, &thin).unwrap();
+        st.remove_thin(ID).unwrap();
+        assert!(!thin.exists());
+
+        symlink(&victim, st.key_slot_path()).unwrap();
+        assert!(st.read_key_slot().is_err());
+        assert!(st.destroy_key_slot().is_err());
+        fs::remove_file(st.key_slot_path()).unwrap();
+
+        symlink(&victim, st.tmp_record()).unwrap();
+        st.write_record(b"record").unwrap();
+        assert_eq!(fs::read(st.record_path()).unwrap(), b"record");
+        assert_eq!(fs::read(&victim).unwrap(), b"precious");
+    }
+
+    #[test]
+    fn the_key_slot_is_written_once_and_destroyed_in_place() {
+        use std::os::unix::fs::MetadataExt;
+        let (_dir, st, victim) = setup();
+        st.create_key_slot(&[0x5a; 4096]).unwrap();
+        let ino = fs::metadata(st.key_slot_path()).unwrap().ino();
+        assert_eq!(st.read_key_slot().unwrap().unwrap(), vec![0x5a; 4096]);
+        // Keep a second handle to the inode to see what the destroy left in its blocks.
+        let keep = File::open(st.key_slot_path()).unwrap();
+        // A hard link makes it not ours alone: refused while it has two names.
+        let link = st.key_slot_path().with_extension("other");
+        fs::hard_link(st.key_slot_path(), &link).unwrap();
+        assert!(st.destroy_key_slot().is_err());
+        fs::remove_file(&link).unwrap();
+        st.destroy_key_slot().unwrap();
+        assert!(st.read_key_slot().unwrap().is_none());
+        let mut left = vec![0u8; 4096];
+        keep.read_exact_at(&mut left, 0).unwrap();
+        assert_eq!(keep.metadata().unwrap().ino(), ino);
+        assert!(
+            left.windows(16).all(|w| w != [0x5a; 16]),
+            "the slot's bytes were not overwritten in place"
+        );
+        st.destroy_key_slot().unwrap();
+        assert_eq!(fs::read(&victim).unwrap(), b"precious");
     }
 }

@@ -98,24 +98,58 @@ pub trait Storage {
     fn record_name(&self) -> String;
     /// Open the image, for reading and writing when `write`.
     fn open_image(&self, write: bool) -> Result<Box<dyn Disk>>;
-    /// Where a new seal with id `seal_id` puts its thin disk.
-    fn new_thin_path(&self, seal_id: &str) -> String;
-    /// Bytes free for a thin disk at `thin_path`.
-    fn free_bytes(&self, thin_path: &str) -> Result<u64>;
-    /// Create an empty sparse thin disk of `bytes` at `thin_path`, replacing any stale one;
-    /// its directory entry is durable when this returns.
-    fn create_thin(&self, thin_path: &str, bytes: u64) -> Result<Box<dyn Disk>>;
-    /// Open an existing thin disk, `None` if there is none.
-    fn open_thin(&self, thin_path: &str) -> Result<Option<Box<dyn Disk>>>;
-    /// Delete the thin disk if it exists.
-    fn remove_thin(&self, thin_path: &str) -> Result<()>;
+    /// The thin disk of seal `seal_id`, as a path for messages and for the record's
+    /// informational `thin_path`. Derived only from what the storage was built with (thin
+    /// directory, image file name) and the seal id, which must be 32 lowercase hex digits;
+    /// never from a record.
+    fn thin_name(&self, seal_id: &str) -> Result<String>;
+    /// Bytes free for the thin disk of seal `seal_id`.
+    fn free_bytes(&self, seal_id: &str) -> Result<u64>;
+    /// Create an empty sparse thin disk of `bytes` for seal `seal_id`: a stale file of that
+    /// name is removed first, then the new one is created exclusively (`O_EXCL`, never
+    /// through a symbolic link); its directory entry is durable when this returns.
+    fn create_thin(&self, seal_id: &str, bytes: u64) -> Result<Box<dyn Disk>>;
+    /// Open the existing thin disk of seal `seal_id` (never through a symbolic link),
+    /// `None` if there is none.
+    fn open_thin(&self, seal_id: &str) -> Result<Option<Box<dyn Disk>>>;
+    /// Delete the thin disk of seal `seal_id` if it exists (a symbolic link in its place is
+    /// removed, never followed).
+    fn remove_thin(&self, seal_id: &str) -> Result<()>;
+    /// The key slot's path, for messages.
+    fn key_slot_name(&self) -> String;
+    /// Write the key slot once: a stale one is destroyed first, then the new one is created
+    /// exclusively, written, fsynced, and its directory fsynced. Never renamed.
+    fn create_key_slot(&self, bytes: &[u8]) -> Result<()>;
+    /// The key slot's bytes, `None` if there is none. Never read through a symbolic link.
+    fn read_key_slot(&self) -> Result<Option<Vec<u8>>>;
+    /// Crypto-erase the key slot: overwrite its bytes in place with random bytes, fsync,
+    /// delete it and fsync its directory. Nothing to do when there is none; a symbolic link
+    /// or a file with other names (hard links) in its place is refused, not overwritten.
+    fn destroy_key_slot(&self) -> Result<()>;
+    /// Versions 1 and 2 kept the wrapped key inside the record: give the record's current
+    /// file a second name, the key slot's (a hard link), so that the next record write
+    /// leaves it there to be destroyed in place instead of in free space.
+    fn link_record_as_key_slot(&self) -> Result<()>;
     /// The record's bytes, `None` if there is no record.
     fn read_record(&self) -> Result<Option<Vec<u8>>>;
     /// Replace the record atomically and durably.
     fn write_record(&self, bytes: &[u8]) -> Result<()>;
     /// Delete the record durably.
     fn remove_record(&self) -> Result<()>;
-    /// Overwrite the record file's bytes in place with zeros and fsync (crypto-erase: the
-    /// blocks that held the wrapped key are overwritten, not just unlinked).
-    fn overwrite_record(&self) -> Result<()>;
+}
+
+/// Refuse a seal id that could be anything but 32 lowercase hex digits before it becomes
+/// part of a file name.
+pub fn check_seal_id(seal_id: &str) -> Result<()> {
+    if pdguard_core::record::valid_seal_id(seal_id) {
+        return Ok(());
+    }
+    Err(StoreError::io(
+        "name the thin disk of",
+        format!("seal {seal_id:?}"),
+        io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "a seal id is exactly 32 lowercase hex digits",
+        ),
+    ))
 }

@@ -15,7 +15,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use rand::Rng;
 
-use super::{DataMap, Disk, Result, Storage, StoreError};
+use super::{check_seal_id, DataMap, Disk, Result, Storage, StoreError};
 
 /// The sim reports holes by content: any 4 KiB block of zeros, as a file system would after
 /// `fallocate(PUNCH_HOLE)` of every zero block. Sound: a reported hole reads as zeros.
@@ -67,6 +67,8 @@ struct Inner {
     image: MemFile,
     thins: HashMap<String, MemFile>,
     record: Option<Vec<u8>>,
+    /// The key slot; every write to it is fsynced, as `ImageStorage` makes it.
+    slot: Option<Vec<u8>>,
     steps: u64,
     fault: Option<(u64, Fault)>,
     dead: bool,
@@ -182,6 +184,19 @@ impl SimStorage {
         (g.read_bytes, g.written_bytes)
     }
 
+    /// The key slot's bytes now.
+    pub fn key_slot(&self) -> Option<Vec<u8>> {
+        lock(&self.inner).slot.clone()
+    }
+
+    /// A scratch disk of `bytes` zeros named `name`, for tests of single passes (a thin disk
+    /// of a job is only ever named by its seal id).
+    pub fn scratch_disk(&self, name: &str, bytes: u64) -> Box<dyn Disk> {
+        let f = MemFile::new(vec![0; bytes as usize]);
+        lock(&self.inner).thins.insert(name.to_string(), f);
+        self.disk(Which::Thin(name.to_string()), bytes)
+    }
+
     /// How many thin disks exist now.
     pub fn thin_count(&self) -> usize {
         lock(&self.inner).thins.len()
@@ -198,6 +213,7 @@ impl SimStorage {
                 .map(|(k, v)| (k.clone(), v.after_power_loss(rng)))
                 .collect(),
             record: g.record.clone(),
+            slot: g.slot.clone(),
             free: g.free,
             ..Inner::default()
         };
@@ -339,40 +355,86 @@ impl Storage for SimStorage {
         Ok(self.disk(Which::Image, len))
     }
 
-    fn new_thin_path(&self, seal_id: &str) -> String {
-        format!(
-            "sim.img.{}.pdguard-thin",
-            seal_id.get(..8).unwrap_or(seal_id)
-        )
+    fn thin_name(&self, seal_id: &str) -> Result<String> {
+        check_seal_id(seal_id)?;
+        Ok(format!("sim.img.{}.pdguard-thin", &seal_id[..8]))
     }
 
-    fn free_bytes(&self, _thin_path: &str) -> Result<u64> {
+    fn free_bytes(&self, seal_id: &str) -> Result<u64> {
+        self.thin_name(seal_id)?;
         Ok(lock(&self.inner).free)
     }
 
-    fn create_thin(&self, thin_path: &str, bytes: u64) -> Result<Box<dyn Disk>> {
+    fn create_thin(&self, seal_id: &str, bytes: u64) -> Result<Box<dyn Disk>> {
+        let thin_path = self.thin_name(seal_id)?;
         {
             let mut g = lock(&self.inner);
-            g.step(thin_path)?;
+            g.step(&thin_path)?;
             let f = MemFile::new(vec![0; bytes as usize]);
-            g.thins.insert(thin_path.to_string(), f);
+            g.thins.insert(thin_path.clone(), f);
         }
-        Ok(self.disk(Which::Thin(thin_path.to_string()), bytes))
+        Ok(self.disk(Which::Thin(thin_path), bytes))
     }
 
-    fn open_thin(&self, thin_path: &str) -> Result<Option<Box<dyn Disk>>> {
+    fn open_thin(&self, seal_id: &str) -> Result<Option<Box<dyn Disk>>> {
+        let thin_path = self.thin_name(seal_id)?;
         let len = {
             let mut g = lock(&self.inner);
-            g.step(thin_path)?;
-            g.thins.get(thin_path).map(|f| f.data.len() as u64)
+            g.step(&thin_path)?;
+            g.thins.get(&thin_path).map(|f| f.data.len() as u64)
         };
-        Ok(len.map(|len| self.disk(Which::Thin(thin_path.to_string()), len)))
+        Ok(len.map(|len| self.disk(Which::Thin(thin_path), len)))
     }
 
-    fn remove_thin(&self, thin_path: &str) -> Result<()> {
+    fn remove_thin(&self, seal_id: &str) -> Result<()> {
+        let thin_path = self.thin_name(seal_id)?;
         let mut g = lock(&self.inner);
-        g.step(thin_path)?;
-        g.thins.remove(thin_path);
+        g.step(&thin_path)?;
+        g.thins.remove(&thin_path);
+        Ok(())
+    }
+
+    fn key_slot_name(&self) -> String {
+        "sim.img.pdguard.key".into()
+    }
+
+    /// Two steps after destroying a stale slot, as on a real file system: the exclusive
+    /// create (an empty file), then the write and its fsync.
+    fn create_key_slot(&self, bytes: &[u8]) -> Result<()> {
+        self.destroy_key_slot()?;
+        let mut g = lock(&self.inner);
+        g.step("key slot")?;
+        g.slot = Some(Vec::new());
+        g.step("key slot")?;
+        g.slot = Some(bytes.to_vec());
+        Ok(())
+    }
+
+    fn read_key_slot(&self) -> Result<Option<Vec<u8>>> {
+        let mut g = lock(&self.inner);
+        g.step("key slot")?;
+        Ok(g.slot.clone())
+    }
+
+    /// Two steps: the in-place overwrite with noise and its fsync, then the delete.
+    fn destroy_key_slot(&self) -> Result<()> {
+        let mut g = lock(&self.inner);
+        if g.slot.is_none() {
+            return Ok(());
+        }
+        g.step("key slot")?;
+        if let Some(s) = g.slot.as_mut() {
+            rand::thread_rng().fill(&mut s[..]);
+        }
+        g.step("key slot")?;
+        g.slot = None;
+        Ok(())
+    }
+
+    fn link_record_as_key_slot(&self) -> Result<()> {
+        let mut g = lock(&self.inner);
+        g.step("key slot")?;
+        g.slot = g.record.clone();
         Ok(())
     }
 
@@ -393,15 +455,6 @@ impl Storage for SimStorage {
         let mut g = lock(&self.inner);
         g.step("record")?;
         g.record = None;
-        Ok(())
-    }
-
-    fn overwrite_record(&self) -> Result<()> {
-        let mut g = lock(&self.inner);
-        g.step("record")?;
-        if let Some(r) = g.record.as_mut() {
-            r.fill(0);
-        }
         Ok(())
     }
 }

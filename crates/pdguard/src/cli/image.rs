@@ -137,7 +137,7 @@ pub fn run(cmd: &ImageCommand, cli: &Cli) -> Result<(), CliError> {
 /// The master key for a secure-profile job on an existing seal: the key is required, and a
 /// missing file is reported as such (making a new key would not help).
 fn key_for(t: &Target, rec: &SealRecord) -> Result<Option<MasterKey>, CliError> {
-    if rec.profile != Profile::Secure || rec.phase == Phase::Shredded {
+    if rec.profile != Profile::Secure || rec.phase.is_shred() {
         return Ok(None);
     }
     let path = keyfile::locate(t.key_file.as_deref());
@@ -146,7 +146,7 @@ fn key_for(t: &Target, rec: &SealRecord) -> Result<Option<MasterKey>, CliError> 
         Err(KeyFileError::Missing { path }) => Err(CliError::Input(format!(
             "{} was sealed with the secure profile and needs its master key (id {}), but there is no key file at {path}; pass --key-file FILE or set PDGUARD_KEY_FILE",
             t.path.display(),
-            rec.wrapped_key.as_ref().map(|w| w.master_key_id.as_str()).unwrap_or("?"),
+            rec.master_key_id().unwrap_or("?"),
         ))),
         Err(e) => Err(e.into()),
     }
@@ -334,6 +334,9 @@ fn public_view(rec: &SealRecord) -> serde_json::Value {
     if let Some(seed) = &rec.seed {
         v["seed"] = json!(format!("<withheld: {} bytes>", seed.len() / 2));
     }
+    if rec.phase == Phase::Shredding {
+        v["note"] = json!("shred interrupted; run pdguard image shred PATH --yes to finish");
+    }
     if let Some(w) = &rec.wrapped_key {
         v["wrapped_key"] = json!({
             "algorithm": w.algorithm,
@@ -352,7 +355,15 @@ fn shred(a: &ShredArgs, cli: &Cli) -> Result<(), CliError> {
             a.target.path.display()
         )));
     }
-    let rec = jobs::shred(&st)?;
+    // With the master key the record is authenticated before anything is touched; without
+    // one (a lost key) the shred still runs: destroying needs no key.
+    let rec = jobs::inspect(&st)?;
+    let key = match key_for(&a.target, &rec) {
+        Ok(k) => k,
+        Err(CliError::Input(_)) => None,
+        Err(e) => return Err(e),
+    };
+    let rec = jobs::shred(&st, key.as_ref())?;
     if cli.json {
         let v = json!({
             "command": "shred",
@@ -378,6 +389,12 @@ fn inspect(t: &Target, cli: &Cli) -> Result<(), CliError> {
         return Ok(());
     }
     out!("seal record {}", st.record_path().display());
+    if rec.phase == Phase::Shredding {
+        out!(
+            "  shred interrupted; run `pdguard image shred {} --yes` to finish",
+            t.path.display()
+        );
+    }
     if let Some(obj) = v.as_object() {
         for (k, val) in obj {
             let text = match val {

@@ -1570,14 +1570,13 @@ mod tests {
     fn a_job_evaluates_the_placement_once_when_the_budget_allows() {
         use crate::jobs::NoProgress;
         use crate::store::sim::SimStorage;
-        use crate::store::Storage;
         let g = Geometry::new(2000 * 512, 512, 32, 25).unwrap_or_else(|e| panic!("{e}"));
         let (n, m) = (g.sectors(), g.thin_sectors());
         let inner = pdguard_core::placement::build(PlacementKind::Feistel, b"k", n, m)
             .unwrap_or_else(|e| panic!("{e}"));
         let p = Counting(&*inner, AtomicU64::new(0), AtomicU64::new(0));
         let st = SimStorage::new(Vec::new());
-        let disk = |name: &str, len| st.create_thin(name, len).unwrap_or_else(|e| panic!("{e}"));
+        let disk = |name: &str, len| st.scratch_disk(name, len);
         let (image, thin) = (disk("image", g.disk_bytes()), disk("thin", g.thin_bytes()));
         let (slot_of, sector_of) = (
             || p.1.load(Ordering::Relaxed),
