@@ -50,7 +50,7 @@ pub enum RecordError {
     Corrupt(String),
     #[error("it is inconsistent: {0}")]
     Inconsistent(String),
-    #[error("it is not authentic: {0}; it was edited or replaced after pdguard wrote it, so nothing was touched (restore the record from a backup)")]
+    #[error("it is not authentic: {0}; it was edited or replaced after pdguard wrote it, so nothing was touched")]
     Unauthenticated(&'static str),
 }
 
