@@ -665,6 +665,48 @@ fn shredding_a_version_2_record_destroys_the_record_file_it_was_in() {
         .contains(&ct));
 }
 
+/// A secure record of version 2 (wrapped key inside, no MAC, no key slot) still unseals,
+/// and its `thin_path` is held to the derived path like any other.
+#[test]
+fn a_version_2_secure_record_still_unseals() {
+    use pdguard_core::keys;
+    let mut rng = StdRng::seed_from_u64(96);
+    let img = tagged_image(64, 512, &mut rng);
+    let s = SimStorage::new(img.clone());
+    seal(&s, &secure(PlacementKind::Feistel, 512, 0), &NoProgress).unwrap();
+    // Re-wrap the seal's key as version 2 did: inside the record, bound to version 2.
+    let mut rec = record(&s).unwrap();
+    let w = pdguard_core::keyslot::decode(&s.key_slot().unwrap())
+        .unwrap()
+        .wrapped;
+    let (data_key, seed) = keys::unwrap(&master(), &w, &keys::wrap_aad(&rec)).unwrap();
+    rec.version = 2;
+    rec.key_slot = None;
+    rec.wrapped_key = Some(keys::wrap(
+        &master(),
+        &data_key,
+        &seed,
+        [9; 12],
+        &keys::wrap_aad(&rec),
+    ));
+    s.destroy_key_slot().unwrap();
+    let v2 = rec.encode();
+    assert!(String::from_utf8(v2.clone())
+        .unwrap()
+        .starts_with("PDGUARD-SEAL-RECORD 2 "));
+    s.write_record(&forge(&v2, |r| r.thin_path = Some("/etc/victim".into())))
+        .unwrap();
+    assert!(matches!(
+        unseal(&s, Some(&master()), &NoProgress),
+        Err(JobError::ThinPathMismatch { .. })
+    ));
+    s.write_record(&v2).unwrap();
+    verify(&s, Some(&master()), &NoProgress).unwrap();
+    unseal(&s, Some(&master()), &NoProgress).unwrap();
+    assert!(s.image() == img);
+    assert!(s.record().is_none() && s.key_slot().is_none());
+}
+
 /// A power loss at every step of a shred: the image is sealed (shred did not start) or the
 /// record says `shredding` or `shredded`, never a record that no command can read; running
 /// `shred` again always finishes it, and after it no copy of the wrapped key is left.

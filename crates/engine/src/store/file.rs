@@ -544,4 +544,26 @@ mod tests {
         st.destroy_key_slot().unwrap();
         assert_eq!(fs::read(&victim).unwrap(), b"precious");
     }
+
+    /// A version 2 record's file becomes the key slot: the next record write renames a new
+    /// file over the record's name, and the old file, still holding its bytes under the
+    /// slot's name, is then overwritten in place.
+    #[test]
+    fn a_legacy_record_file_is_kept_as_the_key_slot_until_destroyed() {
+        use std::os::unix::fs::MetadataExt;
+        let (_dir, st, _) = setup();
+        st.write_record(&[0x77; 3000]).unwrap();
+        let ino = fs::metadata(st.record_path()).unwrap().ino();
+        st.link_record_as_key_slot().unwrap();
+        st.write_record(b"shredding").unwrap();
+        let slot = fs::metadata(st.key_slot_path()).unwrap();
+        assert_eq!((slot.ino(), slot.nlink()), (ino, 1));
+        assert_eq!(st.read_key_slot().unwrap().unwrap(), vec![0x77; 3000]);
+        let keep = File::open(st.key_slot_path()).unwrap();
+        st.destroy_key_slot().unwrap();
+        let mut left = vec![0u8; 3000];
+        keep.read_exact_at(&mut left, 0).unwrap();
+        assert!(left.windows(16).all(|w| w != [0x77; 16]));
+        assert_eq!(st.read_record().unwrap().unwrap(), b"shredding");
+    }
 }
