@@ -153,8 +153,9 @@ fn an_edited_record_naming_a_victim_is_refused_secure_profile() {
     edited_record_naming_a_victim("secure");
 }
 
-/// Without the MAC (patent profile), an edit that keeps the derived thin path is not
-/// detected (documented limit), but it still touches no file but the image's own.
+/// In the secure profile the MAC catches an edit that names no file at all (here the
+/// sealed digest), which the derived-path rule alone cannot see. (The patent profile has
+/// no key: such an edit goes undetected until the job's own checks, a documented limit.)
 #[test]
 fn an_edited_secure_record_is_refused_even_when_its_thin_path_is_right() {
     let dir = tempfile::tempdir().unwrap();
