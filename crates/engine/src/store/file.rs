@@ -6,7 +6,7 @@ use std::os::unix::fs::{FileExt, FileTypeExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use super::{DataMap, Disk, Result, Storage, StoreError};
+use super::{DataMap, Disk, ImageLock, LockMode, Result, Storage, StoreError};
 
 /// Suffix of a thin disk's file name.
 pub const THIN_SUFFIX: &str = ".pdguard-thin";
@@ -190,6 +190,21 @@ impl ImageStorage {
 impl Storage for ImageStorage {
     fn image_name(&self) -> String {
         self.image.display().to_string()
+    }
+
+    fn lock_image(&self, mode: LockMode) -> Result<ImageLock> {
+        super::lock::flock_path(&self.image, &self.image_name(), mode)
+    }
+
+    fn loop_devices(&self) -> Result<Vec<String>> {
+        let loops = super::inuse::attached_loop_devices(&self.image).map_err(|e| {
+            StoreError::io(
+                "find the loop devices of",
+                format!("image {}", self.image_name()),
+                e,
+            )
+        })?;
+        Ok(loops.iter().map(|p| p.display().to_string()).collect())
     }
 
     fn record_name(&self) -> String {
