@@ -120,11 +120,15 @@ fn a_thin_disk_corrupted_during_unseal_fails_it_and_verify_reports_the_damage() 
         assert_eq!(s.thin_count(), 0);
         let v = verify(&s, None, &NoProgress).unwrap_err();
         assert!(v.is_verification(), "{v}");
-        // And unseal refuses it from now on, before writing.
+        // And unseal refuses it from now on, before writing: by its digest, or earlier by
+        // its sampled sectors when the damaged sector is one of them (the secure profile's
+        // placement is random per seal, so either may happen).
         let written = s.image_written_bytes();
-        assert!(unseal(&s, o.master_key.as_ref(), &NoProgress)
-            .unwrap_err()
-            .is_verification());
+        let e = unseal(&s, o.master_key.as_ref(), &NoProgress).unwrap_err();
+        assert!(
+            e.is_verification() || matches!(e, JobError::Mismatch { .. }),
+            "{e}"
+        );
         assert_eq!(s.image_written_bytes(), written);
     }
 }
