@@ -277,3 +277,20 @@ fn disk_rm_of_a_sealed_disk_needs_shred_or_keep_file_and_keep_file_keeps_the_dat
     assert_eq!(code(&o), 0, "{}", stderr(&o));
     assert_eq!(digest(&img), plain);
 }
+
+#[test]
+fn a_restarted_daemon_marks_a_sealed_disk_without_its_record_failed() {
+    let dir = tempfile::tempdir().unwrap();
+    let state_dir = dir.path().join("state");
+    let d = Daemon::start(&state_dir);
+    let (img, _) = sealed_disk(&d, dir.path(), "gone", 5);
+    drop(d);
+    let sealed = digest(&img);
+    std::fs::remove_file(record_of(&img)).unwrap();
+    let d = Daemon::start(&state_dir);
+    let v = d.ok(&["disk", "show", "gone"]);
+    assert_eq!(v["state"], "failed", "{v}");
+    assert!(v["error"].as_str().unwrap().contains("is missing"), "{v}");
+    d.refused(&["container", "up", "c9", "--disk", "gone"], "is missing");
+    assert_eq!(digest(&img), sealed);
+}
