@@ -294,3 +294,45 @@ fn a_restarted_daemon_marks_a_sealed_disk_without_its_record_failed() {
     d.refused(&["container", "up", "c9", "--disk", "gone"], "is missing");
     assert_eq!(digest(&img), sealed);
 }
+
+#[test]
+fn a_daemon_job_and_an_image_cli_job_never_run_on_one_file_together() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = Daemon::start(&dir.path().join("state"));
+    let img = dir.path().join("shared.img");
+    let plain = random_file(&img, 4 << 20, 6);
+    d.ok(&["disk", "create", "sh", "--size", "4M", "--path", s(&img)]);
+    // A CLI seal stopped half-way through its scatter holds the image.
+    let pause = dir.path().join("paused");
+    let mut cli = Command::new(bin())
+        .args(["image", "seal", s(&img), "--profile", "patent", "--quiet"])
+        .env("PDGUARD_TEST_PAUSE_AT", "scatter:2097152")
+        .env("PDGUARD_TEST_PAUSE_FILE", &pause)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !pause.exists() {
+        assert!(
+            cli.try_wait().unwrap().is_none(),
+            "the CLI seal ended early"
+        );
+        assert!(Instant::now() < deadline, "the CLI seal never paused");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    let busy = format!("busy: another pdguard job (pid {}) holds", cli.id());
+    d.refused(&["disk", "seal", "sh"], &busy);
+    let v = d.ok(&["disk", "show", "sh"]);
+    assert_eq!(v["state"], "failed", "{v}");
+    assert!(v["error"].as_str().unwrap().contains(&busy), "{v}");
+    std::fs::remove_file(&pause).unwrap();
+    assert!(cli.wait().unwrap().success());
+    let o = pdguard(&["image", "unseal", s(&img), "--quiet"]);
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    assert_eq!(digest(&img), plain);
+    // The daemon's disk was never touched by its refused job: unsealing it is a no-op.
+    let v = d.ok(&["disk", "unseal", "sh"]);
+    assert_eq!(v["state"], "available", "{v}");
+    assert_eq!(digest(&img), plain);
+}
