@@ -107,6 +107,17 @@ pub struct Disk {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
     pub created_unix: u64,
+    /// A seal record should exist beside the disk's file: set (durably) before pdguard
+    /// writes one, cleared before it removes one. So a missing record is told apart: the
+    /// unseal finished (clear), or the record was lost (set; the file holds sealed data
+    /// and the disk is `failed`, never served as plaintext). Entries written before this
+    /// field existed read as set, the safe side.
+    #[serde(default = "record_expected_default")]
+    pub record_expected: bool,
+}
+
+fn record_expected_default() -> bool {
+    true
 }
 
 /// A container's state.
@@ -188,6 +199,13 @@ impl Registry {
         Ok(())
     }
 
+    pub fn remove_container(&self, id: &str) -> Result<(), RegistryError> {
+        let tx = self.db.begin_write()?;
+        tx.open_table(CONTAINERS)?.remove(id)?;
+        tx.commit()?;
+        Ok(())
+    }
+
     fn put<T: Serialize>(
         &self,
         table: TableDefinition<&str, &[u8]>,
@@ -238,6 +256,7 @@ mod tests {
             grace_until_ms: None,
             error: None,
             created_unix: 1,
+            record_expected: false,
         }
     }
 

@@ -412,12 +412,13 @@ fn bad_requests_get_stable_errors_and_change_nothing() {
         assert_eq!(v["error"]["code"], *code, "{m} {p}: {text}");
         assert!(v["error"]["message"].as_str().unwrap().len() > 10);
     }
-    // A path already used by another disk.
+    // A path already used by another disk (a managed one, inside the state directory;
+    // tests/adopt.rs covers adopted files named twice).
     let p1 = path_of(&d.disk("d1"));
     let o = d.cli(&["disk", "create", "d3", "--size", "1M", "--path", s(&p1)]);
     assert_eq!(code(&o), 1);
     assert!(
-        stderr(&o).contains("already used by disk"),
+        stderr(&o).contains("inside the state directory"),
         "{}",
         stderr(&o)
     );

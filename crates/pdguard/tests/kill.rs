@@ -1,6 +1,11 @@
 //! SIGKILL a real `pdguard` at 50 random moments spread over every pass of seal and
 //! unseal; after each, the next `seal` or `unseal` finishes or rolls the job back, and the
 //! image unseals to the original bytes every time.
+//!
+//! Each moment is a random byte offset of a chosen pass: the binary's test hook
+//! (`PDGUARD_TEST_PAUSE_AT`, see `src/cli/testhook.rs`) stops the job there and the test
+//! kills it, so every pass gets its share of kills however loaded the machine is. The
+//! random seed is printed; `PDGUARD_KILL_SEED=N` replays a run.
 #![allow(clippy::unwrap_used)]
 
 mod common;
@@ -30,71 +35,54 @@ fn phase(rec: &Path) -> Option<String> {
     Some(v["phase"].as_str().unwrap().to_string())
 }
 
-fn spawn(cmd: &str, img: &Path, extra: &[&str]) -> Child {
+/// Start `pdguard image CMD IMG`, paused by the test hook (`PDGUARD_TEST_PAUSE_AT`) in
+/// pass `pass` once it has moved `at` bytes; it creates `pause_file` when it stops there.
+fn spawn_paused(
+    cmd: &str,
+    img: &Path,
+    extra: &[&str],
+    pass: &str,
+    at: u64,
+    pause_file: &Path,
+) -> Child {
     Command::new(bin())
         .args(["image", cmd, s(img), "--quiet"])
         .args(extra)
+        .env_remove("PDGUARD_KEY_FILE")
+        .env("PDGUARD_TEST_PAUSE_AT", format!("{pass}:{at}"))
+        .env("PDGUARD_TEST_PAUSE_FILE", pause_file)
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap()
 }
 
-/// How long each phase lasts, measured by polling the record during one full run.
-fn calibrate(cmd: &str, img: &Path, extra: &[&str], windows: &mut BTreeMap<String, Duration>) {
+/// Run `cmd` until it stops in pass `target` (`seal-scatter`, ...) after `at` bytes, then
+/// SIGKILL it there. Deterministic: the kill lands at that byte of that pass whatever the
+/// machine's load. Returns the phase the record was in after the kill.
+fn kill_at(cmd: &str, img: &Path, extra: &[&str], target: &str, at: u64) -> String {
     let rec = record_of(img);
-    let mut child = spawn(cmd, img, extra);
-    let mut last: Option<(String, Instant)> = None;
-    loop {
-        let now = phase(&rec);
-        let done = child.try_wait().unwrap().is_some();
-        if now.as_ref() != last.as_ref().map(|l| &l.0) || done {
-            if let Some((p, t0)) = last.take() {
-                windows.insert(p, t0.elapsed());
-            }
-            last = now.map(|p| (p, Instant::now()));
+    let pause = img.with_extension("paused");
+    let _ = std::fs::remove_file(&pause);
+    let pass = target.split_once('-').unwrap().1;
+    let mut child = spawn_paused(cmd, img, extra, pass, at, &pause);
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while !pause.exists() {
+        if let Some(st) = child.try_wait().unwrap() {
+            panic!("{cmd} ended ({st}) before pausing in {target} at byte {at}");
         }
-        if done {
-            break;
-        }
-        std::thread::sleep(Duration::from_micros(100));
-    }
-    assert!(child.wait().unwrap().success());
-}
-
-/// Start `cmd`, wait until the record reaches `target`, sleep a random part of that
-/// phase's measured length, SIGKILL. Returns the phase the record was in after the kill,
-/// or `None` if the process had already finished (no kill happened).
-fn kill_during(
-    cmd: &str,
-    img: &Path,
-    extra: &[&str],
-    target: &str,
-    window: Duration,
-    rng: &mut impl Rng,
-) -> Option<String> {
-    let rec = record_of(img);
-    let mut child = spawn(cmd, img, extra);
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while phase(&rec).as_deref() != Some(target) {
-        if child.try_wait().unwrap().is_some() || Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            return None;
-        }
-        std::thread::sleep(Duration::from_micros(50));
-    }
-    std::thread::sleep(window.mul_f64(rng.gen_range(0.0..1.0)));
-    if child.try_wait().unwrap().is_some() {
-        return None;
+        assert!(
+            Instant::now() < deadline,
+            "{cmd} never paused in {target} at byte {at}"
+        );
+        std::thread::sleep(Duration::from_millis(1));
     }
     child.kill().unwrap(); // SIGKILL on Unix
     let status = child.wait().unwrap();
     use std::os::unix::process::ExitStatusExt;
-    if status.signal() != Some(9) {
-        return None;
-    }
-    Some(phase(&rec).unwrap_or_else(|| "none".into()))
+    assert_eq!(status.signal(), Some(9), "{cmd} was not killed: {status}");
+    std::fs::remove_file(&pause).unwrap();
+    phase(&rec).unwrap_or_else(|| "none".into())
 }
 
 fn run_ok(cmd: &str, img: &Path, extra: &[&str], also_ok: &str) {
@@ -141,34 +129,39 @@ fn sigkill_at_50_moments_over_every_pass_loses_nothing_secure_profile() {
     kill_test(dir.path(), &k, &k);
 }
 
+/// Where in a pass of `bytes` to kill: a random byte, or, one time in five, its very end
+/// (every byte moved, the sync and the record's phase change not yet done).
+fn kill_byte(rng: &mut impl Rng, bytes: u64) -> u64 {
+    if rng.gen_bool(0.2) {
+        bytes
+    } else {
+        rng.gen_range(0..bytes)
+    }
+}
+
 /// `seal_args` go to every seal, `unseal_args` to every unseal.
 fn kill_test(dir: &Path, seal_args: &[&str], unseal_args: &[&str]) {
     let img = dir.join("disk.img");
     tagged_image(&img, 32 * 2048, 512, 5); // 32 MiB
+    let bytes = std::fs::metadata(&img).unwrap().len();
     let original = digest(&img);
-    let mut windows = BTreeMap::new();
-    calibrate("seal", &img, seal_args, &mut windows);
-    calibrate("unseal", &img, unseal_args, &mut windows);
-    assert_eq!(digest(&img), original);
-    for p in PHASES {
-        assert!(windows.contains_key(p), "phase {p} never seen: {windows:?}");
-    }
-    eprintln!("phase lengths: {windows:?}");
-
-    let mut rng = rand::rngs::StdRng::seed_from_u64(rand::random());
+    let seed = match std::env::var("PDGUARD_KILL_SEED") {
+        Ok(v) => v.parse().expect("PDGUARD_KILL_SEED is a u64"),
+        Err(_) => rand::random(),
+    };
+    eprintln!("kill test seed {seed} (replay with PDGUARD_KILL_SEED={seed})");
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let mut kills: BTreeMap<String, usize> = BTreeMap::new();
-    let mut total = 0;
-    let mut cycle = 0usize;
-    while total < KILLS {
-        assert!(cycle < 3 * KILLS, "too few kills landed: {kills:?}");
-        let ctx = format!("cycle {cycle}");
-        // Kill a seal in scatter or gather, then resume it — or, every third cycle, roll
-        // it back with unseal and check the original is there before sealing again.
+    for cycle in 0..KILLS / 2 {
+        let ctx = format!("seed {seed}, cycle {cycle}");
+        // Kill a seal in scatter or gather at a random byte, then resume it — or, every
+        // third cycle, roll it back with unseal and check the original is there before
+        // sealing again.
         let target = PHASES[cycle % 2];
-        if let Some(p) = kill_during("seal", &img, seal_args, target, windows[target], &mut rng) {
-            *kills.entry(format!("seal/{p}")).or_default() += 1;
-            total += 1;
-        }
+        let at = kill_byte(&mut rng, bytes);
+        let p = kill_at("seal", &img, seal_args, target, at);
+        assert_eq!(p, target, "{ctx}: killed at byte {at} of {target}");
+        *kills.entry(format!("seal/{p}")).or_default() += 1;
         if cycle % 3 == 2 {
             run_ok("unseal", &img, unseal_args, "is not sealed");
             assert_original(&img, &original, &ctx);
@@ -178,26 +171,18 @@ fn kill_test(dir: &Path, seal_args: &[&str], unseal_args: &[&str]) {
 
         // Kill an unseal in scatter or gather, then resume it — or roll it back with seal.
         let target = PHASES[2 + (cycle / 2) % 2];
-        if let Some(p) = kill_during(
-            "unseal",
-            &img,
-            unseal_args,
-            target,
-            windows[target],
-            &mut rng,
-        ) {
-            *kills.entry(format!("unseal/{p}")).or_default() += 1;
-            total += 1;
-        }
+        let at = kill_byte(&mut rng, bytes);
+        let p = kill_at("unseal", &img, unseal_args, target, at);
+        assert_eq!(p, target, "{ctx}: killed at byte {at} of {target}");
+        *kills.entry(format!("unseal/{p}")).or_default() += 1;
         if cycle % 3 == 1 {
             run_ok("seal", &img, seal_args, "already sealed");
             assert_eq!(phase(&record_of(&img)).as_deref(), Some("sealed"), "{ctx}");
         }
         run_ok("unseal", &img, unseal_args, "is not sealed");
         assert_original(&img, &original, &ctx);
-        cycle += 1;
     }
-    eprintln!("{total} kills over {cycle} cycles, by command/phase at the kill: {kills:?}");
+    eprintln!("{KILLS} kills, by command/phase at the kill: {kills:?}");
     for p in PHASES {
         let hits: usize = kills
             .iter()

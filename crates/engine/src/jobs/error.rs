@@ -122,6 +122,13 @@ pub enum JobError {
         source: StoreError,
     },
 
+    /// Another job holds the image (one job per image, across processes).
+    #[error(transparent)]
+    Busy(StoreError),
+
+    #[error("{image} is attached to loop device {devices}: sealing would rewrite it under whoever uses the device; unmount and detach it first (`umount`, then `losetup -d DEVICE`)")]
+    InUse { image: String, devices: String },
+
     #[error("cannot access {image}")]
     Store {
         image: String,
@@ -134,6 +141,11 @@ impl JobError {
     /// True for a failed integrity check (exit code 3 in the CLI contract).
     pub fn is_verification(&self) -> bool {
         matches!(self, Self::Verification { .. })
+    }
+
+    /// True when another job holds the image.
+    pub fn is_busy(&self) -> bool {
+        matches!(self, Self::Busy(_))
     }
 }
 

@@ -17,7 +17,7 @@ use zeroize::Zeroizing;
 use super::error::{JobError, Result};
 use super::strategy::{self, PassCtx, Strategy};
 use super::Progress;
-use crate::store::{Disk, Sparse, Storage, StoreError};
+use crate::store::{Disk, ImageLock, LockMode, Sparse, Storage, StoreError};
 
 /// How to seal an image that is not sealed yet.
 #[derive(Debug, Clone)]
@@ -121,6 +121,18 @@ fn decode(storage: &dyn Storage) -> Result<Option<(Vec<u8>, SealRecord)>> {
         .transpose()
 }
 
+/// Take the image's lock for a whole job, before its record is read: one job per image,
+/// across processes and threads. A second job fails at once as busy.
+fn lock_image(storage: &dyn Storage, mode: LockMode) -> Result<ImageLock> {
+    storage.lock_image(mode).map_err(|source| match source {
+        StoreError::Busy { .. } => JobError::Busy(source),
+        source => JobError::Store {
+            image: storage.image_name(),
+            source,
+        },
+    })
+}
+
 /// The record as a job may use it: parsed, authenticated under the master key when the
 /// seal has one and a key is given (every field, before any file is touched), and naming
 /// no thin disk but the one derived from the seal id.
@@ -197,11 +209,14 @@ pub fn inspect(storage: &dyn Storage) -> Result<SealRecord> {
 /// Check a sealed image against its record's digest without unsealing it ([015]).
 ///
 /// With a master key, also check that it opens the seal's wrapped key (secure profile).
+/// Holds a shared lock: verifies may run together, but not beside a job that is changing
+/// the image (it would report a digest of bytes in motion).
 pub fn verify(
     storage: &dyn Storage,
     key: Option<&MasterKey>,
     progress: &dyn Progress,
 ) -> Result<VerifyReport> {
+    let _lock = lock_image(storage, LockMode::Shared)?;
     let rec = load(storage, key)?.ok_or_else(|| not_sealed(storage))?;
     if rec.phase != Phase::Sealed {
         return Err(in_progress(storage, rec.phase));
@@ -298,12 +313,25 @@ fn check_size(storage: &dyn Storage, rec: &SealRecord, image: &dyn Disk) -> Resu
 }
 
 /// Seal an image, or finish or roll back whatever job a crash interrupted on it.
+/// Refused while the image is attached to a loop device: the kernel could write it
+/// through the device while the seal moves its sectors.
 pub fn seal(
     storage: &dyn Storage,
     opts: &SealOptions,
     progress: &dyn Progress,
 ) -> Result<JobReport> {
     let key = opts.master_key.as_ref();
+    let _lock = lock_image(storage, LockMode::Exclusive)?;
+    let loops = storage.loop_devices().map_err(|source| JobError::Store {
+        image: storage.image_name(),
+        source,
+    })?;
+    if !loops.is_empty() {
+        return Err(JobError::InUse {
+            image: storage.image_name(),
+            devices: loops.join(", "),
+        });
+    }
     let Some(rec) = load(storage, key)? else {
         return fresh_seal(storage, opts, progress);
     };
@@ -373,6 +401,7 @@ pub fn unseal_with(
     progress: &dyn Progress,
     memory_bytes: u64,
 ) -> Result<JobReport> {
+    let _lock = lock_image(storage, LockMode::Exclusive)?;
     let rec = load(storage, key)?.ok_or_else(|| not_sealed(storage))?;
     if rec.phase.is_shred() {
         return Err(in_progress(storage, rec.phase));
@@ -428,6 +457,7 @@ pub fn unseal_with(
 /// runs (destroying needs no key, and every path it touches is derived, none read from
 /// the record).
 pub fn shred(storage: &dyn Storage, key: Option<&MasterKey>) -> Result<SealRecord> {
+    let _lock = lock_image(storage, LockMode::Exclusive)?;
     let rec = load(storage, key)?.ok_or_else(|| not_sealed(storage))?;
     if rec.profile != Profile::Secure {
         return Err(JobError::Unsupported(format!(
@@ -1036,6 +1066,11 @@ impl<'a> Job<'a> {
 
     /// Seal pass 3, gather ([043]-[045]): the thin disk is copied back linearly, empty
     /// slots skipped. Restartable: the thin disk is not changed.
+    ///
+    /// The sealed digest is a fact of the seal, written once by the gather that completes
+    /// it. A gather that puts a sealed image back (an unseal rolled back or failed) checks
+    /// the image against that digest and never rewrites it: if the thin disk was corrupted,
+    /// the record keeps saying what the seal was, so `verify` reports the damage.
     fn seal_gather(&mut self) -> Result<()> {
         let thin = self.open_thin()?;
         self.progress.pass("gather", self.geometry.disk_bytes());
@@ -1047,13 +1082,27 @@ impl<'a> Job<'a> {
             .and_then(|d| Ok((d, self.fingerprint()?)))
             .map_err(|e| self.interrupted(e));
         let (digest, fingerprint) = digest?;
-        self.rec.sealed_digest = Some(digest.to_hex().to_string());
-        self.rec.sealed_fingerprint = Some(fingerprint);
+        let digest = digest.to_hex().to_string();
+        let put_back = match &self.rec.sealed_digest {
+            Some(want) => (*want != digest).then(|| want.clone()),
+            None => {
+                self.rec.sealed_digest = Some(digest.clone());
+                self.rec.sealed_fingerprint = Some(fingerprint);
+                None
+            }
+        };
         self.commit(Phase::Sealed)?;
         drop(thin);
         self.storage
             .remove_thin(&self.rec.seal_id)
-            .map_err(|e| self.interrupted(e))
+            .map_err(|e| self.interrupted(e))?;
+        match put_back {
+            None => Ok(()),
+            Some(want) => Err(JobError::Verification {
+                image: self.image_name(),
+                why: format!("the sealed data put back from the thin disk has the BLAKE3 digest {digest}, but the seal's is {want}: the thin disk was corrupted; the image stays sealed and the record keeps the seal's digest, so `pdguard image verify` reports the damage"),
+            }),
+        }
     }
 
     /// Unseal pass 1: the sealed image is read linearly back into the thin-disk layout,
@@ -1126,12 +1175,22 @@ impl<'a> Job<'a> {
             .to_string();
         drop(thin);
         if self.rec.plain_digest.as_deref() != Some(digest.as_str()) {
-            let why = format!("the unsealed data's BLAKE3 digest is {digest} but the seal record says {}; the sealed data was put back in place", self.rec.plain_digest.as_deref().unwrap_or("nothing"));
+            let why = format!(
+                "the unsealed data's BLAKE3 digest is {digest} but the seal record says {}",
+                self.rec.plain_digest.as_deref().unwrap_or("nothing")
+            );
+            // Put the sealed data back from the thin disk; seal_gather checks it against
+            // the seal's digest and never rewrites that digest.
             self.commit(Phase::SealGather)?;
-            self.seal_gather()?;
+            let put_back = match self.seal_gather() {
+                Ok(()) => "the sealed data was put back in place and matches the seal's digest"
+                    .to_string(),
+                Err(JobError::Verification { why, .. }) => why,
+                Err(e) => return Err(e),
+            };
             return Err(JobError::Verification {
                 image: self.image_name(),
-                why,
+                why: format!("{why}; {put_back}"),
             });
         }
         self.commit(Phase::Unsealed)?;

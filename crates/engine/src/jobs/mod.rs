@@ -30,6 +30,8 @@ pub struct NoProgress;
 impl Progress for NoProgress {}
 
 #[cfg(test)]
+mod integrity_tests;
+#[cfg(test)]
 mod proptests;
 #[cfg(test)]
 mod tests;

@@ -5,6 +5,7 @@
 //!
 //! The HTTP front-end (`pdguard serve`) calls these methods; nothing here knows HTTP.
 
+mod adopt;
 mod error;
 mod metrics;
 
@@ -25,7 +26,7 @@ use crate::error_chain;
 use crate::gate::{Gate, GateState, SealedIo};
 use crate::jobs::{self, JobError, Progress, SealOptions};
 use crate::registry::{Container, ContainerState, Disk, DiskState, Registry};
-use crate::store::file::{default_record_path, ImageStorage};
+use crate::store::file::{default_record_path, ImageStorage, RecordWatch};
 
 type Result<T, E = ServiceError> = std::result::Result<T, E>;
 
@@ -202,6 +203,29 @@ impl Service {
                 _ => {}
             }
         }
+        drop(st);
+        self.fail_lost_records().await;
+    }
+
+    /// A sealed disk whose record is gone is `failed`, with a message saying so.
+    async fn fail_lost_records(&self) {
+        let mut st = self.s.state.lock().await;
+        for d in st.disks.values_mut() {
+            let lost = d.state == DiskState::Sealed
+                && d.record_expected
+                && !default_record_path(&d.path).exists();
+            if !lost {
+                continue;
+            }
+            let why = record_lost(d);
+            tracing::error!(disk = %d.name, "{why}");
+            d.state = DiskState::Failed;
+            d.error = Some(why);
+            self.gate(&d.name).set(GateState::Blocked);
+            if let Err(e) = self.s.registry.put_disk(d) {
+                tracing::error!(disk = %d.name, error = %e, "cannot record the lost record");
+            }
+        }
     }
 
     fn gate_state_for(&self, state: DiskState) -> GateState {
@@ -281,7 +305,11 @@ impl Service {
         }
         let managed = path.is_none();
         let path = match path {
-            Some(p) if p.is_absolute() => p,
+            Some(p) if p.is_absolute() => {
+                let p = adopt::canonical(&p)?;
+                adopt::check_adoptable(&p, &self.s.cfg.state_dir)?;
+                p
+            }
             Some(p) => {
                 return Err(ServiceError::Invalid(format!(
                     "disk path {} is not absolute; give the full path",
@@ -295,14 +323,17 @@ impl Service {
                 .join("disks")
                 .join(format!("{name}.img")),
         };
-        if let Some(other) = st.disks.values().find(|d| d.path == path) {
+        let id = adopt::file_id(&path);
+        let same = |d: &&Disk| d.path == path || (id.is_some() && adopt::file_id(&d.path) == id);
+        if let Some(other) = st.disks.values().find(same) {
             return Err(ServiceError::Busy(format!(
-                "path {} is already used by disk {:?}; pick another path",
+                "{} is the file of disk {:?} already (compared by device and inode); pick another file",
                 path.display(),
                 other.name
             )));
         }
         create_file(&path, size, managed)?;
+        let record_expected = default_record_path(&path).exists();
         let d = Disk {
             name: name.into(),
             id: hex::encode(rand::random::<[u8; 16]>()),
@@ -315,6 +346,7 @@ impl Service {
             grace_until_ms: None,
             error: None,
             created_unix: now_ms() / 1000,
+            record_expected,
         };
         self.persist(&d)?;
         self.gate(name).set(GateState::Open);
@@ -322,9 +354,13 @@ impl Service {
         Ok(self.view(&st, &d))
     }
 
-    /// Delete a disk (its file too when it lives in the state directory). With `shred`, a
-    /// disk sealed in the secure profile is crypto-erased first.
-    pub async fn remove_disk(&self, name: &str, shred: bool) -> Result<()> {
+    /// Delete a disk from the registry (and its file too when it lives in the state
+    /// directory). A sealed or failed disk, or one whose file has a seal record, holds data
+    /// that only its record can bring back: it is removed only when the caller says what to
+    /// do with it — `shred` (crypto-erase it first, secure profile) or `keep_file` (keep the
+    /// file and its record as they are, so `pdguard image unseal` can still restore it).
+    /// Nothing else ever deletes a seal record, and an adopted file is never deleted.
+    pub async fn remove_disk(&self, name: &str, shred: bool, keep_file: bool) -> Result<()> {
         let mut st = self.s.state.lock().await;
         let d = st.disk_mut(name)?.clone();
         if st.in_use(name) {
@@ -340,8 +376,17 @@ impl Service {
             )));
         }
         let storage = storage_of(&d);
+        let has_record = storage.record_path().exists();
+        let holds_sealed = matches!(d.state, DiskState::Sealed | DiskState::Failed) || has_record;
+        if holds_sealed && !shred && !keep_file {
+            return Err(ServiceError::Invalid(format!(
+                "disk {name:?} is {} and its data can only be brought back with its seal record {}; removing it would lose that data: pass --shred to crypto-erase it, or --keep-file to keep the file and its record and only forget the disk (unseal it first to keep the data usable)",
+                d.state.name(),
+                storage.record_path().display()
+            )));
+        }
         if shred {
-            if d.state != DiskState::Sealed {
+            if !matches!(d.state, DiskState::Sealed | DiskState::Failed) {
                 return Err(ServiceError::Invalid(format!(
                     "disk {name:?} is {}, not sealed; only a sealed disk can be shredded",
                     d.state.name()
@@ -355,10 +400,15 @@ impl Service {
                 }
             })?;
         }
-        if d.managed {
-            remove_if_exists(&d.path)?;
+        if !keep_file {
+            // After a shred the record is a tombstone without key material.
+            if shred {
+                remove_if_exists(storage.record_path())?;
+            }
+            if d.managed {
+                remove_if_exists(&d.path)?;
+            }
         }
-        remove_if_exists(storage.record_path())?;
         self.s.registry.remove_disk(name)?;
         st.disks.remove(name);
         for c in st.containers.values_mut() {
@@ -452,7 +502,7 @@ impl Service {
                 "container id {id:?} is not 1-128 letters, digits, '.', '_' or '-'"
             )));
         }
-        {
+        let before = {
             let mut st = self.s.state.lock().await;
             if let Some(missing) = disks.iter().find(|d| !st.disks.contains_key(*d)) {
                 return Err(ServiceError::NotFound {
@@ -460,6 +510,7 @@ impl Service {
                     name: missing.clone(),
                 });
             }
+            let before = st.containers.get(id).cloned();
             let c = st
                 .containers
                 .entry(id.to_string())
@@ -477,7 +528,8 @@ impl Service {
                 }
             }
             self.s.registry.put_container(c)?;
-        }
+            before
+        };
         let all = {
             let st = self.s.state.lock().await;
             st.containers
@@ -486,7 +538,11 @@ impl Service {
                 .unwrap_or_default()
         };
         for d in &all {
-            self.reclaim(d).await?;
+            if let Err(e) = self.reclaim(d).await {
+                // The container did not come up: it is not running on these disks.
+                self.restore_container(id, before).await;
+                return Err(e);
+            }
         }
         let st = self.s.state.lock().await;
         let c = st
@@ -498,6 +554,25 @@ impl Service {
                 name: id.into(),
             })?;
         Ok(ContainerView { container: c })
+    }
+
+    /// Put a container back as it was before a `container_up` that failed.
+    async fn restore_container(&self, id: &str, before: Option<Container>) {
+        let mut st = self.s.state.lock().await;
+        let r = match before {
+            Some(c) => {
+                let r = self.s.registry.put_container(&c);
+                st.containers.insert(id.into(), c);
+                r
+            }
+            None => {
+                st.containers.remove(id);
+                self.s.registry.remove_container(id)
+            }
+        };
+        if let Err(e) = r {
+            tracing::error!(container = %id, error = %e, "cannot undo a failed container up");
+        }
     }
 
     /// Make one disk usable for a running container.
@@ -669,7 +744,12 @@ impl Service {
 
     /// The job itself, on a blocking thread. Resumes whatever a crash interrupted.
     fn run_job(&self, d: &Disk, kind: JobKind) -> Result<(), String> {
-        let storage = storage_of(d);
+        let watch = RecordFlag {
+            svc: self.clone(),
+            disk: d.name.clone(),
+            last: StdMutex::new(Some(d.record_expected)),
+        };
+        let storage = storage_of(d).with_record_watch(Arc::new(watch));
         let progress = DiskProgress {
             svc: self.clone(),
             disk: d.name.clone(),
@@ -694,8 +774,14 @@ impl Service {
                     Err(e) => Err(e),
                 }
             }
-            // The record is removed last by an unseal: no record means it already finished.
-            JobKind::Unseal if !storage.record_path().exists() => Ok(()),
+            // The record is removed last by an unseal, after the registry noted it: no
+            // record means the unseal already finished, unless the registry expects one.
+            JobKind::Unseal if !storage.record_path().exists() => {
+                return match d.record_expected {
+                    false => Ok(()),
+                    true => Err(record_lost(d)),
+                };
+            }
             JobKind::Unseal => jobs::unseal(&storage, key, &progress).map(|_| ()),
         };
         r.map_err(|e| error_chain(&e))
@@ -759,6 +845,59 @@ impl Service {
                 None => return,
             }
         }
+    }
+}
+
+fn record_lost(d: &Disk) -> String {
+    format!(
+        "the seal record {} of disk {:?} is missing, but the registry says the disk was sealed: its file holds sealed data, which is never served as plaintext; restore the record from a backup and run `pdguard disk unseal {}`, or forget the disk with `pdguard disk rm {} --keep-file`",
+        default_record_path(&d.path).display(),
+        d.name,
+        d.name,
+        d.name
+    )
+}
+
+/// Notes in the registry, durably and before the record changes, whether a disk's seal
+/// record should exist (see [`Disk::record_expected`]). Runs on a job's blocking thread.
+struct RecordFlag {
+    svc: Service,
+    disk: String,
+    last: StdMutex<Option<bool>>,
+}
+
+impl RecordFlag {
+    fn set(&self, expected: bool) -> std::io::Result<()> {
+        let mut last = lock(&self.last);
+        if *last == Some(expected) {
+            return Ok(());
+        }
+        let svc = self.svc.clone();
+        let name = self.disk.clone();
+        let r = tokio::runtime::Handle::current().block_on(async move {
+            let mut st = svc.s.state.lock().await;
+            match st.disks.get_mut(&name) {
+                Some(d) => {
+                    d.record_expected = expected;
+                    let d = d.clone();
+                    svc.persist(&d)
+                }
+                None => Ok(()),
+            }
+        });
+        r.map_err(|e| std::io::Error::other(error_chain(&e)))?;
+        *last = Some(expected);
+        Ok(())
+    }
+}
+
+impl RecordWatch for RecordFlag {
+    fn before_write(&self) -> std::io::Result<()> {
+        self.set(true)
+    }
+
+    fn before_remove(&self) -> std::io::Result<()> {
+        self.set(false)
     }
 }
 

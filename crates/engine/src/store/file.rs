@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use pdguard_core::keyslot::{MAX_SLOT_BYTES, SLOT_SUFFIX};
 use rand::RngCore;
 
-use super::{check_seal_id, DataMap, Disk, Result, Storage, StoreError};
+use super::{check_seal_id, DataMap, Disk, ImageLock, LockMode, Result, Storage, StoreError};
 
 /// `O_NOFOLLOW` for [`OpenOptionsExt::custom_flags`]: a symbolic link as the last component
 /// fails with `ELOOP` instead of being followed.
@@ -209,12 +209,32 @@ pub fn default_record_path(image: &Path) -> PathBuf {
     PathBuf::from(s)
 }
 
+/// Told before [`ImageStorage`] writes or removes the seal record, so that its caller
+/// (the daemon's registry) always knows whether a record should exist. An error stops the
+/// write or the removal.
+pub trait RecordWatch: Send + Sync {
+    fn before_write(&self) -> io::Result<()>;
+    fn before_remove(&self) -> io::Result<()>;
+}
+
 /// One image on the host: its path, its record's path and the directory for thin disks.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct ImageStorage {
     image: PathBuf,
     record: PathBuf,
     thin_dir: PathBuf,
+    watch: Option<std::sync::Arc<dyn RecordWatch>>,
+}
+
+impl std::fmt::Debug for ImageStorage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ImageStorage")
+            .field("image", &self.image)
+            .field("record", &self.record)
+            .field("thin_dir", &self.thin_dir)
+            .field("watched", &self.watch.is_some())
+            .finish()
+    }
 }
 
 impl ImageStorage {
@@ -225,7 +245,32 @@ impl ImageStorage {
             image,
             record,
             thin_dir,
+            watch: None,
         }
+    }
+
+    /// Tell `watch` before every write or removal of the record.
+    pub fn with_record_watch(mut self, watch: std::sync::Arc<dyn RecordWatch>) -> Self {
+        self.watch = Some(watch);
+        self
+    }
+
+    fn tell(&self, removing: bool) -> Result<()> {
+        let Some(w) = &self.watch else {
+            return Ok(());
+        };
+        let r = if removing {
+            w.before_remove()
+        } else {
+            w.before_write()
+        };
+        r.map_err(|e| {
+            StoreError::io(
+                "note in the registry a change of",
+                format!("seal record {}", self.record.display()),
+                e,
+            )
+        })
     }
 
     pub fn image_path(&self) -> &Path {
@@ -276,6 +321,21 @@ impl ImageStorage {
 impl Storage for ImageStorage {
     fn image_name(&self) -> String {
         self.image.display().to_string()
+    }
+
+    fn lock_image(&self, mode: LockMode) -> Result<ImageLock> {
+        super::lock::flock_path(&self.image, &self.image_name(), mode)
+    }
+
+    fn loop_devices(&self) -> Result<Vec<String>> {
+        let loops = super::inuse::attached_loop_devices(&self.image).map_err(|e| {
+            StoreError::io(
+                "find the loop devices of",
+                format!("image {}", self.image_name()),
+                e,
+            )
+        })?;
+        Ok(loops.iter().map(|p| p.display().to_string()).collect())
     }
 
     fn record_name(&self) -> String {
@@ -405,6 +465,7 @@ impl Storage for ImageStorage {
     }
 
     fn write_record(&self, bytes: &[u8]) -> Result<()> {
+        self.tell(false)?;
         let tmp = self.tmp_record();
         let what = format!("seal record {}", self.record.display());
         let write = || -> io::Result<()> {
@@ -432,6 +493,10 @@ impl Storage for ImageStorage {
     }
 
     fn remove_record(&self) -> Result<()> {
+        if !self.record.exists() {
+            return Ok(());
+        }
+        self.tell(true)?;
         match fs::remove_file(&self.record) {
             Ok(()) => sync_dir(&parent_of(&self.record)).map_err(|e| {
                 StoreError::io(

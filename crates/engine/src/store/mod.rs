@@ -5,6 +5,8 @@
 //! [`sim`] implements them in memory with power-loss and fault injection for crash tests.
 
 pub mod file;
+pub mod inuse;
+mod lock;
 pub mod sim;
 mod sparse;
 
@@ -25,6 +27,16 @@ pub enum StoreError {
     Poisoned { what: String },
     #[error("simulated power loss")]
     Crashed,
+    /// Another job holds the image's lock ([`Storage::lock_image`]).
+    #[error("busy: {} holds {image}; wait for it to finish (or stop it) and run the command again", holder_text(*.holder))]
+    Busy { image: String, holder: Option<u32> },
+}
+
+fn holder_text(holder: Option<u32>) -> String {
+    match holder {
+        Some(pid) => format!("another pdguard job (pid {pid})"),
+        None => "another pdguard job".into(),
+    }
 }
 
 impl StoreError {
@@ -88,12 +100,25 @@ pub trait Disk: Send + Sync {
     }
 }
 
+pub use lock::{ImageLock, LockMode};
 pub use sparse::{DataMap, Sparse};
 
 /// Everything one job touches: the image, its thin disk and its seal record.
 pub trait Storage {
     /// The image as a human names it (its path), for messages.
     fn image_name(&self) -> String;
+    /// Take the image's lock without waiting: [`LockMode::Exclusive`] for a job that may
+    /// write the image, its record or its thin disk (seal, unseal, shred, and the crash
+    /// recovery they start with), [`LockMode::Shared`] for one that only reads the image and
+    /// must not see it change underneath (verify). Held until the returned guard drops.
+    /// Fails at once with [`StoreError::Busy`] when a conflicting lock is held, by this
+    /// process or another one.
+    fn lock_image(&self, mode: LockMode) -> Result<ImageLock>;
+    /// Loop devices the image is attached to (the kernel may write it through them at any
+    /// moment), e.g. `/dev/loop3`. Default: none (in-memory storage).
+    fn loop_devices(&self) -> Result<Vec<String>> {
+        Ok(Vec::new())
+    }
     /// The record's path, for messages.
     fn record_name(&self) -> String;
     /// Open the image, for reading and writing when `write`.

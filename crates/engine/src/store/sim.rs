@@ -15,7 +15,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use rand::Rng;
 
-use super::{check_seal_id, DataMap, Disk, Result, Storage, StoreError};
+use super::{check_seal_id, DataMap, Disk, ImageLock, LockMode, Result, Storage, StoreError};
 
 /// The sim reports holes by content: any 4 KiB block of zeros, as a file system would after
 /// `fallocate(PUNCH_HOLE)` of every zero block. Sound: a reported hole reads as zeros.
@@ -76,6 +76,12 @@ struct Inner {
     /// Bytes read and written through disks (image and thin disks), for tests of sparseness.
     read_bytes: u64,
     written_bytes: u64,
+    /// Bytes written to the image alone.
+    image_written_bytes: u64,
+    /// The image lock: held exclusively, or by this many shared holders. Not a step: a
+    /// lock is not I/O, and it does not survive a power loss.
+    exclusive: bool,
+    shared: usize,
 }
 
 impl Inner {
@@ -197,6 +203,11 @@ impl SimStorage {
         self.disk(Which::Thin(name.to_string()), bytes)
     }
 
+    /// Bytes written to the image (not thin disks) since this storage was made.
+    pub fn image_written_bytes(&self) -> u64 {
+        lock(&self.inner).image_written_bytes
+    }
+
     /// How many thin disks exist now.
     pub fn thin_count(&self) -> usize {
         lock(&self.inner).thins.len()
@@ -229,6 +240,22 @@ impl SimStorage {
             len,
             poisoned: AtomicBool::new(false),
         })
+    }
+}
+
+/// Releases a [`SimStorage`] image lock on drop.
+struct SimLock {
+    inner: Arc<Mutex<Inner>>,
+    mode: LockMode,
+}
+
+impl Drop for SimLock {
+    fn drop(&mut self) {
+        let mut g = lock(&self.inner);
+        match self.mode {
+            LockMode::Exclusive => g.exclusive = false,
+            LockMode::Shared => g.shared = g.shared.saturating_sub(1),
+        }
     }
 }
 
@@ -306,6 +333,9 @@ impl Disk for SimDisk {
                 f.data[r.clone()].copy_from_slice(buf);
                 f.pending.push((r.start, buf.to_vec()));
                 g.written_bytes += buf.len() as u64;
+                if matches!(self.which, Which::Image) {
+                    g.image_written_bytes += buf.len() as u64;
+                }
                 Ok(())
             },
             true,
@@ -344,6 +374,28 @@ impl Storage for SimStorage {
 
     fn record_name(&self) -> String {
         "sim.img.pdguard".into()
+    }
+
+    fn lock_image(&self, mode: LockMode) -> Result<ImageLock> {
+        let mut g = lock(&self.inner);
+        let free = match mode {
+            LockMode::Exclusive => !g.exclusive && g.shared == 0,
+            LockMode::Shared => !g.exclusive,
+        };
+        if !free {
+            return Err(StoreError::Busy {
+                image: "sim.img".into(),
+                holder: None,
+            });
+        }
+        match mode {
+            LockMode::Exclusive => g.exclusive = true,
+            LockMode::Shared => g.shared += 1,
+        }
+        Ok(ImageLock::new(Box::new(SimLock {
+            inner: Arc::clone(&self.inner),
+            mode,
+        })))
     }
 
     fn open_image(&self, _write: bool) -> Result<Box<dyn Disk>> {

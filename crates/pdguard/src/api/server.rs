@@ -144,6 +144,8 @@ async fn show_disk(State(svc): State<Service>, Path(name): Path<String>) -> ApiR
 struct RemoveQuery {
     #[serde(default)]
     shred: bool,
+    #[serde(default)]
+    keep_file: bool,
 }
 
 async fn remove_disk(
@@ -152,10 +154,10 @@ async fn remove_disk(
     q: Result<Query<RemoveQuery>, axum::extract::rejection::QueryRejection>,
 ) -> ApiResult {
     let Query(q) = q.map_err(|e| ApiError::new(400, "bad_query", e.body_text()))?;
-    svc.remove_disk(&name, q.shred).await?;
+    svc.remove_disk(&name, q.shred, q.keep_file).await?;
     ok(
         StatusCode::OK,
-        json!({ "removed": name, "shredded": q.shred }),
+        json!({ "removed": name, "shredded": q.shred, "kept_file": q.keep_file }),
     )
 }
 

@@ -50,12 +50,16 @@ pub enum DiskCommand {
     Ls,
     /// Show one disk.
     Show { name: String },
-    /// Delete a disk (and its file, if it lives in the state directory).
+    /// Delete a disk (and its file, if it lives in the state directory). A sealed or
+    /// failed disk needs --shred or --keep-file.
     Rm {
         name: String,
         /// Crypto-erase a sealed disk first (secure profile).
         #[arg(long)]
         shred: bool,
+        /// Keep the disk's file and seal record as they are; only forget the disk.
+        #[arg(long)]
+        keep_file: bool,
     },
     /// Seal a disk now.
     Seal { name: String },
@@ -134,10 +138,17 @@ pub fn disk(cmd: &DiskCommand, conn: &Conn, cli: &Cli) -> Result<(), CliError> {
         DiskCommand::Show { name } => {
             request(conn, "GET", &format!("/v1/disks/{}", seg(name)?), None)?
         }
-        DiskCommand::Rm { name, shred } => request(
+        DiskCommand::Rm {
+            name,
+            shred,
+            keep_file,
+        } => request(
             conn,
             "DELETE",
-            &format!("/v1/disks/{}?shred={shred}", seg(name)?),
+            &format!(
+                "/v1/disks/{}?shred={shred}&keep_file={keep_file}",
+                seg(name)?
+            ),
             None,
         )?,
         DiskCommand::Seal { name } => request(

@@ -15,6 +15,7 @@ mod demo;
 mod image;
 mod progress;
 mod serve;
+mod testhook;
 
 /// Where the daemon keeps its state unless told otherwise.
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/pdguard";

@@ -5,14 +5,18 @@ use std::io::IsTerminal;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use pdguard_engine::jobs::Progress;
 
+use super::testhook::PauseAt;
+
 pub struct Bar {
     bar: Option<ProgressBar>,
+    pause: Option<PauseAt>,
 }
 
 impl Bar {
     pub fn new(quiet: bool) -> Self {
         let show = !quiet && std::io::stderr().is_terminal();
         Self {
+            pause: PauseAt::from_env(),
             bar: show.then(|| {
                 let b = ProgressBar::with_draw_target(Some(0), ProgressDrawTarget::stderr());
                 let style = ProgressStyle::with_template(
@@ -35,6 +39,9 @@ impl Bar {
 
 impl Progress for Bar {
     fn pass(&self, name: &'static str, total_bytes: u64) {
+        if let Some(p) = &self.pause {
+            p.pass(name);
+        }
         if let Some(b) = &self.bar {
             b.set_message(name);
             b.set_length(total_bytes);
@@ -45,6 +52,9 @@ impl Progress for Bar {
     fn advance(&self, bytes: u64) {
         if let Some(b) = &self.bar {
             b.inc(bytes);
+        }
+        if let Some(p) = &self.pause {
+            p.advance(bytes);
         }
     }
 }
