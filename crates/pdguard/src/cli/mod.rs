@@ -100,6 +100,8 @@ pub enum CliError {
     KeyFile(#[from] KeyFileError),
     #[error(transparent)]
     Client(#[from] crate::api::client::ClientError),
+    #[error(transparent)]
+    Token(#[from] crate::api::auth::TokenError),
     #[error("the daemon cannot start")]
     Service(#[from] pdguard_engine::service::ServiceError),
     #[error("{0}")]
