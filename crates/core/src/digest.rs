@@ -23,6 +23,8 @@
 
 use std::{fmt, mem};
 
+use zeroize::Zeroizing;
+
 /// Bytes per leaf block of `blake3-64k`.
 pub const BLOCK_BYTES: u64 = 64 << 10;
 /// Bytes per page of a block: zero pages are left out of a block's leaf.
@@ -90,7 +92,8 @@ enum Inner {
 }
 
 struct Blocks {
-    leaf_key: [u8; 32],
+    /// Wiped when dropped (derived from the secure profile's digest key).
+    leaf_key: Zeroizing<[u8; 32]>,
     root: blake3::Hasher,
     /// The current block's hasher, once it has seen a page that is not all zeros.
     leaf: Option<blake3::Hasher>,
@@ -117,8 +120,11 @@ impl ImageHasher {
             DigestScheme::Blocks64k => {
                 let material: &[u8] = key.map_or(&[], |k| k.as_slice());
                 Inner::Blocks(Box::new(Blocks {
-                    leaf_key: blake3::derive_key(LEAF_CONTEXT, material),
-                    root: blake3::Hasher::new_keyed(&blake3::derive_key(ROOT_CONTEXT, material)),
+                    leaf_key: Zeroizing::new(blake3::derive_key(LEAF_CONTEXT, material)),
+                    root: blake3::Hasher::new_keyed(&Zeroizing::new(blake3::derive_key(
+                        ROOT_CONTEXT,
+                        material,
+                    ))),
                     leaf: None,
                     bitmap: 0,
                     filled: 0,
