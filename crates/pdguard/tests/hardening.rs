@@ -71,7 +71,6 @@ fn disk_sizes_beyond_the_file_system_are_refused_and_leave_nothing() {
     let st = rustix::fs::statvfs(&state).unwrap();
     let over_free = (st.f_bavail * st.f_frsize + (1 << 30)).next_multiple_of(512);
     for (name, body) in [
-        ("over", format!(r#"{{"name":"over","size":{over_free}}}"#)),
         // 2^63: over the largest file offset.
         (
             "huge",
@@ -87,6 +86,7 @@ fn disk_sizes_beyond_the_file_system_are_refused_and_leave_nothing() {
             "adopt",
             format!(r#"{{"name":"adopt","size":9223372036854775296,"path":{adopted_json}}}"#),
         ),
+        ("over", format!(r#"{{"name":"over","size":{over_free}}}"#)),
     ] {
         let (st, v) = post(&sock, "/v1/disks", &body);
         assert_eq!(st, 400, "{name}: {v}");
@@ -95,6 +95,12 @@ fn disk_sizes_beyond_the_file_system_are_refused_and_leave_nothing() {
         assert!(
             !msg.contains('\n') && msg.contains("pick a smaller size"),
             "{msg}"
+        );
+        // Nothing left behind by this refusal.
+        assert!(
+            entries(&state.join("disks")).is_empty() && !adopted.exists(),
+            "{name}: a refused create left a file: {:?}",
+            entries(&state.join("disks"))
         );
     }
     // The CLI's 100T (over any free space here, and over ext4's 16 TiB file limit).
