@@ -565,7 +565,7 @@ impl Keys {
                         source,
                     })?;
                 let sk = data_key.derive(&rec.seal_id);
-                let pk = sk.placement_seed(&seed, &rec.seal_id, rec.image_bytes);
+                let pk = Zeroizing::new(sk.placement_seed(&seed, &rec.seal_id, rec.image_bytes));
                 Ok(Self {
                     data_seed: seed,
                     placement_key: Zeroizing::new(pk.to_vec()),
