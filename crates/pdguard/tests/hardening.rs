@@ -270,3 +270,69 @@ fn a_key_file_owned_by_another_user_is_refused() {
     let o = pdguard(&["image", "seal", s(&img), "--key-file", s(&key), "--quiet"]);
     assert_eq!(code(&o), 0, "{}", stderr(&o));
 }
+
+/// The image commands too: `image inspect` with its record on a FIFO blocks in `open` (after
+/// the start of `main`), run as uid 65534; its `/proc/PID/status` must become root's.
+#[test]
+fn image_commands_are_not_dumpable() {
+    assert_eq!(
+        std::fs::metadata("/proc/self").unwrap().uid(),
+        0,
+        "this test needs root (it runs pdguard as uid 65534)"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o711)).unwrap();
+    let work = dir.path().join("w");
+    std::fs::create_dir(&work).unwrap();
+    let img = work.join("disk.img");
+    tagged_image(&img, 64, 512, 3);
+    let fifo = work.join("record.fifo");
+    let o = Command::new("mkfifo").arg(&fifo).output().unwrap();
+    assert!(o.status.success(), "mkfifo: {}", stderr(&o));
+    for p in [&work, &img, &fifo] {
+        std::os::unix::fs::chown(p, Some(65534), Some(65534)).unwrap();
+    }
+    let child = Command::new(bin())
+        .args(["image", "inspect", s(&img), "--record", s(&fifo)])
+        .uid(65534)
+        .gid(65534)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    struct Kill(Option<std::process::Child>);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            if let Some(c) = self.0.as_mut() {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+        }
+    }
+    let pid = child.id();
+    let mut guard = Kill(Some(child));
+    let status = format!("/proc/{pid}/status");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut owner = u32::MAX;
+    while Instant::now() < deadline {
+        owner = std::fs::metadata(&status).map_or(u32::MAX, |m| m.uid());
+        if owner == 0 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let text = std::fs::read_to_string(&status).unwrap_or_default();
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(2) == Some("65534")),
+        "not running as 65534: {text}"
+    );
+    assert_eq!(
+        owner, 0,
+        "{status} of `image inspect` running as uid 65534 is owned by uid {owner}: it is dumpable"
+    );
+    // Unblock it: a record that is not one.
+    std::fs::write(&fifo, b"not a record").unwrap();
+    let o = guard.0.take().unwrap().wait_with_output().unwrap();
+    assert_eq!(code(&o), 1, "{}", stderr(&o));
+}
