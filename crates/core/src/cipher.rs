@@ -124,6 +124,14 @@ mod tests {
     use aes::cipher::generic_array::GenericArray;
     use proptest::prelude::*;
 
+    /// The `aes` crate is built with its `zeroize` feature: its key schedules (two per
+    /// XtsAes256) are wiped when dropped. Without the feature this does not compile.
+    #[test]
+    fn aes_key_schedules_are_wiped_on_drop() {
+        fn wiped_on_drop<T: zeroize::ZeroizeOnDrop>() {}
+        wiped_on_drop::<Aes256>();
+    }
+
     fn reference(key: &[u8; 64]) -> xts_mode::Xts128<Aes256> {
         xts_mode::Xts128::new(
             Aes256::new(GenericArray::from_slice(&key[..32])),

@@ -23,6 +23,8 @@
 
 use std::{fmt, mem};
 
+use zeroize::Zeroizing;
+
 /// Bytes per leaf block of `blake3-64k`.
 pub const BLOCK_BYTES: u64 = 64 << 10;
 /// Bytes per page of a block: zero pages are left out of a block's leaf.
@@ -83,17 +85,40 @@ pub struct ImageHasher {
     inner: Inner,
 }
 
+/// A BLAKE3 hasher whose state (which holds its key in keyed mode) is wiped when dropped.
+struct Wiped(blake3::Hasher);
+
+impl std::ops::Deref for Wiped {
+    type Target = blake3::Hasher;
+    fn deref(&self) -> &blake3::Hasher {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Wiped {
+    fn deref_mut(&mut self) -> &mut blake3::Hasher {
+        &mut self.0
+    }
+}
+
+impl Drop for Wiped {
+    fn drop(&mut self) {
+        zeroize::Zeroize::zeroize(&mut self.0);
+    }
+}
+
 enum Inner {
     // Boxed, both: hashers are large and move between the threads of a pass.
-    Whole(Box<blake3::Hasher>),
+    Whole(Box<Wiped>),
     Blocks(Box<Blocks>),
 }
 
 struct Blocks {
-    leaf_key: [u8; 32],
-    root: blake3::Hasher,
+    /// Wiped when dropped (derived from the secure profile's digest key).
+    leaf_key: Zeroizing<[u8; 32]>,
+    root: Wiped,
     /// The current block's hasher, once it has seen a page that is not all zeros.
-    leaf: Option<blake3::Hasher>,
+    leaf: Option<Wiped>,
     /// Pages of the current block that are not all zeros.
     bitmap: u16,
     /// Bytes of the current block seen so far.
@@ -110,15 +135,17 @@ impl ImageHasher {
     /// A hasher for `scheme`, keyed by the secure profile's digest key if given.
     pub fn new(scheme: DigestScheme, key: Option<&[u8; 32]>) -> Self {
         let inner = match scheme {
-            DigestScheme::Whole => Inner::Whole(Box::new(match key {
+            DigestScheme::Whole => Inner::Whole(Box::new(Wiped(match key {
                 Some(k) => blake3::Hasher::new_keyed(k),
                 None => blake3::Hasher::new(),
-            })),
+            }))),
             DigestScheme::Blocks64k => {
                 let material: &[u8] = key.map_or(&[], |k| k.as_slice());
                 Inner::Blocks(Box::new(Blocks {
-                    leaf_key: blake3::derive_key(LEAF_CONTEXT, material),
-                    root: blake3::Hasher::new_keyed(&blake3::derive_key(ROOT_CONTEXT, material)),
+                    leaf_key: Zeroizing::new(blake3::derive_key(LEAF_CONTEXT, material)),
+                    root: Wiped(blake3::Hasher::new_keyed(&Zeroizing::new(
+                        blake3::derive_key(ROOT_CONTEXT, material),
+                    ))),
                     leaf: None,
                     bitmap: 0,
                     filled: 0,
@@ -225,7 +252,7 @@ impl Blocks {
     fn hash(&mut self, bytes: &[u8]) {
         let key = &self.leaf_key;
         self.leaf
-            .get_or_insert_with(|| blake3::Hasher::new_keyed(key))
+            .get_or_insert_with(|| Wiped(blake3::Hasher::new_keyed(key)))
             .update(bytes);
     }
 

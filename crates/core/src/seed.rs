@@ -5,6 +5,8 @@
 //! seed is one word (`W` bytes), the XOR of every `W`-byte word of the first `min(10, N)`
 //! sectors.
 
+use zeroize::Zeroizing;
+
 /// How many leading sectors feed the seed ([040]: "ten linear offsets").
 pub const SEED_SECTORS: u64 = 10;
 
@@ -17,13 +19,14 @@ pub fn seed_span(sector_size: u32, sectors: u64) -> u64 {
 /// that keeps word boundaries (each chunk a multiple of `W` bytes).
 #[derive(Debug, Clone)]
 pub struct SeedBuilder {
-    word: Vec<u8>,
+    /// Wiped when dropped: in the secure profile the seed is secret (it is wrapped).
+    word: Zeroizing<Vec<u8>>,
 }
 
 impl SeedBuilder {
     pub fn new(word_length: u32) -> Self {
         Self {
-            word: vec![0; word_length as usize],
+            word: Zeroizing::new(vec![0; word_length as usize]),
         }
     }
 
@@ -38,13 +41,13 @@ impl SeedBuilder {
         }
     }
 
-    pub fn finish(self) -> Vec<u8> {
+    pub fn finish(self) -> Zeroizing<Vec<u8>> {
         self.word
     }
 }
 
 /// The [040] seed of the bytes `first` (the first `min(10, N)` sectors of the disk).
-pub fn derive(first: &[u8], word_length: u32) -> Vec<u8> {
+pub fn derive(first: &[u8], word_length: u32) -> Zeroizing<Vec<u8>> {
     let mut b = SeedBuilder::new(word_length);
     b.update(first);
     b.finish()
@@ -92,7 +95,7 @@ mod tests {
     #[test]
     fn all_zero_boot_sectors_give_a_zero_seed() {
         // The weakness DESIGN.md §1 names: the patent profile's seed is public knowledge here.
-        assert_eq!(derive(&[0u8; 5120], 32), vec![0u8; 32]);
+        assert_eq!(*derive(&[0u8; 5120], 32), vec![0u8; 32]);
     }
 
     #[test]

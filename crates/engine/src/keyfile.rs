@@ -2,8 +2,8 @@
 //! read them. Lookup order: `--key-file`, then `$PDGUARD_KEY_FILE`, then [`DEFAULT_KEY_FILE`].
 
 use std::fs::{self, OpenOptions};
-use std::io::{self, Write};
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::io::{self, Read, Write};
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use pdguard_core::keys::{KeyError, MasterKey};
@@ -22,6 +22,8 @@ pub enum KeyFileError {
         "key file {path} can be read by group or others (mode {mode:04o}); run `chmod 600 {path}`"
     )]
     Exposed { path: String, mode: u32 },
+    #[error("key file {path} belongs to uid {owner}, neither to the user running pdguard (uid {me}) nor to root; if it is yours, run `chown {me} {path}`")]
+    Foreign { path: String, owner: u32, me: u32 },
     #[error("key file {path} is not a regular file")]
     NotAFile { path: String },
     #[error("key file {path} cannot be used")]
@@ -52,18 +54,30 @@ pub fn locate(explicit: Option<&Path>) -> PathBuf {
     }
 }
 
-/// Read a master key file, refusing one that group or others can read.
+/// Read a master key file, refusing one that group or others can read, or that is owned
+/// by another user than the one running pdguard (or root): whoever owns it can swap it.
 pub fn load(path: &Path) -> Result<MasterKey, KeyFileError> {
     let shown = path.display().to_string();
-    let meta = fs::metadata(path).map_err(|e| match e.kind() {
-        io::ErrorKind::NotFound => KeyFileError::Missing {
-            path: shown.clone(),
-        },
-        _ => KeyFileError::Io {
-            op: "read",
-            path: shown.clone(),
-            source: e,
-        },
+    // One open, then fstat: the checks and the read are of the same file (non-blocking, so
+    // that a FIFO is refused instead of waited on).
+    let mut file = OpenOptions::new()
+        .read(true)
+        .custom_flags(rustix::fs::OFlags::NONBLOCK.bits() as i32)
+        .open(path)
+        .map_err(|e| match e.kind() {
+            io::ErrorKind::NotFound => KeyFileError::Missing {
+                path: shown.clone(),
+            },
+            _ => KeyFileError::Io {
+                op: "read",
+                path: shown.clone(),
+                source: e,
+            },
+        })?;
+    let meta = file.metadata().map_err(|e| KeyFileError::Io {
+        op: "read",
+        path: shown.clone(),
+        source: e,
     })?;
     if !meta.is_file() {
         return Err(KeyFileError::NotAFile { path: shown });
@@ -72,14 +86,45 @@ pub fn load(path: &Path) -> Result<MasterKey, KeyFileError> {
     if mode & 0o077 != 0 {
         return Err(KeyFileError::Exposed { path: shown, mode });
     }
-    let text = zeroize::Zeroizing::new(fs::read(path).map_err(|e| KeyFileError::Io {
-        op: "read",
-        path: shown.clone(),
-        source: e,
-    })?);
+    let me = rustix::process::geteuid().as_raw();
+    if meta.uid() != me && meta.uid() != 0 {
+        return Err(KeyFileError::Foreign {
+            path: shown,
+            owner: meta.uid(),
+            me,
+        });
+    }
+    let mut text = zeroize::Zeroizing::new(Vec::new());
+    // A key file is one short line: never read more than a page of it.
+    (&mut file)
+        .take(4097)
+        .read_to_end(&mut text)
+        .map_err(|e| KeyFileError::Io {
+            op: "read",
+            path: shown.clone(),
+            source: e,
+        })?;
+    if text.len() > 4096 {
+        return Err(KeyFileError::Parse {
+            path: shown,
+            source: KeyError::NotAKeyFile,
+        });
+    }
     MasterKey::from_file(&text).map_err(|source| KeyFileError::Parse {
         path: shown,
         source,
+    })
+}
+
+/// Keep this process's memory (master key, data keys, seeds, plaintext) out of core dumps
+/// and away from `ptrace` by users other than root: `prctl(PR_SET_DUMPABLE, 0)`. Also makes
+/// `/proc/PID/*` owned by root. Called first by `serve` and by the commands that touch keys.
+pub fn keep_out_of_core_dumps() -> Result<(), KeyFileError> {
+    use rustix::process::{set_dumpable_behavior, DumpableBehavior};
+    set_dumpable_behavior(DumpableBehavior::NotDumpable).map_err(|e| KeyFileError::Io {
+        op: "protect (prctl PR_SET_DUMPABLE)",
+        path: "of this process".into(),
+        source: e.into(),
     })
 }
 
@@ -124,6 +169,13 @@ mod tests {
     use super::*;
 
     #[test]
+    fn not_dumpable_after_protection() {
+        use rustix::process::{dumpable_behavior, DumpableBehavior};
+        keep_out_of_core_dumps().unwrap();
+        assert_eq!(dumpable_behavior().unwrap(), DumpableBehavior::NotDumpable);
+    }
+
+    #[test]
     fn generate_load_and_refusals() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("master.key");
@@ -147,6 +199,18 @@ mod tests {
             load(&dir.path().join("none")),
             Err(KeyFileError::Missing { .. })
         ));
+        // Owned by another user (chown needs root; the suite runs as root): refused; owned
+        // by root: accepted, whoever runs pdguard.
+        fs::set_permissions(&p, fs::Permissions::from_mode(0o600)).unwrap();
+        if rustix::process::geteuid().is_root() {
+            std::os::unix::fs::chown(&p, Some(65534), None).unwrap();
+            assert!(matches!(
+                load(&p),
+                Err(KeyFileError::Foreign { owner: 65534, .. })
+            ));
+            std::os::unix::fs::chown(&p, Some(0), None).unwrap();
+        }
+        assert_eq!(load(&p).unwrap().id(), k.id());
         let junk = dir.path().join("junk");
         fs::write(&junk, "hello").unwrap();
         fs::set_permissions(&junk, fs::Permissions::from_mode(0o600)).unwrap();

@@ -629,8 +629,11 @@ fn fresh_seal(
 }
 
 /// The [040] seed: XOR of every word of the first `min(10, N)` sectors.
-fn read_seed(image: &dyn Disk, g: Geometry) -> Result<Vec<u8>, StoreError> {
-    let mut first = vec![0u8; seed::seed_span(g.sector_size(), g.sectors()) as usize];
+fn read_seed(image: &dyn Disk, g: Geometry) -> Result<Zeroizing<Vec<u8>>, StoreError> {
+    let mut first = Zeroizing::new(vec![
+        0u8;
+        seed::seed_span(g.sector_size(), g.sectors()) as usize
+    ]);
     image.read_at(&mut first, 0)?;
     Ok(seed::derive(&first, g.word_length()))
 }
@@ -659,7 +662,7 @@ struct Keys {
     data_seed: Zeroizing<Vec<u8>>,
     placement_key: Zeroizing<Vec<u8>>,
     cipher: Option<XtsAes256>,
-    digest_key: Option<[u8; 32]>,
+    digest_key: Option<Zeroizing<[u8; 32]>>,
 }
 
 impl Keys {
@@ -728,12 +731,12 @@ impl Keys {
                         source,
                     })?;
                 let sk = data_key.derive(&rec.seal_id);
-                let pk = sk.placement_seed(&seed, &rec.seal_id, rec.image_bytes);
+                let pk = Zeroizing::new(sk.placement_seed(&seed, &rec.seal_id, rec.image_bytes));
                 Ok(Self {
                     data_seed: seed,
                     placement_key: Zeroizing::new(pk.to_vec()),
                     cipher: Some(XtsAes256::new(&sk.xts)),
-                    digest_key: Some(sk.digest),
+                    digest_key: Some(Zeroizing::new(sk.digest)),
                 })
             }
         }
@@ -869,7 +872,7 @@ impl<'a> Job<'a> {
                 .cipher
                 .as_ref()
                 .map(|c| c as &dyn pdguard_core::cipher::SectorCipher),
-            digest_key: self.keys.digest_key,
+            digest_key: self.keys.digest_key.as_deref(),
             digest: self.digest,
             keep_holes: self.rec.keep_holes,
             progress: self.progress,
@@ -960,7 +963,7 @@ impl<'a> Job<'a> {
     /// A seal interrupted in scatter is resumed only on the image it started on.
     fn check_seed(&self) -> Result<()> {
         let seed = read_seed(&*self.image, self.geometry).map_err(|e| self.interrupted(e))?;
-        if seed != *self.keys.data_seed {
+        if *seed != *self.keys.data_seed {
             return Err(JobError::Mismatch {
                 image: self.image_name(),
                 record: self.storage.record_name(),

@@ -969,7 +969,7 @@ fn window_equals_direct_on(
         geometry: g,
         placement: &*p,
         cipher: secure.then_some(&xts as &dyn SectorCipher),
-        digest_key: secure.then_some([9; 32]),
+        digest_key: secure.then_some(&[9; 32]),
         digest: pdguard_core::digest::DigestScheme::DEFAULT,
         keep_holes,
         progress: &NoProgress,

@@ -332,7 +332,7 @@ impl Service {
                 other.name
             )));
         }
-        create_file(&path, size, managed)?;
+        let created = create_file(&path, size, managed)?;
         let record_expected = default_record_path(&path).exists();
         let d = Disk {
             name: name.into(),
@@ -348,7 +348,12 @@ impl Service {
             created_unix: now_ms() / 1000,
             record_expected,
         };
-        self.persist(&d)?;
+        if let Err(e) = self.persist(&d) {
+            if created {
+                let _ = std::fs::remove_file(&d.path);
+            }
+            return Err(e);
+        }
         self.gate(name).set(GateState::Open);
         st.disks.insert(name.into(), d.clone());
         Ok(self.view(&st, &d))
@@ -913,7 +918,9 @@ fn storage_of(d: &Disk) -> ImageStorage {
     ImageStorage::new(d.path.clone(), default_record_path(&d.path), None)
 }
 
-fn create_file(path: &Path, size: u64, managed: bool) -> Result<()> {
+/// Create the disk file (or check an adopted one). Returns whether a file was made, so that a
+/// failed registration can remove it again.
+fn create_file(path: &Path, size: u64, managed: bool) -> Result<bool> {
     let io = |what: String| move |source| ServiceError::Io { what, source };
     match std::fs::metadata(path) {
         Ok(m) if managed => Err(ServiceError::Busy(format!(
@@ -926,19 +933,67 @@ fn create_file(path: &Path, size: u64, managed: bool) -> Result<()> {
             path.display(),
             m.len()
         ))),
-        Ok(_) => Ok(()),
+        Ok(_) => Ok(false),
         Err(_) => {
+            check_room(path, size)?;
             let f = std::fs::OpenOptions::new()
                 .write(true)
                 .create_new(true)
                 .open(path)
                 .map_err(io(format!("cannot create disk file {}", path.display())))?;
-            f.set_len(size)
-                .and_then(|()| f.sync_all())
-                .map_err(io(format!("cannot size disk file {}", path.display())))?;
-            Ok(())
+            if let Err(e) = f.set_len(size).and_then(|()| f.sync_all()) {
+                // Leave nothing behind: the name must be free again.
+                drop(f);
+                let _ = std::fs::remove_file(path);
+                let too_big = e.kind() == std::io::ErrorKind::InvalidInput
+                    || e.raw_os_error() == Some(rustix::io::Errno::FBIG.raw_os_error())
+                    || e.raw_os_error() == Some(rustix::io::Errno::INVAL.raw_os_error());
+                if too_big {
+                    return Err(ServiceError::Invalid(format!(
+                        "disk size {size} bytes is more than the file system of {} allows for one file ({e}); pick a smaller size",
+                        path.display()
+                    )));
+                }
+                return Err(io(format!("cannot size disk file {}", path.display()))(e));
+            }
+            Ok(true)
         }
     }
+}
+
+/// Refuse a size the file system cannot hold: over the largest file offset, or over the
+/// space free for the daemon's user (a sparse file would let writes fail later, inside a
+/// container).
+fn check_room(path: &Path, size: u64) -> Result<()> {
+    if size > i64::MAX as u64 {
+        return Err(ServiceError::Invalid(format!(
+            "disk size {size} bytes is over the largest file size ({} bytes); pick a smaller size",
+            i64::MAX
+        )));
+    }
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    let st = match rustix::fs::statvfs(dir) {
+        Ok(st) => st,
+        // A missing directory: creating the file reports it.
+        Err(rustix::io::Errno::NOENT) => return Ok(()),
+        Err(e) => {
+            return Err(ServiceError::Io {
+                what: format!("cannot read the free space of {}", dir.display()),
+                source: e.into(),
+            })
+        }
+    };
+    let free = st.f_bavail.saturating_mul(st.f_frsize);
+    if size > free {
+        return Err(ServiceError::Invalid(format!(
+            "disk size {size} bytes is more than the {free} bytes free in {}; pick a smaller size or free space",
+            dir.display()
+        )));
+    }
+    Ok(())
 }
 
 fn remove_if_exists(path: &Path) -> Result<()> {

@@ -1,7 +1,7 @@
 //! Real files: raw images, block devices and sparse thin disks.
 
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, Seek, SeekFrom, Write};
+use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::os::unix::fs::{FileExt, FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -453,7 +453,15 @@ impl Storage for ImageStorage {
     }
 
     fn read_record(&self) -> Result<Option<Vec<u8>>> {
-        match fs::read(&self.record) {
+        // One byte over the limit is enough for the decoder to refuse it (`--record
+        // /dev/zero` must not fill memory).
+        let limit = pdguard_core::record::MAX_RECORD_BYTES as u64 + 1;
+        let read = || -> io::Result<Vec<u8>> {
+            let mut b = Vec::new();
+            File::open(&self.record)?.take(limit).read_to_end(&mut b)?;
+            Ok(b)
+        };
+        match read() {
             Ok(b) => Ok(Some(b)),
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
             Err(e) => Err(StoreError::io(

@@ -8,6 +8,7 @@ use serde_json::Value;
 use thiserror::Error;
 use tokio::io::{AsyncRead, AsyncWrite};
 
+use super::auth::Token;
 use super::Endpoint;
 
 #[derive(Debug, Error)]
@@ -27,19 +28,32 @@ pub enum ClientError {
     },
 }
 
-/// Send one request; return the JSON (or text, as a JSON string) of a 2xx answer.
+/// Send one request; return the JSON (or text, as a JSON string) of a 2xx answer. `token`
+/// is sent as a bearer token (the TCP API needs it).
 pub async fn call(
     at: &Endpoint,
+    token: Option<&Token>,
     method: &str,
     path: &str,
     body: Option<Value>,
 ) -> Result<Value, ClientError> {
     let bytes = body.map(|b| b.to_string()).unwrap_or_default();
-    let req = Request::builder()
+    // On TCP the daemon accepts only a loopback Host (DNS rebinding): send the address.
+    let host = match at {
+        Endpoint::Unix(_) => "pdguard".to_string(),
+        Endpoint::Tcp(a) => a
+            .parse::<std::net::SocketAddr>()
+            .map_or_else(|_| a.clone(), |a| a.to_string()),
+    };
+    let mut req = Request::builder()
         .method(method)
         .uri(path)
-        .header("host", "pdguard")
-        .header("content-type", "application/json")
+        .header("host", host)
+        .header("content-type", "application/json");
+    if let Some(t) = token {
+        req = req.header("authorization", format!("Bearer {}", t.as_str()));
+    }
+    let req = req
         .body(Full::new(Bytes::from(bytes)))
         .map_err(|e| proto(at, e))?;
     let (status, body) = match at {

@@ -1,6 +1,8 @@
 //! The admin API: HTTP/1.1 + JSON on a unix socket (default `STATE/pdguard.sock`, mode
-//! 0600) or a loopback TCP port. `docs/api.md` documents every endpoint.
+//! 0600) or a loopback TCP port with a bearer token (see [`auth`]). `docs/api.md` documents
+//! every endpoint.
 
+pub mod auth;
 pub mod client;
 pub mod server;
 

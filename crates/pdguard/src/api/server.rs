@@ -11,6 +11,7 @@ use pdguard_engine::service::{Service, ServiceError};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
+use super::auth::{self, Guard};
 use super::MAX_BODY;
 
 /// An API error: a stable code, an HTTP status and one line of text.
@@ -21,7 +22,7 @@ pub struct ApiError {
 }
 
 impl ApiError {
-    fn new(status: u16, code: &'static str, message: String) -> Self {
+    pub(crate) fn new(status: u16, code: &'static str, message: String) -> Self {
         Self {
             status: StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
             code,
@@ -67,7 +68,8 @@ async fn json_body<T: for<'de> Deserialize<'de>>(req: Request) -> Result<T, ApiE
     })
 }
 
-pub fn router(svc: Service) -> Router {
+/// The routes, behind the checks of [`super::auth`] (Host, token, content type).
+pub fn router(svc: Service, guard: Guard) -> Router {
     Router::new()
         .route("/v1/status", get(status))
         .route("/v1/disks", get(list_disks).post(create_disk))
@@ -81,6 +83,7 @@ pub fn router(svc: Service) -> Router {
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .with_state(svc)
+        .layer(axum::middleware::from_fn_with_state(guard, auth::check))
 }
 
 async fn not_found(req: Request) -> ApiError {

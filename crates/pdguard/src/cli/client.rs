@@ -8,6 +8,7 @@ use clap::{Args, Subcommand};
 use serde_json::{json, Value};
 
 use super::{parse_size, serve, Cli, CliError};
+use crate::api::auth::{self, Token};
 use crate::api::client::call;
 use crate::api::Endpoint;
 
@@ -21,6 +22,10 @@ pub struct Conn {
     /// $PDGUARD_STATE_DIR, then /var/lib/pdguard).
     #[arg(long, global = true)]
     pub state_dir: Option<PathBuf>,
+    /// The TCP API's bearer token file (default $PDGUARD_API_TOKEN_FILE, then
+    /// STATE/api-token); not needed on the unix socket.
+    #[arg(long, global = true)]
+    pub api_token_file: Option<PathBuf>,
 }
 
 impl Conn {
@@ -30,6 +35,18 @@ impl Conn {
             None => Ok(Endpoint::Unix(
                 serve::state_dir(self.state_dir.as_deref()).join("pdguard.sock"),
             )),
+        }
+    }
+
+    /// The bearer token to send: read on TCP only.
+    fn token(&self, at: &Endpoint) -> Result<Option<Token>, CliError> {
+        match at {
+            Endpoint::Unix(_) => Ok(None),
+            Endpoint::Tcp(_) => {
+                let state = serve::state_dir(self.state_dir.as_deref());
+                let file = auth::client_token_file(self.api_token_file.as_deref(), &state);
+                Ok(Some(auth::load(&file, false)?))
+            }
         }
     }
 }
@@ -100,7 +117,8 @@ fn runtime() -> Result<tokio::runtime::Runtime, CliError> {
 
 fn request(conn: &Conn, method: &str, path: &str, body: Option<Value>) -> Result<Value, CliError> {
     let at = conn.endpoint()?;
-    Ok(runtime()?.block_on(call(&at, method, path, body))?)
+    let token = conn.token(&at)?;
+    Ok(runtime()?.block_on(call(&at, token.as_ref(), method, path, body))?)
 }
 
 /// Path segment for a user-given name: refuse characters that would change the URL.
@@ -224,8 +242,9 @@ pub fn container(cmd: &ContainerCommand, conn: &Conn, cli: &Cli) -> Result<(), C
 pub fn status(watch: bool, conn: &Conn, cli: &Cli) -> Result<(), CliError> {
     let rt = runtime()?;
     let at = conn.endpoint()?;
+    let token = conn.token(&at)?;
     loop {
-        let v = rt.block_on(call(&at, "GET", "/v1/status", None))?;
+        let v = rt.block_on(call(&at, token.as_ref(), "GET", "/v1/status", None))?;
         if cli.json {
             out!("{v}");
         } else {

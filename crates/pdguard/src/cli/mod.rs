@@ -101,6 +101,8 @@ pub enum CliError {
     KeyFile(#[from] KeyFileError),
     #[error(transparent)]
     Client(#[from] crate::api::client::ClientError),
+    #[error(transparent)]
+    Token(#[from] crate::api::auth::TokenError),
     #[error("the daemon cannot start")]
     Service(#[from] pdguard_engine::service::ServiceError),
     #[error("{0}")]
@@ -139,6 +141,13 @@ pub fn error_chain(e: &CliError) -> String {
 }
 
 pub fn run(cli: &Cli) -> Result<(), CliError> {
+    // Commands that hold keys, seeds or plaintext: no core dumps, no ptrace by non-root.
+    if matches!(
+        cli.command,
+        Command::Image(_) | Command::Serve(_) | Command::Keygen { .. } | Command::Demo { .. }
+    ) {
+        keyfile::keep_out_of_core_dumps()?;
+    }
     match &cli.command {
         Command::Image(cmd) => image::run(cmd, cli),
         Command::Demo { dir, size } => demo::run(dir.clone(), size, cli),

@@ -15,6 +15,7 @@ use pdguard_engine::service::{Config, Service};
 
 use super::image::ProfileArg;
 use super::{CliError, DEFAULT_STATE_DIR, STATE_DIR_ENV};
+use crate::api::auth::{self, Guard};
 use crate::api::{server, Endpoint};
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -54,6 +55,10 @@ pub struct ServeArgs {
     /// How bytes are moved by new seals.
     #[arg(long)]
     pub strategy: Option<String>,
+    /// The bearer token of the TCP API (default STATE/api-token; made with mode 0600 on
+    /// first start; refused if group or others can read it or another user owns it).
+    #[arg(long)]
+    pub api_token_file: Option<PathBuf>,
 }
 
 pub fn state_dir(flag: Option<&Path>) -> PathBuf {
@@ -111,16 +116,31 @@ pub fn run(a: &ServeArgs) -> Result<(), CliError> {
         Some(s) => Endpoint::parse(s).map_err(CliError::Usage)?,
         None => Endpoint::Unix(state.join("pdguard.sock")),
     };
-    if let Endpoint::Tcp(addr) = &endpoint {
-        let loopback = addr
-            .parse::<std::net::SocketAddr>()
-            .map(|a| a.ip().is_loopback());
-        if loopback != Ok(true) {
-            return Err(CliError::Usage(format!(
-                "--api tcp:{addr}: the admin API has no authentication; listen on a loopback address such as tcp:127.0.0.1:7070"
-            )));
+    let guard = match &endpoint {
+        Endpoint::Tcp(addr) => {
+            let loopback = addr
+                .parse::<std::net::SocketAddr>()
+                .map(|a| a.ip().is_loopback());
+            if loopback != Ok(true) {
+                return Err(CliError::Usage(format!(
+                    "--api tcp:{addr}: the admin API listens only on loopback; use an address such as tcp:127.0.0.1:7070"
+                )));
+            }
+            let file = a
+                .api_token_file
+                .clone()
+                .unwrap_or_else(|| state.join(auth::TOKEN_FILE_NAME));
+            let file = std::path::absolute(&file).unwrap_or(file);
+            Guard {
+                tcp_token: Some(auth::load_or_create(&file)?),
+                token_file: Some(file),
+            }
         }
-    }
+        Endpoint::Unix(_) => Guard {
+            tcp_token: None,
+            token_file: None,
+        },
+    };
     let cfg = Config {
         grace,
         profile: match a.profile {
@@ -151,17 +171,17 @@ pub fn run(a: &ServeArgs) -> Result<(), CliError> {
             what: "cannot start the async runtime".into(),
             source,
         })?;
-    rt.block_on(serve(cfg, endpoint))
+    rt.block_on(serve(cfg, endpoint, guard))
 }
 
-async fn serve(cfg: Config, endpoint: Endpoint) -> Result<(), CliError> {
+async fn serve(cfg: Config, endpoint: Endpoint, guard: Guard) -> Result<(), CliError> {
     let svc = Service::start(cfg).await?;
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let policy = {
         let svc = svc.clone();
         tokio::spawn(async move { svc.run_policy(stop_rx).await })
     };
-    let app = server::router(svc.clone());
+    let app = server::router(svc.clone(), guard);
     let shutdown = async {
         let mut term =
             tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
@@ -171,13 +191,11 @@ async fn serve(cfg: Config, endpoint: Endpoint) -> Result<(), CliError> {
         }
         tracing::info!("shutting down; running jobs resume on the next start");
     };
-    eprintln!(
-        "pdguard: serving the admin API on {endpoint} (state {})",
-        svc.config().state_dir.display()
-    );
+    let state = svc.config().state_dir.display().to_string();
     let served = match &endpoint {
         Endpoint::Unix(path) => {
             let listener = bind_unix(path)?;
+            eprintln!("pdguard: serving the admin API on {endpoint} (state {state})");
             axum::serve(listener, app)
                 .with_graceful_shutdown(shutdown)
                 .await
@@ -189,6 +207,11 @@ async fn serve(cfg: Config, endpoint: Endpoint) -> Result<(), CliError> {
                     what: format!("cannot listen on {addr}"),
                     source,
                 })?;
+            // With port 0 the kernel picks the port: print the real one.
+            let bound = listener
+                .local_addr()
+                .map_or(addr.clone(), |a| a.to_string());
+            eprintln!("pdguard: serving the admin API on tcp:{bound} (state {state})");
             axum::serve(listener, app)
                 .with_graceful_shutdown(shutdown)
                 .await

@@ -52,7 +52,7 @@ pub struct PassCtx<'a> {
     pub placement: &'a dyn Placement,
     pub cipher: Option<&'a dyn SectorCipher>,
     /// Keys the plaintext digest in the secure profile.
-    pub digest_key: Option<[u8; 32]>,
+    pub digest_key: Option<&'a [u8; 32]>,
     /// How the passes' digests are computed (the record's `digest`).
     pub digest: DigestScheme,
     /// Secure profile with `--keep-holes`: sectors of zeros are neither encrypted nor
@@ -68,7 +68,7 @@ pub struct PassCtx<'a> {
 impl PassCtx<'_> {
     /// The hasher of the plaintext digest: keyed in the secure profile.
     fn plain_hasher(&self) -> ImageHasher {
-        ImageHasher::new(self.digest, self.digest_key.as_ref())
+        ImageHasher::new(self.digest, self.digest_key)
     }
 
     /// The hasher of the sealed image's digest: never keyed (anyone may verify it).
