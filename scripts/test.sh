@@ -6,7 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # Debian packages the tests use, by the command each provides.
-declare -A provides=([losetup]=mount [mount]=mount [umount]=mount [setpriv]=util-linux [mkfs.ext4]=e2fsprogs)
+declare -A provides=([losetup]=mount [mount]=mount [umount]=mount [setpriv]=util-linux [mkfs.ext4]=e2fsprogs [groff]=groff-base)
 missing=()
 for cmd in "${!provides[@]}"; do
   command -v "$cmd" >/dev/null 2>&1 || missing+=("${provides[$cmd]}")
@@ -16,6 +16,32 @@ if ((${#missing[@]})); then
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}"
 fi
 
+start=$SECONDS
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
-cargo test --workspace --locked
+
+# The tests, their output kept to count the "test result:" lines of every test binary.
+log=$(mktemp)
+trap 'rm -f "$log"' EXIT
+status=0
+# --no-fail-fast: every test binary runs, so the counts cover the whole suite.
+cargo test --workspace --locked --no-fail-fast 2>&1 | tee "$log" || status=$?
+passed=0
+failed=0
+ignored=0
+while read -r p f i; do
+  passed=$((passed + p))
+  failed=$((failed + f))
+  ignored=$((ignored + i))
+done < <(sed -nE 's/^test result: [A-Za-z]+\. ([0-9]+) passed; ([0-9]+) failed; ([0-9]+) ignored;.*/\1 \2 \3/p' "$log")
+secs=$((SECONDS - start))
+# A build failure or a crashed test binary prints no "test result:" line for it: the exit
+# status says so.
+if ((status != 0 && failed == 0)); then
+  echo "cargo test failed (exit $status) outside the counted tests: see above"
+fi
+echo "took $((secs / 60))m$((secs % 60))s (formatting, clippy and tests)"
+summary="${passed} passed, ${failed} failed"
+((ignored == 0)) || summary+=", ${ignored} skipped"
+echo "$summary"
+exit "$status"

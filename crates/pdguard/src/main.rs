@@ -1,15 +1,16 @@
 //! The `pdguard` binary: parse the command line, run it, print the error chain once and
-//! map it to the exit codes of DESIGN.md §5 (0 ok, 1 error, 2 usage, 3 verification failed).
+//! map it to the exit codes of `pdguard --help` (0 ok, 1 error, 2 usage, 3 verification failed).
 
 mod api;
 mod cli;
 
 use std::process::ExitCode;
 
-use clap::Parser;
-
 fn main() -> ExitCode {
-    let args = cli::Cli::parse();
+    let args = match cli::usage::parse() {
+        Ok(args) => args,
+        Err(code) => return code,
+    };
     init_logging();
     match cli::run(&args) {
         Ok(()) => ExitCode::SUCCESS,

@@ -7,7 +7,7 @@ use std::time::Duration;
 use clap::{Args, Subcommand};
 use serde_json::{json, Value};
 
-use super::{parse_size, serve, Cli, CliError};
+use super::{serve, Cli, CliError};
 use crate::api::auth::{self, Token};
 use crate::api::client::call;
 use crate::api::Endpoint;
@@ -55,21 +55,29 @@ impl Conn {
 pub enum DiskCommand {
     /// Register a new disk (a sparse file in STATE/disks/, or at --path).
     Create {
+        /// The disk's name: letters, digits, '.', '_' and '-'.
         name: String,
-        /// Size, e.g. 64M or 1G (a multiple of 512 bytes).
-        #[arg(long)]
-        size: String,
-        /// Use this file (absolute path) instead of one in the state directory.
-        #[arg(long)]
+        /// Size, e.g. 64M, 1.5G, 1GiB or 1073741824 (K, M, G, T: powers of 1024), a whole
+        /// number of 512-byte sectors.
+        #[arg(long, value_name = "SIZE", value_parser = super::size::disk, allow_hyphen_values = true)]
+        size: u64,
+        /// Use this file instead of one in the state directory (a new file, or an existing
+        /// one to adopt as it is); a relative path is made absolute here, since the daemon
+        /// runs elsewhere. Its directory must exist.
+        #[arg(long, value_parser = super::paths::new_file)]
         path: Option<PathBuf>,
     },
     /// List disks.
     Ls,
     /// Show one disk.
-    Show { name: String },
+    Show {
+        /// The disk's name.
+        name: String,
+    },
     /// Delete a disk (and its file, if it lives in the state directory). A sealed or
     /// failed disk needs --shred or --keep-file.
     Rm {
+        /// The disk's name.
         name: String,
         /// Crypto-erase a sealed disk first (secure profile).
         #[arg(long)]
@@ -79,15 +87,22 @@ pub enum DiskCommand {
         keep_file: bool,
     },
     /// Seal a disk now.
-    Seal { name: String },
+    Seal {
+        /// The disk's name.
+        name: String,
+    },
     /// Unseal a sealed disk now.
-    Unseal { name: String },
+    Unseal {
+        /// The disk's name.
+        name: String,
+    },
 }
 
 #[derive(Debug, Subcommand)]
 pub enum ContainerCommand {
     /// A container starts and uses disks; returns when every disk is usable.
     Up {
+        /// The container's id (any name without '/', '?', '#', '%' or spaces).
         id: String,
         /// A disk the container uses (repeat for several).
         #[arg(long = "disk", required = true)]
@@ -95,9 +110,12 @@ pub enum ContainerCommand {
     },
     /// A container stops (default), crashes or is removed.
     Down {
+        /// The container's id.
         id: String,
+        /// The container crashed (it counts as non-operational).
         #[arg(long, conflicts_with = "removed")]
         crashed: bool,
+        /// The container was deleted (it counts as non-operational).
         #[arg(long)]
         removed: bool,
     },
@@ -134,9 +152,8 @@ fn seg(name: &str) -> Result<&str, CliError> {
 pub fn disk(cmd: &DiskCommand, conn: &Conn, cli: &Cli) -> Result<(), CliError> {
     let v = match cmd {
         DiskCommand::Create { name, size, path } => {
-            let bytes = parse_size(size).ok_or_else(|| {
-                CliError::Usage(format!("--size {size:?} is not a size such as 64M or 1G"))
-            })?;
+            let bytes = *size;
+            let given = path;
             let path = path
                 .as_deref()
                 .map(std::path::absolute)
@@ -145,6 +162,15 @@ pub fn disk(cmd: &DiskCommand, conn: &Conn, cli: &Cli) -> Result<(), CliError> {
                     what: "cannot resolve --path".into(),
                     source,
                 })?;
+            if let (Some(g), Some(p)) = (given, &path) {
+                if g.is_relative() {
+                    eprintln!(
+                        "pdguard: --path {} is relative: using {}",
+                        g.display(),
+                        p.display()
+                    );
+                }
+            }
             request(
                 conn,
                 "POST",

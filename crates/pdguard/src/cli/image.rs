@@ -21,17 +21,54 @@ pub enum ImageCommand {
     /// Restore a sealed image bit-exact and check it against the seal-time digest.
     Unseal(UnsealArgs),
     /// Check a sealed image against its record without unsealing it (exit 3 on mismatch).
-    Verify(Target),
+    Verify(VerifyArgs),
     /// Print the seal record of an image (never a secret).
-    Inspect(Target),
+    Inspect(Located),
     /// Crypto-erase a sealed image (secure profile): destroy its wrapped key for good.
     Shred(ShredArgs),
+}
+
+/// The image and its record: all that `inspect`, `verify` and `shred` touch (they use no
+/// thin disk).
+#[derive(Debug, Args)]
+pub struct Located {
+    /// Raw disk image file or block device.
+    pub path: PathBuf,
+    /// Seal record (default: PATH.pdguard; required for a block device).
+    #[arg(long)]
+    pub record: Option<PathBuf>,
+}
+
+impl Located {
+    /// As a job target: no thin-disk directory, and the key as given.
+    pub fn target(&self, key_file: Option<&Path>) -> Target {
+        Target {
+            path: self.path.clone(),
+            record: self.record.clone(),
+            thin_dir: None,
+            key_file: key_file.map(Path::to_path_buf),
+        }
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct VerifyArgs {
+    #[command(flatten)]
+    pub located: Located,
+    /// Also check that this master key opens the seal (secure profile); without it (and
+    /// without $PDGUARD_KEY_FILE) only the sealed bytes are checked, which needs no key.
+    #[arg(long)]
+    pub key_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]
 pub struct ShredArgs {
     #[command(flatten)]
-    pub target: Target,
+    pub located: Located,
+    /// Master key file, to authenticate the record before destroying (default:
+    /// $PDGUARD_KEY_FILE, then /etc/pdguard/master.key); without one the shred still runs.
+    #[arg(long)]
+    pub key_file: Option<PathBuf>,
     /// Confirm: the data becomes unrecoverable, even with the master key.
     #[arg(long)]
     pub yes: bool,
@@ -45,10 +82,12 @@ pub struct Target {
     /// Seal record (default: PATH.pdguard; required for a block device).
     #[arg(long)]
     pub record: Option<PathBuf>,
-    /// Directory for the thin disk (default: the record's directory).
+    /// Directory for the thin disk, the scratch file of a job; needs free space up to the
+    /// image's size (default: the record's directory).
     #[arg(long)]
     pub thin_dir: Option<PathBuf>,
-    /// Master key file (default: $PDGUARD_KEY_FILE, then /etc/pdguard/master.key).
+    /// Master key file, for the secure profile (default: $PDGUARD_KEY_FILE, then
+    /// /etc/pdguard/master.key).
     #[arg(long)]
     pub key_file: Option<PathBuf>,
 }
@@ -64,16 +103,25 @@ pub struct UnsealArgs {
 /// Memory budget of the passes.
 #[derive(Debug, Args)]
 pub struct MemoryArg {
-    /// Memory for buffers, e.g. 64M or 1G (K, M, G, T: powers of 1024). Changes speed only,
-    /// never the result; disks larger than it work.
-    #[arg(long = "memory", value_name = "SIZE", default_value = "256M", value_parser = parse_memory)]
+    /// Memory for buffers, e.g. 64M, 1.5G or 1GiB (K, M, G, T: powers of 1024). Changes
+    /// speed only, never the result; disks larger than it work.
+    #[arg(long = "memory", value_name = "SIZE", default_value = "256M", value_parser = super::size::positive)]
     pub bytes: u64,
 }
 
-fn parse_memory(s: &str) -> Result<u64, String> {
-    super::parse_size(s).filter(|&b| b > 0).ok_or_else(|| {
-        format!("{s:?} is not a size; give bytes or a number with K, M, G or T, e.g. 256M")
-    })
+/// The values of `--strategy`, with what each does.
+pub fn strategy_values() -> clap::builder::PossibleValuesParser {
+    use clap::builder::PossibleValue;
+    debug_assert_eq!(
+        pdguard_engine::jobs::strategy::STRATEGIES,
+        ["window", "direct"]
+    );
+    clap::builder::PossibleValuesParser::new([
+        PossibleValue::new("window")
+            .help("Large sequential I/O through per-window buffers; the fast default"),
+        PossibleValue::new("direct")
+            .help("The patent's literal per-sector writes at the drawn offsets; slow"),
+    ])
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -96,10 +144,10 @@ pub enum PlacementArg {
 pub struct SealArgs {
     #[command(flatten)]
     pub target: Target,
-    /// What the seal hides; see DESIGN.md §6.
+    /// What the seal hides (README: "What each profile hides").
     #[arg(long, value_enum, default_value = "secure")]
     pub profile: ProfileArg,
-    /// Bytes per sector: a power of two from 512 to 65536.
+    /// Bytes per sector: a power of two from 512 to 65536 that divides the image size.
     #[arg(long, default_value_t = 512)]
     pub sector_size: u32,
     /// Bytes per word of the [040] seed: a power of two up to the sector size.
@@ -112,8 +160,9 @@ pub struct SealArgs {
     /// patent in the patent profile).
     #[arg(long, value_enum)]
     pub placement: Option<PlacementArg>,
-    /// How bytes are moved; never changes the result.
-    #[arg(long, default_value = "window")]
+    /// How bytes are moved; never changes the sealed image. A resumed job uses the strategy
+    /// its record names.
+    #[arg(long, default_value = "window", value_parser = strategy_values())]
     pub strategy: String,
     /// Secure profile: leave sectors of zeros unencrypted, so that a sparse image stays
     /// sparse and seals in proportion to its data. Reveals how many sectors are zeros (not
@@ -128,8 +177,8 @@ pub fn run(cmd: &ImageCommand, cli: &Cli) -> Result<(), CliError> {
     match cmd {
         ImageCommand::Seal(a) => seal(a, cli),
         ImageCommand::Unseal(a) => unseal(&a.target, a.memory.bytes, cli),
-        ImageCommand::Verify(t) => verify(t, cli),
-        ImageCommand::Inspect(t) => inspect(t, cli),
+        ImageCommand::Verify(a) => verify(&a.located.target(a.key_file.as_deref()), cli),
+        ImageCommand::Inspect(l) => inspect(&l.target(None), cli),
         ImageCommand::Shred(a) => shred(a, cli),
     }
 }
@@ -348,17 +397,41 @@ fn public_view(rec: &SealRecord) -> serde_json::Value {
 }
 
 fn shred(a: &ShredArgs, cli: &Cli) -> Result<(), CliError> {
-    let st = storage(&a.target)?;
-    if !a.yes {
+    let target = a.located.target(a.key_file.as_deref());
+    let st = storage(&target)?;
+    let image = a.located.path.display().to_string();
+    // What would refuse the shred is said before asking for the confirmation: an image that
+    // is not sealed, a patent seal (no key to destroy), a shredded image, a job to finish.
+    let rec = jobs::inspect(&st)?;
+    if rec.profile != Profile::Secure {
         return Err(CliError::Input(format!(
-            "shred destroys the key of {} and with it the data, for good (even with the master key); run it again with --yes to confirm",
-            a.target.path.display()
+            "{image} was sealed with the patent profile, which has no key to destroy; crypto-erase needs the secure profile (overwrite or delete the image instead)"
+        )));
+    }
+    match rec.phase {
+        Phase::Sealed | Phase::Shredding => {}
+        Phase::Shredded => return Err(jobs::JobError::Shredded { image }.into()),
+        phase => {
+            let command = match phase {
+                Phase::SealScatter | Phase::SealGather => "seal",
+                _ => "unseal",
+            };
+            return Err(jobs::JobError::InProgress {
+                image,
+                phase: phase.name(),
+                command,
+            }
+            .into());
+        }
+    }
+    if !a.yes {
+        return Err(CliError::Usage(format!(
+            "shred destroys the key of {image} and with it the data, for good (even with the master key); run it again with --yes to confirm"
         )));
     }
     // With the master key the record is authenticated before anything is touched; without
     // one (a lost key) the shred still runs: destroying needs no key.
-    let rec = jobs::inspect(&st)?;
-    let key = match key_for(&a.target, &rec) {
+    let key = match key_for(&target, &rec) {
         Ok(k) => k,
         Err(CliError::Input(_)) => None,
         Err(e) => return Err(e),
@@ -367,14 +440,14 @@ fn shred(a: &ShredArgs, cli: &Cli) -> Result<(), CliError> {
     if cli.json {
         let v = json!({
             "command": "shred",
-            "image": a.target.path.display().to_string(),
+            "image": a.located.path.display().to_string(),
             "phase": rec.phase.name(),
         });
         out!("{v}");
     } else {
         out!(
             "shredded {}: its wrapped key is overwritten and gone; the sealed data can no longer be decrypted",
-            a.target.path.display()
+            a.located.path.display()
         );
     }
     Ok(())

@@ -12,10 +12,14 @@ pub(crate) use out;
 
 mod client;
 mod demo;
+mod docs;
 mod image;
+mod paths;
 mod progress;
 mod serve;
+pub mod size;
 mod testhook;
+pub mod usage;
 
 /// Where the daemon keeps its state unless told otherwise.
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/pdguard";
@@ -35,18 +39,41 @@ use pdguard_engine::keyfile::{self, KeyFileError};
     name = "pdguard",
     version,
     about = "Secures dangling persistent disks: seals them (patent IN202341088402) and restores them bit-exact",
+    after_help = AFTER_HELP,
     propagate_version = true
 )]
 pub struct Cli {
-    /// No progress bar.
+    /// No progress bar (image seal, unseal and verify draw one on stderr when it is a
+    /// terminal).
     #[arg(long, global = true)]
     pub quiet: bool,
-    /// Print the result as one JSON object on stdout.
+    /// Print the result as one JSON object on stdout; an error too, as
+    /// {"error": "...", "exit_code": N}.
     #[arg(long, global = true)]
     pub json: bool,
     #[command(subcommand)]
     pub command: Command,
 }
+
+/// The end of `pdguard --help`: what the environment and the exit codes mean.
+const AFTER_HELP: &str = "\
+Environment:
+  PDGUARD_STATE_DIR       the daemon's state directory, for serve and the clients (after
+                          --state-dir; default /var/lib/pdguard)
+  PDGUARD_KEY_FILE        the master key file (after --key-file; default
+                          /etc/pdguard/master.key; serve then falls back to STATE/master.key)
+  PDGUARD_API_TOKEN_FILE  the TCP API's bearer token file, for the clients (after
+                          --api-token-file; default STATE/api-token)
+  PDGUARD_LOG             what is logged on stderr, e.g. info or pdguard=debug (default warn)
+
+Exit codes:
+  0    done
+  1    error: the one-line message names the thing, the cause and the fix
+  2    usage error (a bad flag or value, a missing confirmation); nothing was changed
+  3    verification failed: a digest does not match its seal record
+  124  disk wait: the timeout passed before the disk reached the state
+
+Run `pdguard COMMAND --help` for each command's flags, `pdguard man` for the manual page.";
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
@@ -82,14 +109,28 @@ pub enum Command {
         /// Where to write the key, e.g. /etc/pdguard/master.key.
         path: PathBuf,
     },
-    /// Walk through a seal and unseal on a sample image with text in it.
+    /// Walk through a seal and unseal on a sample image with text in it, in both profiles.
     Demo {
-        /// Directory for the sample image (default: a new temporary directory).
+        /// Directory for the sample image, demo.img, and its key, demo-master.key (default:
+        /// a new temporary directory, removed at the end).
         #[arg(long)]
         dir: Option<PathBuf>,
-        /// Size of the sample image, e.g. 8M.
-        #[arg(long, default_value = "8M")]
-        size: String,
+        /// Size of the sample image, from 8K to 1G in whole 512-byte sectors, e.g. 8M or
+        /// 1.5M (K, M, G: powers of 1024).
+        #[arg(long, value_name = "SIZE", default_value = "8M", value_parser = size::demo)]
+        size: u64,
+    },
+    /// Print a shell completion script for bash, zsh or fish.
+    Completions {
+        /// The shell to complete for.
+        #[arg(value_enum)]
+        shell: docs::Shell,
+    },
+    /// Print the manual page (roff: `pdguard man | man -l -`), or write one page per command.
+    Man {
+        /// Write pdguard.1, pdguard-disk-create.1, … into this existing directory instead.
+        #[arg(long)]
+        dir: Option<PathBuf>,
     },
 }
 
@@ -120,7 +161,7 @@ pub enum CliError {
 }
 
 impl CliError {
-    /// Exit codes of DESIGN.md §5.
+    /// The exit codes listed at the end of `pdguard --help`.
     pub fn exit_code(&self) -> u8 {
         match self {
             Self::Job(e) if e.is_verification() => 3,
@@ -150,7 +191,9 @@ pub fn run(cli: &Cli) -> Result<(), CliError> {
     }
     match &cli.command {
         Command::Image(cmd) => image::run(cmd, cli),
-        Command::Demo { dir, size } => demo::run(dir.clone(), size, cli),
+        Command::Demo { dir, size } => demo::run(dir.clone(), *size, cli),
+        Command::Completions { shell } => docs::completions(*shell),
+        Command::Man { dir } => docs::man(dir.as_deref()),
         Command::Keygen { path } => keygen(path, cli),
         Command::Serve(a) => serve::run(a),
         Command::Disk { conn, cmd } => client::disk(cmd, conn, cli),
@@ -172,33 +215,4 @@ fn keygen(path: &std::path::Path, cli: &Cli) -> Result<(), CliError> {
         );
     }
     Ok(())
-}
-
-/// Parse a size such as `64M`, `1G`, `4096` or `512K` (powers of 1024).
-pub fn parse_size(s: &str) -> Option<u64> {
-    let s = s.trim();
-    let (num, mult) = match s.char_indices().last()? {
-        (i, 'K' | 'k') => (&s[..i], 1u64 << 10),
-        (i, 'M' | 'm') => (&s[..i], 1 << 20),
-        (i, 'G' | 'g') => (&s[..i], 1 << 30),
-        (i, 'T' | 't') => (&s[..i], 1 << 40),
-        _ => (s, 1),
-    };
-    num.parse::<u64>().ok()?.checked_mul(mult)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn sizes_parse() {
-        assert_eq!(parse_size("4096"), Some(4096));
-        assert_eq!(parse_size("64M"), Some(64 << 20));
-        assert_eq!(parse_size("1g"), Some(1 << 30));
-        assert_eq!(parse_size("M"), None);
-        assert_eq!(parse_size("-1K"), None);
-        assert_eq!(parse_size("99999999999T"), None);
-        assert_eq!(parse_size(""), None);
-    }
 }

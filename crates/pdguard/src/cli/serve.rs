@@ -36,10 +36,11 @@ pub struct ServeArgs {
     /// unix:STATE/pdguard.sock).
     #[arg(long)]
     pub api: Option<String>,
-    /// How long every container of a disk must stay down before the disk is dangling.
-    #[arg(long, default_value = "30s")]
+    /// How long every container of a disk must stay down before the disk is dangling and
+    /// sealed, e.g. 30s, 2m, 1h 30m or 500ms.
+    #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = check_duration)]
     pub grace: String,
-    /// Profile of new seals.
+    /// Profile of new seals (README: "What each profile hides").
     #[arg(long, value_enum, default_value = "secure")]
     pub profile: ProfileArg,
     /// Master key file (default $PDGUARD_KEY_FILE, then /etc/pdguard/master.key if it
@@ -50,15 +51,26 @@ pub struct ServeArgs {
     #[arg(long, value_enum, default_value = "read-only")]
     pub sealed_io: SealedIoArg,
     /// Seal and unseal jobs at once (default: one per core).
-    #[arg(long)]
+    #[arg(long, value_name = "N")]
     pub jobs: Option<usize>,
-    /// How bytes are moved by new seals.
-    #[arg(long)]
+    /// How bytes are moved by new seals; never changes the sealed image.
+    #[arg(long, default_value = pdguard_engine::jobs::strategy::DEFAULT_STRATEGY, value_parser = super::image::strategy_values())]
     pub strategy: Option<String>,
     /// The bearer token of the TCP API (default STATE/api-token; made with mode 0600 on
     /// first start; refused if group or others can read it or another user owns it).
     #[arg(long)]
     pub api_token_file: Option<PathBuf>,
+}
+
+/// `--grace`: checked when parsed, so that a bad value is a usage error naming the fix;
+/// kept as text (`run` reads it).
+fn check_duration(text: &str) -> Result<String, String> {
+    match humantime::parse_duration(text) {
+        Ok(_) => Ok(text.to_string()),
+        Err(_) => Err(format!(
+            "{text:?} is not a duration; give a number and a unit, such as 30s, 2m, 1h 30m or 500ms"
+        )),
+    }
 }
 
 pub fn state_dir(flag: Option<&Path>) -> PathBuf {
