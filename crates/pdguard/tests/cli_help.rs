@@ -304,8 +304,11 @@ fn the_man_page_renders() {
         "NAME",
         "SYNOPSIS",
         "pdguard",
+        "ENVIRONMENT",
         "PDGUARD_STATE_DIR",
-        "Exit codes",
+        "PDGUARD_API_TOKEN_FILE",
+        "EXIT STATUS",
+        "disk wait: the timeout passed",
         "completions",
         "--json",
     ] {

@@ -8,6 +8,98 @@ use clap::ValueEnum;
 
 use super::{usage, CliError};
 
+/// The environment variables pdguard reads, for `pdguard --help` and the man page.
+pub const ENVIRONMENT: &[(&str, &str)] = &[
+    (
+        "PDGUARD_STATE_DIR",
+        "state directory of serve and the clients, after --state-dir (default /var/lib/pdguard)",
+    ),
+    (
+        "PDGUARD_KEY_FILE",
+        "master key file, after --key-file (default /etc/pdguard/master.key; serve: then STATE/master.key)",
+    ),
+    (
+        "PDGUARD_API_TOKEN_FILE",
+        "the clients' TCP API token file, after --api-token-file (default STATE/api-token)",
+    ),
+    (
+        "PDGUARD_LOG",
+        "what is logged on stderr, e.g. info or pdguard=debug (default warn)",
+    ),
+];
+
+/// The exit codes of every command.
+pub const EXIT_CODES: &[(&str, &str)] = &[
+    ("0", "done"),
+    (
+        "1",
+        "error: the one-line message names the thing, the cause and the fix",
+    ),
+    (
+        "2",
+        "usage error (a bad flag or value, a missing --yes); nothing was changed",
+    ),
+    (
+        "3",
+        "verification failed: a digest does not match its seal record",
+    ),
+    (
+        "124",
+        "disk wait: the timeout passed before the disk reached the state",
+    ),
+];
+
+/// The end of `pdguard --help`: the environment and the exit codes.
+pub fn after_help() -> String {
+    let mut s = String::from("Environment:\n");
+    for (name, text) in ENVIRONMENT {
+        s.push_str(&format!("  {name:<24}{text}\n"));
+    }
+    s.push_str("\nExit codes:\n");
+    for (code, text) in EXIT_CODES {
+        s.push_str(&format!("  {code:<5}{text}\n"));
+    }
+    s.push_str(
+        "\nRun `pdguard COMMAND --help` for each command's flags, `pdguard man` for the manual page.",
+    );
+    s
+}
+
+/// Text for roff: backslashes and hyphens escaped (no text of ours starts a line with a dot
+/// or an apostrophe).
+fn roff_text(s: &str) -> String {
+    s.replace('\\', "\\e").replace('-', "\\-")
+}
+
+/// The ENVIRONMENT and EXIT STATUS sections of pdguard(1).
+fn roff_sections() -> String {
+    let mut s = String::from(".SH ENVIRONMENT\n");
+    for (name, text) in ENVIRONMENT {
+        s.push_str(&format!(".TP\n\\fB{name}\\fR\n{}\n", roff_text(text)));
+    }
+    s.push_str(".SH \"EXIT STATUS\"\n");
+    for (code, text) in EXIT_CODES {
+        s.push_str(&format!(".TP\n\\fB{code}\\fR\n{}\n", roff_text(text)));
+    }
+    s
+}
+
+/// pdguard(1): clap_mangen's sections, with the environment and the exit codes as sections
+/// of their own rather than as preformatted help text.
+fn top_page(cmd: clap::Command) -> Result<Vec<u8>, std::io::Error> {
+    let man = clap_mangen::Man::new(cmd.after_help(None::<&'static str>));
+    let mut buf = Vec::new();
+    man.render_title(&mut buf)?;
+    man.render_name_section(&mut buf)?;
+    man.render_synopsis_section(&mut buf)?;
+    man.render_description_section(&mut buf)?;
+    man.render_options_section(&mut buf)?;
+    man.render_subcommands_section(&mut buf)?;
+    buf.extend_from_slice(roff_sections().as_bytes());
+    man.render_version_section(&mut buf)?;
+    Ok(buf)
+}
+
 #[derive(Debug, Clone, Copy, ValueEnum)]
 pub enum Shell {
     /// Bash: `pdguard completions bash > /etc/bash_completion.d/pdguard`.
@@ -48,13 +140,10 @@ pub fn man(dir: Option<&Path>) -> Result<(), CliError> {
     let cmd = usage::command();
     match dir {
         None => {
-            let mut buf = Vec::new();
-            clap_mangen::Man::new(cmd)
-                .render(&mut buf)
-                .map_err(|source| CliError::Io {
-                    what: "cannot render the manual page".into(),
-                    source,
-                })?;
+            let buf = top_page(cmd).map_err(|source| CliError::Io {
+                what: "cannot render the manual page".into(),
+                source,
+            })?;
             write_stdout(&buf)
         }
         Some(d) => {
@@ -65,10 +154,13 @@ pub fn man(dir: Option<&Path>) -> Result<(), CliError> {
                     d.display()
                 )));
             }
-            clap_mangen::generate_to(cmd, d).map_err(|source| CliError::Io {
+            let io = |source| CliError::Io {
                 what: format!("cannot write the manual pages into {}", d.display()),
                 source,
-            })?;
+            };
+            clap_mangen::generate_to(cmd.clone(), d).map_err(io)?;
+            let top = top_page(cmd).map_err(io)?;
+            std::fs::write(d.join("pdguard.1"), top).map_err(io)?;
             out!("wrote the manual pages into {}", d.display());
             Ok(())
         }

@@ -39,7 +39,6 @@ use pdguard_engine::keyfile::{self, KeyFileError};
     name = "pdguard",
     version,
     about = "Secures dangling persistent disks: seals them (patent IN202341088402) and restores them bit-exact",
-    after_help = AFTER_HELP,
     propagate_version = true
 )]
 pub struct Cli {
@@ -54,26 +53,6 @@ pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
 }
-
-/// The end of `pdguard --help`: what the environment and the exit codes mean.
-const AFTER_HELP: &str = "\
-Environment:
-  PDGUARD_STATE_DIR       the daemon's state directory, for serve and the clients (after
-                          --state-dir; default /var/lib/pdguard)
-  PDGUARD_KEY_FILE        the master key file (after --key-file; default
-                          /etc/pdguard/master.key; serve then falls back to STATE/master.key)
-  PDGUARD_API_TOKEN_FILE  the TCP API's bearer token file, for the clients (after
-                          --api-token-file; default STATE/api-token)
-  PDGUARD_LOG             what is logged on stderr, e.g. info or pdguard=debug (default warn)
-
-Exit codes:
-  0    done
-  1    error: the one-line message names the thing, the cause and the fix
-  2    usage error (a bad flag or value, a missing confirmation); nothing was changed
-  3    verification failed: a digest does not match its seal record
-  124  disk wait: the timeout passed before the disk reached the state
-
-Run `pdguard COMMAND --help` for each command's flags, `pdguard man` for the manual page.";
 
 #[derive(Debug, Subcommand)]
 pub enum Command {

@@ -20,7 +20,7 @@ const NO_OUTPUT_FLAGS: &[&str] = &["serve", "completions", "man"];
 
 /// The whole command tree, as parsed, documented, completed and rendered as a man page.
 pub fn command() -> clap::Command {
-    let mut cmd = Cli::command();
+    let mut cmd = Cli::command().after_help(super::docs::after_help());
     // A global flag is copied into every subcommand that has no argument of its id yet:
     // give these commands a hidden copy first, so that help and completions leave it out
     // (`parse_from` refuses it there).
