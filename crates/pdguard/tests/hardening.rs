@@ -148,7 +148,12 @@ fn a_record_of_dev_zero_is_refused_quickly() {
         let mut child = Command::new("sh")
             .args(["-c", "ulimit -v 2097152 && exec \"$0\" \"$@\"", bin()])
             .args(["image", cmd, s(&img), "--record", "/dev/zero"])
-            .args(["--key-file", s(&key)])
+            // inspect reads no key and takes no --key-file.
+            .args(if cmd == "inspect" {
+                vec![]
+            } else {
+                vec!["--key-file", s(&key)]
+            })
             .env_remove("PDGUARD_KEY_FILE")
             .stdout(Stdio::null())
             .stderr(Stdio::piped())

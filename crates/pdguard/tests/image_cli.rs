@@ -201,8 +201,8 @@ fn bad_input_is_refused_and_changes_nothing() {
             "--strategy",
             "warp",
         ],
-        1,
-        "unknown strategy",
+        2,
+        "[possible values: window, direct]",
     );
     refused(
         &["image", "seal", s(&img), "--thin-dir", s(&missing)],

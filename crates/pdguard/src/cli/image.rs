@@ -396,35 +396,39 @@ fn public_view(rec: &SealRecord) -> serde_json::Value {
     v
 }
 
-fn shred(a: &ShredArgs, cli: &Cli) -> Result<(), CliError> {
-    let target = a.located.target(a.key_file.as_deref());
-    let st = storage(&target)?;
-    let image = a.located.path.display().to_string();
-    // What would refuse the shred is said before asking for the confirmation: an image that
-    // is not sealed, a patent seal (no key to destroy), a shredded image, a job to finish.
-    let rec = jobs::inspect(&st)?;
+/// Refuse what `jobs::shred` would refuse from the record alone: an image that is not a
+/// secure seal (the patent profile has no key to destroy), a shredded image, a job to finish.
+fn shreddable(image: &str, rec: &SealRecord) -> Result<(), CliError> {
     if rec.profile != Profile::Secure {
         return Err(CliError::Input(format!(
             "{image} was sealed with the patent profile, which has no key to destroy; crypto-erase needs the secure profile (overwrite or delete the image instead)"
         )));
     }
+    let image = image.to_string();
     match rec.phase {
-        Phase::Sealed | Phase::Shredding => {}
-        Phase::Shredded => return Err(jobs::JobError::Shredded { image }.into()),
-        phase => {
-            let command = match phase {
+        Phase::Sealed | Phase::Shredding => Ok(()),
+        Phase::Shredded => Err(jobs::JobError::Shredded { image }.into()),
+        phase => Err(jobs::JobError::InProgress {
+            image,
+            phase: phase.name(),
+            command: match phase {
                 Phase::SealScatter | Phase::SealGather => "seal",
                 _ => "unseal",
-            };
-            return Err(jobs::JobError::InProgress {
-                image,
-                phase: phase.name(),
-                command,
-            }
-            .into());
+            },
         }
+        .into()),
     }
+}
+
+fn shred(a: &ShredArgs, cli: &Cli) -> Result<(), CliError> {
+    let target = a.located.target(a.key_file.as_deref());
+    let st = storage(&target)?;
+    let image = a.located.path.display().to_string();
+    let rec = jobs::inspect(&st)?;
     if !a.yes {
+        // What would refuse the shred is said before asking for the confirmation. (With
+        // --yes the job checks the same after taking the image's lock.)
+        shreddable(&image, &rec)?;
         return Err(CliError::Usage(format!(
             "shred destroys the key of {image} and with it the data, for good (even with the master key); run it again with --yes to confirm"
         )));
