@@ -162,7 +162,7 @@ fn bad_input_is_refused_and_changes_nothing() {
             "--sector-size",
             "1000",
         ],
-        1,
+        2,
         "not a power of two",
     );
     refused(
@@ -188,8 +188,8 @@ fn bad_input_is_refused_and_changes_nothing() {
             "--word-length",
             "3",
         ],
-        1,
-        "word length",
+        2,
+        "--word-length",
     );
     refused(
         &[

@@ -79,6 +79,19 @@ fn usage_errors_are_one_line_exit_2() {
             "cannot be used with",
         ),
         (&["status", "--bogus"], "--bogus"),
+        (
+            &["image", "seal", "x.img", "--sector-size", "1000"],
+            "from 512 to 65536",
+        ),
+        (
+            &["image", "seal", "x.img", "--word-length", "3"],
+            "power of two",
+        ),
+        (
+            &["image", "seal", "x.img", "--thin-slack", "100000"],
+            "0..=1000",
+        ),
+        (&["serve", "--jobs", "0"], "1 or more"),
     ] {
         let err = usage_error(args, want);
         if !args.is_empty() {

@@ -148,13 +148,13 @@ pub struct SealArgs {
     #[arg(long, value_enum, default_value = "secure")]
     pub profile: ProfileArg,
     /// Bytes per sector: a power of two from 512 to 65536 that divides the image size.
-    #[arg(long, default_value_t = 512)]
+    #[arg(long, value_name = "BYTES", default_value_t = 512, value_parser = super::values::sector_size)]
     pub sector_size: u32,
     /// Bytes per word of the [040] seed: a power of two up to the sector size.
-    #[arg(long, default_value_t = 32)]
+    #[arg(long, value_name = "BYTES", default_value_t = 32, value_parser = super::values::word_length)]
     pub word_length: u32,
-    /// Thin disk this many percent larger than the image (more empty slots).
-    #[arg(long = "thin-slack", value_name = "PCT", default_value_t = 0)]
+    /// Thin disk this many percent larger than the image (more empty slots), 0 to 1000.
+    #[arg(long = "thin-slack", value_name = "PCT", default_value_t = 0, value_parser = clap::value_parser!(u32).range(0..=1000))]
     pub thin_slack: u32,
     /// Placement of sectors on the thin disk (default: feistel in the secure profile,
     /// patent in the patent profile).

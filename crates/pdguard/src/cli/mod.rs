@@ -20,6 +20,7 @@ mod serve;
 pub mod size;
 mod testhook;
 pub mod usage;
+mod values;
 
 /// Where the daemon keeps its state unless told otherwise.
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/pdguard";

@@ -51,7 +51,7 @@ pub struct ServeArgs {
     #[arg(long, value_enum, default_value = "read-only")]
     pub sealed_io: SealedIoArg,
     /// Seal and unseal jobs at once (default: one per core).
-    #[arg(long, value_name = "N")]
+    #[arg(long, value_name = "N", value_parser = super::values::jobs)]
     pub jobs: Option<usize>,
     /// How bytes are moved by new seals; never changes the sealed image.
     #[arg(long, default_value = pdguard_engine::jobs::strategy::DEFAULT_STRATEGY, value_parser = super::image::strategy_values())]
