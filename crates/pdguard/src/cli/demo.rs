@@ -37,6 +37,14 @@ fn linear_labels(img: &[u8], n: usize) -> Vec<String> {
         .collect()
 }
 
+/// The first 8 bytes of the first `n` sectors, in hex (the secure profile's ciphertext).
+fn linear_hex(img: &[u8], n: usize) -> Vec<String> {
+    img.chunks_exact(SECTOR)
+        .take(n)
+        .map(|s| hex::encode(&s[..8]))
+        .collect()
+}
+
 /// How often the sample's text `sector ` occurs in `img`, at any offset.
 fn count_text(img: &[u8]) -> usize {
     img.windows(7).filter(|w| *w == b"sector ").count()
@@ -141,8 +149,8 @@ fn walk(path: &Path, bytes: u64, cli: &Cli) -> Result<(), CliError> {
         key_path.display(),
     ));
     say(format!(
-        "   a linear read now finds: {:?}",
-        linear_labels(&sealed_secure, 4)
+        "   a linear read now finds bytes like these, where the labels were: {:?}",
+        linear_hex(&sealed_secure, 4)
     ));
     jobs::unseal(&st, Some(&master), &NoProgress)?;
     let back = fs::read(path).map_err(io(format!("cannot read {}", path.display())))?;
