@@ -16,6 +16,7 @@ use pdguard_engine::service::{Config, Service};
 use super::image::ProfileArg;
 use super::{CliError, DEFAULT_STATE_DIR, STATE_DIR_ENV};
 use crate::api::{server, Endpoint};
+use crate::plugin::{self, dockerd::Dockerd};
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
 pub enum SealedIoArg {
@@ -54,6 +55,55 @@ pub struct ServeArgs {
     /// How bytes are moved by new seals.
     #[arg(long)]
     pub strategy: Option<String>,
+    /// A container stopped on purpose (`docker stop`, `container down` without --crashed
+    /// or --removed) counts as non-operational: its disks are sealed after the grace.
+    #[arg(long)]
+    pub seal_stopped: bool,
+    /// Serve the Docker volume plugin and follow dockerd's containers.
+    #[arg(long)]
+    pub docker: bool,
+    /// The plugin's driver name: it listens on /run/docker/plugins/NAME.sock.
+    #[arg(long, default_value = "pdguard")]
+    pub docker_driver: String,
+    /// dockerd's API socket.
+    #[arg(long, default_value = "unix:///var/run/docker.sock")]
+    pub docker_host: String,
+    /// How often to reconcile with dockerd's containers and the kernel's mounts.
+    #[arg(long, default_value = "30s")]
+    pub docker_resync: String,
+}
+
+/// What `--docker` asks for, checked.
+struct DockerArgs {
+    driver: String,
+    dockerd: Dockerd,
+    resync: Duration,
+}
+
+fn docker_args(a: &ServeArgs) -> Result<Option<DockerArgs>, CliError> {
+    if !a.docker {
+        return Ok(None);
+    }
+    if !plugin::valid_driver(&a.docker_driver) {
+        return Err(CliError::Usage(format!(
+            "--docker-driver {:?} is not 1-64 letters, digits, '.', '_' or '-'",
+            a.docker_driver
+        )));
+    }
+    let resync = humantime::parse_duration(&a.docker_resync)
+        .ok()
+        .filter(|d| !d.is_zero())
+        .ok_or_else(|| {
+            CliError::Usage(format!(
+                "--docker-resync {:?} is not a positive duration such as 30s or 500ms",
+                a.docker_resync
+            ))
+        })?;
+    Ok(Some(DockerArgs {
+        driver: a.docker_driver.clone(),
+        dockerd: Dockerd::parse(&a.docker_host).map_err(CliError::Usage)?,
+        resync,
+    }))
 }
 
 pub fn state_dir(flag: Option<&Path>) -> PathBuf {
@@ -107,6 +157,7 @@ pub fn run(a: &ServeArgs) -> Result<(), CliError> {
         source,
     })?;
     let _ = std::fs::set_permissions(&state, std::fs::Permissions::from_mode(0o700));
+    let docker = docker_args(a)?;
     let endpoint = match &a.api {
         Some(s) => Endpoint::parse(s).map_err(CliError::Usage)?,
         None => Endpoint::Unix(state.join("pdguard.sock")),
@@ -142,6 +193,7 @@ pub fn run(a: &ServeArgs) -> Result<(), CliError> {
             .strategy
             .clone()
             .unwrap_or_else(|| SealOptions::default().strategy),
+        seal_stopped: a.seal_stopped,
         state_dir: state,
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -151,12 +203,51 @@ pub fn run(a: &ServeArgs) -> Result<(), CliError> {
             what: "cannot start the async runtime".into(),
             source,
         })?;
-    rt.block_on(serve(cfg, endpoint))
+    rt.block_on(serve(cfg, endpoint, docker))
 }
 
-async fn serve(cfg: Config, endpoint: Endpoint) -> Result<(), CliError> {
+/// The volume plugin on /run/docker/plugins/NAME.sock, and the follower of dockerd.
+fn start_docker(
+    svc: &Service,
+    d: DockerArgs,
+    stop: tokio::sync::watch::Receiver<bool>,
+) -> Result<(), CliError> {
+    let dir = Path::new(plugin::PLUGIN_DIR);
+    std::fs::create_dir_all(dir).map_err(|source| CliError::Io {
+        what: format!("cannot create {}", dir.display()),
+        source,
+    })?;
+    let sock = dir.join(format!("{}.sock", d.driver));
+    let listener = bind_unix(&sock)?;
+    let app = plugin::router(svc.clone());
+    tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, app).await {
+            tracing::error!(error = %e, "the volume plugin's server failed");
+        }
+    });
+    eprintln!(
+        "pdguard: serving the Docker volume plugin {:?} on {}",
+        d.driver,
+        sock.display()
+    );
+    let svc = svc.clone();
+    tokio::spawn(async move {
+        svc.follow_docker(std::sync::Arc::new(d.dockerd), d.driver, d.resync, stop)
+            .await
+    });
+    Ok(())
+}
+
+async fn serve(
+    cfg: Config,
+    endpoint: Endpoint,
+    docker: Option<DockerArgs>,
+) -> Result<(), CliError> {
     let svc = Service::start(cfg).await?;
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    if let Some(d) = docker {
+        start_docker(&svc, d, stop_rx.clone())?;
+    }
     let policy = {
         let svc = svc.clone();
         tokio::spawn(async move { svc.run_policy(stop_rx).await })
