@@ -323,3 +323,43 @@ async fn an_unreachable_dockerd_is_reported_and_nothing_is_sealed() {
         .unwrap()
         .unwrap();
 }
+
+/// Whatever the registry says, a disk whose file is attached to a loop device is not
+/// sealed; once detached, it is. Needs root and a free loop device.
+#[tokio::test]
+async fn a_disk_the_kernel_holds_is_not_sealed() {
+    let e = env(false).await;
+    volume(&e.svc, "v").await;
+    let path = e.svc.disk("v").await.unwrap().disk.path;
+    let o = std::process::Command::new("losetup")
+        .args(["-f", "--show", path.to_str().unwrap()])
+        .output()
+        .expect("losetup (util-linux's mount package) is needed");
+    assert!(
+        o.status.success(),
+        "cannot attach a loop device (run as root): {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let dev = String::from_utf8_lossy(&o.stdout).trim().to_string();
+    struct Detach(String);
+    impl Drop for Detach {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("losetup")
+                .args(["-d", &self.0])
+                .output();
+        }
+    }
+    let detach = Detach(dev);
+    let mut f = follower(&e.svc, Fake::default());
+    f.apply(mount("v", "c1")).await;
+    f.apply(destroy("c1")).await;
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert_eq!(state(&e.svc, "v").await, DiskState::Grace);
+    assert!(e.svc.seal_disk("v").await.is_err());
+    drop(detach);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while state(&e.svc, "v").await != DiskState::Sealed {
+        assert!(Instant::now() < deadline, "never sealed once detached");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
