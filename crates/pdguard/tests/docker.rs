@@ -634,3 +634,52 @@ fn volume_rm_of_a_sealed_volume_erases_it() {
     assert_ne!(code(&o), 0, "a removed volume could still be unsealed");
     assert!(!contains(&std::fs::read(&keep).unwrap(), sec.as_bytes()));
 }
+
+/// POST raw bytes to the plugin as dockerd does (no Content-Type); returns the JSON answer.
+fn plugin_post(path: &str, body: &str) -> Value {
+    use std::io::{Read, Write};
+    let sock = format!("/run/docker/plugins/{DRIVER}.sock");
+    let mut s = std::os::unix::net::UnixStream::connect(&sock).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let req = format!(
+        "POST {path} HTTP/1.1\r\nHost: plugin\r\nAccept: application/vnd.docker.plugins.v1.2+json\r\nConnection: close\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    s.write_all(req.as_bytes()).unwrap();
+    let mut text = String::new();
+    s.read_to_string(&mut text).unwrap();
+    assert!(text.starts_with("HTTP/1.1 200"), "{path}: {text}");
+    let json = text.split_once("\r\n\r\n").unwrap().1;
+    serde_json::from_str(json).unwrap_or_else(|e| panic!("{path}: {e}: {json}"))
+}
+
+/// The plugin's wire as dockerd speaks it, and its answers to requests dockerd never sends.
+#[test]
+fn the_plugin_answers_raw_requests() {
+    if !docker_here() {
+        return;
+    }
+    let e = Env::new(&[]);
+    let v = plugin_post("/Plugin.Activate", "");
+    assert_eq!(v["Implements"][0], "VolumeDriver");
+    let v = plugin_post("/VolumeDriver.Capabilities", "");
+    assert_eq!(v["Capabilities"]["Scope"], "local");
+    let name = e.name("raw");
+    let v = plugin_post(
+        "/VolumeDriver.Create",
+        &format!(r#"{{"Name":"{name}","Opts":null}}"#),
+    );
+    assert!(v["Err"].as_str().unwrap().contains("size"), "{v}");
+    let v = plugin_post("/VolumeDriver.Create", "{not json");
+    assert!(v["Err"].as_str().unwrap().contains("JSON"), "{v}");
+    let v = plugin_post("/VolumeDriver.Mount", r#"{"Name":"nope","ID":"1"}"#);
+    assert!(v["Err"].as_str().unwrap().contains("nope"), "{v}");
+    let v = plugin_post("/VolumeDriver.Nope", "{}");
+    assert!(
+        v["Err"].as_str().unwrap().contains("no plugin endpoint"),
+        "{v}"
+    );
+    let v = plugin_post("/VolumeDriver.List", "");
+    assert_eq!(v["Volumes"], serde_json::json!([]), "{v}");
+    assert_ne!(code(&e.cli(&["disk", "show", &name])), 0);
+}
