@@ -50,7 +50,7 @@ trap cleanup EXIT
 mkdir -p "$work/img"
 cp /bin/busybox "$work/img/"
 printf 'FROM scratch\nCOPY busybox /bin/busybox\nRUN ["/bin/busybox", "--install", "-s", "/bin"]\n' >"$work/img/Dockerfile"
-docker build -q -t "$IMG" "$work/img" >/dev/null
+docker build -q -t "$IMG" "$work/img" >/dev/null 2>&1
 
 PDGUARD_LOG=warn "$PD" serve --state-dir "$state" --docker --docker-driver "$DRIVER" \
     --grace 1s --docker-resync 5s 2>"$work/daemon.log" &

@@ -430,7 +430,9 @@ fn two_containers_seal_only_when_both_are_gone() {
 
 /// `kill -9` of pdguard while a container runs; the container is removed while pdguard is
 /// down (dockerd gives up on the Unmount); on restart the resync unmounts the volume
-/// itself, it ends sealed, and a new container gets its data back.
+/// itself, it ends sealed, and a new container gets its data back. A second container that
+/// keeps running across the restart keeps its volume mounted (the Mount IDs were
+/// persisted); its removal after the restart seals that one too.
 #[test]
 fn a_container_removed_while_pdguard_is_down_still_seals_its_volume() {
     if !docker_here() {
@@ -453,13 +455,39 @@ fn a_container_removed_while_pdguard_is_down_still_seals_its_volume() {
         "-c",
         &format!("echo {sec} > /data/s; sync; exec sleep 600"),
     ]);
+    let w = e.volume("v5b", &["size=64M"]);
+    let keep = e.container("keep");
+    let wmount = format!("{w}:/data");
+    docker_ok(&[
+        "run",
+        "-d",
+        "--name",
+        &keep,
+        "-v",
+        &wmount,
+        &e.tag,
+        "sh",
+        "-c",
+        "echo still > /data/s; exec sleep 600",
+    ]);
     e.wait_state(&v, "attached", 30);
+    e.wait_state(&w, "attached", 30);
     std::thread::sleep(Duration::from_millis(500));
     e.kill9();
     let o = run(120, "docker", &["rm", "-f", &c]);
     assert!(o.status.success(), "{}", stderr(&o));
     e.start(&[]);
     assert_sealed_without(&e, &v, &sec);
+    // Several resyncs later the running container's volume is still mounted and attached.
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(e.disk(&w)["state"], "attached");
+    assert_eq!(docker_ok(&["exec", &keep, "cat", "/data/s"]), "still");
+    docker_ok(&["rm", "-f", &keep]);
+    assert_sealed_without(&e, &w, "still");
+    assert!(
+        !e.state().join("mounts").join(&w).exists(),
+        "the volume was not unmounted"
+    );
     let o = e.run_rm(&v, "cat /data/s");
     assert!(o.status.success(), "{}", stderr(&o));
     assert_eq!(out(&o), sec);

@@ -3,7 +3,7 @@
 //! Unmount at count 0 unmounts it; dockerd's Mount IDs are persisted, so a restarted daemon
 //! keeps working mounts. The plugin's HTTP and Docker's JSON stay in the front-end.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex as StdMutex};
 use std::time::Duration;
@@ -164,6 +164,8 @@ pub struct VolumeView {
 pub(super) struct Volumes {
     locks: StdMutex<HashMap<String, Arc<Mutex<()>>>>,
     pub(super) docker: StdMutex<Option<DockerStatus>>,
+    /// Disks the kernel held at the last look (warned about once, not every second).
+    held: StdMutex<HashSet<String>>,
 }
 
 impl Service {
@@ -184,17 +186,18 @@ impl Service {
     /// sealed, whatever the registry says. An error reading the kernel's tables counts as
     /// held: nothing is sealed on a guess.
     pub(super) fn kernel_holds(&self, d: &Disk) -> bool {
-        match loopfs::in_use(&d.path, &self.mount_dir(&d.name)) {
-            Ok(None) => false,
-            Ok(Some(why)) => {
-                tracing::warn!(disk = %d.name, %why, "not sealing a disk the kernel holds");
-                true
+        let why = match loopfs::in_use(&d.path, &self.mount_dir(&d.name)) {
+            Ok(None) => {
+                lock(&self.s.volumes.held).remove(&d.name);
+                return false;
             }
-            Err(e) => {
-                tracing::warn!(disk = %d.name, error = %crate::error_chain(&e), "cannot tell whether the kernel holds the disk; not sealing it");
-                true
-            }
+            Ok(Some(why)) => why,
+            Err(e) => format!("cannot tell: {}", crate::error_chain(&e)),
+        };
+        if lock(&self.s.volumes.held).insert(d.name.clone()) {
+            tracing::warn!(disk = %d.name, %why, "not sealing a disk the kernel holds; looking again every second");
         }
+        true
     }
 
     fn volume_lock(&self, name: &str) -> Arc<Mutex<()>> {
