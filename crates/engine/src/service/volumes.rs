@@ -364,10 +364,28 @@ impl Service {
             && d.volume
                 .as_ref()
                 .is_some_and(|v| v.profile == Profile::Secure);
-        self.remove_disk(name, shred).await?;
+        // Unlinking a large sparse file can take minutes on a busy host: the file is moved
+        // aside (instant) and deleted after the registry let go of it, off the async threads.
+        let mut aside = d.path.clone().into_os_string();
+        aside.push(".removing");
+        let aside = PathBuf::from(aside);
+        std::fs::rename(&d.path, &aside).map_err(|source| ServiceError::Io {
+            what: format!("cannot move {} aside to delete it", d.path.display()),
+            source,
+        })?;
+        if let Err(e) = self.remove_disk(name, shred).await {
+            let _ = std::fs::rename(&aside, &d.path);
+            return Err(e);
+        }
         self.s.state.lock().await.mounts.remove(name);
         lock(&self.s.volumes.locks).remove(name);
-        Ok(())
+        let deleted = tokio::task::spawn_blocking(move || std::fs::remove_file(&aside))
+            .await
+            .map_err(|e| ServiceError::Invalid(format!("delete panicked: {e}")))?;
+        deleted.map_err(|source| ServiceError::Io {
+            what: format!("cannot delete the file of volume {name:?}"),
+            source,
+        })
     }
 
     /// Mount: a reclaim ([030]: a sealing volume's seal is completed, then it is unsealed
