@@ -167,6 +167,23 @@ impl Env {
         }
     }
 
+    /// SIGTERM, and wait (bounded) for the daemon to exit.
+    fn terminate(&mut self) {
+        let Some(mut c) = self.daemon.take() else {
+            return;
+        };
+        let pid = c.id().to_string();
+        let _ = Command::new("kill").args(["-TERM", &pid]).output();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while c.try_wait().unwrap().is_none() {
+            if Instant::now() > deadline {
+                let _ = c.kill();
+                panic!("the daemon did not exit within 30 s of SIGTERM");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     fn kill9(&mut self) {
         if let Some(mut c) = self.daemon.take() {
             c.kill().unwrap();
@@ -687,7 +704,7 @@ fn the_plugin_answers_raw_requests() {
     if !docker_here() {
         return;
     }
-    let e = Env::new(&[]);
+    let mut e = Env::new(&[]);
     let v = plugin_post("/Plugin.Activate", "");
     assert_eq!(v["Implements"][0], "VolumeDriver");
     let v = plugin_post("/VolumeDriver.Capabilities", "");
@@ -710,4 +727,8 @@ fn the_plugin_answers_raw_requests() {
     let v = plugin_post("/VolumeDriver.List", "");
     assert_eq!(v["Volumes"], serde_json::json!([]), "{v}");
     assert_ne!(code(&e.cli(&["disk", "show", &name])), 0);
+    // A daemon that stops removes its socket: dockerd tries every socket it finds there.
+    e.terminate();
+    let sock = PathBuf::from(format!("/run/docker/plugins/{DRIVER}.sock"));
+    assert!(!sock.exists(), "{} is left behind", sock.display());
 }

@@ -207,11 +207,12 @@ pub fn run(a: &ServeArgs) -> Result<(), CliError> {
 }
 
 /// The volume plugin on /run/docker/plugins/NAME.sock, and the follower of dockerd.
+/// Returns the socket's path, removed at shutdown: dockerd tries every socket it finds there.
 fn start_docker(
     svc: &Service,
     d: DockerArgs,
     stop: tokio::sync::watch::Receiver<bool>,
-) -> Result<(), CliError> {
+) -> Result<PathBuf, CliError> {
     let dir = Path::new(plugin::PLUGIN_DIR);
     std::fs::create_dir_all(dir).map_err(|source| CliError::Io {
         what: format!("cannot create {}", dir.display()),
@@ -219,6 +220,7 @@ fn start_docker(
     })?;
     let sock = dir.join(format!("{}.sock", d.driver));
     let listener = bind_unix(&sock)?;
+    let path = sock.clone();
     let app = plugin::router(svc.clone());
     tokio::spawn(async move {
         if let Err(e) = axum::serve(listener, app).await {
@@ -235,7 +237,7 @@ fn start_docker(
         svc.follow_docker(std::sync::Arc::new(d.dockerd), d.driver, d.resync, stop)
             .await
     });
-    Ok(())
+    Ok(path)
 }
 
 async fn serve(
@@ -245,9 +247,10 @@ async fn serve(
 ) -> Result<(), CliError> {
     let svc = Service::start(cfg).await?;
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    if let Some(d) = docker {
-        start_docker(&svc, d, stop_rx.clone())?;
-    }
+    let plugin_sock = match docker {
+        Some(d) => Some(start_docker(&svc, d, stop_rx.clone())?),
+        None => None,
+    };
     let policy = {
         let svc = svc.clone();
         tokio::spawn(async move { svc.run_policy(stop_rx).await })
@@ -286,6 +289,9 @@ async fn serve(
         }
     };
     let _ = stop_tx.send(true);
+    if let Some(sock) = plugin_sock {
+        let _ = std::fs::remove_file(sock);
+    }
     let _ = tokio::time::timeout(Duration::from_secs(1), policy).await;
     served.map_err(|source| CliError::Io {
         what: "the admin API server failed".into(),
