@@ -6,14 +6,29 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # Debian packages the tests use, by the command each provides.
-declare -A provides=([losetup]=mount [mount]=mount [umount]=mount [setpriv]=util-linux [mkfs.ext4]=e2fsprogs [groff]=groff-base)
+declare -A provides=([losetup]=mount [mount]=mount [umount]=mount [setpriv]=util-linux
+  [mkfs.ext4]=e2fsprogs [groff]=groff-base [docker]=docker.io [dockerd]=docker.io
+  [docker-compose]=docker-compose)
 missing=()
 for cmd in "${!provides[@]}"; do
   command -v "$cmd" >/dev/null 2>&1 || missing+=("${provides[$cmd]}")
 done
+# The Docker tests build their image FROM scratch with Debian's static busybox.
+dpkg -s busybox-static >/dev/null 2>&1 || missing+=(busybox-static)
 if ((${#missing[@]})); then
   apt-get update -qq
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}"
+fi
+
+# The Docker volume plugin's tests need a running dockerd: start one if none answers.
+if ! docker info >/dev/null 2>&1; then
+  echo "test.sh: no dockerd answers; starting one (log in /var/log/dockerd.log)" >&2
+  nohup dockerd >>/var/log/dockerd.log 2>&1 &
+  for _ in $(seq 1 60); do
+    docker info >/dev/null 2>&1 && break
+    sleep 1
+  done
+  docker info >/dev/null 2>&1 || { echo "test.sh: dockerd did not come up; see /var/log/dockerd.log" >&2; exit 1; }
 fi
 
 start=$SECONDS

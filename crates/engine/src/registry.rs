@@ -13,6 +13,8 @@ use thiserror::Error;
 
 const DISKS: TableDefinition<&str, &[u8]> = TableDefinition::new("disks");
 const CONTAINERS: TableDefinition<&str, &[u8]> = TableDefinition::new("containers");
+/// Docker volume mounts: volume name -> [`VolumeMounts`] (the plugin's Mount IDs).
+const MOUNTS: TableDefinition<&str, &[u8]> = TableDefinition::new("volume_mounts");
 
 #[derive(Debug, Error)]
 pub enum RegistryError {
@@ -114,10 +116,35 @@ pub struct Disk {
     /// field existed read as set, the safe side.
     #[serde(default = "record_expected_default")]
     pub record_expected: bool,
+    /// Set when the disk is a Docker volume made by the volume plugin.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub volume: Option<VolumeSpec>,
 }
 
 fn record_expected_default() -> bool {
     true
+}
+
+/// How a Docker volume was made and is sealed (`docker volume create -o ...`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VolumeSpec {
+    /// The file system made on the disk (`ext4`).
+    pub fs: String,
+    /// Profile of its seals.
+    pub profile: pdguard_core::Profile,
+    /// Secure profile: sectors of zeros stay holes (the volume is a sparse file).
+    pub keep_holes: bool,
+    /// Its own grace period, instead of the daemon's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub grace_ms: Option<u64>,
+}
+
+/// The live mounts of a Docker volume: dockerd's Mount IDs not yet unmounted.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VolumeMounts {
+    pub ids: Vec<String>,
+    /// Unix milliseconds of the last Mount.
+    pub last_mount_ms: u64,
 }
 
 /// A container's state.
@@ -131,9 +158,14 @@ pub enum ContainerState {
 }
 
 impl ContainerState {
-    /// Claim 6 / [028]: deleted, crashed or corrupt containers are non-operational.
-    pub fn operational(self) -> bool {
-        self == Self::Running
+    /// Claim 6 / [028]: deleted, crashed or corrupt containers are non-operational. A
+    /// container stopped on purpose is not, unless the daemon runs with `--seal-stopped`.
+    pub fn operational(self, seal_stopped: bool) -> bool {
+        match self {
+            Self::Running => true,
+            Self::Stopped => !seal_stopped,
+            Self::Crashed | Self::Removed => false,
+        }
     }
 }
 
@@ -165,6 +197,7 @@ impl Registry {
         let tx = db.begin_write()?;
         tx.open_table(DISKS)?;
         tx.open_table(CONTAINERS)?;
+        tx.open_table(MOUNTS)?;
         tx.commit()?;
         Ok(Self {
             db,
@@ -195,6 +228,7 @@ impl Registry {
     pub fn remove_disk(&self, name: &str) -> Result<(), RegistryError> {
         let tx = self.db.begin_write()?;
         tx.open_table(DISKS)?.remove(name)?;
+        tx.open_table(MOUNTS)?.remove(name)?;
         tx.commit()?;
         Ok(())
     }
@@ -204,6 +238,33 @@ impl Registry {
         tx.open_table(CONTAINERS)?.remove(id)?;
         tx.commit()?;
         Ok(())
+    }
+
+    /// Every volume's live mounts, by volume name.
+    pub fn mounts(&self) -> Result<Vec<(String, VolumeMounts)>, RegistryError> {
+        let tx = self.db.begin_read()?;
+        let t = tx.open_table(MOUNTS)?;
+        let mut out = Vec::new();
+        for entry in t.iter()? {
+            let (k, v) = entry?;
+            let m = serde_json::from_slice(v.value()).map_err(|e| RegistryError::Corrupt {
+                key: k.value().to_string(),
+                why: e.to_string(),
+            })?;
+            out.push((k.value().to_string(), m));
+        }
+        Ok(out)
+    }
+
+    /// Record a volume's live mounts (none: the entry is removed).
+    pub fn put_mounts(&self, volume: &str, m: &VolumeMounts) -> Result<(), RegistryError> {
+        if m.ids.is_empty() {
+            let tx = self.db.begin_write()?;
+            tx.open_table(MOUNTS)?.remove(volume)?;
+            tx.commit()?;
+            return Ok(());
+        }
+        self.put(MOUNTS, volume, m)
     }
 
     fn put<T: Serialize>(
@@ -257,6 +318,7 @@ mod tests {
             error: None,
             created_unix: 1,
             record_expected: false,
+            volume: None,
         }
     }
 
@@ -286,5 +348,35 @@ mod tests {
         assert_eq!(disks[0].state, DiskState::Sealed);
         assert!(disks[0].dangling);
         assert_eq!(r.containers().unwrap()[0].disks, vec!["a".to_string()]);
+    }
+
+    #[test]
+    fn volume_mounts_survive_reopening_and_go_with_their_disk() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("registry.redb");
+        let m = VolumeMounts {
+            ids: vec!["a1".into(), "b2".into()],
+            last_mount_ms: 7,
+        };
+        {
+            let r = Registry::open(&p).unwrap();
+            r.put_disk(&disk("v")).unwrap();
+            r.put_mounts("v", &m).unwrap();
+            r.put_mounts("w", &m).unwrap();
+            r.put_mounts("w", &VolumeMounts::default()).unwrap();
+        }
+        let r = Registry::open(&p).unwrap();
+        assert_eq!(r.mounts().unwrap(), vec![("v".to_string(), m)]);
+        r.remove_disk("v").unwrap();
+        assert!(r.mounts().unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_stopped_container_is_operational_unless_seal_stopped() {
+        assert!(ContainerState::Running.operational(true));
+        assert!(ContainerState::Stopped.operational(false));
+        assert!(!ContainerState::Stopped.operational(true));
+        assert!(!ContainerState::Crashed.operational(false));
+        assert!(!ContainerState::Removed.operational(false));
     }
 }

@@ -3,6 +3,7 @@
 
 mod api;
 mod cli;
+mod plugin;
 
 use std::process::ExitCode;
 

@@ -632,3 +632,25 @@ fn remove_and_shred_disks() {
     assert_eq!(code(&o), 1);
     assert!(stderr(&o).contains("no disk named"), "{}", stderr(&o));
 }
+
+/// A container stopped on purpose is not non-operational ([028]): its disk stays unsealed
+/// past the grace, unless the daemon runs with `--seal-stopped`.
+#[test]
+fn a_stopped_container_seals_only_with_seal_stopped() {
+    for (flag, want) in [(None, "attached"), (Some("--seal-stopped"), "sealed")] {
+        let dir = tempfile::tempdir().unwrap();
+        let mut args = vec!["--grace", "300ms", "--profile", "patent"];
+        args.extend(flag);
+        let d = Daemon::start(&dir.path().join("state"), &args);
+        d.ok(&["disk", "create", "d1", "--size", "1M"]);
+        d.ok(&["container", "up", "c1", "--disk", "d1"]);
+        d.ok(&["container", "down", "c1"]);
+        assert_eq!(d.ok(&["status"])["seal_stopped"], flag.is_some());
+        if flag.is_some() {
+            d.wait_state("d1", want, 30);
+        } else {
+            std::thread::sleep(Duration::from_millis(1500));
+            assert_eq!(d.disk("d1")["state"], want, "{flag:?}");
+        }
+    }
+}

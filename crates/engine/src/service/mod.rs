@@ -6,8 +6,10 @@
 //! The HTTP front-end (`pdguard serve`) calls these methods; nothing here knows HTTP.
 
 mod adopt;
+pub mod docker;
 mod error;
 mod metrics;
+mod volumes;
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -21,11 +23,12 @@ use tokio::sync::{watch, Mutex, Semaphore};
 
 pub use error::ServiceError;
 pub use metrics::Metrics;
+pub use volumes::{VolumeError, VolumeOptions, VolumeView};
 
 use crate::error_chain;
 use crate::gate::{Gate, GateState, SealedIo};
 use crate::jobs::{self, JobError, Progress, SealOptions};
-use crate::registry::{Container, ContainerState, Disk, DiskState, Registry};
+use crate::registry::{Container, ContainerState, Disk, DiskState, Registry, VolumeMounts};
 use crate::store::file::{default_record_path, ImageStorage, RecordWatch};
 
 type Result<T, E = ServiceError> = std::result::Result<T, E>;
@@ -45,6 +48,8 @@ pub struct Config {
     pub sector_size: u32,
     /// How bytes are moved (a strategy name), for new seals.
     pub strategy: String,
+    /// A container stopped on purpose counts as non-operational (DESIGN.md §4).
+    pub seal_stopped: bool,
 }
 
 /// What a job is doing now, for `status` and `disk show`.
@@ -84,6 +89,9 @@ enum JobKind {
 struct State {
     disks: BTreeMap<String, Disk>,
     containers: BTreeMap<String, Container>,
+    /// Docker volumes' live mounts (dockerd's Mount IDs), by volume name.
+    mounts: BTreeMap<String, VolumeMounts>,
+    seal_stopped: bool,
 }
 
 impl State {
@@ -105,11 +113,13 @@ impl State {
             .collect()
     }
 
-    /// True while some operational container is associated with `disk`.
+    /// True while some operational container is associated with `disk`, or dockerd holds
+    /// a mount of it.
     fn in_use(&self, disk: &str) -> bool {
-        self.containers
-            .values()
-            .any(|c| c.state.operational() && c.disks.iter().any(|d| d == disk))
+        self.mounts.get(disk).is_some_and(|m| !m.ids.is_empty())
+            || self.containers.values().any(|c| {
+                c.state.operational(self.seal_stopped) && c.disks.iter().any(|d| d == disk)
+            })
     }
 }
 
@@ -122,6 +132,7 @@ struct Shared {
     running: StdMutex<HashMap<String, watch::Receiver<bool>>>,
     progress: StdMutex<HashMap<String, JobProgress>>,
     metrics: Metrics,
+    volumes: volumes::Volumes,
 }
 
 /// The daemon's service: cheap to clone, shared by every request.
@@ -158,7 +169,13 @@ impl Service {
             source,
         })?;
         let registry = Registry::open(&cfg.state_dir.join("registry.redb"))?;
-        let mut state = State::default();
+        let mut state = State {
+            seal_stopped: cfg.seal_stopped,
+            ..State::default()
+        };
+        for (name, m) in registry.mounts()? {
+            state.mounts.insert(name, m);
+        }
         for d in registry.disks()? {
             state.disks.insert(d.name.clone(), d);
         }
@@ -176,6 +193,7 @@ impl Service {
                 running: StdMutex::new(HashMap::new()),
                 progress: StdMutex::new(HashMap::new()),
                 metrics: Metrics::default(),
+                volumes: volumes::Volumes::default(),
             }),
         };
         svc.recover().await;
@@ -347,6 +365,7 @@ impl Service {
             error: None,
             created_unix: now_ms() / 1000,
             record_expected,
+            volume: None,
         };
         if let Err(e) = self.persist(&d) {
             if created {
@@ -405,13 +424,14 @@ impl Service {
                 }
             })?;
         }
+        let mut doomed = None;
         if !keep_file {
             // After a shred the record is a tombstone without key material.
             if shred {
                 remove_if_exists(storage.record_path())?;
             }
             if d.managed {
-                remove_if_exists(&d.path)?;
+                doomed = move_aside(&d.path)?;
             }
         }
         self.s.registry.remove_disk(name)?;
@@ -423,6 +443,18 @@ impl Service {
             }
         }
         lock(&self.s.gates).remove(name);
+        drop(st);
+        // Unlinking a large file can take minutes on a busy host (the file system frees
+        // every extent): it was moved aside under the lock, and is deleted without it.
+        if let Some(aside) = doomed {
+            let what = format!(
+                "cannot delete {} (the file of disk {name:?})",
+                aside.display()
+            );
+            tokio::task::spawn_blocking(move || remove_if_exists(&aside))
+                .await
+                .map_err(|e| ServiceError::Invalid(format!("{what}: {e}")))??;
+        }
         Ok(())
     }
 
@@ -434,6 +466,12 @@ impl Service {
                 return Err(ServiceError::Busy(format!(
                     "disk {name:?} is attached to a running container ({}); take it down first",
                     st.users(name).join(", ")
+                )));
+            }
+            let d = st.disk_mut(name)?.clone();
+            if let Ok(Some(why)) = crate::store::loopfs::in_use(&d.path, &self.mount_dir(name)) {
+                return Err(ServiceError::Busy(format!(
+                    "disk {name:?} is in use by the kernel ({why}); unmount it and detach its loop device first"
                 )));
             }
             let d = st.disk_mut(name)?;
@@ -652,7 +690,6 @@ impl Service {
             container: c.clone(),
         };
         self.s.registry.put_container(c)?;
-        let until = now_ms() + self.s.cfg.grace.as_millis() as u64;
         for name in disks {
             if st.in_use(&name) {
                 continue;
@@ -660,7 +697,7 @@ impl Service {
             if let Some(d) = st.disks.get_mut(&name) {
                 if d.state == DiskState::Attached {
                     d.state = DiskState::Grace;
-                    d.grace_until_ms = Some(until);
+                    d.grace_until_ms = Some(now_ms() + self.grace_of(d));
                     let d = d.clone();
                     self.persist(&d)?;
                 }
@@ -685,6 +722,11 @@ impl Service {
             let Some(d) = st.disks.get_mut(&name) else {
                 continue;
             };
+            if !in_use && self.kernel_holds(d) {
+                // Never seal what the kernel holds; look again on a later tick.
+                d.grace_until_ms = Some(now + 1000);
+                continue;
+            }
             if in_use {
                 d.state = DiskState::Attached;
                 d.grace_until_ms = None;
@@ -768,7 +810,8 @@ impl Service {
         let r = match kind {
             JobKind::Seal => {
                 let opts = SealOptions {
-                    profile: self.s.cfg.profile,
+                    profile: d.volume.as_ref().map_or(self.s.cfg.profile, |v| v.profile),
+                    keep_holes: d.volume.as_ref().is_some_and(|v| v.keep_holes),
                     sector_size: d.sector_size,
                     master_key: self.s.cfg.master_key.clone(),
                     strategy: self.s.cfg.strategy.clone(),
@@ -994,6 +1037,22 @@ fn check_room(path: &Path, size: u64) -> Result<()> {
         )));
     }
     Ok(())
+}
+
+/// Rename a disk's file to `PATH.removing` (instant, durable with its directory), so that
+/// it can be deleted outside the state lock. `None` when there is no file.
+fn move_aside(path: &Path) -> Result<Option<PathBuf>> {
+    let mut aside = path.as_os_str().to_owned();
+    aside.push(".removing");
+    let aside = PathBuf::from(aside);
+    match std::fs::rename(path, &aside) {
+        Ok(()) => Ok(Some(aside)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(source) => Err(ServiceError::Io {
+            what: format!("cannot move {} aside to delete it", path.display()),
+            source,
+        }),
+    }
 }
 
 fn remove_if_exists(path: &Path) -> Result<()> {

@@ -7,6 +7,7 @@
 pub mod file;
 pub mod inuse;
 mod lock;
+pub mod loopfs;
 pub mod sim;
 mod sparse;
 

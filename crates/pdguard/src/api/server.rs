@@ -116,6 +116,8 @@ async fn status(State(svc): State<Service>) -> ApiResult {
             "grace_ms": cfg.grace.as_millis() as u64,
             "disks": svc.disks().await,
             "containers": svc.containers().await,
+            "seal_stopped": cfg.seal_stopped,
+            "docker": svc.docker_status(),
         }),
     )
 }

@@ -283,6 +283,7 @@ pub fn status(watch: bool, conn: &Conn, cli: &Cli) -> Result<(), CliError> {
                 v["profile"].as_str().unwrap_or("?"),
                 v["grace_ms"]
             );
+            print_docker(&v["docker"]);
             print_disks(&v["disks"]);
             print_containers(&v["containers"]);
         }
@@ -290,6 +291,21 @@ pub fn status(watch: bool, conn: &Conn, cli: &Cli) -> Result<(), CliError> {
             return Ok(());
         }
         std::thread::sleep(Duration::from_secs(1));
+    }
+}
+
+/// The Docker volume plugin's link to dockerd (absent without `--docker`).
+fn print_docker(d: &Value) {
+    let Some(driver) = d["driver"].as_str() else {
+        return;
+    };
+    if d["reachable"] == true {
+        out!("docker: volume driver {driver:?}, dockerd reachable");
+    } else {
+        out!(
+            "docker: volume driver {driver:?}, dockerd UNREACHABLE ({}); nothing is sealed on a guess",
+            d["error"].as_str().unwrap_or("not reached yet")
+        );
     }
 }
 

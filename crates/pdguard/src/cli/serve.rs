@@ -17,6 +17,7 @@ use super::image::ProfileArg;
 use super::{CliError, DEFAULT_STATE_DIR, STATE_DIR_ENV};
 use crate::api::auth::{self, Guard};
 use crate::api::{server, Endpoint};
+use crate::plugin::{self, dockerd::Dockerd};
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
 pub enum SealedIoArg {
@@ -60,6 +61,22 @@ pub struct ServeArgs {
     /// first start; refused if group or others can read it or another user owns it).
     #[arg(long)]
     pub api_token_file: Option<PathBuf>,
+    /// A container stopped on purpose (`docker stop`, `container down` without --crashed
+    /// or --removed) counts as non-operational: its disks are sealed after the grace.
+    #[arg(long)]
+    pub seal_stopped: bool,
+    /// Serve the Docker volume plugin and follow dockerd's containers.
+    #[arg(long)]
+    pub docker: bool,
+    /// The plugin's driver name: it listens on /run/docker/plugins/NAME.sock.
+    #[arg(long, default_value = "pdguard")]
+    pub docker_driver: String,
+    /// dockerd's API socket.
+    #[arg(long, default_value = "unix:///var/run/docker.sock")]
+    pub docker_host: String,
+    /// How often to reconcile with dockerd's containers and the kernel's mounts.
+    #[arg(long, default_value = "30s")]
+    pub docker_resync: String,
 }
 
 /// `--grace`: checked when parsed, so that a bad value is a usage error naming the fix;
@@ -71,6 +88,39 @@ fn check_duration(text: &str) -> Result<String, String> {
             "{text:?} is not a duration; give a number and a unit, such as 30s, 2m, 1h 30m or 500ms"
         )),
     }
+}
+
+/// What `--docker` asks for, checked.
+struct DockerArgs {
+    driver: String,
+    dockerd: Dockerd,
+    resync: Duration,
+}
+
+fn docker_args(a: &ServeArgs) -> Result<Option<DockerArgs>, CliError> {
+    if !a.docker {
+        return Ok(None);
+    }
+    if !plugin::valid_driver(&a.docker_driver) {
+        return Err(CliError::Usage(format!(
+            "--docker-driver {:?} is not 1-64 letters, digits, '.', '_' or '-'",
+            a.docker_driver
+        )));
+    }
+    let resync = humantime::parse_duration(&a.docker_resync)
+        .ok()
+        .filter(|d| !d.is_zero())
+        .ok_or_else(|| {
+            CliError::Usage(format!(
+                "--docker-resync {:?} is not a positive duration such as 30s or 500ms",
+                a.docker_resync
+            ))
+        })?;
+    Ok(Some(DockerArgs {
+        driver: a.docker_driver.clone(),
+        dockerd: Dockerd::parse(&a.docker_host).map_err(CliError::Usage)?,
+        resync,
+    }))
 }
 
 pub fn state_dir(flag: Option<&Path>) -> PathBuf {
@@ -124,6 +174,7 @@ pub fn run(a: &ServeArgs) -> Result<(), CliError> {
         source,
     })?;
     let _ = std::fs::set_permissions(&state, std::fs::Permissions::from_mode(0o700));
+    let docker = docker_args(a)?;
     let endpoint = match &a.api {
         Some(s) => Endpoint::parse(s).map_err(CliError::Usage)?,
         None => Endpoint::Unix(state.join("pdguard.sock")),
@@ -174,6 +225,7 @@ pub fn run(a: &ServeArgs) -> Result<(), CliError> {
             .strategy
             .clone()
             .unwrap_or_else(|| SealOptions::default().strategy),
+        seal_stopped: a.seal_stopped,
         state_dir: state,
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -183,12 +235,55 @@ pub fn run(a: &ServeArgs) -> Result<(), CliError> {
             what: "cannot start the async runtime".into(),
             source,
         })?;
-    rt.block_on(serve(cfg, endpoint, guard))
+    rt.block_on(serve(cfg, endpoint, guard, docker))
 }
 
-async fn serve(cfg: Config, endpoint: Endpoint, guard: Guard) -> Result<(), CliError> {
+/// The volume plugin on /run/docker/plugins/NAME.sock, and the follower of dockerd.
+/// Returns the socket's path, removed at shutdown: dockerd tries every socket it finds there.
+fn start_docker(
+    svc: &Service,
+    d: DockerArgs,
+    stop: tokio::sync::watch::Receiver<bool>,
+) -> Result<PathBuf, CliError> {
+    let dir = Path::new(plugin::PLUGIN_DIR);
+    std::fs::create_dir_all(dir).map_err(|source| CliError::Io {
+        what: format!("cannot create {}", dir.display()),
+        source,
+    })?;
+    let sock = dir.join(format!("{}.sock", d.driver));
+    let listener = bind_unix(&sock)?;
+    let path = sock.clone();
+    let app = plugin::router(svc.clone());
+    tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, app).await {
+            tracing::error!(error = %e, "the volume plugin's server failed");
+        }
+    });
+    eprintln!(
+        "pdguard: serving the Docker volume plugin {:?} on {}",
+        d.driver,
+        sock.display()
+    );
+    let svc = svc.clone();
+    tokio::spawn(async move {
+        svc.follow_docker(std::sync::Arc::new(d.dockerd), d.driver, d.resync, stop)
+            .await
+    });
+    Ok(path)
+}
+
+async fn serve(
+    cfg: Config,
+    endpoint: Endpoint,
+    guard: Guard,
+    docker: Option<DockerArgs>,
+) -> Result<(), CliError> {
     let svc = Service::start(cfg).await?;
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let plugin_sock = match docker {
+        Some(d) => Some(start_docker(&svc, d, stop_rx.clone())?),
+        None => None,
+    };
     let policy = {
         let svc = svc.clone();
         tokio::spawn(async move { svc.run_policy(stop_rx).await })
@@ -230,6 +325,9 @@ async fn serve(cfg: Config, endpoint: Endpoint, guard: Guard) -> Result<(), CliE
         }
     };
     let _ = stop_tx.send(true);
+    if let Some(sock) = plugin_sock {
+        let _ = std::fs::remove_file(sock);
+    }
     let _ = tokio::time::timeout(Duration::from_secs(1), policy).await;
     served.map_err(|source| CliError::Io {
         what: "the admin API server failed".into(),

@@ -1,0 +1,365 @@
+//! The association policy against a fake dockerd: which events and which resyncs make a
+//! volume dangling, and which must not.
+
+use std::sync::Mutex as StdMutex;
+
+use pdguard_core::Profile;
+
+use super::*;
+use crate::gate::SealedIo;
+use crate::registry::{VolumeMounts, VolumeSpec};
+use crate::service::Config;
+
+#[derive(Default)]
+struct Fake {
+    up: bool,
+    containers: StdMutex<Vec<DockerContainer>>,
+}
+
+impl DockerApi for Fake {
+    async fn containers(&self, _driver: &str) -> Result<Vec<DockerContainer>, DockerError> {
+        if !self.up {
+            return Err(DockerError::Unreachable {
+                at: "fake".into(),
+                source: std::io::Error::from(std::io::ErrorKind::ConnectionRefused),
+            });
+        }
+        Ok(self.containers.lock().unwrap().clone())
+    }
+
+    async fn inspect(
+        &self,
+        id: &str,
+        driver: &str,
+    ) -> Result<Option<DockerContainer>, DockerError> {
+        Ok(self
+            .containers(driver)
+            .await?
+            .into_iter()
+            .find(|c| c.id == id))
+    }
+
+    async fn events(&self, _tx: mpsc::Sender<DockerEvent>) -> Result<(), DockerError> {
+        if !self.up {
+            return Err(DockerError::Unreachable {
+                at: "fake".into(),
+                source: std::io::Error::from(std::io::ErrorKind::ConnectionRefused),
+            });
+        }
+        std::future::pending().await
+    }
+}
+
+struct Env {
+    _dir: tempfile::TempDir,
+    svc: Service,
+}
+
+async fn env(seal_stopped: bool) -> Env {
+    let dir = tempfile::tempdir().unwrap();
+    let svc = Service::start(Config {
+        state_dir: dir.path().join("state"),
+        grace: Duration::ZERO,
+        profile: Profile::Patent,
+        master_key: None,
+        sealed_io: SealedIo::ReadOnly,
+        jobs: 1,
+        sector_size: 512,
+        strategy: crate::jobs::SealOptions::default().strategy,
+        seal_stopped,
+    })
+    .await
+    .unwrap();
+    Env { _dir: dir, svc }
+}
+
+/// A registered volume (no file system: the policy does not look inside).
+async fn volume(svc: &Service, name: &str) {
+    svc.create_disk(name, 64 * 1024, None).await.unwrap();
+    let mut st = svc.s.state.lock().await;
+    let d = st.disks.get_mut(name).unwrap();
+    d.volume = Some(VolumeSpec {
+        fs: "ext4".into(),
+        profile: Profile::Patent,
+        keep_holes: false,
+        grace_ms: None,
+    });
+    let d = d.clone();
+    svc.persist(&d).unwrap();
+}
+
+async fn state(svc: &Service, name: &str) -> DiskState {
+    svc.tick().await;
+    svc.wait_idle().await;
+    svc.disk(name).await.unwrap().disk.state
+}
+
+fn follower(svc: &Service, fake: Fake) -> Follower<Fake> {
+    Follower {
+        svc: svc.clone(),
+        api: Arc::new(fake),
+        driver: "pd".into(),
+        kills: HashMap::new(),
+    }
+}
+
+fn mount(v: &str, c: &str) -> DockerEvent {
+    DockerEvent::VolumeMount {
+        volume: v.into(),
+        container: c.into(),
+        driver: "pd".into(),
+    }
+}
+
+fn died(c: &str, exit_code: i64) -> DockerEvent {
+    DockerEvent::Die {
+        container: c.into(),
+        exit_code,
+    }
+}
+
+fn destroy(c: &str) -> DockerEvent {
+    DockerEvent::Destroy {
+        container: c.into(),
+    }
+}
+
+fn kill(c: &str) -> DockerEvent {
+    DockerEvent::Kill {
+        container: c.into(),
+    }
+}
+
+fn exited(id: &str, exit_code: i64, restarts: bool, volumes: &[&str]) -> DockerContainer {
+    DockerContainer {
+        id: id.into(),
+        state: RunState::Exited,
+        exit_code,
+        restarts,
+        volumes: volumes.iter().map(|v| v.to_string()).collect(),
+    }
+}
+
+#[test]
+fn how_a_dead_container_counts() {
+    assert_eq!(down_kind(true, 3, false), Some(ContainerState::Stopped));
+    assert_eq!(down_kind(false, 0, false), Some(ContainerState::Stopped));
+    assert_eq!(down_kind(false, 3, false), Some(ContainerState::Crashed));
+    assert_eq!(down_kind(false, 3, true), None);
+    assert_eq!(exited_kind(143, false), Some(ContainerState::Stopped));
+    assert_eq!(exited_kind(137, false), Some(ContainerState::Stopped));
+    assert_eq!(exited_kind(1, false), Some(ContainerState::Crashed));
+}
+
+#[tokio::test]
+async fn a_stopped_container_keeps_its_volume_until_removed() {
+    let e = env(false).await;
+    volume(&e.svc, "v").await;
+    let mut f = follower(&e.svc, Fake::default());
+    f.apply(mount("v", "c1")).await;
+    assert_eq!(state(&e.svc, "v").await, DiskState::Attached);
+    f.apply(kill("c1")).await;
+    f.apply(died("c1", 143)).await;
+    assert_eq!(state(&e.svc, "v").await, DiskState::Attached);
+    f.apply(destroy("c1")).await;
+    assert_eq!(state(&e.svc, "v").await, DiskState::Sealed);
+    assert!(e.svc.s.state.lock().await.containers.is_empty());
+}
+
+#[tokio::test]
+async fn with_seal_stopped_a_stop_seals() {
+    let e = env(true).await;
+    volume(&e.svc, "v").await;
+    let mut f = follower(&e.svc, Fake::default());
+    f.apply(mount("v", "c1")).await;
+    f.apply(kill("c1")).await;
+    f.apply(died("c1", 0)).await;
+    assert_eq!(state(&e.svc, "v").await, DiskState::Sealed);
+}
+
+#[tokio::test]
+async fn a_crash_seals_unless_a_restart_is_coming() {
+    let e = env(false).await;
+    volume(&e.svc, "v").await;
+    volume(&e.svc, "w").await;
+    let fake = Fake {
+        up: true,
+        containers: StdMutex::new(vec![
+            exited("c1", 3, false, &["v"]),
+            exited("c2", 3, true, &["w"]),
+        ]),
+    };
+    let mut f = follower(&e.svc, fake);
+    f.apply(mount("v", "c1")).await;
+    f.apply(mount("w", "c2")).await;
+    f.apply(died("c1", 3)).await;
+    f.apply(died("c2", 3)).await;
+    assert_eq!(state(&e.svc, "v").await, DiskState::Sealed);
+    assert_eq!(state(&e.svc, "w").await, DiskState::Attached);
+}
+
+#[tokio::test]
+async fn two_containers_seal_only_when_both_are_gone() {
+    let e = env(false).await;
+    volume(&e.svc, "v").await;
+    let mut f = follower(&e.svc, Fake::default());
+    f.apply(mount("v", "c1")).await;
+    f.apply(mount("v", "c2")).await;
+    f.apply(destroy("c1")).await;
+    assert_eq!(state(&e.svc, "v").await, DiskState::Attached);
+    f.apply(destroy("c2")).await;
+    assert_eq!(state(&e.svc, "v").await, DiskState::Sealed);
+}
+
+#[tokio::test]
+async fn events_of_other_drivers_and_unknown_containers_change_nothing() {
+    let e = env(true).await;
+    volume(&e.svc, "v").await;
+    let mut f = follower(&e.svc, Fake::default());
+    f.apply(DockerEvent::VolumeMount {
+        volume: "v".into(),
+        container: "c1".into(),
+        driver: "local".into(),
+    })
+    .await;
+    f.apply(died("c9", 3)).await;
+    f.apply(destroy("c9")).await;
+    assert_eq!(state(&e.svc, "v").await, DiskState::Available);
+    assert!(e.svc.s.state.lock().await.containers.is_empty());
+}
+
+/// The container was removed while pdguard was down: the resync finds it gone, forgets
+/// the stale mount (old enough) and the volume is sealed. A young mount is kept.
+#[tokio::test]
+async fn a_resync_finds_what_was_missed() {
+    let e = env(false).await;
+    volume(&e.svc, "v").await;
+    volume(&e.svc, "w").await;
+    let mut f = follower(&e.svc, Fake::default());
+    f.apply(mount("v", "c1")).await;
+    f.apply(mount("w", "c2")).await;
+    for (name, age) in [("v", 60_000), ("w", 0)] {
+        let m = VolumeMounts {
+            ids: vec!["id1".into()],
+            last_mount_ms: now_ms() - age,
+        };
+        e.svc.s.registry.put_mounts(name, &m).unwrap();
+        e.svc.s.state.lock().await.mounts.insert(name.into(), m);
+    }
+    e.svc.docker_resync(&[]).await.unwrap();
+    assert_eq!(state(&e.svc, "v").await, DiskState::Sealed);
+    assert_eq!(state(&e.svc, "w").await, DiskState::Attached);
+    assert!(e
+        .svc
+        .s
+        .registry
+        .mounts()
+        .unwrap()
+        .iter()
+        .all(|(n, _)| n == "w"));
+}
+
+#[tokio::test]
+async fn a_resync_tells_a_crash_from_a_stop_by_exit_code() {
+    let e = env(false).await;
+    volume(&e.svc, "v").await;
+    volume(&e.svc, "w").await;
+    let mut f = follower(&e.svc, Fake::default());
+    f.apply(mount("v", "c1")).await;
+    f.apply(mount("w", "c2")).await;
+    let docker = [
+        exited("c1", 2, false, &["v"]),
+        exited("c2", 143, false, &["w"]),
+    ];
+    e.svc.docker_resync(&docker).await.unwrap();
+    assert_eq!(state(&e.svc, "v").await, DiskState::Sealed);
+    assert_eq!(state(&e.svc, "w").await, DiskState::Attached);
+}
+
+#[tokio::test]
+async fn a_running_container_found_by_resync_is_associated() {
+    let e = env(false).await;
+    volume(&e.svc, "v").await;
+    let docker = [DockerContainer {
+        state: RunState::Running,
+        ..exited("c1", 0, false, &["v"])
+    }];
+    e.svc.docker_resync(&docker).await.unwrap();
+    let v = e.svc.disk("v").await.unwrap();
+    assert_eq!(v.containers, vec!["c1".to_string()]);
+}
+
+#[tokio::test]
+async fn an_unreachable_dockerd_is_reported_and_nothing_is_sealed() {
+    let e = env(true).await;
+    volume(&e.svc, "v").await;
+    let mut f = follower(&e.svc, Fake::default());
+    f.apply(mount("v", "c1")).await;
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let svc = e.svc.clone();
+    let task = tokio::spawn(async move {
+        svc.follow_docker(
+            Arc::new(Fake::default()),
+            "pd".into(),
+            Duration::from_millis(20),
+            stop_rx,
+        )
+        .await
+    });
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !e
+        .svc
+        .docker_status()
+        .is_some_and(|s| !s.reachable && s.error.is_some())
+    {
+        assert!(Instant::now() < deadline, "{:?}", e.svc.docker_status());
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(state(&e.svc, "v").await, DiskState::Attached);
+    stop_tx.send(true).unwrap();
+    tokio::time::timeout(Duration::from_secs(5), task)
+        .await
+        .unwrap()
+        .unwrap();
+}
+
+/// Whatever the registry says, a disk whose file is attached to a loop device is not
+/// sealed; once detached, it is. Needs root and a free loop device.
+#[tokio::test]
+async fn a_disk_the_kernel_holds_is_not_sealed() {
+    let e = env(false).await;
+    volume(&e.svc, "v").await;
+    let path = e.svc.disk("v").await.unwrap().disk.path;
+    let o = std::process::Command::new("losetup")
+        .args(["-f", "--show", path.to_str().unwrap()])
+        .output()
+        .expect("losetup (util-linux's mount package) is needed");
+    assert!(
+        o.status.success(),
+        "cannot attach a loop device (run as root): {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let dev = String::from_utf8_lossy(&o.stdout).trim().to_string();
+    struct Detach(String);
+    impl Drop for Detach {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("losetup")
+                .args(["-d", &self.0])
+                .output();
+        }
+    }
+    let detach = Detach(dev);
+    let mut f = follower(&e.svc, Fake::default());
+    f.apply(mount("v", "c1")).await;
+    f.apply(destroy("c1")).await;
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert_eq!(state(&e.svc, "v").await, DiskState::Grace);
+    assert!(e.svc.seal_disk("v").await.is_err());
+    drop(detach);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while state(&e.svc, "v").await != DiskState::Sealed {
+        assert!(Instant::now() < deadline, "never sealed once detached");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}

@@ -1,0 +1,223 @@
+//! A volume's file system on a loop device: `mkfs.ext4` on the sparse disk file, `mount -o
+//! loop` under the state directory, `umount` and detach; and the check that a file is in use
+//! by the kernel (attached to a loop device, or its mountpoint mounted), which no seal may
+//! ignore whatever the registry says (DESIGN.md §4: a mounted volume is never sealed).
+//!
+//! The tools are util-linux's `mount`, `umount`, `losetup` and e2fsprogs' `mkfs.ext4`.
+
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use thiserror::Error;
+
+#[derive(Debug, Error)]
+pub enum LoopFsError {
+    #[error("cannot run {tool} (install {package}, e.g. `apt-get install {package}`)")]
+    Missing {
+        tool: &'static str,
+        package: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{tool} {what} failed: {stderr}")]
+    Failed {
+        tool: &'static str,
+        what: String,
+        stderr: String,
+    },
+    #[error("cannot {what}")]
+    Io {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("file system {0:?} is not supported; use fs=ext4")]
+    UnsupportedFs(String),
+}
+
+type Result<T, E = LoopFsError> = std::result::Result<T, E>;
+
+fn run(tool: &'static str, package: &'static str, what: String, args: &[&str]) -> Result<()> {
+    let out = Command::new(tool)
+        .args(args)
+        .output()
+        .map_err(|source| LoopFsError::Missing {
+            tool,
+            package,
+            source,
+        })?;
+    if out.status.success() {
+        return Ok(());
+    }
+    Err(LoopFsError::Failed {
+        tool,
+        what,
+        stderr: String::from_utf8_lossy(&out.stderr)
+            .trim()
+            .replace('\n', "; "),
+    })
+}
+
+/// Make a file system on the (sparse) file. Nothing is discarded and the blocks the file
+/// system would zero are known to be zeros already, so the file stays sparse.
+pub fn mkfs(file: &Path, fs: &str) -> Result<()> {
+    if fs != "ext4" {
+        return Err(LoopFsError::UnsupportedFs(fs.into()));
+    }
+    let f = path_str(file)?;
+    run(
+        "mkfs.ext4",
+        "e2fsprogs",
+        format!("on {f}"),
+        &["-q", "-F", "-E", "nodiscard,assume_storage_prezeroed=1", f],
+    )
+}
+
+/// Loop-mount `file` at `dir` (created if needed). Already mounted there: nothing to do.
+pub fn mount(file: &Path, dir: &Path) -> Result<()> {
+    if is_mountpoint(dir)? {
+        return Ok(());
+    }
+    std::fs::create_dir_all(dir).map_err(|source| LoopFsError::Io {
+        what: format!("create the mountpoint {}", dir.display()),
+        source,
+    })?;
+    let (f, d) = (path_str(file)?, path_str(dir)?);
+    run(
+        "mount",
+        "mount",
+        format!("of {f} at {d}"),
+        &["-o", "loop", f, d],
+    )
+}
+
+/// Unmount `dir` (if mounted) and detach every loop device still backed by `file`.
+pub fn unmount(file: &Path, dir: &Path) -> Result<()> {
+    if is_mountpoint(dir)? {
+        let d = path_str(dir)?;
+        run("umount", "mount", format!("of {d}"), &[d])?;
+    }
+    for dev in loops_of(file)? {
+        let d = path_str(&dev)?;
+        run("losetup", "mount", format!("-d {d}"), &["-d", d])?;
+    }
+    let _ = std::fs::remove_dir(dir);
+    Ok(())
+}
+
+/// Why the kernel holds `file`, if it does: a loop device backed by it (compared by device
+/// and inode), or a file system mounted at `dir`.
+pub fn in_use(file: &Path, dir: &Path) -> Result<Option<String>> {
+    if is_mountpoint(dir)? {
+        return Ok(Some(format!("{} is mounted", dir.display())));
+    }
+    let loops = loops_of(file)?;
+    if let Some(dev) = loops.first() {
+        return Ok(Some(format!(
+            "{} is attached to {}",
+            file.display(),
+            dev.display()
+        )));
+    }
+    Ok(None)
+}
+
+/// Loop devices whose backing file is `file` (same device and inode).
+pub fn loops_of(file: &Path) -> Result<Vec<PathBuf>> {
+    let Ok(target) = std::fs::metadata(file) else {
+        return Ok(Vec::new());
+    };
+    let mut out = Vec::new();
+    let Ok(entries) = std::fs::read_dir("/sys/block") else {
+        return Ok(out);
+    };
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if !name.starts_with("loop") {
+            continue;
+        }
+        let Ok(text) = std::fs::read_to_string(e.path().join("loop/backing_file")) else {
+            continue;
+        };
+        let backing = text.trim_end_matches('\n');
+        let Ok(m) = std::fs::metadata(backing) else {
+            continue;
+        };
+        if m.dev() == target.dev() && m.ino() == target.ino() {
+            out.push(PathBuf::from("/dev").join(name));
+        }
+    }
+    Ok(out)
+}
+
+/// True when `dir` is a mountpoint in `/proc/self/mountinfo`.
+pub fn is_mountpoint(dir: &Path) -> Result<bool> {
+    let text =
+        std::fs::read_to_string("/proc/self/mountinfo").map_err(|source| LoopFsError::Io {
+            what: "read /proc/self/mountinfo".into(),
+            source,
+        })?;
+    let want = dir.to_string_lossy();
+    Ok(text
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .any(|m| unescape(m) == want))
+}
+
+/// mountinfo escapes space, tab, newline and backslash as `\ooo`.
+fn unescape(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'\\' && i + 3 < b.len() && b[i + 1..i + 4].iter().all(u8::is_ascii_digit) {
+            let v = (b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0');
+            out.push(v);
+            i += 4;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+fn path_str(p: &Path) -> Result<&str> {
+    p.to_str().ok_or_else(|| LoopFsError::Io {
+        what: format!("use the path {} (not UTF-8)", p.display()),
+        source: std::io::Error::from(std::io::ErrorKind::InvalidInput),
+    })
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mountinfo_escapes_are_undone() {
+        assert_eq!(unescape(r"/a\040b"), "/a b");
+        assert_eq!(unescape(r"/x\134y"), r"/x\y");
+        assert_eq!(unescape("/plain"), "/plain");
+        assert_eq!(unescape(r"/end\04"), r"/end\04");
+    }
+
+    #[test]
+    fn a_plain_file_is_not_in_use() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("f.img");
+        std::fs::write(&f, b"x").unwrap();
+        assert_eq!(in_use(&f, &dir.path().join("m")).unwrap(), None);
+        assert!(is_mountpoint(Path::new("/")).unwrap());
+        assert!(!is_mountpoint(dir.path()).unwrap());
+    }
+
+    #[test]
+    fn only_ext4_is_made() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("f.img");
+        let e = mkfs(&f, "xfs").unwrap_err();
+        assert!(e.to_string().contains("xfs"), "{e}");
+    }
+}
