@@ -188,6 +188,13 @@ impl Registry {
         Ok(())
     }
 
+    pub fn remove_container(&self, id: &str) -> Result<(), RegistryError> {
+        let tx = self.db.begin_write()?;
+        tx.open_table(CONTAINERS)?.remove(id)?;
+        tx.commit()?;
+        Ok(())
+    }
+
     fn put<T: Serialize>(
         &self,
         table: TableDefinition<&str, &[u8]>,

@@ -3,6 +3,7 @@
 
 mod api;
 mod cli;
+mod nbd;
 
 use std::process::ExitCode;
 

@@ -58,7 +58,13 @@ pub enum DiskCommand {
         shred: bool,
     },
     /// Seal a disk now.
-    Seal { name: String },
+    Seal {
+        name: String,
+        /// Seal it even while running containers or NBD clients use it: their I/O is
+        /// held during the seal, then refused (or read-only, per --sealed-io).
+        #[arg(long)]
+        force: bool,
+    },
     /// Unseal a sealed disk now.
     Unseal { name: String },
 }
@@ -140,10 +146,10 @@ pub fn disk(cmd: &DiskCommand, conn: &Conn, cli: &Cli) -> Result<(), CliError> {
             &format!("/v1/disks/{}?shred={shred}", seg(name)?),
             None,
         )?,
-        DiskCommand::Seal { name } => request(
+        DiskCommand::Seal { name, force } => request(
             conn,
             "POST",
-            &format!("/v1/disks/{}/seal", seg(name)?),
+            &format!("/v1/disks/{}/seal?force={force}", seg(name)?),
             None,
         )?,
         DiskCommand::Unseal { name } => request(
