@@ -7,6 +7,9 @@ cd "$(dirname "$0")/.."
 
 # Debian packages the tests use, by the command each provides.
 declare -A provides=([losetup]=mount [mount]=mount [umount]=mount [setpriv]=util-linux)
+# NBD clients of crates/pdguard/tests/nbd.rs, and nbdkit for bench/nbd.sh.
+provides+=([qemu-io]=qemu-utils [qemu-img]=qemu-utils [qemu-nbd]=qemu-utils
+  [nbdinfo]=libnbd-bin [nbdcopy]=libnbd-bin [nbdsh]=python3-libnbd [fio]=fio [nbdkit]=nbdkit)
 missing=()
 for cmd in "${!provides[@]}"; do
   command -v "$cmd" >/dev/null 2>&1 || missing+=("${provides[$cmd]}")

@@ -599,7 +599,8 @@ fn refuse(errno: u32, why: String) -> Result<(), Refusal> {
 
 /// Check a request against the session before any I/O: known command, flags valid for
 /// it, a nonzero length, and `offset + len` within the export (computed without overflow).
-/// Writes past the end get `ENOSPC`, everything else `EINVAL` (proto.md "Error values").
+/// Writes and zeroes past the end get `ENOSPC`, everything else (TRIM included) `EINVAL`
+/// (proto.md "Error values").
 pub fn check(req: &Request, s: &Session) -> Result<(), Refusal> {
     use cmdflag::*;
     let allowed = match req.cmd {
@@ -639,7 +640,7 @@ pub fn check(req: &Request, s: &Session) -> Result<(), Refusal> {
     }
     let end = req.offset.checked_add(u64::from(req.len));
     if end.is_none_or(|e| e > s.size) {
-        let code = if req.cmd.writes() {
+        let code = if matches!(req.cmd, Command::Write | Command::WriteZeroes) {
             errno::ENOSPC
         } else {
             errno::EINVAL
