@@ -237,6 +237,45 @@ mod tests {
         assert!(waiter.join().unwrap());
     }
 
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn async_entry_is_held_while_blocked_and_counted_while_in_flight() {
+        let gate = Arc::new(Gate::new(GateState::Blocked));
+        let t = std::time::Instant::now();
+        let r = gate.enter_async(true, Duration::from_millis(50)).await;
+        assert_eq!(r.err(), Some(GateError::Timeout(Duration::from_millis(50))));
+        assert!(t.elapsed() >= Duration::from_millis(50));
+        // A held request enters when the gate opens.
+        let g2 = Arc::clone(&gate);
+        let waiter =
+            tokio::spawn(async move { g2.enter_async(true, Duration::from_secs(5)).await });
+        tokio::time::sleep(Duration::from_millis(30)).await;
+        assert!(!waiter.is_finished(), "entered a blocked gate");
+        gate.set(GateState::Open);
+        let guard = waiter.await.unwrap().unwrap();
+        // block() drains it: it returns only after the guard is dropped.
+        let g3 = Arc::clone(&gate);
+        let closer = std::thread::spawn(move || g3.block());
+        std::thread::sleep(Duration::from_millis(30));
+        assert!(
+            !closer.is_finished(),
+            "block returned with a request in flight"
+        );
+        drop(guard);
+        closer.join().unwrap();
+        // Sealed: reads per policy, writes refused; a held write meets the sealed gate.
+        let g4 = Arc::clone(&gate);
+        let held = tokio::spawn(async move { g4.enter_async(true, Duration::from_secs(5)).await });
+        tokio::time::sleep(Duration::from_millis(30)).await;
+        gate.set(GateState::Sealed(SealedIo::ReadOnly));
+        assert_eq!(held.await.unwrap().err(), Some(GateError::SealedReadOnly));
+        assert!(gate.enter_async(false, Duration::ZERO).await.is_ok());
+        gate.set(GateState::Sealed(SealedIo::Refuse));
+        assert_eq!(
+            gate.enter_async(false, Duration::ZERO).await.err(),
+            Some(GateError::SealedRefused)
+        );
+    }
+
     #[test]
     fn sealed_gate_policies() {
         let g = Gate::new(GateState::Sealed(SealedIo::ReadOnly));

@@ -470,10 +470,16 @@ impl Raw {
         )
     }
 
-    /// True when the server closed the connection.
+    /// True when the server closed the connection (a read timeout is not a close).
     fn closed(&mut self) -> bool {
         let mut b = [0u8; 1];
-        matches!(self.0.read(&mut b), Ok(0) | Err(_))
+        match self.0.read(&mut b) {
+            Ok(n) => n == 0,
+            Err(e) => !matches!(
+                e.kind(),
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+            ),
+        }
     }
 }
 
