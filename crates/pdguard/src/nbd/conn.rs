@@ -1,20 +1,20 @@
 //! One NBD connection: the fixed newstyle handshake (options until `NBD_OPT_GO` or
-//! `NBD_OPT_EXPORT_NAME`), then transmission. Every request is parsed and checked by
-//! `wire` before any I/O, then runs in its own task: it passes the disk's gate (FIG. 3:
-//! open, held while blocked, refused or read-only when sealed), does its I/O on a blocking
-//! thread with the gate's guard held, drops the guard and sends its reply. Many requests
+//! `NBD_OPT_EXPORT_NAME`, async, as it may wait for a reclaim), then transmission on
+//! threads, as nbdkit does: a reader thread parses and checks every request with `wire`
+//! before any I/O and queues it; a pool of worker threads each takes a request, passes the
+//! disk's gate (FIG. 3: open, held while blocked, refused or read-only when sealed), does
+//! the I/O with the gate's guard held, drops the guard and writes the reply. Many requests
 //! are in flight at once and replies go out as they finish, possibly out of order.
 
-use std::io;
-use std::sync::Arc;
+use std::collections::VecDeque;
+use std::io::{self, Read, Write};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
 use pdguard_engine::gate::{Gate, GateError};
 use pdguard_engine::service::{NbdExport, Service};
 use thiserror::Error;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::sync::{Mutex, Semaphore};
-use tokio::task::JoinSet;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use super::backend::{nbd_errno, Backend, MAX_EXTENTS};
 use super::wire::{self, cmdflag, errno, info, opt, rep, tflag, Command, Frame, Request};
@@ -32,6 +32,8 @@ const MIN_COST: u32 = 4;
 const BASE_ALLOCATION_ID: u32 = 1;
 /// Initial size of the receive buffer.
 const RECV_BUF: usize = 256 << 10;
+/// Worker threads per connection in transmission (nbdkit's default is 16 too).
+const WORKERS: usize = 16;
 
 #[derive(Debug, Error)]
 pub enum ConnError {
@@ -54,22 +56,101 @@ pub struct ConnConfig {
     pub handshake_timeout: Duration,
 }
 
-pub type Reader = Box<dyn AsyncRead + Unpin + Send>;
-pub type Writer = Box<dyn AsyncWrite + Unpin + Send>;
-type SharedWriter = Arc<Mutex<Writer>>;
+/// An accepted connection, async during the handshake.
+pub enum Sock {
+    Unix(tokio::net::UnixStream),
+    Tcp(tokio::net::TcpStream),
+}
+
+impl Sock {
+    async fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Self::Unix(s) => s.read(buf).await,
+            Self::Tcp(s) => s.read(buf).await,
+        }
+    }
+
+    async fn write_all(&mut self, b: &[u8]) -> io::Result<()> {
+        match self {
+            Self::Unix(s) => s.write_all(b).await,
+            Self::Tcp(s) => s.write_all(b).await,
+        }
+    }
+
+    async fn shutdown(&mut self) {
+        let _ = match self {
+            Self::Unix(s) => s.shutdown().await,
+            Self::Tcp(s) => s.shutdown().await,
+        };
+    }
+
+    /// The same socket, blocking, for the transmission threads.
+    fn into_std(self) -> io::Result<StdSock> {
+        let s = match self {
+            Self::Unix(s) => StdSock::Unix(s.into_std()?),
+            Self::Tcp(s) => StdSock::Tcp(s.into_std()?),
+        };
+        match &s {
+            StdSock::Unix(u) => u.set_nonblocking(false)?,
+            StdSock::Tcp(t) => t.set_nonblocking(false)?,
+        }
+        Ok(s)
+    }
+}
+
+/// A blocking socket.
+enum StdSock {
+    Unix(std::os::unix::net::UnixStream),
+    Tcp(std::net::TcpStream),
+}
+
+impl StdSock {
+    fn try_clone(&self) -> io::Result<Self> {
+        Ok(match self {
+            Self::Unix(s) => Self::Unix(s.try_clone()?),
+            Self::Tcp(s) => Self::Tcp(s.try_clone()?),
+        })
+    }
+
+    fn shutdown(&self) {
+        let _ = match self {
+            Self::Unix(s) => s.shutdown(std::net::Shutdown::Both),
+            Self::Tcp(s) => s.shutdown(std::net::Shutdown::Both),
+        };
+    }
+}
+
+impl Read for StdSock {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Self::Unix(s) => s.read(buf),
+            Self::Tcp(s) => s.read(buf),
+        }
+    }
+}
+
+impl Write for StdSock {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            Self::Unix(s) => s.write(buf),
+            Self::Tcp(s) => s.write(buf),
+        }
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
 
 /// Bytes received and not yet parsed.
 struct Inbox {
-    r: Reader,
     buf: Vec<u8>,
     start: usize,
     end: usize,
 }
 
 impl Inbox {
-    fn new(r: Reader) -> Self {
+    fn new() -> Self {
         Self {
-            r,
             buf: vec![0; RECV_BUF],
             start: 0,
             end: 0,
@@ -88,10 +169,9 @@ impl Inbox {
         }
     }
 
-    /// Read until at least `need` bytes are buffered. False at end of stream. `need` is
-    /// bounded by the parser (a request header plus at most `MAX_PAYLOAD`, or an option
-    /// header plus at most `MAX_OPTION`).
-    async fn fill(&mut self, need: usize) -> io::Result<bool> {
+    /// Make room for `need` bytes from `start`. `need` is bounded by the parser (a request
+    /// header plus at most `MAX_PAYLOAD`, or an option header plus at most `MAX_OPTION`).
+    fn room(&mut self, need: usize) {
         if self.start + need > self.buf.len() {
             self.buf.copy_within(self.start..self.end, 0);
             self.end -= self.start;
@@ -100,8 +180,26 @@ impl Inbox {
                 self.buf.resize(need, 0);
             }
         }
+    }
+
+    /// Read until at least `need` bytes are buffered. False at end of stream.
+    async fn fill(&mut self, sock: &mut Sock, need: usize) -> io::Result<bool> {
+        self.room(need);
         while self.end - self.start < need {
-            let n = self.r.read(&mut self.buf[self.end..]).await?;
+            let n = sock.read(&mut self.buf[self.end..]).await?;
+            if n == 0 {
+                return Ok(false);
+            }
+            self.end += n;
+        }
+        Ok(true)
+    }
+
+    /// The same, blocking.
+    fn fill_sync(&mut self, sock: &mut StdSock, need: usize) -> io::Result<bool> {
+        self.room(need);
+        while self.end - self.start < need {
+            let n = sock.read(&mut self.buf[self.end..])?;
             if n == 0 {
                 return Ok(false);
             }
@@ -138,17 +236,22 @@ fn transmission_flags(structured: bool) -> u16 {
 }
 
 /// Serve one connection to its end. `id` is the container name of its association.
-pub async fn serve(r: Reader, w: Writer, id: String, svc: Service, cfg: Arc<ConnConfig>) {
-    let mut inbox = Inbox::new(r);
-    let w: SharedWriter = Arc::new(Mutex::new(w));
+pub async fn serve(mut sock: Sock, id: String, svc: Service, cfg: Arc<ConnConfig>) {
+    let mut inbox = Inbox::new();
     let mut attached = false;
-    let result = match handshake(&mut inbox, &w, &id, &svc, &cfg, &mut attached).await {
+    let result = match handshake(&mut inbox, &mut sock, &id, &svc, &cfg, &mut attached).await {
         Ok(Some(agreed)) => {
             tracing::info!(conn = %id, disk = %agreed.export.name, "NBD transmission");
-            transmit(inbox, Arc::clone(&w), agreed, &svc, &cfg, &id).await
+            transmit(inbox, sock, agreed, &svc, &cfg, &id).await
         }
-        Ok(None) => Ok(()),
-        Err(e) => Err(e),
+        Ok(None) => {
+            sock.shutdown().await;
+            Ok(())
+        }
+        Err(e) => {
+            sock.shutdown().await;
+            Err(e)
+        }
     };
     if let Err(e) = result {
         tracing::warn!(conn = %id, error = %pdguard_engine::error_chain(&e), "NBD connection closed");
@@ -156,16 +259,12 @@ pub async fn serve(r: Reader, w: Writer, id: String, svc: Service, cfg: Arc<Conn
     if attached {
         svc.nbd_detach(&id).await;
     }
-    let _ = w.lock().await.shutdown().await;
-}
-
-async fn send(w: &SharedWriter, bytes: &[u8]) -> io::Result<()> {
-    w.lock().await.write_all(bytes).await
 }
 
 /// Read one frame during the handshake, within the handshake timeout. None at end of stream.
 async fn next_frame<T, F>(
     inbox: &mut Inbox,
+    sock: &mut Sock,
     cfg: &ConnConfig,
     mut parse: F,
 ) -> Result<Option<(T, usize)>, ConnError>
@@ -176,7 +275,7 @@ where
         match parse(inbox.data())? {
             Frame::Complete(v, n) => return Ok(Some((v, n))),
             Frame::Incomplete { need } => {
-                match tokio::time::timeout(cfg.handshake_timeout, inbox.fill(need)).await {
+                match tokio::time::timeout(cfg.handshake_timeout, inbox.fill(sock, need)).await {
                     Err(_) => return Err(ConnError::HandshakeTimeout(cfg.handshake_timeout)),
                     Ok(r) => {
                         if !r? {
@@ -193,14 +292,14 @@ where
 /// connection is associated with its disk.
 async fn handshake(
     inbox: &mut Inbox,
-    w: &SharedWriter,
+    w: &mut Sock,
     id: &str,
     svc: &Service,
     cfg: &ConnConfig,
     attached: &mut bool,
 ) -> Result<Option<Agreed>, ConnError> {
-    send(w, &wire::greeting()).await?;
-    let Some((flags, n)) = next_frame(inbox, cfg, wire::parse_client_flags).await? else {
+    w.write_all(&wire::greeting()).await?;
+    let Some((flags, n)) = next_frame(inbox, w, cfg, wire::parse_client_flags).await? else {
         return Ok(None);
     };
     inbox.consume(n);
@@ -208,7 +307,7 @@ async fn handshake(
     // The export for which base:allocation was selected, if any.
     let mut meta_for: Option<String> = None;
     loop {
-        let Some(((code, data), n)) = next_frame(inbox, cfg, |b| {
+        let Some(((code, data), n)) = next_frame(inbox, w, cfg, |b| {
             Ok(match wire::parse_option(b, MAX_OPTION)? {
                 Frame::Complete(o, n) => Frame::Complete((o.code, o.data.to_vec()), n),
                 Frame::Incomplete { need } => Frame::Incomplete { need },
@@ -236,19 +335,18 @@ async fn handshake(
                         why,
                     })?;
                 let flags_out = transmission_flags(structured);
-                send(
-                    w,
+                w.write_all(
                     &wire::export_name_reply(agreed.export.size, flags_out, flags.no_zeroes),
                 )
                 .await?;
                 return Ok(Some(agreed));
             }
             opt::ABORT => {
-                send(w, &reply(rep::ACK, &[])).await?;
+                w.write_all(&reply(rep::ACK, &[])).await?;
                 return Ok(None);
             }
             opt::LIST if !data.is_empty() => {
-                send(w, &fail(rep::ERR_INVALID, "NBD_OPT_LIST takes no data")).await?;
+                w.write_all(&fail(rep::ERR_INVALID, "NBD_OPT_LIST takes no data")).await?;
             }
             opt::LIST => {
                 let mut out = Vec::new();
@@ -259,13 +357,13 @@ async fn handshake(
                     ));
                 }
                 out.extend(reply(rep::ACK, &[]));
-                send(w, &out).await?;
+                w.write_all(&out).await?;
             }
             opt::INFO | opt::GO => {
                 let req = match wire::parse_info_request(&data) {
                     Ok(r) => r,
                     Err(e) => {
-                        send(w, &fail(rep::ERR_INVALID, &e.0)).await?;
+                        w.write_all(&fail(rep::ERR_INVALID, &e.0)).await?;
                         continue;
                     }
                 };
@@ -282,7 +380,7 @@ async fn handshake(
                 let (export, agreed) = match found {
                     Ok(x) => x,
                     Err(why) => {
-                        send(w, &fail(rep::ERR_UNKNOWN, &why)).await?;
+                        w.write_all(&fail(rep::ERR_UNKNOWN, &why)).await?;
                         continue;
                     }
                 };
@@ -305,18 +403,18 @@ async fn handshake(
                     ));
                 }
                 out.extend(reply(rep::ACK, &[]));
-                send(w, &out).await?;
+                w.write_all(&out).await?;
                 if agreed.is_some() {
                     return Ok(agreed);
                 }
             }
             opt::STRUCTURED_REPLY if !data.is_empty() => {
                 let m = "NBD_OPT_STRUCTURED_REPLY takes no data";
-                send(w, &fail(rep::ERR_INVALID, m)).await?;
+                w.write_all(&fail(rep::ERR_INVALID, m)).await?;
             }
             opt::STRUCTURED_REPLY => {
                 structured = true;
-                send(w, &reply(rep::ACK, &[])).await?;
+                w.write_all(&reply(rep::ACK, &[])).await?;
             }
             opt::LIST_META_CONTEXT | opt::SET_META_CONTEXT => {
                 let set = code == opt::SET_META_CONTEXT;
@@ -325,15 +423,15 @@ async fn handshake(
                     meta_for = None;
                 }
                 let out = meta_context(svc, code, &data, structured, set, &mut meta_for).await;
-                send(w, &out).await?;
+                w.write_all(&out).await?;
             }
             opt::STARTTLS => {
                 let m = "TLS is not supported yet; use a unix socket or a loopback address";
-                send(w, &fail(rep::ERR_UNSUP, m)).await?;
+                w.write_all(&fail(rep::ERR_UNSUP, m)).await?;
             }
             other => {
                 let m = format!("option {other} is not supported by pdguard");
-                send(w, &fail(rep::ERR_UNSUP, &m)).await?;
+                w.write_all(&fail(rep::ERR_UNSUP, &m)).await?;
             }
         }
     }
@@ -421,51 +519,174 @@ async fn go(
     })
 }
 
-/// What every request task of a connection shares.
+/// What every worker of a connection shares.
 struct Ctx {
     gate: Arc<Gate>,
-    backend: Arc<Backend>,
-    w: SharedWriter,
+    backend: Backend,
+    w: Mutex<StdSock>,
     structured: bool,
     hold: Duration,
     disk: String,
+    queue: Queue,
+    budget: Budget,
 }
 
-/// The transmission phase, until `NBD_CMD_DISC`, end of stream or a protocol violation.
-/// Requests in flight finish (and are answered) before it returns.
+/// A request waiting for a worker, with its cost in budget units.
+struct Job {
+    req: Request,
+    payload: Vec<u8>,
+    cost: u32,
+}
+
+/// The requests accepted and not yet taken by a worker.
+#[derive(Default)]
+struct Queue {
+    jobs: Mutex<(VecDeque<Job>, bool)>,
+    ready: Condvar,
+}
+
+impl Queue {
+    fn push(&self, j: Job) {
+        lock(&self.jobs).0.push_back(j);
+        self.ready.notify_one();
+    }
+
+    /// The next job; None once closed and empty.
+    fn pop(&self) -> Option<Job> {
+        let mut q = lock(&self.jobs);
+        loop {
+            if let Some(j) = q.0.pop_front() {
+                return Some(j);
+            }
+            if q.1 {
+                return None;
+            }
+            q = self.ready.wait(q).unwrap_or_else(|p| p.into_inner());
+        }
+    }
+
+    fn close(&self) {
+        lock(&self.jobs).1 = true;
+        self.ready.notify_all();
+    }
+}
+
+/// Bytes of payloads and read buffers in flight, in units: the reader waits when it is
+/// used up (back-pressure on the socket), so memory stays bounded.
+#[derive(Default)]
+struct Budget {
+    used: Mutex<u32>,
+    freed: Condvar,
+}
+
+impl Budget {
+    fn acquire(&self, n: u32) {
+        let mut u = lock(&self.used);
+        while *u + n > BUDGET_UNITS && *u > 0 {
+            u = self.freed.wait(u).unwrap_or_else(|p| p.into_inner());
+        }
+        *u += n;
+    }
+
+    fn release(&self, n: u32) {
+        *lock(&self.used) -= n;
+        self.freed.notify_all();
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// The transmission phase, until `NBD_CMD_DISC`, end of stream or a protocol violation,
+/// on threads; requests in flight finish (and are answered) before it returns.
 async fn transmit(
-    mut inbox: Inbox,
-    w: SharedWriter,
+    inbox: Inbox,
+    sock: Sock,
     agreed: Agreed,
     svc: &Service,
     cfg: &ConnConfig,
     id: &str,
 ) -> Result<(), ConnError> {
-    let session = wire::Session {
-        size: agreed.backend.size(),
-        structured: agreed.structured,
-        meta: agreed.meta,
-    };
+    let sock = sock.into_std()?;
     let ctx = Arc::new(Ctx {
         gate: svc.gate(&agreed.export.name),
-        backend: Arc::new(agreed.backend),
-        w,
+        w: Mutex::new(sock.try_clone()?),
         structured: agreed.structured,
         hold: cfg.hold,
         disk: agreed.export.name.clone(),
+        queue: Queue::default(),
+        budget: Budget::default(),
+        backend: agreed.backend,
     });
-    let budget = Arc::new(Semaphore::new(BUDGET_UNITS as usize));
-    let mut tasks = JoinSet::new();
-    let result = loop {
-        while tasks.try_join_next().is_some() {}
-        let (req, used) = match wire::parse_request(inbox.data(), MAX_PAYLOAD) {
-            Ok(Frame::Complete(r, n)) => (r, n),
-            Ok(Frame::Incomplete { need }) => match inbox.fill(need).await {
-                Ok(true) => continue,
-                Ok(false) => break Ok(()),
-                Err(e) => break Err(e.into()),
-            },
-            Err(e) => break Err(e.into()),
+    let session = wire::Session {
+        size: ctx.backend.size(),
+        structured: agreed.structured,
+        meta: agreed.meta,
+    };
+    let id = id.to_string();
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    std::thread::Builder::new()
+        .name("nbd-conn".into())
+        .spawn(move || {
+            let _ = tx.send(transmit_blocking(inbox, sock, &ctx, session, &id));
+        })?;
+    rx.await.unwrap_or(Ok(()))
+}
+
+fn transmit_blocking(
+    mut inbox: Inbox,
+    mut sock: StdSock,
+    ctx: &Arc<Ctx>,
+    session: wire::Session,
+    id: &str,
+) -> Result<(), ConnError> {
+    let mut workers = Vec::with_capacity(WORKERS);
+    for _ in 0..WORKERS {
+        let ctx = Arc::clone(ctx);
+        let spawned = std::thread::Builder::new()
+            .name("nbd-io".into())
+            .spawn(move || {
+                while let Some(job) = ctx.queue.pop() {
+                    run(&ctx, &job.req, &job.payload);
+                    ctx.budget.release(job.cost);
+                }
+            });
+        match spawned {
+            Ok(h) => workers.push(h),
+            Err(e) if !workers.is_empty() => {
+                tracing::warn!(error = %e, "fewer NBD worker threads than planned");
+                break;
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+    let result = read_requests(&mut inbox, &mut sock, ctx, &session, id);
+    ctx.queue.close();
+    for w in workers {
+        let _ = w.join();
+    }
+    sock.shutdown();
+    result
+}
+
+/// The reader: parse, check, queue.
+fn read_requests(
+    inbox: &mut Inbox,
+    sock: &mut StdSock,
+    ctx: &Ctx,
+    session: &wire::Session,
+    id: &str,
+) -> Result<(), ConnError> {
+    loop {
+        let (req, used) = match wire::parse_request(inbox.data(), MAX_PAYLOAD)? {
+            Frame::Complete(r, n) => (r, n),
+            Frame::Incomplete { need } => {
+                if !inbox.fill_sync(sock, need)? {
+                    return Ok(());
+                }
+                continue;
+            }
         };
         let payload = if req.cmd == Command::Write {
             inbox.data()[wire::REQUEST_LEN..used].to_vec()
@@ -473,31 +694,21 @@ async fn transmit(
             Vec::new()
         };
         inbox.consume(used);
-        if let Err(r) = wire::check(&req, &session) {
+        if let Err(r) = wire::check(&req, session) {
             tracing::debug!(conn = %id, why = %r.why, "request refused");
-            if let Err(e) = reply_error(&ctx, &req, r.errno, &r.why).await {
-                break Err(e.into());
-            }
+            reply_error(ctx, &req, r.errno, &r.why)?;
             continue;
         }
         if req.cmd == Command::Disc {
-            break Ok(());
+            return Ok(());
         }
         let cost = match req.cmd {
             Command::Read | Command::Write => req.len.div_ceil(BUDGET_UNIT).max(MIN_COST),
             _ => MIN_COST,
         };
-        let Ok(permit) = Arc::clone(&budget).acquire_many_owned(cost).await else {
-            break Ok(());
-        };
-        let ctx = Arc::clone(&ctx);
-        tasks.spawn(async move {
-            let _permit = permit;
-            run(&ctx, req, payload).await
-        });
-    };
-    while tasks.join_next().await.is_some() {}
-    result
+        ctx.budget.acquire(cost);
+        ctx.queue.push(Job { req, payload, cost });
+    }
 }
 
 /// What a request produced.
@@ -508,101 +719,86 @@ enum Done {
     Extents(Vec<(u32, u32)>),
 }
 
+fn send(ctx: &Ctx, bytes: &[u8]) -> io::Result<()> {
+    lock(&ctx.w).write_all(bytes)
+}
+
 /// Run one request through the gate and answer it.
-async fn run(ctx: &Ctx, req: Request, payload: Vec<u8>) {
-    let r = execute(ctx, &req, payload).await;
-    let sent = match r {
-        Ok(Done::Ok) => send(&ctx.w, &wire::simple_reply(req.cookie, 0)).await,
+fn run(ctx: &Ctx, req: &Request, payload: &[u8]) {
+    let sent = match execute(ctx, req, payload) {
+        Ok(Done::Ok) => send(ctx, &wire::simple_reply(req.cookie, 0)),
         Ok(Done::Read(mut buf)) => {
             if ctx.structured {
-                buf[..28]
-                    .copy_from_slice(&wire::offset_data_header(req.cookie, req.offset, req.len));
-                send(&ctx.w, &buf).await
+                let h = wire::offset_data_header(req.cookie, req.offset, req.len);
+                buf[..28].copy_from_slice(&h);
+                send(ctx, &buf)
             } else {
                 buf[12..28].copy_from_slice(&wire::simple_reply(req.cookie, 0));
-                send(&ctx.w, &buf[12..]).await
+                send(ctx, &buf[12..])
             }
         }
-        Ok(Done::Extents(e)) => {
-            send(
-                &ctx.w,
-                &wire::block_status_chunk(req.cookie, BASE_ALLOCATION_ID, &e),
-            )
-            .await
-        }
-        Err((code, msg)) => reply_error(ctx, &req, code, &msg).await,
+        Ok(Done::Extents(e)) => send(
+            ctx,
+            &wire::block_status_chunk(req.cookie, BASE_ALLOCATION_ID, &e),
+        ),
+        Err((code, msg)) => reply_error(ctx, req, code, &msg),
     };
     if let Err(e) = sent {
         tracing::debug!(error = %e, "cannot send a reply; the client is gone");
     }
 }
 
-async fn reply_error(ctx: &Ctx, req: &Request, code: u32, msg: &str) -> io::Result<()> {
+fn reply_error(ctx: &Ctx, req: &Request, code: u32, msg: &str) -> io::Result<()> {
     if ctx.structured {
-        send(&ctx.w, &wire::error_chunk(req.cookie, code, msg)).await
+        send(ctx, &wire::error_chunk(req.cookie, code, msg))
     } else {
-        send(&ctx.w, &wire::simple_reply(req.cookie, code)).await
+        send(ctx, &wire::simple_reply(req.cookie, code))
     }
 }
 
-/// The gate (FIG. 3), then the I/O on a blocking thread with the gate's guard held. The
-/// guard is dropped before the reply is sent, so a slow client never delays a seal.
-async fn execute(ctx: &Ctx, req: &Request, payload: Vec<u8>) -> Result<Done, (u32, String)> {
-    let guard = ctx
-        .gate
-        .enter_async(req.cmd.writes(), ctx.hold)
-        .await
-        .map_err(|e| {
-            let code = match e {
-                GateError::Timeout(_) => errno::EIO,
-                GateError::SealedReadOnly | GateError::SealedRefused => errno::EPERM,
-            };
-            (code, format!("disk {}: {e}", ctx.disk))
-        })?;
-    let backend = Arc::clone(&ctx.backend);
-    let req = *req;
+/// The gate (FIG. 3), then the I/O with the gate's guard held. The guard is dropped before
+/// the reply is sent, so a slow client never delays a seal.
+fn execute(ctx: &Ctx, req: &Request, payload: &[u8]) -> Result<Done, (u32, String)> {
+    let guard = ctx.gate.enter(req.cmd.writes(), ctx.hold).map_err(|e| {
+        let code = match e {
+            GateError::Timeout(_) => errno::EIO,
+            GateError::SealedReadOnly | GateError::SealedRefused => errno::EPERM,
+        };
+        (code, format!("disk {}: {e}", ctx.disk))
+    })?;
+    let b = &ctx.backend;
     let fua = req.flags & cmdflag::FUA != 0;
     let (off, len) = (req.offset, u64::from(req.len));
-    let io = tokio::task::spawn_blocking(move || {
-        let _guard = guard;
-        match req.cmd {
-            Command::Read => {
-                let mut buf = vec![0u8; 28 + req.len as usize];
-                backend.read(&mut buf[28..], off).map(|()| Done::Read(buf))
-            }
-            Command::Write => backend.write(&payload, off, fua).map(|()| Done::Ok),
-            Command::Flush => backend.flush().map(|()| Done::Ok),
-            Command::Trim => backend.trim(off, len, fua).map(|()| Done::Ok),
-            Command::WriteZeroes => {
-                let may_trim = req.flags & cmdflag::NO_HOLE == 0;
-                backend.zero(off, len, may_trim, fua).map(|()| Done::Ok)
-            }
-            Command::Cache => backend.cache(off, len).map(|()| Done::Ok),
-            Command::BlockStatus => {
-                let max = if req.flags & cmdflag::REQ_ONE != 0 {
-                    1
-                } else {
-                    MAX_EXTENTS
-                };
-                backend.extents(off, len, max).map(Done::Extents)
-            }
-            // Checked before: DISC never runs, unknown commands were refused.
-            Command::Disc | Command::Unknown(_) => Ok(Done::Ok),
+    let r = match req.cmd {
+        Command::Read => {
+            let mut buf = vec![0u8; 28 + req.len as usize];
+            b.read(&mut buf[28..], off).map(|()| Done::Read(buf))
         }
+        Command::Write => b.write(payload, off, fua).map(|()| Done::Ok),
+        Command::Flush => b.flush().map(|()| Done::Ok),
+        Command::Trim => b.trim(off, len, fua).map(|()| Done::Ok),
+        Command::WriteZeroes => {
+            let may_trim = req.flags & cmdflag::NO_HOLE == 0;
+            b.zero(off, len, may_trim, fua).map(|()| Done::Ok)
+        }
+        Command::Cache => b.cache(off, len).map(|()| Done::Ok),
+        Command::BlockStatus => {
+            let max = if req.flags & cmdflag::REQ_ONE != 0 {
+                1
+            } else {
+                MAX_EXTENTS
+            };
+            b.extents(off, len, max).map(Done::Extents)
+        }
+        // Checked before: DISC never runs, unknown commands were refused.
+        Command::Disc | Command::Unknown(_) => Ok(Done::Ok),
+    };
+    drop(guard);
+    r.map_err(|e| {
+        tracing::warn!(disk = %ctx.disk, cmd = req.cmd.name(), error = %e, "NBD I/O failed");
+        (
+            nbd_errno(&e),
+            format!("disk {}: {} failed: {e}", ctx.disk, req.cmd.name()),
+        )
     })
-    .await;
-    match io {
-        Ok(Ok(done)) => Ok(done),
-        Ok(Err(e)) => {
-            tracing::warn!(disk = %ctx.disk, cmd = req.cmd.name(), error = %e, "NBD I/O failed");
-            Err((
-                nbd_errno(&e),
-                format!("disk {}: {} failed: {e}", ctx.disk, req.cmd.name()),
-            ))
-        }
-        Err(e) => Err((
-            errno::EIO,
-            format!("disk {}: I/O task failed: {e}", ctx.disk),
-        )),
-    }
 }

@@ -12,7 +12,7 @@ use thiserror::Error;
 use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::watch;
 
-use super::conn::{self, ConnConfig, Reader, Writer};
+use super::conn::{self, ConnConfig, Sock};
 
 #[derive(Debug, Error)]
 pub enum ServerError {
@@ -129,11 +129,11 @@ pub async fn run(
 ) {
     static SEQ: AtomicU64 = AtomicU64::new(1);
     loop {
-        let accepted: std::io::Result<(Reader, Writer, String)> = tokio::select! {
+        let accepted: std::io::Result<(Sock, String)> = tokio::select! {
             r = accept(&listener) => r,
             _ = stop.changed() => return,
         };
-        let (r, w, peer) = match accepted {
+        let (sock, peer) = match accepted {
             Ok(x) => x,
             Err(e) => {
                 tracing::warn!(error = %e, "cannot accept an NBD connection");
@@ -144,11 +144,11 @@ pub async fn run(
         let seq = SEQ.fetch_add(1, Ordering::Relaxed);
         let id = format!("{NBD_CONTAINER_PREFIX}{peer}#{seq}");
         tracing::info!(conn = %id, "NBD connection");
-        tokio::spawn(conn::serve(r, w, id, svc.clone(), Arc::clone(&cfg)));
+        tokio::spawn(conn::serve(sock, id, svc.clone(), Arc::clone(&cfg)));
     }
 }
 
-async fn accept(l: &Listener) -> std::io::Result<(Reader, Writer, String)> {
+async fn accept(l: &Listener) -> std::io::Result<(Sock, String)> {
     match l {
         Listener::Unix(l, _) => {
             let (s, _) = l.accept().await?;
@@ -156,14 +156,12 @@ async fn accept(l: &Listener) -> std::io::Result<(Reader, Writer, String)> {
                 Some(pid) => format!("unix:pid{pid}"),
                 None => "unix".into(),
             };
-            let (r, w) = s.into_split();
-            Ok((Box::new(r), Box::new(w), peer))
+            Ok((Sock::Unix(s), peer))
         }
         Listener::Tcp(l) => {
             let (s, a) = l.accept().await?;
             s.set_nodelay(true)?;
-            let (r, w) = s.into_split();
-            Ok((Box::new(r), Box::new(w), a.to_string()))
+            Ok((Sock::Tcp(s), a.to_string()))
         }
     }
 }
