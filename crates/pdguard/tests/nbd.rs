@@ -197,15 +197,32 @@ fn qemu_io_patterns_survive_a_daemon_restart() {
     let out = String::from_utf8_lossy(&o.stdout);
     assert!(!out.contains("Pattern verification failed"), "{out}");
     assert_eq!(out.matches("read ").count(), writes.len() + 1, "{out}");
-    // Kill the daemon; the new one serves the same bytes.
+    // Kill the daemon while a client is connected; the new one serves the same bytes, and
+    // the association of the connection that died with the old process is gone: the disk
+    // is in its grace period.
+    let mut idle = Command::new(python())
+        .args([
+            "-c",
+            "import nbd,sys,time\nh=nbd.NBD()\nh.connect_uri(sys.argv[1])\nprint('up',flush=True)\ntime.sleep(60)",
+            &uri,
+        ])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut up = [0u8; 3];
+    idle.stdout.take().unwrap().read_exact(&mut up).unwrap();
+    assert_eq!(d.disk("vm1")["containers"].as_array().unwrap().len(), 1);
     drop(d);
+    let _ = idle.kill();
+    let _ = idle.wait();
     let d = Daemon::start(&state, &args);
+    let v = d.disk("vm1");
+    assert_eq!(v["containers"], serde_json::json!([]), "{v}");
+    assert_eq!(v["state"], "grace", "{v}");
     let o = run(qemu_io, &r);
     let out = String::from_utf8_lossy(&o.stdout);
     assert!(!out.contains("Pattern verification failed"), "{out}");
     assert_eq!(out.matches("read ").count(), writes.len() + 1, "{out}");
-    // The connection of the old process is gone: no association is left.
-    assert_eq!(d.disk("vm1")["containers"], serde_json::json!([]));
 }
 
 #[test]
@@ -364,6 +381,7 @@ fn fio_random_writes_with_32_in_flight_verify() {
             "--verify=crc32c",
             "--verify_fatal=1",
             "--do_verify=1",
+            "--verify_state_save=0",
             "--output-format=json",
         ],
     );

@@ -335,9 +335,11 @@ async fn handshake(
                         why,
                     })?;
                 let flags_out = transmission_flags(structured);
-                w.write_all(
-                    &wire::export_name_reply(agreed.export.size, flags_out, flags.no_zeroes),
-                )
+                w.write_all(&wire::export_name_reply(
+                    agreed.export.size,
+                    flags_out,
+                    flags.no_zeroes,
+                ))
                 .await?;
                 return Ok(Some(agreed));
             }
@@ -346,7 +348,8 @@ async fn handshake(
                 return Ok(None);
             }
             opt::LIST if !data.is_empty() => {
-                w.write_all(&fail(rep::ERR_INVALID, "NBD_OPT_LIST takes no data")).await?;
+                w.write_all(&fail(rep::ERR_INVALID, "NBD_OPT_LIST takes no data"))
+                    .await?;
             }
             opt::LIST => {
                 let mut out = Vec::new();
@@ -647,8 +650,10 @@ fn transmit_blocking(
         let spawned = std::thread::Builder::new()
             .name("nbd-io".into())
             .spawn(move || {
+                // Each worker reuses one read buffer: no allocation or zeroing per READ.
+                let mut scratch = Vec::new();
                 while let Some(job) = ctx.queue.pop() {
-                    run(&ctx, &job.req, &job.payload);
+                    run(&ctx, &job.req, &job.payload, &mut scratch);
                     ctx.budget.release(job.cost);
                 }
             });
@@ -714,8 +719,8 @@ fn read_requests(
 /// What a request produced.
 enum Done {
     Ok,
-    /// A READ buffer: the header's room, then the data.
-    Read(Vec<u8>),
+    /// A READ: the worker's buffer holds the header's room, then the data.
+    Read,
     Extents(Vec<(u32, u32)>),
 }
 
@@ -724,14 +729,15 @@ fn send(ctx: &Ctx, bytes: &[u8]) -> io::Result<()> {
 }
 
 /// Run one request through the gate and answer it.
-fn run(ctx: &Ctx, req: &Request, payload: &[u8]) {
-    let sent = match execute(ctx, req, payload) {
+fn run(ctx: &Ctx, req: &Request, payload: &[u8], scratch: &mut Vec<u8>) {
+    let sent = match execute(ctx, req, payload, scratch) {
         Ok(Done::Ok) => send(ctx, &wire::simple_reply(req.cookie, 0)),
-        Ok(Done::Read(mut buf)) => {
+        Ok(Done::Read) => {
+            let buf = &mut scratch[..28 + req.len as usize];
             if ctx.structured {
                 let h = wire::offset_data_header(req.cookie, req.offset, req.len);
                 buf[..28].copy_from_slice(&h);
-                send(ctx, &buf)
+                send(ctx, buf)
             } else {
                 buf[12..28].copy_from_slice(&wire::simple_reply(req.cookie, 0));
                 send(ctx, &buf[12..])
@@ -758,7 +764,12 @@ fn reply_error(ctx: &Ctx, req: &Request, code: u32, msg: &str) -> io::Result<()>
 
 /// The gate (FIG. 3), then the I/O with the gate's guard held. The guard is dropped before
 /// the reply is sent, so a slow client never delays a seal.
-fn execute(ctx: &Ctx, req: &Request, payload: &[u8]) -> Result<Done, (u32, String)> {
+fn execute(
+    ctx: &Ctx,
+    req: &Request,
+    payload: &[u8],
+    scratch: &mut Vec<u8>,
+) -> Result<Done, (u32, String)> {
     let guard = ctx.gate.enter(req.cmd.writes(), ctx.hold).map_err(|e| {
         let code = match e {
             GateError::Timeout(_) => errno::EIO,
@@ -771,8 +782,11 @@ fn execute(ctx: &Ctx, req: &Request, payload: &[u8]) -> Result<Done, (u32, Strin
     let (off, len) = (req.offset, u64::from(req.len));
     let r = match req.cmd {
         Command::Read => {
-            let mut buf = vec![0u8; 28 + req.len as usize];
-            b.read(&mut buf[28..], off).map(|()| Done::Read(buf))
+            let n = 28 + req.len as usize;
+            if scratch.len() < n {
+                scratch.resize(n, 0);
+            }
+            b.read(&mut scratch[28..n], off).map(|()| Done::Read)
         }
         Command::Write => b.write(payload, off, fua).map(|()| Done::Ok),
         Command::Flush => b.flush().map(|()| Done::Ok),
