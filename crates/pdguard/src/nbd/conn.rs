@@ -1,12 +1,11 @@
 //! One NBD connection: the fixed newstyle handshake (options until `NBD_OPT_GO` or
 //! `NBD_OPT_EXPORT_NAME`, async, as it may wait for a reclaim), then transmission on
-//! threads, as nbdkit does: a reader thread parses and checks every request with `wire`
-//! before any I/O and queues it; a pool of worker threads each takes a request, passes the
-//! disk's gate (FIG. 3: open, held while blocked, refused or read-only when sealed), does
-//! the I/O with the gate's guard held, drops the guard and writes the reply. Many requests
-//! are in flight at once and replies go out as they finish, possibly out of order.
+//! threads, as nbdkit does: each of a connection's worker threads in turn reads a request,
+//! parses and checks it with `wire` before any I/O, passes the disk's gate (FIG. 3: open,
+//! held while blocked, refused or read-only when sealed), does the I/O with the gate's
+//! guard held, drops the guard and writes the reply. Many requests are in flight at once
+//! and replies go out as they finish, possibly out of order.
 
-use std::collections::VecDeque;
 use std::io::{self, Read, Write};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
@@ -526,52 +525,30 @@ async fn go(
 struct Ctx {
     gate: Arc<Gate>,
     backend: Backend,
+    /// The receiving side: the worker that holds it reads the next request, as in nbdkit
+    /// (no hand-off between a reader and a worker).
+    rx: Mutex<Receiver>,
     w: Mutex<StdSock>,
     structured: bool,
+    session: wire::Session,
     hold: Duration,
     disk: String,
-    queue: Queue,
+    id: String,
     budget: Budget,
 }
 
-/// A request waiting for a worker, with its cost in budget units.
+struct Receiver {
+    inbox: Inbox,
+    sock: StdSock,
+    /// Set when reading ended: DISC, end of stream, or a protocol violation.
+    done: Option<Result<(), ConnError>>,
+}
+
+/// A request to run, with its cost in budget units.
 struct Job {
     req: Request,
     payload: Vec<u8>,
     cost: u32,
-}
-
-/// The requests accepted and not yet taken by a worker.
-#[derive(Default)]
-struct Queue {
-    jobs: Mutex<(VecDeque<Job>, bool)>,
-    ready: Condvar,
-}
-
-impl Queue {
-    fn push(&self, j: Job) {
-        lock(&self.jobs).0.push_back(j);
-        self.ready.notify_one();
-    }
-
-    /// The next job; None once closed and empty.
-    fn pop(&self) -> Option<Job> {
-        let mut q = lock(&self.jobs);
-        loop {
-            if let Some(j) = q.0.pop_front() {
-                return Some(j);
-            }
-            if q.1 {
-                return None;
-            }
-            q = self.ready.wait(q).unwrap_or_else(|p| p.into_inner());
-        }
-    }
-
-    fn close(&self) {
-        lock(&self.jobs).1 = true;
-        self.ready.notify_all();
-    }
 }
 
 /// Bytes of payloads and read buffers in flight, in units: the reader waits when it is
@@ -615,104 +592,116 @@ async fn transmit(
     let ctx = Arc::new(Ctx {
         gate: svc.gate(&agreed.export.name),
         w: Mutex::new(sock.try_clone()?),
+        rx: Mutex::new(Receiver {
+            inbox,
+            sock,
+            done: None,
+        }),
         structured: agreed.structured,
+        session: wire::Session {
+            size: agreed.backend.size(),
+            structured: agreed.structured,
+            meta: agreed.meta,
+        },
         hold: cfg.hold,
         disk: agreed.export.name.clone(),
-        queue: Queue::default(),
+        id: id.to_string(),
         budget: Budget::default(),
         backend: agreed.backend,
     });
-    let session = wire::Session {
-        size: ctx.backend.size(),
-        structured: agreed.structured,
-        meta: agreed.meta,
-    };
-    let id = id.to_string();
     let (tx, rx) = tokio::sync::oneshot::channel();
     std::thread::Builder::new()
         .name("nbd-conn".into())
         .spawn(move || {
-            let _ = tx.send(transmit_blocking(inbox, sock, &ctx, session, &id));
+            let _ = tx.send(transmit_blocking(&ctx));
         })?;
     rx.await.unwrap_or(Ok(()))
 }
 
-fn transmit_blocking(
-    mut inbox: Inbox,
-    mut sock: StdSock,
-    ctx: &Arc<Ctx>,
-    session: wire::Session,
-    id: &str,
-) -> Result<(), ConnError> {
+fn transmit_blocking(ctx: &Arc<Ctx>) -> Result<(), ConnError> {
     let mut workers = Vec::with_capacity(WORKERS);
-    for _ in 0..WORKERS {
-        let ctx = Arc::clone(ctx);
-        let spawned = std::thread::Builder::new()
+    for _ in 1..WORKERS {
+        let c = Arc::clone(ctx);
+        match std::thread::Builder::new()
             .name("nbd-io".into())
-            .spawn(move || {
-                // Each worker reuses one read buffer: no allocation or zeroing per READ.
-                let mut scratch = Vec::new();
-                while let Some(job) = ctx.queue.pop() {
-                    run(&ctx, &job.req, &job.payload, &mut scratch);
-                    ctx.budget.release(job.cost);
-                }
-            });
-        match spawned {
+            .spawn(move || worker(&c))
+        {
             Ok(h) => workers.push(h),
-            Err(e) if !workers.is_empty() => {
+            Err(e) => {
                 tracing::warn!(error = %e, "fewer NBD worker threads than planned");
                 break;
             }
-            Err(e) => return Err(e.into()),
         }
     }
-    let result = read_requests(&mut inbox, &mut sock, ctx, &session, id);
-    ctx.queue.close();
+    worker(ctx);
     for w in workers {
         let _ = w.join();
     }
-    sock.shutdown();
-    result
+    let mut r = lock(&ctx.rx);
+    r.sock.shutdown();
+    r.done.take().unwrap_or(Ok(()))
 }
 
-/// The reader: parse, check, queue.
-fn read_requests(
-    inbox: &mut Inbox,
-    sock: &mut StdSock,
-    ctx: &Ctx,
-    session: &wire::Session,
-    id: &str,
-) -> Result<(), ConnError> {
+/// Take the next request, run it, answer it; until reading ends.
+fn worker(ctx: &Ctx) {
+    // Each worker reuses one read buffer: no allocation or zeroing per READ.
+    let mut scratch = Vec::new();
     loop {
-        let (req, used) = match wire::parse_request(inbox.data(), MAX_PAYLOAD)? {
-            Frame::Complete(r, n) => (r, n),
+        let job = {
+            let mut r = lock(&ctx.rx);
+            if r.done.is_some() {
+                return;
+            }
+            match next_request(&mut r, ctx) {
+                Ok(Some(job)) => job,
+                Ok(None) => {
+                    r.done = Some(Ok(()));
+                    return;
+                }
+                Err(e) => {
+                    r.done = Some(Err(e));
+                    return;
+                }
+            }
+        };
+        run(ctx, &job.req, &job.payload, &mut scratch);
+        ctx.budget.release(job.cost);
+    }
+}
+
+/// Read requests until one is to be run, answering refused ones on the way. None at
+/// `NBD_CMD_DISC` or end of stream.
+fn next_request(r: &mut Receiver, ctx: &Ctx) -> Result<Option<Job>, ConnError> {
+    loop {
+        let (req, used) = match wire::parse_request(r.inbox.data(), MAX_PAYLOAD)? {
+            Frame::Complete(req, n) => (req, n),
             Frame::Incomplete { need } => {
-                if !inbox.fill_sync(sock, need)? {
-                    return Ok(());
+                if !r.inbox.fill_sync(&mut r.sock, need)? {
+                    return Ok(None);
                 }
                 continue;
             }
         };
         let payload = if req.cmd == Command::Write {
-            inbox.data()[wire::REQUEST_LEN..used].to_vec()
+            r.inbox.data()[wire::REQUEST_LEN..used].to_vec()
         } else {
             Vec::new()
         };
-        inbox.consume(used);
-        if let Err(r) = wire::check(&req, session) {
-            tracing::debug!(conn = %id, why = %r.why, "request refused");
-            reply_error(ctx, &req, r.errno, &r.why)?;
+        r.inbox.consume(used);
+        if let Err(refusal) = wire::check(&req, &ctx.session) {
+            tracing::debug!(conn = %ctx.id, why = %refusal.why, "request refused");
+            reply_error(ctx, &req, refusal.errno, &refusal.why)?;
             continue;
         }
         if req.cmd == Command::Disc {
-            return Ok(());
+            return Ok(None);
         }
         let cost = match req.cmd {
             Command::Read | Command::Write => req.len.div_ceil(BUDGET_UNIT).max(MIN_COST),
             _ => MIN_COST,
         };
         ctx.budget.acquire(cost);
-        ctx.queue.push(Job { req, payload, cost });
+        return Ok(Some(Job { req, payload, cost }));
     }
 }
 
