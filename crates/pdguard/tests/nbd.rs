@@ -878,3 +878,42 @@ fn disconnect_grace_seal_and_opt_go_reclaims_bit_exact() {
         "{v}"
     );
 }
+
+/// TCP on loopback (port 0: the daemon prints the port it got); another address is refused
+/// without --nbd-allow-remote, with a usage error that says why.
+#[test]
+fn tcp_on_loopback_and_remote_needs_a_flag() {
+    let qemu_io = need("qemu-io", "qemu-utils");
+    let dir = tempfile::tempdir().unwrap();
+    let refused = pdguard(&[
+        "serve",
+        "--state-dir",
+        s(&dir.path().join("st0")),
+        "--nbd",
+        "tcp:0.0.0.0:0",
+    ]);
+    assert_eq!(code(&refused), 2, "{}", stderr(&refused));
+    assert!(
+        stderr(&refused).contains("clear text"),
+        "{}",
+        stderr(&refused)
+    );
+    assert!(
+        stderr(&refused).contains("--nbd-allow-remote"),
+        "{}",
+        stderr(&refused)
+    );
+    let state = dir.path().join("st");
+    let d = Daemon::start(&state, &["--profile", "patent", "--nbd", "tcp:127.0.0.1:0"]);
+    d.create("t", "4M");
+    let log = std::fs::read_to_string(state.with_extension("log")).unwrap();
+    let addr = log
+        .lines()
+        .find_map(|l| l.strip_prefix("pdguard: serving NBD on tcp:"))
+        .unwrap_or_else(|| panic!("no TCP listener in the log: {log}"))
+        .to_string();
+    let uri = format!("nbd://{addr}/t");
+    run(qemu_io, &["-f", "raw", "-c", "write -P 0x77 0 64k", &uri]);
+    let o = run(qemu_io, &["-f", "raw", "-c", "read -P 0x77 0 64k", &uri]);
+    assert!(!String::from_utf8_lossy(&o.stdout).contains("verification failed"));
+}
