@@ -555,22 +555,28 @@ struct Job {
 /// used up (back-pressure on the socket), so memory stays bounded.
 #[derive(Default)]
 struct Budget {
-    used: Mutex<u32>,
+    /// Units in use, and whether the reader waits for some to be freed.
+    used: Mutex<(u32, bool)>,
     freed: Condvar,
 }
 
 impl Budget {
     fn acquire(&self, n: u32) {
         let mut u = lock(&self.used);
-        while *u + n > BUDGET_UNITS && *u > 0 {
+        while u.0 + n > BUDGET_UNITS && u.0 > 0 {
+            u.1 = true;
             u = self.freed.wait(u).unwrap_or_else(|p| p.into_inner());
         }
-        *u += n;
+        u.0 += n;
     }
 
     fn release(&self, n: u32) {
-        *lock(&self.used) -= n;
-        self.freed.notify_all();
+        let mut u = lock(&self.used);
+        u.0 -= n;
+        // A wake-up costs a system call: only when someone waits.
+        if std::mem::take(&mut u.1) {
+            self.freed.notify_all();
+        }
     }
 }
 
@@ -804,4 +810,34 @@ fn execute(
             format!("disk {}: {} failed: {e}", ctx.disk, req.cmd.name()),
         )
     })
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn budget_holds_the_reader_until_units_are_freed() {
+        let b = Arc::new(Budget::default());
+        b.acquire(BUDGET_UNITS - 1);
+        let (tx, rx) = std::sync::mpsc::channel();
+        let b2 = Arc::clone(&b);
+        std::thread::spawn(move || {
+            b2.acquire(2);
+            tx.send(()).unwrap();
+        });
+        assert!(
+            rx.recv_timeout(Duration::from_millis(100)).is_err(),
+            "over budget"
+        );
+        b.release(BUDGET_UNITS - 1);
+        rx.recv_timeout(Duration::from_secs(5))
+            .expect("the release did not wake the waiting reader");
+        // A request larger than the whole budget still runs when nothing else is in flight.
+        b.release(2);
+        b.acquire(BUDGET_UNITS + 5);
+        b.release(BUDGET_UNITS + 5);
+        assert_eq!(*lock(&b.used), (0, false));
+    }
 }
