@@ -3,6 +3,7 @@
 
 mod api;
 mod cli;
+mod nbd;
 mod plugin;
 
 use std::process::ExitCode;

@@ -9,6 +9,7 @@ mod adopt;
 pub mod docker;
 mod error;
 mod metrics;
+mod nbd;
 mod volumes;
 
 use std::collections::{BTreeMap, HashMap};
@@ -23,6 +24,7 @@ use tokio::sync::{watch, Mutex, Semaphore};
 
 pub use error::ServiceError;
 pub use metrics::Metrics;
+pub use nbd::{NbdExport, NBD_CONTAINER_PREFIX};
 pub use volumes::{VolumeError, VolumeOptions, VolumeView};
 
 use crate::error_chain;
@@ -197,6 +199,7 @@ impl Service {
             }),
         };
         svc.recover().await;
+        svc.nbd_forget_stale().await;
         Ok(svc)
     }
 
@@ -460,11 +463,17 @@ impl Service {
 
     /// Seal a disk now, whatever its grace period; refused while a running container uses it.
     pub async fn seal_disk(&self, name: &str) -> Result<DiskView> {
+        self.seal_disk_forced(name, false).await
+    }
+
+    /// Seal a disk now; with `force`, even while running containers use it (their I/O
+    /// meets the gate: held during the seal, then refused or read-only).
+    pub async fn seal_disk_forced(&self, name: &str, force: bool) -> Result<DiskView> {
         let rx = {
             let mut st = self.s.state.lock().await;
-            if st.in_use(name) {
+            if st.in_use(name) && !force {
                 return Err(ServiceError::Busy(format!(
-                    "disk {name:?} is attached to a running container ({}); take it down first",
+                    "disk {name:?} is attached to a running container ({}); take it down first, or seal it anyway with --force",
                     st.users(name).join(", ")
                 )));
             }
@@ -771,6 +780,11 @@ impl Service {
         tokio::spawn(async move {
             let gate = svc.gate(&disk.name);
             let _ = tokio::task::spawn_blocking(move || gate.block()).await;
+            // Acknowledged writes are durable before the job's first read.
+            let path = disk.path.clone();
+            if let Ok(Err(e)) = tokio::task::spawn_blocking(move || nbd::flush_disk(&path)).await {
+                tracing::warn!(disk = %disk.name, error = %e, "cannot flush the disk before the job");
+            }
             let permit = svc.s.slots.acquire().await;
             svc.s.metrics.started(kind == JobKind::Seal);
             let t0 = std::time::Instant::now();

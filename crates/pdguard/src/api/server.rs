@@ -166,8 +166,23 @@ async fn remove_disk(
     )
 }
 
-async fn seal_disk(State(svc): State<Service>, Path(name): Path<String>) -> ApiResult {
-    ok(StatusCode::OK, json!(svc.seal_disk(&name).await?))
+#[derive(Deserialize)]
+struct SealQuery {
+    #[serde(default)]
+    force: bool,
+}
+
+/// `?force=true` seals a disk that running containers (or NBD connections) use.
+async fn seal_disk(
+    State(svc): State<Service>,
+    Path(name): Path<String>,
+    q: Result<Query<SealQuery>, axum::extract::rejection::QueryRejection>,
+) -> ApiResult {
+    let Query(q) = q.map_err(|e| ApiError::new(400, "bad_query", e.body_text()))?;
+    ok(
+        StatusCode::OK,
+        json!(svc.seal_disk_forced(&name, q.force).await?),
+    )
 }
 
 async fn unseal_disk(State(svc): State<Service>, Path(name): Path<String>) -> ApiResult {

@@ -90,6 +90,10 @@ pub enum DiskCommand {
     Seal {
         /// The disk's name.
         name: String,
+        /// Seal it even while running containers or NBD clients use it: their I/O is
+        /// held during the seal, then refused (or read-only, per --sealed-io).
+        #[arg(long)]
+        force: bool,
     },
     /// Unseal a sealed disk now.
     Unseal {
@@ -195,10 +199,10 @@ pub fn disk(cmd: &DiskCommand, conn: &Conn, cli: &Cli) -> Result<(), CliError> {
             ),
             None,
         )?,
-        DiskCommand::Seal { name } => request(
+        DiskCommand::Seal { name, force } => request(
             conn,
             "POST",
-            &format!("/v1/disks/{}/seal", seg(name)?),
+            &format!("/v1/disks/{}/seal?force={force}", seg(name)?),
             None,
         )?,
         DiskCommand::Unseal { name } => request(

@@ -17,6 +17,8 @@ use super::image::ProfileArg;
 use super::{CliError, DEFAULT_STATE_DIR, STATE_DIR_ENV};
 use crate::api::auth::{self, Guard};
 use crate::api::{server, Endpoint};
+use crate::nbd::conn::ConnConfig;
+use crate::nbd::server::{Listener, NbdAddr};
 use crate::plugin::{self, dockerd::Dockerd};
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -77,6 +79,15 @@ pub struct ServeArgs {
     /// How often to reconcile with dockerd's containers and the kernel's mounts.
     #[arg(long, default_value = "30s")]
     pub docker_resync: String,
+    /// Export every disk over NBD on unix:PATH (mode 0600) or tcp:HOST:PORT (repeatable).
+    #[arg(long, value_name = "unix:PATH|tcp:HOST:PORT")]
+    pub nbd: Vec<String>,
+    /// How long an NBD request waits while its disk is being sealed or unsealed before EIO.
+    #[arg(long, default_value = "60s")]
+    pub nbd_hold: String,
+    /// Allow --nbd tcp: on a non-loopback address (the traffic is clear text).
+    #[arg(long)]
+    pub nbd_allow_remote: bool,
 }
 
 /// `--grace`: checked when parsed, so that a bad value is a usage error naming the fix;
@@ -228,6 +239,7 @@ pub fn run(a: &ServeArgs) -> Result<(), CliError> {
         seal_stopped: a.seal_stopped,
         state_dir: state,
     };
+    let nbd = nbd_options(a)?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -235,7 +247,35 @@ pub fn run(a: &ServeArgs) -> Result<(), CliError> {
             what: "cannot start the async runtime".into(),
             source,
         })?;
-    rt.block_on(serve(cfg, endpoint, guard, docker))
+    rt.block_on(serve(cfg, endpoint, guard, docker, nbd))
+}
+
+/// The NBD listeners and their settings, checked before anything starts.
+struct NbdOptions {
+    addrs: Vec<NbdAddr>,
+    conn: ConnConfig,
+}
+
+fn nbd_options(a: &ServeArgs) -> Result<NbdOptions, CliError> {
+    let hold = humantime::parse_duration(&a.nbd_hold).map_err(|e| {
+        CliError::Usage(format!(
+            "--nbd-hold {:?} is not a duration such as 60s or 500ms: {e}",
+            a.nbd_hold
+        ))
+    })?;
+    let addrs = a
+        .nbd
+        .iter()
+        .map(|s| NbdAddr::parse(s, a.nbd_allow_remote))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| CliError::Usage(e.to_string()))?;
+    Ok(NbdOptions {
+        addrs,
+        conn: ConnConfig {
+            hold,
+            handshake_timeout: Duration::from_secs(60),
+        },
+    })
 }
 
 /// The volume plugin on /run/docker/plugins/NAME.sock, and the follower of dockerd.
@@ -277,6 +317,7 @@ async fn serve(
     endpoint: Endpoint,
     guard: Guard,
     docker: Option<DockerArgs>,
+    nbd: NbdOptions,
 ) -> Result<(), CliError> {
     let svc = Service::start(cfg).await?;
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
@@ -284,6 +325,19 @@ async fn serve(
         Some(d) => Some(start_docker(&svc, d, stop_rx.clone())?),
         None => None,
     };
+    let conn_cfg = std::sync::Arc::new(nbd.conn);
+    for addr in &nbd.addrs {
+        let listener = Listener::bind(addr)
+            .await
+            .map_err(|e| CliError::Input(pdguard_engine::error_chain(&e)))?;
+        eprintln!("pdguard: serving NBD on {}", listener.local());
+        tokio::spawn(crate::nbd::server::run(
+            listener,
+            svc.clone(),
+            std::sync::Arc::clone(&conn_cfg),
+            stop_rx.clone(),
+        ));
+    }
     let policy = {
         let svc = svc.clone();
         tokio::spawn(async move { svc.run_policy(stop_rx).await })

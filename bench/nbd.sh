@@ -1,0 +1,133 @@
+#!/usr/bin/env bash
+# NBD export benchmark: serves one disk file from pdguard, `nbdkit file` and `qemu-nbd`,
+# one after another on this machine, and prints for each
+#   - fio --ioengine=nbd, 4 KiB random read and random write IOPS, 32 requests in flight;
+#   - nbdcopy sequential read (export -> null:) and write ([ nbdkit pattern ] -> export,
+#     with --flush) time of the whole disk;
+# medians of N runs, and pdguard's figures as ratios to nbdkit's (IOPS: pdguard/nbdkit,
+# higher is better; times: nbdkit/pdguard, so also higher is better, 1.00 = as fast).
+#
+# Usage: bash bench/nbd.sh [--size 4G] [--runs 3] [--fio-time 10] [--dir DIR]
+# The file lives in DIR (default: a new directory under /var/tmp) and is removed after.
+# Every server gets the same file, filled with random data first (so that reads hit data,
+# not holes); the page cache is not dropped (other work shares this machine), so reads are
+# mostly served from memory for all three alike.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+size=4G runs=3 fio_time=10 dir=""
+while (($#)); do
+  case $1 in
+    --size) size=$2; shift 2 ;;
+    --runs) runs=$2; shift 2 ;;
+    --fio-time) fio_time=$2; shift 2 ;;
+    --dir) dir=$2; shift 2 ;;
+    -h|--help) sed -n 2,16p "$0"; exit 0 ;;
+    *) echo "bench/nbd.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
+  esac
+done
+
+for cmd in fio nbdcopy nbdkit qemu-nbd python3; do
+  command -v "$cmd" >/dev/null || {
+    echo "bench/nbd.sh: $cmd is missing: apt-get install fio libnbd-bin nbdkit qemu-utils" >&2
+    exit 1
+  }
+done
+
+cargo build --release -q -p pdguard
+PD=$PWD/target/release/pdguard
+
+work=$(mktemp -d "${dir:-/var/tmp}/pdguard-nbd-bench.XXXXXX")
+server_pid=""
+cleanup() {
+  [[ -n $server_pid ]] && kill "$server_pid" 2>/dev/null && wait "$server_pid" 2>/dev/null
+  rm -rf "$work"
+}
+trap cleanup EXIT
+
+img=$work/disk.img
+bytes=$(numfmt --from=iec "$size")
+echo "# filling a $size file with random data ($img)" >&2
+head -c "$bytes" /dev/urandom > "$img"
+sync "$img"
+sock=$work/nbd.sock
+
+wait_sock() {
+  for _ in $(seq 200); do [[ -S $sock ]] && return 0; sleep 0.05; done
+  echo "bench/nbd.sh: the server did not come up" >&2; exit 1
+}
+
+start_server() { # name -> sets server_pid and uri
+  rm -f "$sock"
+  case $1 in
+    pdguard)
+      rm -rf "$work/state"
+      "$PD" serve --state-dir "$work/state" --profile patent --grace 1h \
+        --nbd "unix:$sock" >"$work/pdguard.log" 2>&1 &
+      server_pid=$!
+      wait_sock
+      for _ in $(seq 100); do "$PD" status --state-dir "$work/state" >/dev/null 2>&1 && break; sleep 0.05; done
+      "$PD" disk create bench --size "$bytes" --path "$img" --state-dir "$work/state" >/dev/null
+      uri="nbd+unix:///bench?socket=$sock" ;;
+    nbdkit)
+      nbdkit --foreground --unix "$sock" file "$img" >"$work/nbdkit.log" 2>&1 &
+      server_pid=$!
+      wait_sock
+      uri="nbd+unix:///?socket=$sock" ;;
+    qemu-nbd)
+      qemu-nbd --format=raw --persistent --socket="$sock" "$img" >"$work/qemu-nbd.log" 2>&1 &
+      server_pid=$!
+      wait_sock
+      uri="nbd+unix:///?socket=$sock" ;;
+  esac
+}
+
+stop_server() {
+  kill "$server_pid" 2>/dev/null || true
+  wait "$server_pid" 2>/dev/null || true
+  server_pid=""
+}
+
+fio_iops() { # rw -> IOPS
+  fio --name=b --ioengine=nbd --uri="$uri" --rw="$1" --bs=4k --iodepth=32 \
+    --size="$bytes" --time_based --runtime="$fio_time" --output-format=json 2>/dev/null |
+    python3 -c 'import json,sys; t=sys.stdin.read(); j=json.loads(t[t.index("{"):])["jobs"][0]; print(round(j["read"]["iops"]+j["write"]["iops"]))'
+}
+
+seconds() { # command... -> wall seconds
+  local t0 t1
+  t0=$(date +%s.%N)
+  "$@" >/dev/null 2>&1
+  t1=$(date +%s.%N)
+  python3 -c "print(f'{$t1-$t0:.2f}')"
+}
+
+results=$work/results
+: >"$results"
+for run in $(seq "$runs"); do
+  for server in pdguard nbdkit qemu-nbd; do
+    start_server "$server"
+    r=$(fio_iops randread)
+    w=$(fio_iops randwrite)
+    cr=$(seconds nbdcopy "$uri" null:)
+    cw=$(seconds nbdcopy --flush -- [ nbdkit pattern "$bytes" ] "$uri")
+    stop_server
+    echo "$server $run $r $w $cr $cw" | tee -a "$results" >&2
+  done
+done
+
+python3 - "$results" "$size" "$runs" <<'EOF'
+import statistics, sys
+rows = [l.split() for l in open(sys.argv[1])]
+med = {}
+for s in ("pdguard", "nbdkit", "qemu-nbd"):
+    rs = [r for r in rows if r[0] == s]
+    med[s] = [statistics.median(float(r[i]) for r in rs) for i in range(2, 6)]
+print(f"NBD export, {sys.argv[2]} file, medians of {sys.argv[3]} runs (unix socket, this machine)")
+print(f"{'server':10} {'randread IOPS':>14} {'randwrite IOPS':>15} {'seq read s':>11} {'seq write s':>12}")
+for s, m in med.items():
+    print(f"{s:10} {m[0]:14.0f} {m[1]:15.0f} {m[2]:11.2f} {m[3]:12.2f}")
+p, k = med["pdguard"], med["nbdkit"]
+print(f"{'pdguard/nbdkit':14} {p[0]/k[0]:10.2f} {p[1]/k[1]:15.2f} {k[2]/p[2]:11.2f} {k[3]/p[3]:12.2f}"
+      "   (times as nbdkit/pdguard: >= 1.00 means at least as fast)")
+EOF

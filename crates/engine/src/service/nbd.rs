@@ -1,0 +1,123 @@
+//! The NBD front-end's side of the service: its associations come from the data path. A
+//! connection that enters transmission on an export is a running container `nbd:<peer>`
+//! associated with that disk; when it closes (cleanly or not) the association is dropped
+//! at once, as for a removed container ([028]), and a disk left with no operational
+//! container enters its grace period. `NBD_OPT_GO` on a sealed or sealing disk is a
+//! reclaim ([030]): it returns only when the disk is unsealed, its digest checked and its
+//! gate open.
+
+use std::path::PathBuf;
+
+use super::{now_ms, Result, Service, ServiceError};
+use crate::registry::{Container, ContainerState, DiskState};
+
+/// Containers whose id starts with this are NBD connections.
+pub const NBD_CONTAINER_PREFIX: &str = "nbd:";
+
+/// What the NBD server needs to know about a disk to export it.
+#[derive(Debug, Clone)]
+pub struct NbdExport {
+    pub name: String,
+    pub path: PathBuf,
+    pub size: u64,
+    pub state: DiskState,
+}
+
+impl Service {
+    /// Every disk, as an export.
+    pub async fn nbd_exports(&self) -> Vec<NbdExport> {
+        let st = self.s.state.lock().await;
+        st.disks
+            .values()
+            .map(|d| NbdExport {
+                name: d.name.clone(),
+                path: d.path.clone(),
+                size: d.size,
+                state: d.state,
+            })
+            .collect()
+    }
+
+    /// One disk, as an export.
+    pub async fn nbd_export(&self, name: &str) -> Result<NbdExport> {
+        let st = self.s.state.lock().await;
+        let d = st.disks.get(name).ok_or_else(|| ServiceError::NotFound {
+            kind: "disk",
+            name: name.into(),
+        })?;
+        Ok(NbdExport {
+            name: d.name.clone(),
+            path: d.path.clone(),
+            size: d.size,
+            state: d.state,
+        })
+    }
+
+    /// A connection (`id`, which starts with `nbd:`) enters transmission on `disk`: record
+    /// the association, then reclaim the disk if it is dangling, sealing or sealed. Returns
+    /// when the disk is usable; on failure the association is dropped again.
+    pub async fn nbd_attach(&self, id: &str, disk: &str) -> Result<NbdExport> {
+        debug_assert!(id.starts_with(NBD_CONTAINER_PREFIX));
+        {
+            let mut st = self.s.state.lock().await;
+            if !st.disks.contains_key(disk) {
+                return Err(ServiceError::NotFound {
+                    kind: "disk",
+                    name: disk.into(),
+                });
+            }
+            let c = Container {
+                id: id.into(),
+                state: ContainerState::Running,
+                since_ms: now_ms(),
+                disks: vec![disk.into()],
+            };
+            self.s.registry.put_container(&c)?;
+            st.containers.insert(id.into(), c);
+        }
+        if let Err(e) = self.reclaim(disk).await {
+            self.nbd_detach(id).await;
+            return Err(e);
+        }
+        self.nbd_export(disk).await
+    }
+
+    /// A connection closed: drop its association (a disk with no operational container
+    /// left enters its grace period) and forget the connection.
+    pub async fn nbd_detach(&self, id: &str) {
+        if let Err(e) = self.container_down(id, ContainerState::Removed).await {
+            tracing::warn!(container = %id, error = %e, "cannot end the NBD association");
+        }
+        let mut st = self.s.state.lock().await;
+        st.containers.remove(id);
+        if let Err(e) = self.s.registry.remove_container(id) {
+            tracing::warn!(container = %id, error = %e, "cannot forget the NBD connection");
+        }
+    }
+
+    /// At start: NBD connections recorded by an earlier process died with it; their disks
+    /// enter the grace period like those of any container that went away.
+    pub(super) async fn nbd_forget_stale(&self) {
+        let stale: Vec<String> = {
+            let st = self.s.state.lock().await;
+            st.containers
+                .keys()
+                .filter(|id| id.starts_with(NBD_CONTAINER_PREFIX))
+                .cloned()
+                .collect()
+        };
+        for id in stale {
+            tracing::info!(container = %id, "NBD connection from before the restart is gone");
+            self.nbd_detach(&id).await;
+        }
+    }
+}
+
+/// Flush a disk's file before a job reads it: with the gate blocked and I/O in flight
+/// drained, every write a front-end acknowledged is durable before the seal's first read.
+pub(super) fn flush_disk(path: &std::path::Path) -> std::io::Result<()> {
+    std::fs::OpenOptions::new()
+        .read(true)
+        .open(path)?
+        .sync_all()
+}
