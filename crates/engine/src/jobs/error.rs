@@ -101,6 +101,9 @@ pub enum JobError {
     #[error("{image} was crypto-erased by `pdguard image shred`: its key is destroyed and its data cannot be recovered; delete the image or seal new data into it")]
     Shredded { image: String },
 
+    #[error("{image} was crypto-erased (tombstone record {record}), and a shred is final: it is not sealed over. To reuse the image for new data on purpose, delete the tombstone (`rm {record}`), then seal again")]
+    SealOverShred { image: String, record: String },
+
     #[error("{0}")]
     Unsupported(String),
 

@@ -71,30 +71,43 @@ pub fn state_dir(flag: Option<&Path>) -> PathBuf {
         .unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_DIR))
 }
 
-fn master_key(a: &ServeArgs, state: &Path) -> Result<Option<MasterKey>, CliError> {
+/// The master key of new seals and where it was read (or made).
+fn master_key(a: &ServeArgs, state: &Path) -> Result<Option<(MasterKey, PathBuf)>, CliError> {
     if matches!(a.profile, ProfileArg::Patent) && a.key_file.is_none() {
         return Ok(None);
     }
     let explicit = a.key_file.is_some() || std::env::var_os(keyfile::KEY_FILE_ENV).is_some();
     let system = PathBuf::from(keyfile::DEFAULT_KEY_FILE);
     if explicit || system.exists() {
-        return Ok(Some(keyfile::load(&keyfile::locate(
-            a.key_file.as_deref(),
-        ))?));
+        let path = keyfile::locate(a.key_file.as_deref());
+        return Ok(Some((keyfile::load(&path)?, path)));
     }
     let own = state.join("master.key");
     match keyfile::load(&own) {
-        Ok(k) => Ok(Some(k)),
+        Ok(k) => Ok(Some((k, own))),
         Err(KeyFileError::Missing { .. }) => {
             let k = keyfile::generate(&own)?;
             tracing::warn!(path = %own.display(), id = %k.id(), "made a new master key; back it up");
-            Ok(Some(k))
+            Ok(Some((k, own)))
         }
         Err(e) => Err(e.into()),
     }
 }
 
+/// How long a SIGTERM waits for running jobs before it leaves them to their records.
+const SHUTDOWN_WAIT: Duration = Duration::from_secs(5);
+
 pub fn run(a: &ServeArgs) -> Result<(), CliError> {
+    // Settings are checked before the state directory is touched: a bad one is a usage
+    // error now, not a failed seal later.
+    if let Some(name) = &a.strategy {
+        if pdguard_engine::jobs::strategy::by_name(name).is_none() {
+            return Err(CliError::Usage(format!(
+                "--strategy {name:?} is not a strategy; use one of: {}",
+                pdguard_engine::jobs::strategy::STRATEGIES.join(", ")
+            )));
+        }
+    }
     let grace = humantime::parse_duration(&a.grace).map_err(|e| {
         CliError::Usage(format!(
             "--grace {:?} is not a duration such as 30s, 2m or 500ms: {e}",
@@ -141,13 +154,14 @@ pub fn run(a: &ServeArgs) -> Result<(), CliError> {
             token_file: None,
         },
     };
+    let key = master_key(a, &state)?;
     let cfg = Config {
         grace,
         profile: match a.profile {
             ProfileArg::Secure => Profile::Secure,
             ProfileArg::Patent => Profile::Patent,
         },
-        master_key: master_key(a, &state)?,
+        master_key: key.as_ref().map(|(k, _)| k.clone()),
         sealed_io: match a.sealed_io {
             SealedIoArg::ReadOnly => SealedIo::ReadOnly,
             SealedIoArg::Refuse => SealedIo::Refuse,
@@ -163,6 +177,13 @@ pub fn run(a: &ServeArgs) -> Result<(), CliError> {
             .clone()
             .unwrap_or_else(|| SealOptions::default().strategy),
         state_dir: state,
+        observer: super::testhook::PauseAt::from_env()
+            .map(|p| pdguard_engine::service::Observer(std::sync::Arc::new(p))),
+    };
+    cfg.check().map_err(CliError::Usage)?;
+    let key_text = match &key {
+        Some((k, path)) => format!("master key {} (id {})", path.display(), k.id()),
+        None => "no master key (patent profile)".to_string(),
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -171,10 +192,19 @@ pub fn run(a: &ServeArgs) -> Result<(), CliError> {
             what: "cannot start the async runtime".into(),
             source,
         })?;
-    rt.block_on(serve(cfg, endpoint, guard))
+    let r = rt.block_on(serve(cfg, endpoint, guard, key_text));
+    // A job still running was told to stop at its next checkpoint; it resumes from its
+    // record on the next start, as after a crash.
+    rt.shutdown_timeout(Duration::from_millis(200));
+    r
 }
 
-async fn serve(cfg: Config, endpoint: Endpoint, guard: Guard) -> Result<(), CliError> {
+async fn serve(
+    cfg: Config,
+    endpoint: Endpoint,
+    guard: Guard,
+    key_text: String,
+) -> Result<(), CliError> {
     let svc = Service::start(cfg).await?;
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let policy = {
@@ -189,13 +219,17 @@ async fn serve(cfg: Config, endpoint: Endpoint, guard: Guard) -> Result<(), CliE
             _ = tokio::signal::ctrl_c() => {},
             _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => {},
         }
-        tracing::info!("shutting down; running jobs resume on the next start");
+        eprintln!(
+            "pdguard: stopping: no new requests; running jobs get {} s to finish",
+            SHUTDOWN_WAIT.as_secs()
+        );
     };
     let state = svc.config().state_dir.display().to_string();
     let served = match &endpoint {
         Endpoint::Unix(path) => {
             let listener = bind_unix(path)?;
             eprintln!("pdguard: serving the admin API on {endpoint} (state {state})");
+            hello(&state, &key_text, None);
             axum::serve(listener, app)
                 .with_graceful_shutdown(shutdown)
                 .await
@@ -212,6 +246,7 @@ async fn serve(cfg: Config, endpoint: Endpoint, guard: Guard) -> Result<(), CliE
                 .local_addr()
                 .map_or(addr.clone(), |a| a.to_string());
             eprintln!("pdguard: serving the admin API on tcp:{bound} (state {state})");
+            hello(&state, &key_text, Some(&bound));
             axum::serve(listener, app)
                 .with_graceful_shutdown(shutdown)
                 .await
@@ -219,10 +254,34 @@ async fn serve(cfg: Config, endpoint: Endpoint, guard: Guard) -> Result<(), CliE
     };
     let _ = stop_tx.send(true);
     let _ = tokio::time::timeout(Duration::from_secs(1), policy).await;
+    if tokio::time::timeout(SHUTDOWN_WAIT, svc.wait_idle())
+        .await
+        .is_err()
+    {
+        for (disk, p) in svc.running_jobs() {
+            eprintln!("pdguard: {p} of {disk} did not finish; its seal record holds its place and it resumes on the next start");
+        }
+    }
+    if let Endpoint::Unix(path) = &endpoint {
+        let _ = std::fs::remove_file(path);
+    }
+    eprintln!("pdguard: stopped");
     served.map_err(|source| CliError::Io {
         what: "the admin API server failed".into(),
         source,
     })
+}
+
+/// Where the daemon is and what to try next, for a first-time operator.
+fn hello(state: &str, key_text: &str, tcp: Option<&str>) {
+    eprintln!("pdguard: {key_text}; PDGUARD_LOG=info logs every pass");
+    let next = match tcp {
+        None => format!("export PDGUARD_STATE_DIR={state}; pdguard disk create d1 --size 64M"),
+        Some(addr) => {
+            format!("pdguard --api tcp:{addr} --state-dir {state} disk create d1 --size 64M")
+        }
+    };
+    eprintln!("pdguard: next, in another shell: {next}");
 }
 
 /// Bind the socket with mode 0600, replacing a stale socket file but never another file.
