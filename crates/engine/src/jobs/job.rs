@@ -19,6 +19,9 @@ use super::strategy::{self, PassCtx, Strategy};
 use super::Progress;
 use crate::store::{Disk, ImageLock, LockMode, Sparse, Storage, StoreError};
 
+mod rescue;
+pub use rescue::{rescue, RescueReport};
+
 /// How to seal an image that is not sealed yet.
 #[derive(Debug, Clone)]
 pub struct SealOptions {

@@ -14,6 +14,7 @@ mod client;
 mod demo;
 mod image;
 mod progress;
+mod rescue;
 mod serve;
 mod testhook;
 
@@ -76,6 +77,9 @@ pub enum Command {
         /// Refresh every second until interrupted.
         #[arg(long)]
         watch: bool,
+        /// Also list removed containers that no longer hold a disk.
+        #[arg(long)]
+        all: bool,
     },
     /// Write a new random master key file (mode 0600); never overwrites one.
     Keygen {
@@ -117,6 +121,12 @@ pub enum CliError {
     },
     #[error("demo failed: {0}")]
     Demo(String),
+    /// A command did its work but the data did not verify (exit 3).
+    #[error("{0}")]
+    Unverified(String),
+    /// A wait ran out of time (exit 124, like timeout(1)).
+    #[error("{0}")]
+    Timeout(String),
 }
 
 impl CliError {
@@ -130,6 +140,8 @@ impl CliError {
                 3
             }
             Self::Usage(_) => 2,
+            Self::Unverified(_) => 3,
+            Self::Timeout(_) => 124,
             _ => 1,
         }
     }
@@ -155,7 +167,7 @@ pub fn run(cli: &Cli) -> Result<(), CliError> {
         Command::Serve(a) => serve::run(a),
         Command::Disk { conn, cmd } => client::disk(cmd, conn, cli),
         Command::Container { conn, cmd } => client::container(cmd, conn, cli),
-        Command::Status { conn, watch } => client::status(*watch, conn, cli),
+        Command::Status { conn, watch, all } => client::status(*watch, *all, conn, cli),
     }
 }
 
