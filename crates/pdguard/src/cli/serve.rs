@@ -108,6 +108,11 @@ pub fn run(a: &ServeArgs) -> Result<(), CliError> {
             )));
         }
     }
+    if a.jobs == Some(0) {
+        return Err(CliError::Usage(
+            "--jobs 0: at least one job must be able to run; pass --jobs 1 or more".into(),
+        ));
+    }
     let grace = humantime::parse_duration(&a.grace).map_err(|e| {
         CliError::Usage(format!(
             "--grace {:?} is not a duration such as 30s, 2m or 500ms: {e}",
