@@ -251,6 +251,44 @@ fn verify_with_another_images_record_says_it_does_not_belong() {
     assert_eq!(code(&o), 0, "{}", stderr(&o));
 }
 
+/// The record of an image of the same name in another directory passes the thin-disk path
+/// check once `--thin-dir` points there (as that check's message suggests); the sampled
+/// sectors still tell it apart: "does not belong" (exit 1), not "tampered" (exit 3).
+#[test]
+fn verify_with_a_same_named_images_record_says_it_does_not_belong() {
+    let dir = tempfile::tempdir().unwrap();
+    let (d1, d2) = (dir.path().join("one"), dir.path().join("two"));
+    let (a, b) = (d1.join("disk.img"), d2.join("disk.img"));
+    for p in [&a, &b] {
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        random_file(p, 256 << 10);
+        let o = pdguard(&["image", "seal", s(p), "--profile", "patent"]);
+        assert_eq!(code(&o), 0, "{}", stderr(&o));
+    }
+    let foreign = dir.path().join("foreign.pdguard");
+    std::fs::copy(record_of(&b), &foreign).unwrap();
+    let before = state(&a);
+    for cmd in ["verify", "unseal"] {
+        let args = [
+            "image",
+            cmd,
+            s(&a),
+            "--record",
+            s(&foreign),
+            "--thin-dir",
+            s(&d2),
+        ];
+        let o = pdguard(&args);
+        assert_eq!(code(&o), 1, "{cmd}: {}", stderr(&o));
+        assert!(
+            stderr(&o).contains("does not belong to image"),
+            "{cmd}: {}",
+            stderr(&o)
+        );
+        assert_eq!(state(&a), before, "{cmd} changed something");
+    }
+}
+
 /// A container up on a tampered sealed disk fails (exit 1, naming the failed verification)
 /// and leaves no container behind (issue 9 made this hold; this pins it).
 #[test]
