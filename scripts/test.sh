@@ -6,7 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # Debian packages the tests use, by the command each provides.
-declare -A provides=([losetup]=mount [mount]=mount [umount]=mount [setpriv]=util-linux [mkfs.ext4]=e2fsprogs)
+declare -A provides=([losetup]=mount [mount]=mount [umount]=mount [setpriv]=util-linux [flock]=util-linux [mkfs.ext4]=e2fsprogs)
 missing=()
 for cmd in "${!provides[@]}"; do
   command -v "$cmd" >/dev/null 2>&1 || missing+=("${provides[$cmd]}")
