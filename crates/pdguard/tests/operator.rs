@@ -394,6 +394,45 @@ fn sigterm_with_a_job_in_flight_exits_0_and_the_job_resumes() {
     assert_eq!(digest(&img), plain);
 }
 
+/// SIGTERM while a client waits for a job (`disk seal` blocks until the seal ends): the
+/// daemon still stops, exit 0, within its bounded waits.
+#[test]
+fn sigterm_with_a_client_waiting_for_a_job_still_stops() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let pause = dir.path().join("paused");
+    let mut d = Daemon::start(
+        &state,
+        &[],
+        &[
+            ("PDGUARD_TEST_PAUSE_AT", "scatter:0"),
+            ("PDGUARD_TEST_PAUSE_FILE", s(&pause)),
+        ],
+    );
+    d.ok(&["disk", "create", "d1", "--size", "1M"]);
+    let mut client = Command::new(bin())
+        .args(["disk", "seal", "d1", "--state-dir", s(&state)])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let t0 = Instant::now();
+    while !pause.exists() {
+        assert!(t0.elapsed() < Duration::from_secs(30), "{}", d.log_text());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let t0 = Instant::now();
+    assert_eq!(d.terminate(), 0, "{}", d.log_text());
+    assert!(
+        t0.elapsed() < Duration::from_secs(20),
+        "took {:?}",
+        t0.elapsed()
+    );
+    assert!(!state.join("pdguard.sock").exists());
+    let _ = client.kill();
+    let _ = client.wait();
+}
+
 #[test]
 fn names_sort_naturally_and_removed_containers_leave_the_lists() {
     let dir = tempfile::tempdir().unwrap();

@@ -217,7 +217,10 @@ async fn serve(
         tokio::spawn(async move { svc.run_policy(stop_rx).await })
     };
     let app = server::router(svc.clone(), guard);
-    let shutdown = async {
+    // Raised when the signal comes: a request still open (a client waiting for a job)
+    // holds the server only SHUTDOWN_WAIT longer.
+    let (sig_tx, sig_rx) = tokio::sync::watch::channel(false);
+    let shutdown = async move {
         let mut term =
             tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
         tokio::select! {
@@ -228,6 +231,7 @@ async fn serve(
             "pdguard: stopping: no new requests; running jobs get {} s to finish",
             SHUTDOWN_WAIT.as_secs()
         );
+        let _ = sig_tx.send(true);
     };
     let state = svc.config().state_dir.display().to_string();
     let served = match &endpoint {
@@ -235,9 +239,11 @@ async fn serve(
             let listener = bind_unix(path)?;
             eprintln!("pdguard: serving the admin API on {endpoint} (state {state})");
             hello(&state, &key_text, None);
-            axum::serve(listener, app)
-                .with_graceful_shutdown(shutdown)
-                .await
+            bounded(
+                axum::serve(listener, app).with_graceful_shutdown(shutdown),
+                sig_rx,
+            )
+            .await
         }
         Endpoint::Tcp(addr) => {
             let listener = tokio::net::TcpListener::bind(addr)
@@ -252,9 +258,11 @@ async fn serve(
                 .map_or(addr.clone(), |a| a.to_string());
             eprintln!("pdguard: serving the admin API on tcp:{bound} (state {state})");
             hello(&state, &key_text, Some(&bound));
-            axum::serve(listener, app)
-                .with_graceful_shutdown(shutdown)
-                .await
+            bounded(
+                axum::serve(listener, app).with_graceful_shutdown(shutdown),
+                sig_rx,
+            )
+            .await
         }
     };
     let _ = stop_tx.send(true);
@@ -275,6 +283,25 @@ async fn serve(
         what: "the admin API server failed".into(),
         source,
     })
+}
+
+/// The server future, given at most SHUTDOWN_WAIT after the signal to close open requests.
+async fn bounded<F>(server: F, mut sig: tokio::sync::watch::Receiver<bool>) -> std::io::Result<()>
+where
+    F: std::future::IntoFuture<Output = std::io::Result<()>>,
+{
+    let server = server.into_future();
+    tokio::pin!(server);
+    tokio::select! {
+        r = &mut server => r,
+        _ = async {
+            let _ = sig.wait_for(|s| *s).await;
+            tokio::time::sleep(SHUTDOWN_WAIT).await;
+        } => {
+            eprintln!("pdguard: requests still open after {} s were closed; their jobs resume from their records", SHUTDOWN_WAIT.as_secs());
+            Ok(())
+        }
+    }
 }
 
 /// Where the daemon is and what to try next, for a first-time operator.
