@@ -6,7 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # Debian packages the tests use, by the command each provides.
-declare -A provides=([losetup]=mount [mount]=mount [umount]=mount [setpriv]=util-linux
+declare -A provides=([losetup]=mount [mount]=mount [umount]=mount [setpriv]=util-linux [flock]=util-linux
   [mkfs.ext4]=e2fsprogs [groff]=groff-base [docker]=docker.io [dockerd]=docker.io
   [docker-compose]=docker-compose)
 # NBD clients of crates/pdguard/tests/nbd.rs, and nbdkit for bench/nbd.sh.

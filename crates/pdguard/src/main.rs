@@ -28,11 +28,13 @@ fn main() -> ExitCode {
     }
 }
 
-/// Logs go to stderr, filtered by `PDGUARD_LOG` (default: warnings only). They never carry
-/// data, seeds or keys.
+/// Logs go to stderr, filtered by `PDGUARD_LOG` (default: warnings, and what the daemon's
+/// service does: disks turning dangling, jobs resumed or retried). They never carry data,
+/// seeds or keys.
 fn init_logging() {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("PDGUARD_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    let filter = tracing_subscriber::EnvFilter::try_from_env("PDGUARD_LOG").unwrap_or_else(|_| {
+        tracing_subscriber::EnvFilter::new("warn,pdguard_engine::service=info")
+    });
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)

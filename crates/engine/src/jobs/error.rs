@@ -98,8 +98,11 @@ pub enum JobError {
     #[error("shred interrupted on {image}; run `pdguard image shred {image} --yes` to finish it (its key is already unusable)")]
     ShredInterrupted { image: String },
 
-    #[error("{image} was crypto-erased by `pdguard image shred`: its key is destroyed and its data cannot be recovered; delete the image or seal new data into it")]
+    #[error("{image} was crypto-erased by `pdguard image shred`: its key is destroyed and its data cannot be recovered; delete the image, or delete its tombstone record on purpose before sealing new data into it")]
     Shredded { image: String },
+
+    #[error("{image} was crypto-erased (tombstone record {record}), and a shred is final: it is not sealed over. To reuse the image for new data on purpose, delete the tombstone (`rm {record}`), then seal again")]
+    SealOverShred { image: String, record: String },
 
     #[error("{0}")]
     Unsupported(String),

@@ -19,6 +19,9 @@ use super::strategy::{self, PassCtx, Strategy};
 use super::Progress;
 use crate::store::{Disk, ImageLock, LockMode, Sparse, Storage, StoreError};
 
+mod rescue;
+pub use rescue::{rescue, RescueReport};
+
 /// How to seal an image that is not sealed yet.
 #[derive(Debug, Clone)]
 pub struct SealOptions {
@@ -230,6 +233,8 @@ pub fn verify(
     };
     let image = storage.open_image(false).map_err(store_err)?;
     check_size(storage, &rec, &*image)?;
+    // Like unseal: a record of another image is named as such, not as tampering.
+    check_sealed_fingerprint(storage, &rec, &*image)?;
     progress.pass("verify", rec.image_bytes);
     let scheme = rec.digest_scheme().ok_or_else(|| JobError::Record {
         record: storage.record_name(),
@@ -277,6 +282,47 @@ fn hash_image(
         }
     }
     Ok(hasher.finalize().to_hex().to_string())
+}
+
+/// BLAKE3 of the sampled sectors of `image` ([`fingerprint_sectors`]), each with its index.
+fn sampled_fingerprint(image: &dyn Disk, g: Geometry) -> Result<String, StoreError> {
+    let mut h = blake3::Hasher::new();
+    let mut buf = vec![0u8; g.sector_size() as usize];
+    for j in fingerprint_sectors(g.sectors()) {
+        image.read_at(&mut buf, g.offset(j))?;
+        h.update(&j.to_le_bytes());
+        h.update(&buf);
+    }
+    Ok(h.finalize().to_hex().to_string())
+}
+
+/// The sealed image's sampled sectors are the ones the record saw at the end of the seal;
+/// otherwise the record is of another image (or those sectors were rewritten).
+fn check_sealed_fingerprint(
+    storage: &dyn Storage,
+    rec: &SealRecord,
+    image: &dyn Disk,
+) -> Result<()> {
+    let Some(want) = &rec.sealed_fingerprint else {
+        return Ok(());
+    };
+    let g = rec.geometry().map_err(|e| JobError::Record {
+        record: storage.record_name(),
+        source: pdguard_core::RecordError::Inconsistent(e.to_string()),
+    })?;
+    let fp = sampled_fingerprint(image, g).map_err(|source| JobError::Store {
+        image: storage.image_name(),
+        source,
+    })?;
+    if *want != fp {
+        return Err(JobError::Mismatch {
+            image: storage.image_name(),
+            record: storage.record_name(),
+            why: "sampled sectors of the image differ from the sealed image the record describes"
+                .into(),
+        });
+    }
+    Ok(())
 }
 
 fn in_progress(storage: &dyn Storage, phase: Phase) -> JobError {
@@ -373,15 +419,13 @@ pub fn seal(
             finish_unsealed(storage, &rec)?;
             fresh_seal(storage, opts, progress)
         }
+        // A shred is final: its tombstone says the data is gone, and a new seal would
+        // replace that evidence. The user removes the tombstone on purpose to reuse the image.
         Phase::Shredding => Err(in_progress(storage, rec.phase)),
-        Phase::Shredded => {
-            // The old contents are unrecoverable noise: sealing new data over them is fine.
-            storage.remove_record().map_err(|source| JobError::Store {
-                image: storage.image_name(),
-                source,
-            })?;
-            fresh_seal(storage, opts, progress)
-        }
+        Phase::Shredded => Err(JobError::SealOverShred {
+            image: storage.image_name(),
+            record: storage.record_name(),
+        }),
     }
 }
 
@@ -975,14 +1019,7 @@ impl<'a> Job<'a> {
     }
 
     fn fingerprint(&self) -> Result<String, StoreError> {
-        let mut h = blake3::Hasher::new();
-        let mut buf = vec![0u8; self.geometry.sector_size() as usize];
-        for j in fingerprint_sectors(self.geometry.sectors()) {
-            self.image.read_at(&mut buf, self.geometry.offset(j))?;
-            h.update(&j.to_le_bytes());
-            h.update(&buf);
-        }
-        Ok(h.finalize().to_hex().to_string())
+        sampled_fingerprint(&*self.image, self.geometry)
     }
 
     fn check_fingerprint(&self) -> Result<()> {

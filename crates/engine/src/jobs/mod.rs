@@ -12,8 +12,8 @@ pub mod strategy;
 
 pub use error::{JobError, Result};
 pub use job::{
-    inspect, seal, shred, unseal, unseal_with, verify, JobReport, Outcome, SealOptions,
-    VerifyReport,
+    inspect, rescue, seal, shred, unseal, unseal_with, verify, JobReport, Outcome, RescueReport,
+    SealOptions, VerifyReport,
 };
 
 /// Receives progress of a job; the CLI draws a bar from it, the daemon exports it.

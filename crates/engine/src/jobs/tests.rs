@@ -507,7 +507,16 @@ fn shred_destroys_the_key_and_unseal_is_refused() {
     seal(&p, &SealOptions::default(), &NoProgress).unwrap();
     assert!(matches!(shred(&p, None), Err(JobError::Unsupported(_))));
     assert!(p.key_slot().is_none(), "a patent seal has a key slot");
-    // New data can be sealed over a shredded image.
+    // A shred is final: sealing over its tombstone is refused and changes nothing...
+    let tomb = s.record().unwrap();
+    assert!(matches!(
+        seal(&s, &o, &NoProgress),
+        Err(JobError::SealOverShred { .. })
+    ));
+    assert_eq!(s.record().unwrap(), tomb);
+    assert_eq!(s.image(), sealed);
+    // ...until the user removes the tombstone on purpose: then new data can be sealed.
+    s.remove_record().unwrap();
     seal(&s, &o, &NoProgress).unwrap();
     unseal(&s, Some(&master()), &NoProgress).unwrap();
     assert_eq!(s.image(), sealed);

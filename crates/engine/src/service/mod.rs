@@ -10,6 +10,7 @@ pub mod docker;
 mod error;
 mod metrics;
 mod nbd;
+mod startup;
 mod volumes;
 
 use std::collections::{BTreeMap, HashMap};
@@ -25,6 +26,7 @@ use tokio::sync::{watch, Mutex, Semaphore};
 pub use error::ServiceError;
 pub use metrics::Metrics;
 pub use nbd::{NbdExport, NBD_CONTAINER_PREFIX};
+pub use startup::{lock_path, DAEMON_LOCK_FILE};
 pub use volumes::{VolumeError, VolumeOptions, VolumeView};
 
 use crate::error_chain;
@@ -52,6 +54,18 @@ pub struct Config {
     pub strategy: String,
     /// A container stopped on purpose counts as non-operational (DESIGN.md §4).
     pub seal_stopped: bool,
+    /// Also told of every job's progress (the binary's test-only pause hook).
+    pub observer: Option<Observer>,
+}
+
+/// A [`Progress`] that sees every job of the daemon.
+#[derive(Clone)]
+pub struct Observer(pub Arc<dyn Progress>);
+
+impl std::fmt::Debug for Observer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Observer")
+    }
 }
 
 /// What a job is doing now, for `status` and `disk show`.
@@ -126,6 +140,8 @@ impl State {
 }
 
 struct Shared {
+    /// Held for the daemon's life: one daemon per state directory.
+    _daemon_lock: crate::store::ImageLock,
     cfg: Config,
     registry: Registry,
     state: Mutex<State>,
@@ -165,6 +181,8 @@ impl Service {
     /// Open the registry in the state directory and recover: resume interrupted jobs and
     /// set every gate from its disk's state.
     pub async fn start(cfg: Config) -> Result<Self> {
+        cfg.check().map_err(ServiceError::Invalid)?;
+        let daemon_lock = startup::lock_state_dir(&cfg.state_dir)?;
         let disks_dir = cfg.state_dir.join("disks");
         std::fs::create_dir_all(&disks_dir).map_err(|source| ServiceError::Io {
             what: format!("cannot create {}", disks_dir.display()),
@@ -187,6 +205,7 @@ impl Service {
         let jobs = cfg.jobs.max(1);
         let svc = Self {
             s: Arc::new(Shared {
+                _daemon_lock: daemon_lock,
                 cfg,
                 registry,
                 state: Mutex::new(state),
@@ -208,24 +227,59 @@ impl Service {
     }
 
     async fn recover(&self) {
-        let st = self.s.state.lock().await;
-        for d in st.disks.values() {
+        let mut st = self.s.state.lock().await;
+        for d in st.disks.values_mut() {
+            if d.state == DiskState::Failed {
+                self.retry_failed(d);
+            }
             let gate = self.gate(&d.name);
             gate.set(self.gate_state_for(d.state));
-            match d.state {
-                DiskState::Sealing => {
-                    tracing::info!(disk = %d.name, "resuming an interrupted seal");
-                    self.start_job(d, JobKind::Seal);
-                }
-                DiskState::Unsealing => {
-                    tracing::info!(disk = %d.name, "resuming an interrupted unseal");
-                    self.start_job(d, JobKind::Unseal);
-                }
-                _ => {}
-            }
+            let kind = match d.state {
+                DiskState::Sealing => JobKind::Seal,
+                DiskState::Unsealing => JobKind::Unseal,
+                _ => continue,
+            };
+            let from = jobs::inspect(&storage_of(d))
+                .map(|r| format!("from {}", r.phase.name()))
+                .unwrap_or_else(|_| "from the start".into());
+            let job = if kind == JobKind::Seal {
+                "seal"
+            } else {
+                "unseal"
+            };
+            tracing::info!(disk = %d.name, "resuming {job} of {} {from}", d.name);
+            self.start_job(d, kind);
         }
         drop(st);
         self.fail_lost_records().await;
+    }
+
+    /// A disk that failed for a reason a restart may have removed (a bad setting, a full
+    /// file system) is retried: a dangling disk whose seal never wrote a record is sealed
+    /// again, and a job a record shows half done is resumed. A failure of the data itself
+    /// (a sealed image that does not verify, a lost record) stays `failed`.
+    fn retry_failed(&self, d: &mut Disk) {
+        let storage = storage_of(d);
+        let next = if !storage.record_path().exists() {
+            (d.dangling && !d.record_expected).then_some(DiskState::Sealing)
+        } else {
+            match jobs::inspect(&storage).map(|r| r.phase) {
+                Ok(pdguard_core::Phase::SealScatter | pdguard_core::Phase::SealGather) => {
+                    Some(DiskState::Sealing)
+                }
+                Ok(pdguard_core::Phase::UnsealScatter | pdguard_core::Phase::UnsealGather) => {
+                    Some(DiskState::Unsealing)
+                }
+                _ => None,
+            }
+        };
+        let Some(next) = next else { return };
+        tracing::info!(disk = %d.name, error = d.error.as_deref().unwrap_or(""), "retrying a disk that failed before this start");
+        d.state = next;
+        d.error = None;
+        if let Err(e) = self.persist(d) {
+            tracing::error!(disk = %d.name, error = %e, "cannot record the retry");
+        }
     }
 
     /// A sealed disk whose record is gone is `failed`, with a message saying so.
@@ -896,6 +950,22 @@ impl Service {
         self.s.metrics.render(&by_state, dangling, gate_waits)
     }
 
+    /// Each running job as (disk, "seal pass scatter"), for shutdown messages.
+    pub fn running_jobs(&self) -> Vec<(String, String)> {
+        let progress = lock(&self.s.progress);
+        let mut v: Vec<(String, String)> = lock(&self.s.running)
+            .keys()
+            .map(|d| {
+                let what = progress.get(d).map_or("a job".to_string(), |p| {
+                    format!("{} (pass {})", p.job, p.pass)
+                });
+                (d.clone(), what)
+            })
+            .collect();
+        v.sort();
+        v
+    }
+
     /// Wait for every running job to end (for shutdown and tests).
     pub async fn wait_idle(&self) {
         loop {
@@ -1098,9 +1168,15 @@ impl Progress for DiskProgress {
                 total_bytes,
             },
         );
+        if let Some(o) = &self.svc.s.cfg.observer {
+            o.0.pass(name, total_bytes);
+        }
     }
 
     fn advance(&self, bytes: u64) {
+        if let Some(o) = &self.svc.s.cfg.observer {
+            o.0.advance(bytes);
+        }
         self.svc.s.metrics.moved(bytes);
         if let Some(p) = lock(&self.svc.s.progress).get_mut(&self.disk) {
             p.done_bytes += bytes;

@@ -101,7 +101,7 @@ pub trait Disk: Send + Sync {
     }
 }
 
-pub use lock::{ImageLock, LockMode};
+pub use lock::{flock_path, ImageLock, LockMode};
 pub use sparse::{DataMap, Sparse};
 
 /// Everything one job touches: the image, its thin disk and its seal record.

@@ -100,6 +100,99 @@ pub enum DiskCommand {
         /// The disk's name.
         name: String,
     },
+    /// Wait until a disk reaches a state: exit 0 when it does, 1 if it fails (unless
+    /// waiting for `failed`), 124 when the timeout runs out.
+    Wait {
+        name: String,
+        /// The state to wait for.
+        #[arg(long, value_enum)]
+        state: WaitState,
+        /// Give up after this long, e.g. 60s, 2m or 500ms.
+        #[arg(long, default_value = "60s")]
+        timeout: String,
+    },
+}
+
+/// A disk state a script can wait for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum WaitState {
+    /// Never attached (or unsealed with no container).
+    Available,
+    /// Used by a running container.
+    Attached,
+    /// No operational container; the grace period is running.
+    Grace,
+    /// A seal job is running.
+    Sealing,
+    /// Sealed.
+    Sealed,
+    /// An unseal job is running.
+    Unsealing,
+    /// The last job failed.
+    Failed,
+}
+
+impl WaitState {
+    fn name(self) -> &'static str {
+        match self {
+            Self::Available => "available",
+            Self::Attached => "attached",
+            Self::Grace => "grace",
+            Self::Sealing => "sealing",
+            Self::Sealed => "sealed",
+            Self::Unsealing => "unsealing",
+            Self::Failed => "failed",
+        }
+    }
+}
+
+/// `disk wait`: poll the disk until it is in `want`, fails, or `timeout` runs out.
+fn wait(
+    name: &str,
+    want: WaitState,
+    timeout: &str,
+    conn: &Conn,
+    cli: &Cli,
+) -> Result<(), CliError> {
+    let limit = humantime::parse_duration(timeout).map_err(|_| {
+        CliError::Usage(format!(
+            "--timeout {timeout:?} is not a duration such as 60s, 2m or 500ms"
+        ))
+    })?;
+    let path = format!("/v1/disks/{}", seg(name)?);
+    let rt = runtime()?;
+    let at = conn.endpoint()?;
+    let token = conn.token(&at)?;
+    let t0 = std::time::Instant::now();
+    loop {
+        let v = rt.block_on(call(&at, token.as_ref(), "GET", &path, None))?;
+        let state = v["state"].as_str().unwrap_or("?");
+        if state == want.name() {
+            if cli.json {
+                out!(
+                    "{}",
+                    json!({ "disk": name, "state": state, "seconds": t0.elapsed().as_secs_f64() })
+                );
+            } else {
+                out!("{name}: {state} after {:.1} s", t0.elapsed().as_secs_f64());
+            }
+            return Ok(());
+        }
+        if state == "failed" {
+            return Err(CliError::Input(format!(
+                "disk {name:?} failed while waiting for {}: {}; see `pdguard disk show {name}`",
+                want.name(),
+                v["error"].as_str().unwrap_or("no reason recorded")
+            )));
+        }
+        if t0.elapsed() >= limit {
+            return Err(CliError::Timeout(format!(
+                "disk {name:?} is still {state} after {timeout}, not {}; wait longer with --timeout",
+                want.name()
+            )));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -123,8 +216,12 @@ pub enum ContainerCommand {
         #[arg(long)]
         removed: bool,
     },
-    /// List containers.
-    Ls,
+    /// List containers (removed ones whose disks are all released only with --all).
+    Ls {
+        /// Also list removed containers that no longer hold a disk.
+        #[arg(long)]
+        all: bool,
+    },
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime, CliError> {
@@ -155,6 +252,11 @@ fn seg(name: &str) -> Result<&str, CliError> {
 
 pub fn disk(cmd: &DiskCommand, conn: &Conn, cli: &Cli) -> Result<(), CliError> {
     let v = match cmd {
+        DiskCommand::Wait {
+            name,
+            state,
+            timeout,
+        } => return wait(name, *state, timeout, conn, cli),
         DiskCommand::Create { name, size, path } => {
             let bytes = *size;
             let given = path;
@@ -218,13 +320,32 @@ pub fn disk(cmd: &DiskCommand, conn: &Conn, cli: &Cli) -> Result<(), CliError> {
     }
     match cmd {
         DiskCommand::Ls => print_disks(&v["disks"]),
-        DiskCommand::Rm { name, .. } => out!("removed disk {name}"),
+        DiskCommand::Rm {
+            name,
+            shred,
+            keep_file,
+        } => {
+            let how = match (shred, keep_file) {
+                (true, _) => {
+                    " after shredding it: its key is destroyed and its data cannot be recovered"
+                }
+                (_, true) => "; its file and seal record are kept as they were",
+                _ => "",
+            };
+            out!("removed disk {name}{how}");
+        }
         _ => print_disk(&v),
     }
     Ok(())
 }
 
 pub fn container(cmd: &ContainerCommand, conn: &Conn, cli: &Cli) -> Result<(), CliError> {
+    // What the disks were before, to say afterwards what changed.
+    let before = match cmd {
+        ContainerCommand::Ls { .. } => Value::Null,
+        _ => request(conn, "GET", "/v1/status", None)?,
+    };
+    let t0 = std::time::Instant::now();
     let v = match cmd {
         ContainerCommand::Up { id, disks } => request(
             conn,
@@ -249,27 +370,55 @@ pub fn container(cmd: &ContainerCommand, conn: &Conn, cli: &Cli) -> Result<(), C
                 Some(json!({ "state": state })),
             )?
         }
-        ContainerCommand::Ls => request(conn, "GET", "/v1/containers", None)?,
+        ContainerCommand::Ls { .. } => request(conn, "GET", "/v1/containers", None)?,
     };
     if cli.json {
         out!("{v}");
         return Ok(());
     }
     match cmd {
-        ContainerCommand::Ls => print_containers(&v["containers"]),
-        ContainerCommand::Up { id, .. } => {
+        ContainerCommand::Ls { all } => print_containers(&v["containers"], *all),
+        ContainerCommand::Up { id, disks } => {
+            let secs = t0.elapsed().as_secs_f64();
             out!("container {id} is running; its disks are usable:");
-            print_disks(&v["disks"]);
+            for name in disks {
+                let was = disk_state(&before, name);
+                let did = match was.as_str() {
+                    "sealed" | "sealing" | "unsealing" | "failed" => {
+                        format!("unsealed and verified in {secs:.1} s (was {was})")
+                    }
+                    _ => "attached".to_string(),
+                };
+                out!("  {name}: {did}");
+            }
         }
-        ContainerCommand::Down { id, .. } => out!(
-            "container {id} is {}",
-            v["container"]["state"].as_str().unwrap_or("?")
-        ),
+        ContainerCommand::Down { id, .. } => {
+            out!(
+                "container {id} is {}",
+                v["container"]["state"].as_str().unwrap_or("?")
+            );
+            let after = request(conn, "GET", "/v1/status", None)?;
+            let held = before["containers"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .find(|c| c["id"].as_str() == Some(id.as_str()))
+                .map(|c| c["disks"].clone())
+                .unwrap_or(Value::Null);
+            for name in held
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(Value::as_str)
+            {
+                out!("  {name}: {}", disk_news(&after, name));
+            }
+        }
     }
     Ok(())
 }
 
-pub fn status(watch: bool, conn: &Conn, cli: &Cli) -> Result<(), CliError> {
+pub fn status(watch: bool, all: bool, conn: &Conn, cli: &Cli) -> Result<(), CliError> {
     let rt = runtime()?;
     let at = conn.endpoint()?;
     let token = conn.token(&at)?;
@@ -289,7 +438,7 @@ pub fn status(watch: bool, conn: &Conn, cli: &Cli) -> Result<(), CliError> {
             );
             print_docker(&v["docker"]);
             print_disks(&v["disks"]);
-            print_containers(&v["containers"]);
+            print_containers(&v["containers"], all);
         }
         if !watch {
             return Ok(());
@@ -311,6 +460,69 @@ fn print_docker(d: &Value) {
             d["error"].as_str().unwrap_or("not reached yet")
         );
     }
+}
+
+/// The state of disk `name` in a `/v1/status` answer.
+fn disk_state(status: &Value, name: &str) -> String {
+    find_disk(status, name)["state"]
+        .as_str()
+        .unwrap_or("unknown")
+        .to_string()
+}
+
+fn find_disk<'a>(status: &'a Value, name: &str) -> &'a Value {
+    status["disks"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|d| d["name"].as_str() == Some(name))
+        .unwrap_or(&Value::Null)
+}
+
+/// A disk's state after a `container down`, and when its grace period ends.
+fn disk_news(status: &Value, name: &str) -> String {
+    let d = find_disk(status, name);
+    let state = d["state"].as_str().unwrap_or("unknown");
+    match (state, d["grace_until_ms"].as_u64()) {
+        ("grace", Some(until)) => {
+            let now = pdguard_engine::service::now_ms();
+            let left = until.saturating_sub(now) as f64 / 1000.0;
+            let at = humantime::format_rfc3339_seconds(
+                std::time::UNIX_EPOCH + Duration::from_millis(until),
+            );
+            format!("grace until {at} (in {left:.0} s); then it is sealed unless a container takes it back")
+        }
+        ("attached", _) => "attached: another running container still uses it".into(),
+        (s, _) => s.to_string(),
+    }
+}
+
+/// Names in natural order: d2 before d10.
+fn natural_key(s: &str) -> Vec<(u8, u128, String)> {
+    let mut out = Vec::new();
+    let mut chars = s.chars().peekable();
+    while let Some(&c) = chars.peek() {
+        let digit = c.is_ascii_digit();
+        let mut run = String::new();
+        while let Some(&c) = chars.peek() {
+            if c.is_ascii_digit() != digit {
+                break;
+            }
+            run.push(c);
+            chars.next();
+        }
+        match (digit, run.parse::<u128>()) {
+            (true, Ok(n)) => out.push((0, n, run)),
+            _ => out.push((1, 0, run)),
+        }
+    }
+    out
+}
+
+fn sorted_by<'a>(items: &'a Value, key: &str) -> Vec<&'a Value> {
+    let mut v: Vec<&Value> = items.as_array().into_iter().flatten().collect();
+    v.sort_by_cached_key(|x| natural_key(x[key].as_str().unwrap_or("")));
+    v
 }
 
 fn progress_of(d: &Value) -> String {
@@ -335,7 +547,7 @@ fn print_disks(disks: &Value) {
         "SIZE",
         "JOB"
     );
-    for d in disks.as_array().into_iter().flatten() {
+    for d in sorted_by(disks, "name") {
         out!(
             "{:<16} {:<10} {:<8} {:>12}  {:<24} {}",
             d["name"].as_str().unwrap_or("?"),
@@ -374,20 +586,39 @@ fn print_disk(d: &Value) {
     }
 }
 
-fn print_containers(cs: &Value) {
+/// Containers in natural order; a removed one that holds no disk any more only with `all`.
+fn print_containers(cs: &Value, all: bool) {
     out!("{:<24} {:<10} DISKS", "CONTAINER", "STATE");
-    for c in cs.as_array().into_iter().flatten() {
+    for c in sorted_by(cs, "id") {
         let disks: Vec<&str> = c["disks"]
             .as_array()
             .into_iter()
             .flatten()
             .filter_map(Value::as_str)
             .collect();
+        if !all && disks.is_empty() && c["state"].as_str() == Some("removed") {
+            continue;
+        }
         out!(
             "{:<24} {:<10} {}",
             c["id"].as_str().unwrap_or("?"),
             c["state"].as_str().unwrap_or("?"),
             disks.join(",")
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_sort_naturally() {
+        let v = json!([{ "name": "d10" }, { "name": "d2" }, { "name": "a" }, { "name": "d1" }]);
+        let names: Vec<&str> = sorted_by(&v, "name")
+            .iter()
+            .filter_map(|d| d["name"].as_str())
+            .collect();
+        assert_eq!(names, ["a", "d1", "d2", "d10"]);
     }
 }

@@ -96,6 +96,14 @@ pub struct Target {
 pub struct UnsealArgs {
     #[command(flatten)]
     pub target: Target,
+    /// Recovery of a damaged seal: write the best-effort plaintext to --output even when
+    /// the digests do not match (exit 3 then). The sealed image and its record are left
+    /// as they are.
+    #[arg(long, requires = "output")]
+    pub force: bool,
+    /// With --force: a new file for the plaintext (never overwritten; mode 0600).
+    #[arg(long, value_name = "FILE", requires = "force")]
+    pub output: Option<PathBuf>,
     #[command(flatten)]
     pub memory: MemoryArg,
 }
@@ -176,7 +184,10 @@ pub struct SealArgs {
 pub fn run(cmd: &ImageCommand, cli: &Cli) -> Result<(), CliError> {
     match cmd {
         ImageCommand::Seal(a) => seal(a, cli),
-        ImageCommand::Unseal(a) => unseal(&a.target, a.memory.bytes, cli),
+        ImageCommand::Unseal(a) => match &a.output {
+            Some(out) if a.force => super::rescue::run(&a.target, out, a.memory.bytes, cli),
+            _ => unseal(&a.target, a.memory.bytes, cli),
+        },
         ImageCommand::Verify(a) => verify(&a.located.target(a.key_file.as_deref()), cli),
         ImageCommand::Inspect(l) => inspect(&l.target(None), cli),
         ImageCommand::Shred(a) => shred(a, cli),
@@ -185,7 +196,7 @@ pub fn run(cmd: &ImageCommand, cli: &Cli) -> Result<(), CliError> {
 
 /// The master key for a secure-profile job on an existing seal: the key is required, and a
 /// missing file is reported as such (making a new key would not help).
-fn key_for(t: &Target, rec: &SealRecord) -> Result<Option<MasterKey>, CliError> {
+pub(super) fn key_for(t: &Target, rec: &SealRecord) -> Result<Option<MasterKey>, CliError> {
     if rec.profile != Profile::Secure || rec.phase.is_shred() {
         return Ok(None);
     }
@@ -202,7 +213,7 @@ fn key_for(t: &Target, rec: &SealRecord) -> Result<Option<MasterKey>, CliError> 
 }
 
 /// Check the target before anything opens it, and build its storage.
-fn storage(t: &Target) -> Result<ImageStorage, CliError> {
+pub(super) fn storage(t: &Target) -> Result<ImageStorage, CliError> {
     let p = &t.path;
     let meta = std::fs::metadata(p).map_err(|e| match e.kind() {
         std::io::ErrorKind::NotFound => CliError::Input(format!(

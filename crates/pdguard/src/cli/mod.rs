@@ -16,6 +16,7 @@ mod docs;
 mod image;
 mod paths;
 mod progress;
+mod rescue;
 mod serve;
 pub mod size;
 mod testhook;
@@ -83,6 +84,9 @@ pub enum Command {
         /// Refresh every second until interrupted.
         #[arg(long)]
         watch: bool,
+        /// Also list removed containers that no longer hold a disk.
+        #[arg(long)]
+        all: bool,
     },
     /// Write a new random master key file (mode 0600); never overwrites one.
     Keygen {
@@ -138,6 +142,12 @@ pub enum CliError {
     },
     #[error("demo failed: {0}")]
     Demo(String),
+    /// A command did its work but the data did not verify (exit 3).
+    #[error("{0}")]
+    Unverified(String),
+    /// A wait ran out of time (exit 124, like timeout(1)).
+    #[error("{0}")]
+    Timeout(String),
 }
 
 impl CliError {
@@ -151,6 +161,8 @@ impl CliError {
                 3
             }
             Self::Usage(_) => 2,
+            Self::Unverified(_) => 3,
+            Self::Timeout(_) => 124,
             _ => 1,
         }
     }
@@ -178,7 +190,7 @@ pub fn run(cli: &Cli) -> Result<(), CliError> {
         Command::Serve(a) => serve::run(a),
         Command::Disk { conn, cmd } => client::disk(cmd, conn, cli),
         Command::Container { conn, cmd } => client::container(cmd, conn, cli),
-        Command::Status { conn, watch } => client::status(*watch, conn, cli),
+        Command::Status { conn, watch, all } => client::status(*watch, *all, conn, cli),
     }
 }
 

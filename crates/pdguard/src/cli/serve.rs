@@ -144,30 +144,48 @@ pub fn state_dir(flag: Option<&Path>) -> PathBuf {
         .unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_DIR))
 }
 
-fn master_key(a: &ServeArgs, state: &Path) -> Result<Option<MasterKey>, CliError> {
+/// The master key of new seals and where it was read (or made).
+fn master_key(a: &ServeArgs, state: &Path) -> Result<Option<(MasterKey, PathBuf)>, CliError> {
     if matches!(a.profile, ProfileArg::Patent) && a.key_file.is_none() {
         return Ok(None);
     }
     let explicit = a.key_file.is_some() || std::env::var_os(keyfile::KEY_FILE_ENV).is_some();
     let system = PathBuf::from(keyfile::DEFAULT_KEY_FILE);
     if explicit || system.exists() {
-        return Ok(Some(keyfile::load(&keyfile::locate(
-            a.key_file.as_deref(),
-        ))?));
+        let path = keyfile::locate(a.key_file.as_deref());
+        return Ok(Some((keyfile::load(&path)?, path)));
     }
     let own = state.join("master.key");
     match keyfile::load(&own) {
-        Ok(k) => Ok(Some(k)),
+        Ok(k) => Ok(Some((k, own))),
         Err(KeyFileError::Missing { .. }) => {
             let k = keyfile::generate(&own)?;
             tracing::warn!(path = %own.display(), id = %k.id(), "made a new master key; back it up");
-            Ok(Some(k))
+            Ok(Some((k, own)))
         }
         Err(e) => Err(e.into()),
     }
 }
 
+/// How long a SIGTERM waits for running jobs before it leaves them to their records.
+const SHUTDOWN_WAIT: Duration = Duration::from_secs(5);
+
 pub fn run(a: &ServeArgs) -> Result<(), CliError> {
+    // Settings are checked before the state directory is touched: a bad one is a usage
+    // error now, not a failed seal later.
+    if let Some(name) = &a.strategy {
+        if pdguard_engine::jobs::strategy::by_name(name).is_none() {
+            return Err(CliError::Usage(format!(
+                "--strategy {name:?} is not a strategy; use one of: {}",
+                pdguard_engine::jobs::strategy::STRATEGIES.join(", ")
+            )));
+        }
+    }
+    if a.jobs == Some(0) {
+        return Err(CliError::Usage(
+            "--jobs 0: at least one job must be able to run; pass --jobs 1 or more".into(),
+        ));
+    }
     let grace = humantime::parse_duration(&a.grace).map_err(|e| {
         CliError::Usage(format!(
             "--grace {:?} is not a duration such as 30s, 2m or 500ms: {e}",
@@ -215,13 +233,14 @@ pub fn run(a: &ServeArgs) -> Result<(), CliError> {
             token_file: None,
         },
     };
+    let key = master_key(a, &state)?;
     let cfg = Config {
         grace,
         profile: match a.profile {
             ProfileArg::Secure => Profile::Secure,
             ProfileArg::Patent => Profile::Patent,
         },
-        master_key: master_key(a, &state)?,
+        master_key: key.as_ref().map(|(k, _)| k.clone()),
         sealed_io: match a.sealed_io {
             SealedIoArg::ReadOnly => SealedIo::ReadOnly,
             SealedIoArg::Refuse => SealedIo::Refuse,
@@ -238,6 +257,13 @@ pub fn run(a: &ServeArgs) -> Result<(), CliError> {
             .unwrap_or_else(|| SealOptions::default().strategy),
         seal_stopped: a.seal_stopped,
         state_dir: state,
+        observer: super::testhook::PauseAt::from_env()
+            .map(|p| pdguard_engine::service::Observer(std::sync::Arc::new(p))),
+    };
+    cfg.check().map_err(CliError::Usage)?;
+    let key_text = match &key {
+        Some((k, path)) => format!("master key {} (id {})", path.display(), k.id()),
+        None => "no master key (patent profile)".to_string(),
     };
     let nbd = nbd_options(a)?;
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -247,7 +273,11 @@ pub fn run(a: &ServeArgs) -> Result<(), CliError> {
             what: "cannot start the async runtime".into(),
             source,
         })?;
-    rt.block_on(serve(cfg, endpoint, guard, docker, nbd))
+    let r = rt.block_on(serve(cfg, endpoint, guard, key_text, docker, nbd));
+    // A job still running was told to stop at its next checkpoint; it resumes from its
+    // record on the next start, as after a crash.
+    rt.shutdown_timeout(Duration::from_millis(200));
+    r
 }
 
 /// The NBD listeners and their settings, checked before anything starts.
@@ -316,6 +346,7 @@ async fn serve(
     cfg: Config,
     endpoint: Endpoint,
     guard: Guard,
+    key_text: String,
     docker: Option<DockerArgs>,
     nbd: NbdOptions,
 ) -> Result<(), CliError> {
@@ -343,23 +374,33 @@ async fn serve(
         tokio::spawn(async move { svc.run_policy(stop_rx).await })
     };
     let app = server::router(svc.clone(), guard);
-    let shutdown = async {
+    // Raised when the signal comes: a request still open (a client waiting for a job)
+    // holds the server only SHUTDOWN_WAIT longer.
+    let (sig_tx, sig_rx) = tokio::sync::watch::channel(false);
+    let shutdown = async move {
         let mut term =
             tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
         tokio::select! {
             _ = tokio::signal::ctrl_c() => {},
             _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => {},
         }
-        tracing::info!("shutting down; running jobs resume on the next start");
+        eprintln!(
+            "pdguard: stopping: no new requests; running jobs get {} s to finish",
+            SHUTDOWN_WAIT.as_secs()
+        );
+        let _ = sig_tx.send(true);
     };
     let state = svc.config().state_dir.display().to_string();
     let served = match &endpoint {
         Endpoint::Unix(path) => {
             let listener = bind_unix(path)?;
             eprintln!("pdguard: serving the admin API on {endpoint} (state {state})");
-            axum::serve(listener, app)
-                .with_graceful_shutdown(shutdown)
-                .await
+            hello(&state, &key_text, None);
+            bounded(
+                axum::serve(listener, app).with_graceful_shutdown(shutdown),
+                sig_rx,
+            )
+            .await
         }
         Endpoint::Tcp(addr) => {
             let listener = tokio::net::TcpListener::bind(addr)
@@ -373,9 +414,12 @@ async fn serve(
                 .local_addr()
                 .map_or(addr.clone(), |a| a.to_string());
             eprintln!("pdguard: serving the admin API on tcp:{bound} (state {state})");
-            axum::serve(listener, app)
-                .with_graceful_shutdown(shutdown)
-                .await
+            hello(&state, &key_text, Some(&bound));
+            bounded(
+                axum::serve(listener, app).with_graceful_shutdown(shutdown),
+                sig_rx,
+            )
+            .await
         }
     };
     let _ = stop_tx.send(true);
@@ -383,10 +427,53 @@ async fn serve(
         let _ = std::fs::remove_file(sock);
     }
     let _ = tokio::time::timeout(Duration::from_secs(1), policy).await;
+    if tokio::time::timeout(SHUTDOWN_WAIT, svc.wait_idle())
+        .await
+        .is_err()
+    {
+        for (disk, p) in svc.running_jobs() {
+            eprintln!("pdguard: {p} of {disk} did not finish; its seal record holds its place and it resumes on the next start");
+        }
+    }
+    if let Endpoint::Unix(path) = &endpoint {
+        let _ = std::fs::remove_file(path);
+    }
+    eprintln!("pdguard: stopped");
     served.map_err(|source| CliError::Io {
         what: "the admin API server failed".into(),
         source,
     })
+}
+
+/// The server future, given at most SHUTDOWN_WAIT after the signal to close open requests.
+async fn bounded<F>(server: F, mut sig: tokio::sync::watch::Receiver<bool>) -> std::io::Result<()>
+where
+    F: std::future::IntoFuture<Output = std::io::Result<()>>,
+{
+    let server = server.into_future();
+    tokio::pin!(server);
+    tokio::select! {
+        r = &mut server => r,
+        _ = async {
+            let _ = sig.wait_for(|s| *s).await;
+            tokio::time::sleep(SHUTDOWN_WAIT).await;
+        } => {
+            eprintln!("pdguard: requests still open after {} s were closed; their jobs resume from their records", SHUTDOWN_WAIT.as_secs());
+            Ok(())
+        }
+    }
+}
+
+/// Where the daemon is and what to try next, for a first-time operator.
+fn hello(state: &str, key_text: &str, tcp: Option<&str>) {
+    eprintln!("pdguard: {key_text}; PDGUARD_LOG=info logs every pass");
+    let next = match tcp {
+        None => format!("export PDGUARD_STATE_DIR={state}; pdguard disk create d1 --size 64M"),
+        Some(addr) => {
+            format!("pdguard --api tcp:{addr} --state-dir {state} disk create d1 --size 64M")
+        }
+    };
+    eprintln!("pdguard: next, in another shell: {next}");
 }
 
 /// Bind the socket with mode 0600, replacing a stale socket file but never another file.

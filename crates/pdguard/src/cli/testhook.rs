@@ -1,6 +1,7 @@
 //! A test-only hook: pause a job at a chosen byte of a chosen pass, so that end-to-end
-//! tests can SIGKILL it exactly there (tests/kill.rs) or hold its image lock while another
-//! job tries the same image (tests/locks.rs). Read only from the environment of this
+//! tests can SIGKILL it exactly there (tests/kill.rs), hold its image lock while another
+//! job tries the same image (tests/locks.rs), or stop a daemon with a job in flight
+//! (tests/operator.rs; `serve` passes it to its jobs). Read only from the environment of this
 //! binary; without `PDGUARD_TEST_PAUSE_AT` it does nothing.
 //!
 //! - `PDGUARD_TEST_PAUSE_AT=PASS:BYTES` (e.g. `gather:1048576`): when the pass named `PASS`
@@ -79,5 +80,16 @@ impl PauseAt {
                 std::thread::sleep(Duration::from_secs(3600));
             },
         }
+    }
+}
+
+/// The daemon's jobs report to the hook through the service's observer.
+impl pdguard_engine::jobs::Progress for PauseAt {
+    fn pass(&self, name: &'static str, _total_bytes: u64) {
+        PauseAt::pass(self, name);
+    }
+
+    fn advance(&self, bytes: u64) {
+        PauseAt::advance(self, bytes);
     }
 }

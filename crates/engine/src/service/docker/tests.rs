@@ -67,6 +67,7 @@ async fn env(seal_stopped: bool) -> Env {
         sector_size: 512,
         strategy: crate::jobs::SealOptions::default().strategy,
         seal_stopped,
+        observer: None,
     })
     .await
     .unwrap();
