@@ -140,6 +140,16 @@ fn lock_image(storage: &dyn Storage, mode: LockMode) -> Result<ImageLock> {
 /// seal has one and a key is given (every field, before any file is touched), and naming
 /// no thin disk but the one derived from the seal id.
 fn load(storage: &dyn Storage, key: Option<&MasterKey>) -> Result<Option<SealRecord>> {
+    load_with(storage, key, true)
+}
+
+/// [`load`], with the derived thin-disk check only when `thin` (a command that never
+/// touches a thin disk, like `verify`, does not judge which directory it was in).
+fn load_with(
+    storage: &dyn Storage,
+    key: Option<&MasterKey>,
+    thin: bool,
+) -> Result<Option<SealRecord>> {
     let Some((bytes, rec)) = decode(storage)? else {
         return Ok(None);
     };
@@ -159,7 +169,7 @@ fn load(storage: &dyn Storage, key: Option<&MasterKey>) -> Result<Option<SealRec
             source,
         })?;
     }
-    if let Some(named) = &rec.thin_path {
+    if let (true, Some(named)) = (thin, &rec.thin_path) {
         let derived = storage
             .thin_name(&rec.seal_id)
             .map_err(|source| JobError::Store {
@@ -220,7 +230,8 @@ pub fn verify(
     progress: &dyn Progress,
 ) -> Result<VerifyReport> {
     let _lock = lock_image(storage, LockMode::Shared)?;
-    let rec = load(storage, key)?.ok_or_else(|| not_sealed(storage))?;
+    // The sampled sectors below say whether the record belongs to the image.
+    let rec = load_with(storage, key, false)?.ok_or_else(|| not_sealed(storage))?;
     if rec.phase != Phase::Sealed {
         return Err(in_progress(storage, rec.phase));
     }

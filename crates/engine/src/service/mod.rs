@@ -182,12 +182,12 @@ impl Service {
     /// set every gate from its disk's state.
     pub async fn start(cfg: Config) -> Result<Self> {
         cfg.check().map_err(ServiceError::Invalid)?;
-        let daemon_lock = startup::lock_state_dir(&cfg.state_dir)?;
         let disks_dir = cfg.state_dir.join("disks");
         std::fs::create_dir_all(&disks_dir).map_err(|source| ServiceError::Io {
             what: format!("cannot create {}", disks_dir.display()),
             source,
         })?;
+        let daemon_lock = startup::lock_state_dir(&cfg.state_dir)?;
         let registry = Registry::open(&cfg.state_dir.join("registry.redb"))?;
         let mut state = State {
             seal_stopped: cfg.seal_stopped,

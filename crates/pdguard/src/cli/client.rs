@@ -103,6 +103,7 @@ pub enum DiskCommand {
     /// Wait until a disk reaches a state: exit 0 when it does, 1 if it fails (unless
     /// waiting for `failed`), 124 when the timeout runs out.
     Wait {
+        /// The disk's name.
         name: String,
         /// The state to wait for.
         #[arg(long, value_enum)]
