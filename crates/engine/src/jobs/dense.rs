@@ -17,7 +17,7 @@ use std::ops::Range;
 
 use pdguard_core::dense::{DataRanges, MAX_DENSE_RANGES};
 
-use crate::store::{Disk, ExtentView, Result};
+use crate::store::{Disk, ExtentView, Result, StoreError};
 
 /// The original's data map, and what the passes derive from it.
 pub struct Dense {
@@ -65,25 +65,72 @@ pub fn plan(image: &dyn Disk, sector: u64) -> Result<Option<Dense>> {
         .map(|r| Dense::new(r, sector)))
 }
 
-/// After the seal's gather: wipe what lies past the dense region `[0, from)`. Every range
-/// the file system reports as data there is overwritten with zeros and synced, and only
-/// then deallocated (DESIGN.md §3: deallocating is not wiping) and synced again. Taken from
-/// the map now, not the original's: a rolled-back unseal may have written there too.
-pub fn wipe_tail(image: &dyn Disk, from: u64) -> Result<()> {
+/// The seal's gather with the tail wipe beside it: `gather` runs on this thread while
+/// another overwrites `tail` (the ranges past the dense region that hold data, from
+/// [`tail_ranges`]) with zeros; then the image is synced, and only then is `tail`
+/// deallocated (DESIGN.md §3: deallocating is not wiping) and synced again.
+pub fn gather_and_wipe<T>(
+    image: &dyn Disk,
+    tail: &[Range<u64>],
+    gather: impl FnOnce() -> Result<T>,
+) -> Result<T> {
+    if tail.is_empty() {
+        let out = gather()?;
+        image.sync()?;
+        return Ok(out);
+    }
+    let out = std::thread::scope(|sc| {
+        let wiper = std::thread::Builder::new()
+            .name("pdguard-wipe".into())
+            .spawn_scoped(sc, || overwrite(image, tail))
+            .map_err(|e| StoreError::io("start the tail wipe of", "the image", e))?;
+        let out = gather();
+        let wiped = wiper.join().unwrap_or_else(|_| {
+            Err(StoreError::io(
+                "wipe",
+                "the image past its dense region",
+                std::io::Error::other("the wipe thread panicked"),
+            ))
+        });
+        out.and_then(|o| wiped.map(|()| o))
+    })?;
+    image.sync()?;
+    deallocate(image, tail)?;
+    Ok(out)
+}
+
+/// The ranges past `from` that the file system reports as data: what the original held
+/// there, or what a rolled-back unseal wrote there (taken now, not from the original's map).
+/// The ranges past `from` that the file system reports as data.
+pub fn tail_ranges(image: &dyn Disk, from: u64) -> Result<Vec<Range<u64>>> {
     let map = image.data_map()?;
-    let tail: Vec<Range<u64>> = map
+    Ok(map
         .pieces(from, image.len().saturating_sub(from))
         .filter(|(_, data)| *data)
         .map(|(r, _)| r)
-        .collect();
-    if tail.is_empty() {
+        .collect())
+}
+
+/// Overwrite `ranges` with zeros, in 1 MiB writes (not synced).
+pub fn overwrite(image: &dyn Disk, ranges: &[Range<u64>]) -> Result<()> {
+    let zeros = vec![0u8; 1 << 20];
+    for r in ranges {
+        let mut at = r.start;
+        while at < r.end {
+            let n = (r.end - at).min(zeros.len() as u64) as usize;
+            image.write_at(&zeros[..n], at)?;
+            at += n as u64;
+        }
+    }
+    Ok(())
+}
+
+/// Deallocate `ranges` (already overwritten and synced), then sync.
+pub fn deallocate(image: &dyn Disk, ranges: &[Range<u64>]) -> Result<()> {
+    if ranges.is_empty() {
         return Ok(());
     }
-    for r in &tail {
-        image.write_zeros(r.start, r.end - r.start)?;
-    }
-    image.sync()?;
-    for r in &tail {
+    for r in ranges {
         image.punch(r.start, r.end - r.start)?;
     }
     image.sync()
@@ -183,7 +230,13 @@ mod tests {
             inner: &*disk,
             log: Mutex::new(Vec::new()),
         };
-        wipe_tail(&logged, 3 * 4096).unwrap();
+        let tail = tail_ranges(&logged, 3 * 4096).unwrap();
+        let got = gather_and_wipe(&logged, &tail, || {
+            // The gather, beside the wipe: it writes the dense region only.
+            logged.inner.write_at(&[0x77; 4096], 0)?;
+            Ok(7)
+        });
+        assert_eq!(got.unwrap(), 7);
         let log = logged.log.into_inner().unwrap();
         assert_eq!(
             log,

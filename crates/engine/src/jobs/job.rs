@@ -1148,14 +1148,19 @@ impl<'a> Job<'a> {
         self.progress.pass("gather", self.geometry.disk_bytes());
         let view = self.sealed_view();
         let sealed = view.as_ref().map_or(&*self.image, |v| v as &dyn Disk);
-        let digest = self
-            .sparse(&*thin)
-            .and_then(|t| Ok((t, self.sparse(sealed)?)))
-            .and_then(|(t, i)| self.strategy.gather_sealed(&self.ctx(), &t, &i))
-            .and_then(|d| self.image.sync().map(|()| d))
-            .and_then(|d| match &view {
-                Some(v) => dense::wipe_tail(&*self.image, v.len()).map(|()| d),
-                None => Ok(d),
+        // Dense placement: the original's data past the dense region is overwritten beside
+        // the gather (other bytes, other I/O), synced with it, then deallocated. Without
+        // it the tail is empty and this is the gather and the image's sync.
+        let tail = match &view {
+            Some(v) => dense::tail_ranges(&*self.image, v.len()),
+            None => Ok(Vec::new()),
+        };
+        let digest = tail
+            .and_then(|tail| Ok((tail, self.sparse(&*thin)?, self.sparse(sealed)?)))
+            .and_then(|(tail, t, i)| {
+                dense::gather_and_wipe(&*self.image, &tail, || {
+                    self.strategy.gather_sealed(&self.ctx(), &t, &i)
+                })
             })
             .and_then(|d| Ok((d, self.fingerprint()?)))
             .map_err(|e| self.interrupted(e));
