@@ -17,8 +17,11 @@ usage: bench/seal.sh [--size SIZE] [--runs N] [--dir DIR] [--profiles "patent se
 
 Times `pdguard image seal IMG --profile R --placement P --strategy S` and
 `pdguard image unseal IMG` on a random, non-sparse image of SIZE bytes, against
-`cp --sparse=never IMG COPY && sync` of the same image, and prints medians, then the
-median time of each pass (from PDGUARD_LOG=info; `direct` logs none).
+`cp --sparse=never IMG COPY && sync` of the same image and against
+`qemu-img convert -O luks IMG COPY && sync` (one encrypted copy; PBKDF iter-time 10 ms so
+that the key derivation, a fixed 2 s by default, does not count), and prints medians, the
+space each sealed image allocates, whether the goals of issue 13 are met, then the median
+time of each pass (from PDGUARD_LOG=info; `direct` logs none).
 
   --size SIZE         image size: bytes, or with a suffix K M G T (KiB…, as head -c
                       reads them; KB MB GB TB are powers of 1000); a multiple of 512
@@ -42,8 +45,8 @@ median time of each pass (from PDGUARD_LOG=info; `direct` logs none).
                       extents, against `cp --sparse=always IMG COPY && sync` (copying the
                       data only; the goal is a seal within 3 x that copy). The patent
                       profile runs as is, the secure profile with --keep-holes (row
-                      "secure+kh"; without it every sector is encrypted and the whole image
-                      is written). The image is restored from a pristine sparse copy
+                      "secure+kh": dense placement, the data packed at the start; without
+                      it every sector is encrypted and the whole image is written). The image is restored from a pristine sparse copy
                       (untimed) before every step, and the space the sealed image allocates
                       is reported. Skipped, with a note, when DIR has too little free
                       space: pdguard asks for the data ranges plus a quarter and 16 MiB
@@ -241,6 +244,12 @@ digest() {
     printf '%s' "${d%% *}"
 }
 
+# The encrypted-copy reference of the random case (issue 13): qemu-img convert -O luks.
+qemu_img=$(command -v qemu-img 2>/dev/null) || qemu_img=
+if [[ -z $qemu_img ]]; then
+    say "note: qemu-img is not installed (Debian package qemu-utils): the luks reference row is left out"
+fi
+
 # Wall clock in seconds with a fraction: EPOCHREALTIME (bash >= 5) or date.
 if [[ -n ${EPOCHREALTIME:-} ]]; then
     now() { now_v=${EPOCHREALTIME/,/.}; }
@@ -381,7 +390,7 @@ done
 
 # Results, keyed "case|row" (times, ratios to the reference copy, pass times, bytes the sealed
 # image allocates) and "case" (reference copy times).
-declare -A seal_t=() unseal_t=() seal_r=() unseal_r=() ref_t=()
+declare -A seal_t=() unseal_t=() seal_r=() unseal_r=() ref_t=() luks_t=() luks_r=()
 declare -A seal_sc=() seal_ga=() unseal_sc=() unseal_ga=() seal_alloc=()
 
 # Per case: the --sector-size passed to seal (empty: pdguard's default, 512) and whether the
@@ -400,7 +409,8 @@ profile_label() {
 measure() {
     local case=$1 image=$2 want=$3 prepare=$4
     shift 4
-    local steps=(ref "${rows[@]}") nsteps r i step prof rest p s got sealed_digest this_ref
+    local steps=(ref "${rows[@]}") nsteps r i step prof rest p s got sealed_digest this_ref this_luks
+    if [[ $case == random && -n $qemu_img ]]; then steps=(ref luks "${rows[@]}"); fi
     local case_args=()
     if [[ -n ${case_sector[$case]} ]]; then case_args=(--sector-size "${case_sector[$case]}"); fi
     nsteps=${#steps[@]}
@@ -410,7 +420,7 @@ measure() {
             order+=("${steps[$(((i + r) % nsteps))]}")
         done
         local -A this_seal=() this_unseal=()
-        this_ref=
+        this_ref= this_luks=
         for step in "${order[@]}"; do
             "$prepare"
             if [[ $step == ref ]]; then
@@ -420,6 +430,16 @@ measure() {
                 rm -f -- "$copy"
                 sync
                 say "$case run $((r + 1))/$runs: reference copy+sync $elapsed s"
+                continue
+            fi
+            if [[ $step == luks ]]; then
+                timed "$qemu_img" convert -O luks --object secret,id=sec0,data=pdguard-bench \
+                    -o key-secret=sec0,iter-time=10 "$image" "$copy"
+                this_luks=$elapsed
+                luks_t[$case]+="$elapsed "
+                rm -f -- "$copy"
+                sync
+                say "$case run $((r + 1))/$runs: qemu-img convert -O luks + sync $elapsed s"
                 continue
             fi
             prof=${step%%/*}
@@ -452,6 +472,9 @@ measure() {
             fi
             say "$case run $((r + 1))/$runs: $(profile_label "$case" "$prof")/$p/$s seal ${this_seal[$step]} s, unseal ${this_unseal[$step]} s, round trip bit-exact"
         done
+        if [[ -n $this_luks ]]; then
+            luks_r[$case]+="$(awk -v a="$this_luks" -v b="$this_ref" 'BEGIN { printf "%.4f", (b > 0 ? a / b : 0) }') "
+        fi
         for step in "${rows[@]}"; do
             seal_t[$case|$step]+="${this_seal[$step]} "
             unseal_t[$case|$step]+="${this_unseal[$step]} "
@@ -478,9 +501,9 @@ if ((sparse)); then
         say "$sparse_note"
     else
         # The pristine image, and the one the steps work on: restored from it before every
-        # step, because a seal and unseal leave the image with more blocks allocated than it
-        # had (the sealed image's blocks stay allocated, holding zeros: pdguard never
-        # deallocates), which would make every later step work on a less sparse image.
+        # step, because a seal and unseal may leave the image with more blocks allocated than
+        # it had (the patent profile's sealed sectors take blocks of their own, holding zeros
+        # after the unseal), which would make every later step work on a less sparse image.
         sorig="$work/sparse.orig"
         simg="$work/sparse.img"
         say "making a sparse image of $sparse_bytes bytes holding $sparse_data bytes of random data in 16 extents"
@@ -518,6 +541,21 @@ median() {
 
 # --- report ----------------------------------------------------------------------------------
 
+# The goal of issue 13 for a row: "met", "no" or "-" (no goal: the patent profile's sparse
+# row, whose literal placement scatters over all sectors). Random image: seal and unseal at
+# most 2.0 x cp. Sparse image, secure profile with --keep-holes: seal and unseal at most 3 x
+# cp, and the sealed file allocates at most the data plus 1 %.
+goal() {
+    local case=$1 label=$2 sr=$3 ur=$4 alloc=$5
+    if [[ $case == random ]]; then
+        awk -v a="$sr" -v b="$ur" 'BEGIN { print (a <= 2.0 && b <= 2.0) ? "met" : "no" }'
+    elif [[ $label == secure+kh ]]; then
+        awk -v a="$sr" -v b="$ur" -v m="$alloc" -v d="$sparse_data" 'BEGIN { print (a <= 3.0 && b <= 3.0 && m <= d * 1.01) ? "met" : "no" }'
+    else
+        printf -- '-'
+    fi
+}
+
 cases=(random)
 if ((sparse)) && [[ -z $sparse_note ]]; then cases+=(sparse); fi
 if ((json)); then
@@ -540,7 +578,9 @@ if ((json)); then
                 -v ssc="$(median "${seal_sc[$k]}")" -v sga="$(median "${seal_ga[$k]}")" \
                 -v usc="$(median "${unseal_sc[$k]}")" -v uga="$(median "${unseal_ga[$k]}")" \
                 -v nproc="$(nproc)" -v cpu="$cpu_model" -v fs="$fs_type" -v version="$version" \
-                -v digest_tool="$digest_tool" -v memory="${memory:-default}" '
+                -v digest_tool="$digest_tool" -v memory="${memory:-default}" \
+                -v goal="$(goal "$case" "$(profile_label "$case" "${step%%/*}")" "$(median "${seal_r[$k]}")" "$(median "${unseal_r[$k]}")" "$(median "${seal_alloc[$k]}")")" \
+                -v luks="$(median "${luks_t[$case]:-}")" '
                 function q(s) { gsub(/\\/, "\\\\", s); gsub(/"/, "\\\"", s); return "\"" s "\"" }
                 function n(s) { return s == "-" ? "null" : sprintf("%.3f", s) }
                 BEGIN {
@@ -550,6 +590,7 @@ if ((json)); then
                     printf "\"median_sealed_allocated_bytes\":%s,", (alloc == "-" ? "null" : sprintf("%.0f", alloc))
                     printf "\"median_seal_over_cp\":%.2f,\"median_unseal_over_cp\":%.2f,\"ratio\":\"median of per-run ratios\",", sr, ur
                     printf "\"median_seal_scatter_s\":%s,\"median_seal_gather_s\":%s,\"median_unseal_scatter_s\":%s,\"median_unseal_gather_s\":%s,", n(ssc), n(sga), n(usc), n(uga)
+                    printf "\"goal\":%s,\"median_luks_sync_s\":%s,", q(goal), n(luks)
                     printf "\"round_trip\":\"bit-exact (%s)\",\"nproc\":%d,\"cpu\":%s,\"fs\":%s,\"pdguard\":%s}\n", digest_tool, nproc, q(cpu), q(fs), q(version)
                 }'
         done
@@ -569,31 +610,33 @@ printf 'every round trip checked bit-exact with %s\n' "$digest_tool"
 for case in "${cases[@]}"; do
     ref_med=$(median "${ref_t[$case]}")
     if [[ $case == random ]]; then
-        printf '\nreference: cp --sparse=never IMG COPY && sync\n'
+        printf '\nreference: cp --sparse=never IMG COPY && sync (%.2f s median)\n' "$ref_med"
+        if [[ -n ${luks_t[$case]:-} ]]; then
+            printf 'encrypted copy: qemu-img convert -O luks IMG COPY && sync (iter-time 10 ms): %.2f s median, %.2f x cp\n' "$(median "${luks_t[$case]}")" "$(median "${luks_r[$case]}")"
+        else
+            printf 'encrypted copy: qemu-img not installed, not measured\n'
+        fi
+        printf 'goal (issue 13): seal and unseal each at most 2.0 x cp; sealed_MiB: space the sealed image allocates (median)\n'
     else
         awk -v b="$sparse_bytes" -v d="$sparse_data" -v s="$sparse_sector" '
             function h(x) { return x >= 2^30 ? sprintf("%.1f GiB", x / 2^30) : sprintf("%.1f MiB", x / 2^20) }
             BEGIN { printf "\nsparse case: %.0f-byte image (%s) holding %.0f bytes (%s) of random data in 16 extents, sector size %d (--sector-size %d)\n", b, h(b), d, h(d), s, s }'
-        printf 'rows: the patent profile; the secure profile with --keep-holes ("secure+kh": sectors of zeros are not encrypted, so holes stay holes)\n'
+        printf 'rows: the patent profile; the secure profile with --keep-holes ("secure+kh": dense placement, zeros stay zeros and the data sectors are packed at the start)\n'
+        awk -v a="$sparse_alloc" 'BEGIN { printf "the original allocates %.1f MiB\n", a / 1048576 }'
+        printf 'goal (issue 13): secure+kh seal and unseal each at most 3 x cp and the sealed file allocating at most the data plus 1 %%; the patent row is reported only\n'
         printf 'reference: cp --sparse=always IMG COPY && sync (copies the data only); goal: seal within 3 x that copy\n'
         printf 'the image is restored from a pristine sparse copy before every step (untimed)\n'
-        printf 'sealed_MiB: space the sealed image allocates (median); the original data ranges stay allocated (overwritten in place) and each data sector moved into a hole takes a file-system block of its own: with 512-byte sectors and 4 KiB blocks, up to 8 x the data on top of those ranges\n'
+        printf 'sealed_MiB: space the sealed image allocates (median); patent profile: the original data ranges stay allocated (overwritten in place) and each data sector moved into a hole takes a file-system block of its own (with 512-byte sectors and 4 KiB blocks, up to 8 x the data on top of those ranges); secure+kh: the dense region only\n'
     fi
-    if [[ $case == random ]]; then
-        printf '%-9s %-10s %-10s %10s %10s %10s %8s %10s\n' profile placement strategy seal_s unseal_s cp_sync_s seal/cp unseal/cp
-    else
-        printf '%-9s %-10s %-10s %10s %10s %10s %8s %10s %11s\n' profile placement strategy seal_s unseal_s cp_sync_s seal/cp unseal/cp sealed_MiB
-    fi
+    printf '%-9s %-10s %-10s %10s %10s %10s %8s %10s %11s %5s\n' profile placement strategy seal_s unseal_s cp_sync_s seal/cp unseal/cp sealed_MiB goal
     for step in "${rows[@]}"; do
         k="$case|$step"
         rest=${step#*/}
         printf '%-9s %-10s %-10s %10.2f %10.2f %10.2f %8.2f %10.2f' "$(profile_label "$case" "${step%%/*}")" "${rest%%/*}" "${rest#*/}" \
             "$(median "${seal_t[$k]}")" "$(median "${unseal_t[$k]}")" "$ref_med" \
             "$(median "${seal_r[$k]}")" "$(median "${unseal_r[$k]}")"
-        if [[ $case == sparse ]]; then
-            awk -v a="$(median "${seal_alloc[$k]}")" 'BEGIN { printf " %11.1f", a / 1048576 }'
-        fi
-        printf '\n'
+        awk -v a="$(median "${seal_alloc[$k]}")" 'BEGIN { printf " %11.1f", a / 1048576 }'
+        printf ' %5s\n' "$(goal "$case" "$(profile_label "$case" "${step%%/*}")" "$(median "${seal_r[$k]}")" "$(median "${unseal_r[$k]}")" "$(median "${seal_alloc[$k]}")")"
     done
     printf '\npasses (%s case), median seconds; "rest" = the command minus its two passes (placement, fsyncs, deleting the thin disk)\n' "$case"
     printf '%-9s %-10s %-10s %13s %12s %10s %15s %13s %12s\n' profile placement strategy seal_scatter seal_gather seal_rest unseal_scatter unseal_gather unseal_rest

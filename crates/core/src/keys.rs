@@ -4,7 +4,7 @@
 //!   wraps per-seal data keys.
 //! - Each seal draws a fresh **data key** (32 bytes). HKDF-SHA256 (salt = the seal id)
 //!   derives from it, under distinct labels, the AES-256-XTS key (64 bytes), the placement
-//!   key and the digest key (32 bytes each).
+//!   key, the digest key and the dense data map key (32 bytes each).
 //! - The data key and the [040] seed are wrapped together with AES-256-GCM-SIV under the
 //!   master key; the associated data binds the record version and the disk identity (seal
 //!   id, sizes, geometry, placement), so a wrapped key moved to another record fails to
@@ -33,6 +33,7 @@ pub const KEY_FILE_MAGIC: &str = "PDGUARD-MASTER-KEY";
 const LABEL_XTS: &[u8] = b"pdguard 2026-11 sector cipher aes-256-xts v1";
 const LABEL_PLACEMENT: &[u8] = b"pdguard 2026-11 placement key v1";
 const LABEL_DIGEST: &[u8] = b"pdguard 2026-11 plaintext digest key v1";
+const LABEL_DENSE_MAP: &[u8] = b"pdguard 2026-12 dense data map key v1";
 const CONTEXT_KEY_ID: &str = "pdguard 2026-11 master key id v1";
 const LABEL_RECORD_MAC: &[u8] = b"pdguard 2026-12 seal record mac v1";
 
@@ -119,11 +120,13 @@ impl DataKey {
             xts: [0; 64],
             placement: [0; 32],
             digest: [0; 32],
+            dense_map: [0; 32],
         };
         // expand only fails for outputs longer than 255 * 32 bytes.
         let ok = hk.expand(LABEL_XTS, &mut keys.xts).is_ok()
             && hk.expand(LABEL_PLACEMENT, &mut keys.placement).is_ok()
-            && hk.expand(LABEL_DIGEST, &mut keys.digest).is_ok();
+            && hk.expand(LABEL_DIGEST, &mut keys.digest).is_ok()
+            && hk.expand(LABEL_DENSE_MAP, &mut keys.dense_map).is_ok();
         debug_assert!(ok);
         keys
     }
@@ -139,6 +142,8 @@ pub struct SealKeys {
     /// Keys the plaintext digest (a plain hash of the plaintext would let anyone confirm a
     /// guess of the disk's contents).
     pub digest: [u8; 32],
+    /// Encrypts a dense seal's data map in the record (`dense.rs`).
+    pub dense_map: [u8; 32],
 }
 
 impl SealKeys {
@@ -291,6 +296,7 @@ mod tests {
         let b = d.derive("seal-b");
         assert_ne!(a.xts[..32], a.xts[32..]);
         assert_ne!(a.placement, a.digest);
+        assert_ne!(a.dense_map, a.digest);
         assert_ne!(a.placement, b.placement);
         assert_ne!(
             a.placement_seed(&[0; 32], "seal-a", 512),

@@ -5,6 +5,7 @@
 //! in `pdguard-engine`.
 
 pub mod cipher;
+pub mod dense;
 pub mod digest;
 pub mod geometry;
 pub mod keys;

@@ -31,14 +31,19 @@ pub const RECORD_MAGIC: &str = "PDGUARD-SEAL-RECORD";
 /// Version 2 added `digest` (the `blake3-64k` scheme) and `keep_holes`; version 1 records
 /// are read as `digest: blake3`, `keep_holes: false`. Version 3 added the MAC word of the
 /// header, the `key_slot` (the wrapped key moved out of the record into its key-slot file)
-/// and the `shredding` phase.
-pub const RECORD_VERSION: u32 = 3;
+/// and the `shredding` phase. Version 4 added `dense` (dense placement of a `keep_holes`
+/// seal: the sealed data is `[0, D)`, the original's data map encrypted in the record).
+pub const RECORD_VERSION: u32 = 4;
+/// The first version with dense placement.
+pub const DENSE_VERSION: u32 = 4;
 /// The first version with a MAC word and a key-slot file.
 pub const KEY_SLOT_VERSION: u32 = 3;
 /// Suffix of the record beside its image: `disk.img` -> `disk.img.pdguard`.
 pub const RECORD_SUFFIX: &str = ".pdguard";
 /// Records are small; anything larger is not one of ours.
-pub const MAX_RECORD_BYTES: usize = 1 << 20;
+/// (A dense record holds its data map: at most
+/// [`MAX_DENSE_RANGES`](crate::dense::MAX_DENSE_RANGES) ranges, 32 hex digits each.)
+pub const MAX_RECORD_BYTES: usize = 16 << 20;
 
 #[derive(Debug, Error, PartialEq, Eq)]
 pub enum RecordError {
@@ -140,6 +145,18 @@ pub struct KeySlotRef {
     pub checksum: String,
 }
 
+/// Version 4, dense placement (secure profile with `keep_holes`): the sealed data is the
+/// first `sectors` sectors of the image, the rest holes; see `dense.rs`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DenseRef {
+    /// `D`: sectors of the original's data ranges (rounded out to whole sectors), placed
+    /// among the first `D` sectors of the sealed image. The thin disk has `thin_sectors`
+    /// slots, `M >= D`.
+    pub sectors: u64,
+    /// The original's data map, encrypted under the seal's map key (hex; `dense.rs`).
+    pub map: String,
+}
+
 /// True for a seal id as pdguard draws it: exactly 32 lowercase hex digits. It becomes part
 /// of file names, so nothing else may pass.
 pub fn valid_seal_id(id: &str) -> bool {
@@ -202,6 +219,11 @@ pub struct SealRecord {
     /// where zeros stay zeros anyway.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub keep_holes: bool,
+    /// Version 4: dense placement of a `keep_holes` seal. Absent: every sector of the image
+    /// is placed among all `thin_sectors` slots (versions 1 to 3, and any seal without
+    /// `keep_holes`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dense: Option<DenseRef>,
     /// BLAKE3 of the plaintext image, known from the end of seal scatter.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub plain_digest: Option<String>,
@@ -225,10 +247,11 @@ fn legacy_digest() -> String {
 }
 
 impl SealRecord {
-    /// The geometry this record describes.
+    /// The geometry the passes work on: the image's `N` sectors, or with dense placement
+    /// the compacted image's `D`, and the thin disk's `M` slots.
     pub fn geometry(&self) -> Result<Geometry, GeometryError> {
         Geometry::with_slots(
-            self.sectors,
+            self.dense.as_ref().map_or(self.sectors, |d| d.sectors),
             self.thin_sectors,
             self.sector_size,
             self.word_length,
@@ -348,10 +371,9 @@ impl SealRecord {
         if self.profile == Profile::Patent && self.key_slot.is_some() {
             return bad("patent profile with a key slot".into());
         }
-        let g = self
-            .geometry()
+        self.geometry()
             .map_err(|e| RecordError::Inconsistent(e.to_string()))?;
-        if g.disk_bytes() != self.image_bytes {
+        if self.sectors.checked_mul(u64::from(self.sector_size)) != Some(self.image_bytes) {
             return bad(format!(
                 "image_bytes {} is not sectors x sector_size",
                 self.image_bytes
@@ -365,6 +387,20 @@ impl SealRecord {
         }
         if self.keep_holes && self.profile != Profile::Secure {
             return bad("keep_holes outside the secure profile".into());
+        }
+        if let Some(d) = &self.dense {
+            if self.version < DENSE_VERSION || !self.keep_holes {
+                return bad(format!(
+                    "dense placement in a version {} record or without keep_holes",
+                    self.version
+                ));
+            }
+            if d.sectors > self.sectors {
+                return bad(format!(
+                    "dense placement of {} sectors in an image of {}",
+                    d.sectors, self.sectors
+                ));
+            }
         }
         match self.profile {
             Profile::Patent if self.seed.is_none() => {
@@ -451,6 +487,7 @@ mod tests {
             sealed_fingerprint: Some("ef".repeat(32)),
             digest: "blake3-64k".into(),
             keep_holes: false,
+            dense: None,
             created_unix: 1,
             updated_unix: 2,
             writer: "pdguard test".into(),

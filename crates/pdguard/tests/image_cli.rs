@@ -254,14 +254,14 @@ fn bad_input_is_refused_and_changes_nothing() {
         "corrupt",
     );
     let newer = String::from_utf8(good.clone()).unwrap().replacen(
-        "PDGUARD-SEAL-RECORD 3 ",
+        "PDGUARD-SEAL-RECORD 4 ",
         "PDGUARD-SEAL-RECORD 9 ",
         1,
     );
     assert_ne!(
         newer.as_bytes(),
         &good[..],
-        "the record's version is not 3 any more"
+        "the record's version is not 4 any more"
     );
     fs::write(&rec, newer).unwrap();
     refused(&["image", "unseal", s(&img)], 1, "newer pdguard");

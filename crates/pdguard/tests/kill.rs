@@ -11,6 +11,7 @@
 mod common;
 
 use std::collections::BTreeMap;
+use std::ops::Range;
 use std::path::Path;
 use std::process::{Child, Command};
 use std::time::{Duration, Instant};
@@ -97,8 +98,17 @@ fn run_ok(cmd: &str, img: &Path, extra: &[&str], also_ok: &str) {
     );
 }
 
-fn assert_original(img: &Path, want: &str, ctx: &str) {
-    assert_eq!(digest(img), want, "{ctx}: image differs from the original");
+fn assert_original(img: &Path, want: &(String, Vec<Range<u64>>), ctx: &str) {
+    assert_eq!(
+        digest(img),
+        want.0,
+        "{ctx}: image differs from the original"
+    );
+    assert_eq!(
+        data_ranges(img),
+        want.1,
+        "{ctx}: holes differ from the original's"
+    );
     assert!(!record_of(img).exists(), "{ctx}: record left behind");
     let dir = img.parent().unwrap();
     let thin = dir
@@ -129,6 +139,28 @@ fn sigkill_at_50_moments_over_every_pass_loses_nothing_secure_profile() {
     kill_test(dir.path(), &k, &k);
 }
 
+/// Dense placement (`--keep-holes`) on a sparse image: 32 MiB of data in 16 extents of a
+/// 128 MiB file; after every recovery the holes are the original's too.
+#[test]
+fn sigkill_at_50_moments_over_every_pass_loses_nothing_dense_placement() {
+    use std::os::unix::fs::FileExt;
+    let dir = tempfile::tempdir().unwrap();
+    let key = keygen(dir.path(), "master.key");
+    let img = dir.path().join("disk.img");
+    let f = std::fs::File::create(&img).unwrap();
+    f.set_len(128 << 20).unwrap();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(8);
+    let mut buf = vec![0u8; 2 << 20];
+    for k in 0..16u64 {
+        rng.fill(&mut buf[..]);
+        f.write_all_at(&buf, (8 * k + 3) << 20).unwrap();
+    }
+    f.sync_all().unwrap();
+    let k = ["--key-file", s(&key)];
+    // Every pass moves at least the 32 MiB of data: kill within it.
+    kill_test_on(&img, 32 << 20, &["--key-file", s(&key), "--keep-holes"], &k);
+}
+
 /// Where in a pass of `bytes` to kill: a random byte, or, one time in five, its very end
 /// (every byte moved, the sync and the record's phase change not yet done).
 fn kill_byte(rng: &mut impl Rng, bytes: u64) -> u64 {
@@ -144,7 +176,13 @@ fn kill_test(dir: &Path, seal_args: &[&str], unseal_args: &[&str]) {
     let img = dir.join("disk.img");
     tagged_image(&img, 32 * 2048, 512, 5); // 32 MiB
     let bytes = std::fs::metadata(&img).unwrap().len();
-    let original = digest(&img);
+    kill_test_on(&img, bytes, seal_args, unseal_args);
+}
+
+/// Kill seals and unseals of `img` at random bytes below `bytes` of each pass.
+fn kill_test_on(img: &Path, bytes: u64, seal_args: &[&str], unseal_args: &[&str]) {
+    let img = img.to_path_buf();
+    let original = (digest(&img), data_ranges(&img));
     let seed = match std::env::var("PDGUARD_KILL_SEED") {
         Ok(v) => v.parse().expect("PDGUARD_KILL_SEED is a u64"),
         Err(_) => rand::random(),

@@ -7,17 +7,20 @@ use pdguard_core::cipher::XtsAes256;
 use pdguard_core::digest::{DigestScheme, ImageHasher};
 use pdguard_core::keys::{self, DataKey, MasterKey};
 use pdguard_core::keyslot;
-use pdguard_core::record::{self, KeySlotRef, WrappedKey, KEY_SLOT_VERSION, RECORD_VERSION};
+use pdguard_core::record::{
+    self, DenseRef, KeySlotRef, WrappedKey, KEY_SLOT_VERSION, RECORD_VERSION,
+};
 use pdguard_core::{
     fingerprint_sectors, placement, seed, Geometry, Phase, Placement, PlacementKind, Profile,
     SealRecord,
 };
 use zeroize::Zeroizing;
 
+use super::dense::{self, Dense};
 use super::error::{JobError, Result};
 use super::strategy::{self, PassCtx, Strategy};
 use super::Progress;
-use crate::store::{Disk, ImageLock, LockMode, Sparse, Storage, StoreError};
+use crate::store::{Disk, ExtentView, ImageLock, LockMode, Sparse, Storage, StoreError};
 
 mod rescue;
 pub use rescue::{rescue, RescueReport};
@@ -40,7 +43,12 @@ pub struct SealOptions {
     /// Secure profile only (`--keep-holes`): sectors of zeros are not encrypted, so a sparse
     /// disk stays sparse and seals in proportion to its data, at the price of revealing how
     /// many of its sectors are zeros. The patent profile always keeps zeros as zeros.
+    /// A new seal with `keep_holes` uses dense placement (record version 4): only the
+    /// sectors of the image's data ranges are placed, among the first `D` sectors.
     pub keep_holes: bool,
+    /// With `keep_holes`: dense placement (the default). `false` seals with the scattered
+    /// placement of record version 3 (every sector among all `N` slots), for comparison.
+    pub dense: bool,
 }
 
 impl Default for SealOptions {
@@ -55,6 +63,7 @@ impl Default for SealOptions {
             master_key: None,
             memory_bytes: strategy::DEFAULT_MEMORY_BYTES,
             keep_holes: false,
+            dense: true,
         }
     }
 }
@@ -254,7 +263,21 @@ pub fn verify(
             rec.digest
         )),
     })?;
-    let digest = hash_image(&*image, scheme, progress).map_err(store_err)?;
+    let digest = match &rec.dense {
+        None => hash_image(&*image, scheme, progress),
+        Some(d) => {
+            let region = d.sectors * u64::from(rec.sector_size);
+            let tail_ok = dense::tail_is_zero(&*image, region).map_err(store_err)?;
+            if !tail_ok {
+                return Err(JobError::Verification {
+                    image: storage.image_name(),
+                    why: format!("it holds data past its dense region (byte {region} on), where a dense seal leaves only holes: the sealed image was tampered with"),
+                });
+            }
+            hash_image(&ExtentView::prefix(&*image, region), scheme, progress)
+        }
+    }
+    .map_err(store_err)?;
     let expected = rec.sealed_digest.clone().unwrap_or_default();
     if digest != expected {
         return Err(JobError::Verification {
@@ -608,6 +631,25 @@ fn fresh_seal(
         source,
     })?;
     let seed = read_seed(&*image, geometry).map_err(store_err)?;
+    let sector = u64::from(geometry.sector_size());
+    let dense = match opts.keep_holes && opts.dense && opts.profile == Profile::Secure {
+        true => dense::plan(&*image, sector).map_err(store_err)?,
+        false => None,
+    };
+    // Dense placement seals a compacted image of D sectors: the thin disk has its slots.
+    let placed = match &dense {
+        Some(d) => Geometry::new(
+            d.sectors * sector,
+            opts.sector_size,
+            opts.word_length,
+            opts.thin_slack_pct,
+        )
+        .map_err(|source| JobError::Geometry {
+            image: image_name.clone(),
+            source,
+        })?,
+        None => geometry,
+    };
     let seal_id = hex::encode(rand::random::<[u8; 16]>());
     let t = now();
     let default_placement = match opts.profile {
@@ -626,7 +668,7 @@ fn fresh_seal(
         sector_size: geometry.sector_size(),
         word_length: geometry.word_length(),
         sectors: geometry.sectors(),
-        thin_sectors: geometry.thin_sectors(),
+        thin_sectors: placed.thin_sectors(),
         seed: (opts.profile == Profile::Patent).then(|| hex::encode(&seed)),
         wrapped_key: None,
         key_slot: None,
@@ -636,6 +678,7 @@ fn fresh_seal(
         sealed_fingerprint: None,
         digest: DigestScheme::DEFAULT.name().into(),
         keep_holes: opts.keep_holes,
+        dense: None,
         created_unix: t,
         updated_unix: t,
         writer: concat!("pdguard ", env!("CARGO_PKG_VERSION")).into(),
@@ -643,6 +686,19 @@ fn fresh_seal(
     let mut slot = None;
     if let (Profile::Secure, Some(master)) = (opts.profile, &opts.master_key) {
         let data_key = DataKey::from_bytes(rand::random());
+        if let Some(d) = &dense {
+            let aad = pdguard_core::dense::map_aad(
+                &rec.seal_id,
+                rec.image_bytes,
+                rec.sector_size,
+                d.sectors,
+            );
+            let sk = data_key.derive(&rec.seal_id);
+            rec.dense = Some(DenseRef {
+                sectors: d.sectors,
+                map: d.ranges.seal(&sk.dense_map, &aad),
+            });
+        }
         let aad = keys::wrap_aad(&rec);
         let wrapped = keys::wrap(master, &data_key, &seed, rand::random(), &aad);
         let bytes = keyslot::encode(&rec.seal_id, &wrapped).map_err(|e| {
@@ -699,7 +755,13 @@ struct Job<'a> {
     progress: &'a dyn Progress,
     rec: SealRecord,
     image: Box<dyn Disk>,
+    /// The geometry of the passes: the image's, or with dense placement the compacted
+    /// image's (`D` sectors).
     geometry: Geometry,
+    /// The image's own geometry (`N` sectors): its seed.
+    image_geometry: Geometry,
+    /// Dense placement: the original's data map, from the record.
+    dense: Option<Dense>,
     placement: Box<dyn Placement>,
     strategy: Box<dyn Strategy>,
     keys: Keys,
@@ -718,6 +780,8 @@ struct Keys {
     placement_key: Zeroizing<Vec<u8>>,
     cipher: Option<XtsAes256>,
     digest_key: Option<Zeroizing<[u8; 32]>>,
+    /// Opens a dense seal's data map.
+    dense_map_key: Option<Zeroizing<[u8; 32]>>,
 }
 
 impl Keys {
@@ -760,6 +824,7 @@ impl Keys {
                     data_seed: seed,
                     cipher: None,
                     digest_key: None,
+                    dense_map_key: None,
                 })
             }
             Profile::Secure => {
@@ -792,10 +857,39 @@ impl Keys {
                     placement_key: Zeroizing::new(pk.to_vec()),
                     cipher: Some(XtsAes256::new(&sk.xts)),
                     digest_key: Some(Zeroizing::new(sk.digest)),
+                    dense_map_key: Some(Zeroizing::new(sk.dense_map)),
                 })
             }
         }
     }
+}
+
+/// The data map of a dense seal, decrypted and checked against the record.
+fn open_dense(storage: &dyn Storage, rec: &SealRecord, keys: &Keys) -> Result<Option<Dense>> {
+    let Some(d) = &rec.dense else {
+        return Ok(None);
+    };
+    let record_err = |e: String| JobError::Record {
+        record: storage.record_name(),
+        source: pdguard_core::RecordError::Inconsistent(e),
+    };
+    let key = keys
+        .dense_map_key
+        .as_deref()
+        .ok_or_else(|| record_err("dense placement without a key".into()))?;
+    let aad =
+        pdguard_core::dense::map_aad(&rec.seal_id, rec.image_bytes, rec.sector_size, d.sectors);
+    let sector = u64::from(rec.sector_size);
+    let ranges = pdguard_core::dense::DataRanges::open(
+        &d.map,
+        key,
+        &aad,
+        rec.image_bytes,
+        sector,
+        d.sectors,
+    )
+    .map_err(|e| record_err(e.to_string()))?;
+    Ok(Some(Dense::new(ranges, sector)))
 }
 
 /// The wrapped key in the key slot, checked against the record that names it.
@@ -884,6 +978,10 @@ impl<'a> Job<'a> {
         let digest = rec
             .digest_scheme()
             .ok_or_else(|| record_err(format!("unknown digest scheme {:?}", rec.digest)))?;
+        let image_geometry =
+            Geometry::with_slots(rec.sectors, rec.sectors, rec.sector_size, rec.word_length)
+                .map_err(|e| record_err(e.to_string()))?;
+        let dense = open_dense(storage, &rec, &keys)?;
         let placement = placement::build(
             kind,
             &keys.placement_key,
@@ -900,6 +998,8 @@ impl<'a> Job<'a> {
             rec,
             image,
             geometry,
+            image_geometry,
+            dense,
             placement,
             strategy,
             keys,
@@ -1017,7 +1117,7 @@ impl<'a> Job<'a> {
 
     /// A seal interrupted in scatter is resumed only on the image it started on.
     fn check_seed(&self) -> Result<()> {
-        let seed = read_seed(&*self.image, self.geometry).map_err(|e| self.interrupted(e))?;
+        let seed = read_seed(&*self.image, self.image_geometry).map_err(|e| self.interrupted(e))?;
         if *seed != *self.keys.data_seed {
             return Err(JobError::Mismatch {
                 image: self.image_name(),
@@ -1027,6 +1127,12 @@ impl<'a> Job<'a> {
             });
         }
         Ok(())
+    }
+
+    /// With dense placement, the dense region the sealed passes read and write.
+    fn sealed_view(&self) -> Option<ExtentView<'_>> {
+        let sector = self.geometry.sector_size().into();
+        self.dense.as_ref().map(|d| d.region(&*self.image, sector))
     }
 
     fn fingerprint(&self) -> Result<String, StoreError> {
@@ -1064,7 +1170,9 @@ impl<'a> Job<'a> {
                 let thin = job
                     .storage
                     .create_thin(&seal_id, job.geometry.thin_bytes())?;
-                let (image, thin) = (job.sparse(&*job.image)?, job.sparse(&*thin)?);
+                let view = job.dense.as_ref().map(|d| d.compacted(&*job.image));
+                let plain = view.as_ref().map_or(&*job.image, |v| v as &dyn Disk);
+                let (image, thin) = (job.sparse(plain)?, job.sparse(&*thin)?);
                 let h = job.strategy.scatter_plain(&job.ctx(), &image, &thin)?;
                 thin.sync()?;
                 Ok(h)
@@ -1125,13 +1233,25 @@ impl<'a> Job<'a> {
     fn seal_gather(&mut self) -> Result<()> {
         let thin = self.open_thin()?;
         self.progress.pass("gather", self.geometry.disk_bytes());
-        let digest = self
-            .sparse(&*thin)
-            .and_then(|t| Ok((t, self.sparse(&*self.image)?)))
-            .and_then(|(t, i)| self.strategy.gather_sealed(&self.ctx(), &t, &i))
-            .and_then(|d| self.image.sync().map(|()| d))
+        let view = self.sealed_view();
+        let sealed = view.as_ref().map_or(&*self.image, |v| v as &dyn Disk);
+        // Dense placement: the original's data past the dense region is overwritten beside
+        // the gather (other bytes, other I/O), synced with it, then deallocated. Without
+        // it the tail is empty and this is the gather and the image's sync.
+        let tail = match &view {
+            Some(v) => dense::tail_ranges(&*self.image, v.len()),
+            None => Ok(Vec::new()),
+        };
+        let digest = tail
+            .and_then(|tail| Ok((tail, self.sparse(&*thin)?, self.sparse(sealed)?)))
+            .and_then(|(tail, t, i)| {
+                dense::gather_and_wipe(&*self.image, &tail, || {
+                    self.strategy.gather_sealed(&self.ctx(), &t, &i)
+                })
+            })
             .and_then(|d| Ok((d, self.fingerprint()?)))
             .map_err(|e| self.interrupted(e));
+        drop(view);
         let (digest, fingerprint) = digest?;
         let digest = digest.to_hex().to_string();
         let put_back = match &self.rec.sealed_digest {
@@ -1172,7 +1292,9 @@ impl<'a> Job<'a> {
             let thin = self
                 .storage
                 .create_thin(&seal_id, self.geometry.thin_bytes())?;
-            let (image, thin) = (self.sparse(&*self.image)?, self.sparse(&*thin)?);
+            let view = self.sealed_view();
+            let sealed = view.as_ref().map_or(&*self.image, |v| v as &dyn Disk);
+            let (image, thin) = (self.sparse(sealed)?, self.sparse(&*thin)?);
             let h = self.strategy.scatter_sealed(&self.ctx(), &image, &thin)?;
             thin.sync()?;
             Ok(h)
@@ -1216,15 +1338,21 @@ impl<'a> Job<'a> {
     fn unseal_gather(&mut self) -> Result<()> {
         let thin = self.open_thin()?;
         self.progress.pass("gather", self.geometry.disk_bytes());
+        let view = self.dense.as_ref().map(|d| d.compacted(&*self.image));
+        let plain = view.as_ref().map_or(&*self.image, |v| v as &dyn Disk);
         let digest = self
             .sparse(&*thin)
-            .and_then(|t| Ok((t, self.sparse(&*self.image)?)))
+            .and_then(|t| Ok((t, self.sparse(plain)?)))
             .and_then(|(t, i)| self.strategy.gather_plain(&self.ctx(), &t, &i))
             .and_then(|d| self.image.sync().map(|()| d))
+            .and_then(|d| match &self.dense {
+                Some(dn) => dense::restore_holes(&*self.image, &dn.ranges).map(|()| d),
+                None => Ok(d),
+            })
             .map_err(|e| self.interrupted(e))?
             .to_hex()
             .to_string();
-        drop(thin);
+        drop((thin, view));
         if self.rec.plain_digest.as_deref() != Some(digest.as_str()) {
             let why = format!(
                 "the unsealed data's BLAKE3 digest is {digest} but the seal record says {}",

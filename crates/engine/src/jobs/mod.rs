@@ -6,6 +6,7 @@
 //! names the phase, and so which copy of the data is complete; the next `seal` or `unseal`
 //! on an image finishes or rolls back whatever a crash interrupted.
 
+mod dense;
 mod error;
 mod job;
 pub mod strategy;

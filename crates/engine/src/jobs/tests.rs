@@ -667,7 +667,10 @@ fn shredding_a_version_2_record_destroys_the_record_file_it_was_in() {
     s.write_record(&v2).unwrap();
     let ct = rec.wrapped_key.clone().unwrap().ciphertext;
     let tomb = shred(&s, None).unwrap();
-    assert_eq!((tomb.phase, tomb.version), (Phase::Shredded, 3));
+    assert_eq!(
+        (tomb.phase, tomb.version),
+        (Phase::Shredded, pdguard_core::record::RECORD_VERSION)
+    );
     assert!(s.key_slot().is_none());
     assert!(!String::from_utf8(s.record().unwrap())
         .unwrap()
@@ -1474,3 +1477,6 @@ fn a_sparse_image_needs_free_space_for_its_data_only_unless_holes_are_encrypted(
     ));
     assert!(s.image() == img && s.record().is_none());
 }
+
+// ---- Dense placement (issue 13): tests in tests/dense_cases.rs.
+mod dense_cases;

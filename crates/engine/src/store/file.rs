@@ -148,6 +148,38 @@ impl Disk for FileDisk {
         self.poison(self.file.sync_all(), "fsync", None)
     }
 
+    /// `fallocate(PUNCH_HOLE | KEEP_SIZE)`; where the file system or device cannot punch
+    /// (`EOPNOTSUPP`, ...), zeros are written instead: the same bytes, allocated.
+    fn punch(&self, offset: u64, len: u64) -> Result<()> {
+        use rustix::fs::{fallocate, FallocateFlags};
+        use rustix::io::Errno;
+        self.check()?;
+        if len == 0 {
+            return Ok(());
+        }
+        match fallocate(
+            &self.file,
+            FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE,
+            offset,
+            len,
+        ) {
+            Ok(()) => Ok(()),
+            Err(e @ (Errno::IO | Errno::NOSPC)) => {
+                self.poison(Err(e.into()), "deallocate", Some(offset))
+            }
+            Err(_) => {
+                let zeros = vec![0u8; (len.min(1 << 20)) as usize];
+                let mut at = offset;
+                while at < offset + len {
+                    let n = (offset + len - at).min(zeros.len() as u64) as usize;
+                    self.write_at(&zeros[..n], at)?;
+                    at += n as u64;
+                }
+                Ok(())
+            }
+        }
+    }
+
     /// `lseek(SEEK_DATA)` and `lseek(SEEK_HOLE)` from the start to the end. A file system or
     /// device that does not support them (`EINVAL`, `EOPNOTSUPP`, ...) is all data, which is
     /// always safe; only an I/O error is an error.

@@ -10,6 +10,7 @@ mod lock;
 pub mod loopfs;
 pub mod sim;
 mod sparse;
+mod view;
 
 use std::io;
 
@@ -86,6 +87,13 @@ pub trait Disk: Send + Sync {
         }
         Ok(())
     }
+    /// Deallocate `[offset, offset + len)`: it reads as zeros afterwards. Not a wipe
+    /// (DESIGN.md §3): callers overwrite and sync first. Default: write zeros, which is
+    /// what a disk that cannot deallocate (or the simulator, whose holes are its zero
+    /// blocks) can do.
+    fn punch(&self, offset: u64, len: u64) -> Result<()> {
+        self.write_zeros(offset, len)
+    }
     /// Make every write so far durable (fsync). After a failure the disk refuses further I/O.
     fn sync(&self) -> Result<()>;
     /// A hint, never a durability point (only [`sync`](Self::sync) is one): the pass is done
@@ -103,6 +111,7 @@ pub trait Disk: Send + Sync {
 
 pub use lock::{flock_path, ImageLock, LockMode};
 pub use sparse::{DataMap, Sparse};
+pub use view::ExtentView;
 
 /// Everything one job touches: the image, its thin disk and its seal record.
 pub trait Storage {

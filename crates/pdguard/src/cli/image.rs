@@ -292,6 +292,7 @@ fn seal(a: &SealArgs, cli: &Cli) -> Result<(), CliError> {
         },
         memory_bytes: a.memory.bytes,
         keep_holes: a.keep_holes,
+        dense: true,
     };
     let bar = Bar::new(cli.quiet);
     let t0 = Instant::now();
@@ -328,6 +329,7 @@ fn report(command: &str, image: &Path, r: &JobReport, t0: Instant, cli: &Cli) {
             "sectors": rec.sectors,
             "thin_sectors": rec.thin_sectors,
             "keep_holes": rec.keep_holes,
+            "dense_sectors": rec.dense.as_ref().map(|d| d.sectors),
             "digest": rec.digest,
             "plain_digest": rec.plain_digest,
             "sealed_digest": rec.sealed_digest,
@@ -402,6 +404,12 @@ fn public_view(rec: &SealRecord) -> serde_json::Value {
             "algorithm": w.algorithm,
             "master_key_id": w.master_key_id,
             "ciphertext": "<withheld>",
+        });
+    }
+    if let Some(d) = &rec.dense {
+        v["dense"] = json!({
+            "sectors": d.sectors,
+            "map": format!("<encrypted: {} bytes>", d.map.len() / 2),
         });
     }
     v

@@ -76,3 +76,11 @@ pub fn state(img: &Path) -> (String, String) {
 pub fn s(p: &Path) -> &str {
     p.to_str().unwrap()
 }
+
+/// The file's data ranges as the file system reports them (`SEEK_DATA`/`SEEK_HOLE`).
+pub fn data_ranges(path: &Path) -> Vec<std::ops::Range<u64>> {
+    use pdguard_engine::store::Disk;
+    let f = std::fs::File::open(path).unwrap();
+    let d = pdguard_engine::store::file::FileDisk::new(f, path.display().to_string()).unwrap();
+    d.data_map().unwrap().ranges().to_vec()
+}

@@ -22,7 +22,7 @@
 //! - [`Direct`] (`direct`): the patent's literal method; slot `s` of the thin disk is bytes
 //!   `[s*S, (s+1)*S)`; one system call per sector on the random side.
 //! - [`Window`] (`window`, the default): large sequential I/O only, the thin disk in
-//!   windows of packed sectors (see `window.rs` and `docs/on-disk-layout.md`).
+//!   windows of packed sectors (see `window/mod.rs` and `docs/on-disk-layout.md`).
 
 mod direct;
 mod window;
