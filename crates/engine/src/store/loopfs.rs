@@ -5,7 +5,6 @@
 //!
 //! The tools are util-linux's `mount`, `umount`, `losetup` and e2fsprogs' `mkfs.ext4`.
 
-use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -106,49 +105,34 @@ pub fn unmount(file: &Path, dir: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Why the kernel holds `file`, if it does: a loop device backed by it (compared by device
-/// and inode), or a file system mounted at `dir`.
+/// Why the kernel holds `file`, if it does: a file system mounted at `dir`, or one mounted
+/// from the file, or a loop device backed by it (compared by device and inode;
+/// [`super::inuse`]).
 pub fn in_use(file: &Path, dir: &Path) -> Result<Option<String>> {
     if is_mountpoint(dir)? {
         return Ok(Some(format!("{} is mounted", dir.display())));
     }
-    let loops = loops_of(file)?;
-    if let Some(dev) = loops.first() {
-        return Ok(Some(format!(
-            "{} is attached to {}",
-            file.display(),
-            dev.display()
-        )));
+    match super::inuse::describe_use(file) {
+        Ok(why) => Ok(why.map(|why| format!("{} is {why}", file.display()))),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(source) => Err(LoopFsError::Io {
+            what: format!("find whether the kernel holds {}", file.display()),
+            source,
+        }),
     }
-    Ok(None)
 }
 
-/// Loop devices whose backing file is `file` (same device and inode).
+/// Loop devices whose backing file is `file` (same device and inode); none when the file
+/// does not exist.
 pub fn loops_of(file: &Path) -> Result<Vec<PathBuf>> {
-    let Ok(target) = std::fs::metadata(file) else {
-        return Ok(Vec::new());
-    };
-    let mut out = Vec::new();
-    let Ok(entries) = std::fs::read_dir("/sys/block") else {
-        return Ok(out);
-    };
-    for e in entries.flatten() {
-        let name = e.file_name().to_string_lossy().into_owned();
-        if !name.starts_with("loop") {
-            continue;
-        }
-        let Ok(text) = std::fs::read_to_string(e.path().join("loop/backing_file")) else {
-            continue;
-        };
-        let backing = text.trim_end_matches('\n');
-        let Ok(m) = std::fs::metadata(backing) else {
-            continue;
-        };
-        if m.dev() == target.dev() && m.ino() == target.ino() {
-            out.push(PathBuf::from("/dev").join(name));
-        }
+    match super::inuse::attached_loop_devices(file) {
+        Ok(v) => Ok(v),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Vec::new()),
+        Err(source) => Err(LoopFsError::Io {
+            what: format!("list the loop devices of {}", file.display()),
+            source,
+        }),
     }
-    Ok(out)
 }
 
 /// True when `dir` is a mountpoint in `/proc/self/mountinfo`.
@@ -162,25 +146,7 @@ pub fn is_mountpoint(dir: &Path) -> Result<bool> {
     Ok(text
         .lines()
         .filter_map(|l| l.split(' ').nth(4))
-        .any(|m| unescape(m) == want))
-}
-
-/// mountinfo escapes space, tab, newline and backslash as `\ooo`.
-fn unescape(s: &str) -> String {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'\\' && i + 3 < b.len() && b[i + 1..i + 4].iter().all(u8::is_ascii_digit) {
-            let v = (b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0');
-            out.push(v);
-            i += 4;
-        } else {
-            out.push(b[i]);
-            i += 1;
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
+        .any(|m| super::inuse::unescape(m) == want))
 }
 
 fn path_str(p: &Path) -> Result<&str> {
@@ -197,10 +163,10 @@ mod tests {
 
     #[test]
     fn mountinfo_escapes_are_undone() {
-        assert_eq!(unescape(r"/a\040b"), "/a b");
-        assert_eq!(unescape(r"/x\134y"), r"/x\y");
-        assert_eq!(unescape("/plain"), "/plain");
-        assert_eq!(unescape(r"/end\04"), r"/end\04");
+        assert_eq!(super::super::inuse::unescape(r"/a\040b"), "/a b");
+        assert_eq!(super::super::inuse::unescape(r"/x\134y"), r"/x\y");
+        assert_eq!(super::super::inuse::unescape("/plain"), "/plain");
+        assert_eq!(super::super::inuse::unescape(r"/end\04"), r"/end\04");
     }
 
     #[test]

@@ -207,6 +207,12 @@ pub enum ContainerCommand {
         disks: Vec<String>,
     },
     /// A container stops (default), crashes or is removed.
+    ///
+    /// The three states, as the patent counts them ([028]: deleted, crashed or corrupt):
+    /// `stopped` (default: stopped on purpose) is still operational and keeps its disks
+    /// unsealed, unless the daemon runs with `--seal-stopped`; `--crashed` and `--removed`
+    /// are non-operational. When every container of a disk is non-operational, the grace
+    /// period starts; then the disk is dangling and sealed.
     Down {
         /// The container's id.
         id: String,
