@@ -4,77 +4,27 @@
 #![allow(clippy::unwrap_used)]
 
 mod common;
+#[path = "common/local.rs"]
+mod local;
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::*;
 use rand::{Rng, SeedableRng};
-use serde_json::Value;
 
-/// A running `pdguard serve` on a unix socket in its state directory; killed when dropped.
-struct Daemon {
-    child: Child,
-    state: PathBuf,
-}
+use local::Daemon;
+
+/// How these tests run the daemon: no grace, no key.
+const SERVE: &[&str] = &["--grace", "0s", "--profile", "patent"];
 
 impl Daemon {
-    fn start(state: &Path) -> Self {
-        let child = Command::new(bin())
-            .args(["serve", "--state-dir", s(state)])
-            .args(["--grace", "0s", "--profile", "patent"])
-            .env_remove("PDGUARD_KEY_FILE")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let d = Self {
-            child,
-            state: state.to_path_buf(),
-        };
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while code(&d.cli(&["status"])) != 0 {
-            assert!(Instant::now() < deadline, "daemon did not come up");
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        d
-    }
-
-    fn cli(&self, args: &[&str]) -> Output {
-        let mut a = args.to_vec();
-        a.extend_from_slice(&["--state-dir", s(&self.state)]);
-        pdguard(&a)
-    }
-
-    fn ok(&self, args: &[&str]) -> Value {
-        let mut a = args.to_vec();
-        a.push("--json");
-        let o = self.cli(&a);
-        assert_eq!(code(&o), 0, "{args:?}: {}", stderr(&o));
-        serde_json::from_slice(&o.stdout).unwrap()
-    }
-
     /// `args` must fail with exit 1 and a message containing `why`.
     fn refused(&self, args: &[&str], why: &str) {
         let o = self.cli(args);
         assert_eq!(code(&o), 1, "{args:?} was not refused: {}", stderr(&o));
         assert!(stderr(&o).contains(why), "{args:?}: {}", stderr(&o));
-    }
-
-    fn wait_state(&self, name: &str, state: &str) -> Value {
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            let d = self.ok(&["disk", "show", name]);
-            if d["state"] == state {
-                return d;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "{name} never reached {state}: {d}"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
     }
 
     fn disk_names(&self) -> Vec<String> {
@@ -85,13 +35,6 @@ impl Daemon {
             .iter()
             .map(|d| d["name"].as_str().unwrap().to_string())
             .collect()
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 
@@ -125,7 +68,7 @@ impl Drop for LoopDev {
 #[test]
 fn one_file_is_one_disk_whatever_path_names_it() {
     let dir = tempfile::tempdir().unwrap();
-    let d = Daemon::start(&dir.path().join("state"));
+    let d = Daemon::start(&dir.path().join("state"), SERVE);
     let x = dir.path().join("x");
     std::fs::create_dir(&x).unwrap();
     let img = x.join("v.img");
@@ -150,7 +93,7 @@ fn one_file_is_one_disk_whatever_path_names_it() {
 fn a_path_in_the_state_directory_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let state = dir.path().join("state");
-    let d = Daemon::start(&state);
+    let d = Daemon::start(&state, SERVE);
     let reg = state.join("registry.redb");
     let len = std::fs::metadata(&reg).unwrap().len();
     let via = dir
@@ -176,7 +119,7 @@ fn a_path_in_the_state_directory_is_refused() {
 #[test]
 fn a_file_attached_to_a_loop_device_is_refused_by_the_daemon_and_by_image_seal() {
     let dir = tempfile::tempdir().unwrap();
-    let d = Daemon::start(&dir.path().join("state"));
+    let d = Daemon::start(&dir.path().join("state"), SERVE);
     let img = dir
         .path()
         .join(format!("looped-{}.img", std::process::id()));
@@ -216,7 +159,7 @@ fn sealed_disk(d: &Daemon, dir: &Path, name: &str, seed: u64) -> (PathBuf, Strin
     d.ok(&["container", "up", &c, "--disk", name]);
     let plain = random_file(&img, 4 << 20, seed);
     d.ok(&["container", "down", &c, "--removed"]);
-    d.wait_state(name, "sealed");
+    d.wait_state(name, "sealed", 60);
     assert!(record_of(&img).exists());
     (img, plain)
 }
@@ -224,7 +167,7 @@ fn sealed_disk(d: &Daemon, dir: &Path, name: &str, seed: u64) -> (PathBuf, Strin
 #[test]
 fn a_sealed_disk_whose_record_is_lost_is_failed_and_never_served() {
     let dir = tempfile::tempdir().unwrap();
-    let d = Daemon::start(&dir.path().join("state"));
+    let d = Daemon::start(&dir.path().join("state"), SERVE);
     let (img, plain) = sealed_disk(&d, dir.path(), "lost", 3);
     let sealed = digest(&img);
     std::fs::remove_file(record_of(&img)).unwrap();
@@ -255,7 +198,7 @@ fn a_sealed_disk_whose_record_is_lost_is_failed_and_never_served() {
 #[test]
 fn disk_rm_of_a_sealed_disk_needs_shred_or_keep_file_and_keep_file_keeps_the_data() {
     let dir = tempfile::tempdir().unwrap();
-    let d = Daemon::start(&dir.path().join("state"));
+    let d = Daemon::start(&dir.path().join("state"), SERVE);
     let (img, plain) = sealed_disk(&d, dir.path(), "kept", 4);
     let before = state(&img);
     d.refused(
@@ -282,12 +225,12 @@ fn disk_rm_of_a_sealed_disk_needs_shred_or_keep_file_and_keep_file_keeps_the_dat
 fn a_restarted_daemon_marks_a_sealed_disk_without_its_record_failed() {
     let dir = tempfile::tempdir().unwrap();
     let state_dir = dir.path().join("state");
-    let d = Daemon::start(&state_dir);
+    let d = Daemon::start(&state_dir, SERVE);
     let (img, _) = sealed_disk(&d, dir.path(), "gone", 5);
     drop(d);
     let sealed = digest(&img);
     std::fs::remove_file(record_of(&img)).unwrap();
-    let d = Daemon::start(&state_dir);
+    let d = Daemon::start(&state_dir, SERVE);
     let v = d.ok(&["disk", "show", "gone"]);
     assert_eq!(v["state"], "failed", "{v}");
     assert!(v["error"].as_str().unwrap().contains("is missing"), "{v}");
@@ -298,7 +241,7 @@ fn a_restarted_daemon_marks_a_sealed_disk_without_its_record_failed() {
 #[test]
 fn a_daemon_job_and_an_image_cli_job_never_run_on_one_file_together() {
     let dir = tempfile::tempdir().unwrap();
-    let d = Daemon::start(&dir.path().join("state"));
+    let d = Daemon::start(&dir.path().join("state"), SERVE);
     let img = dir.path().join("shared.img");
     let plain = random_file(&img, 4 << 20, 6);
     d.ok(&["disk", "create", "sh", "--size", "4M", "--path", s(&img)]);

@@ -5,10 +5,10 @@
 #![allow(clippy::unwrap_used)]
 
 mod common;
+#[path = "common/local.rs"]
+mod local;
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
 
 use common::*;
 use serde_json::Value;
@@ -216,70 +216,7 @@ fn planted_symlinks_are_not_followed() {
     assert!(std::fs::read(&img).unwrap() == plain);
 }
 
-/// A running `pdguard serve`; killed when dropped.
-struct Daemon {
-    child: Child,
-    state: PathBuf,
-}
-
-impl Daemon {
-    fn start(state: &Path, extra: &[&str]) -> Self {
-        let child = Command::new(bin())
-            .args(["serve", "--state-dir", s(state), "--grace", "1h"])
-            .args(extra)
-            .env_remove("PDGUARD_KEY_FILE")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let d = Self {
-            child,
-            state: state.to_path_buf(),
-        };
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while code(&d.cli(&["status"])) != 0 {
-            assert!(Instant::now() < deadline, "daemon did not come up");
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        d
-    }
-
-    fn cli(&self, args: &[&str]) -> std::process::Output {
-        let mut a = args.to_vec();
-        a.extend_from_slice(&["--state-dir", s(&self.state)]);
-        pdguard(&a)
-    }
-
-    fn ok(&self, args: &[&str]) -> Value {
-        let mut a = args.to_vec();
-        a.push("--json");
-        let o = self.cli(&a);
-        assert_eq!(code(&o), 0, "{args:?}: {}", stderr(&o));
-        serde_json::from_slice(&o.stdout).unwrap()
-    }
-
-    fn wait_state(&self, name: &str, state: &str) -> Value {
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            let d = self.ok(&["disk", "show", name]);
-            if d["state"] == state {
-                return d;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "{name} never reached {state}: {d}"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
+use local::Daemon;
 
 /// Through the daemon: a disk adopted with `--path` is sealed by the daemon, its record
 /// edited to name the victim; the unseal the daemon then runs (`disk unseal` or a reclaim
@@ -290,12 +227,12 @@ fn daemon_case(profile: &str, reclaim: bool) {
     let key = keygen(dir.path(), "master.key");
     let d = Daemon::start(
         &dir.path().join("state"),
-        &["--profile", profile, "--key-file", s(&key)],
+        &["--grace", "1h", "--profile", profile, "--key-file", s(&key)],
     );
     let img = dir.path().join("adopted.img");
     d.ok(&["disk", "create", "d1", "--size", "1M", "--path", s(&img)]);
     d.ok(&["disk", "seal", "d1"]);
-    d.wait_state("d1", "sealed");
+    d.wait_state("d1", "sealed", 60);
     forge(&record_of(&img), |o| {
         o.insert("thin_path".into(), Value::from(s(&victim.path)));
     });
@@ -311,7 +248,7 @@ fn daemon_case(profile: &str, reclaim: bool) {
         "{profile}: {}",
         stderr(&o)
     );
-    let v = d.wait_state("d1", "failed");
+    let v = d.wait_state("d1", "failed", 60);
     let err = v["error"].as_str().unwrap_or_default();
     assert!(err.contains(cause_of(profile)), "{profile}: {err}");
     victim.assert_untouched(&format!("daemon {profile}"));

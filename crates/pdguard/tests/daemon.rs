@@ -3,95 +3,24 @@
 #![allow(clippy::unwrap_used)]
 
 mod common;
+#[path = "common/local.rs"]
+mod local;
 
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::*;
 use rand::{Rng, SeedableRng};
 use serde_json::Value;
 
-/// A running `pdguard serve`; killed when dropped.
-struct Daemon {
-    child: Child,
-    state: PathBuf,
-}
+use local::Daemon;
 
-impl Daemon {
-    fn start(state: &Path, extra: &[&str]) -> Self {
-        let child = Command::new(bin())
-            .args(["serve", "--state-dir", s(state)])
-            .args(extra)
-            .env_remove("PDGUARD_KEY_FILE")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let d = Self {
-            child,
-            state: state.to_path_buf(),
-        };
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while code(&d.cli(&["status"])) != 0 {
-            assert!(Instant::now() < deadline, "daemon did not come up");
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        d
-    }
-
-    /// Run a client command against this daemon.
-    fn cli(&self, args: &[&str]) -> std::process::Output {
-        let mut a = args.to_vec();
-        a.extend_from_slice(&["--state-dir", s(&self.state)]);
-        pdguard(&a)
-    }
-
-    fn ok(&self, args: &[&str]) -> Value {
-        let mut a = args.to_vec();
-        a.push("--json");
-        let o = self.cli(&a);
-        assert_eq!(code(&o), 0, "{args:?}: {}", stderr(&o));
-        serde_json::from_slice(&o.stdout).unwrap()
-    }
-
-    fn disk(&self, name: &str) -> Value {
-        self.ok(&["disk", "show", name])
-    }
-
-    /// Wait until `name` is in `state` (or fail after `secs`).
-    fn wait_state(&self, name: &str, state: &str, secs: u64) -> Value {
-        let deadline = Instant::now() + Duration::from_secs(secs);
-        loop {
-            let d = self.disk(name);
-            if d["state"] == state {
-                return d;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "{name} never reached {state}: {d}"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    fn sigkill(mut self) {
-        self.child.kill().unwrap();
-        self.child.wait().unwrap();
-    }
-
-    fn socket(&self) -> PathBuf {
-        self.state.join("pdguard.sock")
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// The daemon's admin socket.
+fn socket(d: &Daemon) -> PathBuf {
+    d.state().join("pdguard.sock")
 }
 
 fn fill_random(path: &Path, seed: u64) -> String {
@@ -173,7 +102,7 @@ fn dangling_disk_is_sealed_and_reclaimed_bit_exact() {
     assert_eq!(v["disks"][0]["dangling"], false);
     assert_eq!(digest(&path), before, "reclaim is not bit-exact");
 
-    let m = http(&d.socket(), "GET", "/metrics", b"").1;
+    let m = http(&socket(&d), "GET", "/metrics", b"").1;
     for line in [
         "pdguard_disks{state=\"attached\"} 1",
         "pdguard_seals_finished_total 1",
@@ -313,7 +242,7 @@ fn bad_requests_get_stable_errors_and_change_nothing() {
         &["--grace", "30s", "--profile", "patent"],
     );
     d.ok(&["disk", "create", "d1", "--size", "1M"]);
-    let sock = d.socket();
+    let sock = socket(&d);
     let before = http(&sock, "GET", "/v1/disks", b"").1;
     let other = dir.path().join("other.img");
     let cases: Vec<(&str, String, Vec<u8>, u16, &str)> = vec![
@@ -477,7 +406,7 @@ fn a_thousand_random_calls_leave_the_daemon_consistent() {
         &state,
         &["--grace", "50ms", "--profile", "patent", "--jobs", "2"],
     );
-    let sock = d.socket();
+    let sock = socket(&d);
     let mut rng = rand::rngs::StdRng::seed_from_u64(rand::random());
     let names = ["a", "b", "c", "x y", "", "..", "a/b"];
     let methods = ["GET", "POST", "DELETE", "PUT", "PATCH"];
