@@ -1,43 +1,6 @@
-//! The `pdguard` binary: parse the command line, run it, print the error chain once and
-//! map it to the exit codes of `pdguard --help` (0 ok, 1 error, 2 usage, 3 verification failed).
+//! The `pdguard` binary: everything is in the library (`lib.rs`), which the fuzz targets
+//! share.
 
-mod api;
-mod cli;
-mod nbd;
-mod plugin;
-
-use std::process::ExitCode;
-
-fn main() -> ExitCode {
-    let args = match cli::usage::parse() {
-        Ok(args) => args,
-        Err(code) => return code,
-    };
-    init_logging();
-    match cli::run(&args) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            let line = cli::error_chain(&e);
-            eprintln!("pdguard: {line}");
-            if args.json {
-                let v = serde_json::json!({ "error": line, "exit_code": e.exit_code() });
-                cli::out!("{v}");
-            }
-            ExitCode::from(e.exit_code())
-        }
-    }
-}
-
-/// Logs go to stderr, filtered by `PDGUARD_LOG` (default: warnings, and what the daemon's
-/// service does: disks turning dangling, jobs resumed or retried). They never carry data,
-/// seeds or keys.
-fn init_logging() {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("PDGUARD_LOG").unwrap_or_else(|_| {
-        tracing_subscriber::EnvFilter::new("warn,pdguard_engine::service=info")
-    });
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+fn main() -> std::process::ExitCode {
+    pdguard::main()
 }

@@ -132,7 +132,9 @@ pub fn disk(text: &str) -> Result<u64, SizeError> {
     let bytes = positive(text)?;
     if !bytes.is_multiple_of(MIN_SECTOR) {
         let down = bytes / MIN_SECTOR * MIN_SECTOR;
-        let up = down.saturating_add(MIN_SECTOR);
+        // Within 512 bytes of 2^64 there is no multiple above (saturating gave 2^64 - 1,
+        // itself no disk size): the one below is named twice, as 0 is below 512.
+        let up = down.checked_add(MIN_SECTOR).unwrap_or(down);
         let down = if down == 0 { up } else { down };
         return Err(SizeError::NotSectors {
             text: text.into(),
@@ -215,6 +217,12 @@ mod tests {
         assert!(e.contains("use 512 or 1K"), "{e}");
         let e = disk("100").unwrap_err().to_string();
         assert!(e.contains("use 512 or 512"), "{e}");
+        // Found by the `size` fuzz target: the largest size suggested 2^64 - 1 bytes.
+        let e = disk("18446744073709551615").unwrap_err().to_string();
+        assert!(
+            e.contains("use 18446744073709551104 or 18446744073709551104"),
+            "{e}"
+        );
         let e = disk("1.1K").unwrap_err().to_string();
         assert!(e.contains("1126.4 bytes"), "{e}");
         assert!(parse("-5M").unwrap_err().to_string().contains("negative"));

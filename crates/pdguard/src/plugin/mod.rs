@@ -6,7 +6,7 @@
 
 pub mod dockerd;
 mod handlers;
-mod protocol;
+pub mod protocol;
 
 pub use handlers::router;
 
