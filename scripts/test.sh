@@ -62,4 +62,5 @@ echo "took $((secs / 60))m$((secs % 60))s (formatting, clippy and tests)"
 summary="${passed} passed, ${failed} failed"
 ((ignored == 0)) || summary+=", ${ignored} skipped"
 echo "$summary"
+bash scripts/fuzz.sh || status=$? # each fuzz target for a bounded time (the corpora are replayed by cargo test)
 exit "$status"

@@ -41,6 +41,10 @@ pub enum SizeError {
 
 fn unit(suffix: &str) -> Option<u32> {
     let s = suffix.to_ascii_lowercase();
+    // `iB` is a binary prefix's ending, not a unit: `5iB` is not 5 bytes.
+    if s == "ib" {
+        return None;
+    }
     let s = s
         .strip_suffix("ib")
         .or_else(|| s.strip_suffix('b'))
@@ -189,6 +193,8 @@ mod tests {
         assert!(matches!(parse("-5M"), Err(SizeError::Negative(_))));
         for bad in [
             "M", "abc", "1.2.3G", "1X", "1KK", "1 G B", ".", "1e6", "0x10", "1,5G",
+            // Found by the `size` fuzz target: a bare `iB` read as bytes.
+            "5iB", "1.0iB", "5 ib",
         ] {
             assert!(matches!(parse(bad), Err(SizeError::Syntax(_))), "{bad}");
         }
