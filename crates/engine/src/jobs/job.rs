@@ -22,7 +22,9 @@ use super::strategy::{self, PassCtx, Strategy};
 use super::Progress;
 use crate::store::{Disk, ExtentView, ImageLock, LockMode, Sparse, Storage, StoreError};
 
+mod migrate;
 mod rescue;
+pub use migrate::{migrate, MigrateReport};
 pub use rescue::{rescue, RescueReport};
 
 /// How to seal an image that is not sealed yet.
@@ -145,23 +147,98 @@ fn lock_image(storage: &dyn Storage, mode: LockMode) -> Result<ImageLock> {
     })
 }
 
+/// What a job will do with the record it loads, which decides the records it may act on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Use {
+    /// Only read the image (verify, rescue).
+    Read,
+    /// Seal, unseal or shred: may write the image, or destroy or wrap a key.
+    Act,
+}
+
 /// The record as a job may use it: parsed, authenticated under the master key when the
 /// seal has one and a key is given (every field, before any file is touched), and naming
 /// no thin disk but the one derived from the seal id.
-fn load(storage: &dyn Storage, key: Option<&MasterKey>) -> Result<Option<SealRecord>> {
-    load_with(storage, key, true)
+fn load(storage: &dyn Storage, key: Option<&MasterKey>, why: Use) -> Result<Option<SealRecord>> {
+    Ok(load_with(storage, key, why, true)?.map(|(_, rec)| rec))
 }
 
-/// [`load`], with the derived thin-disk check only when `thin` (a command that never
-/// touches a thin disk, like `verify`, does not judge which directory it was in).
+/// [`load`], returning the bytes the record was read from too, with the derived thin-disk
+/// check only when `thin` (a command that never touches a thin disk, like `verify`, does
+/// not judge which directory it was in).
 fn load_with(
     storage: &dyn Storage,
     key: Option<&MasterKey>,
+    why: Use,
     thin: bool,
-) -> Result<Option<SealRecord>> {
+) -> Result<Option<(Vec<u8>, SealRecord)>> {
     let Some((bytes, rec)) = decode(storage)? else {
         return Ok(None);
     };
+    if thin {
+        check_thin_path(storage, &rec)?;
+    }
+    authentic(storage, bytes, rec, key, why).map(Some)
+}
+
+/// The record's `thin_path` is the one derived from its seal id.
+fn check_thin_path(storage: &dyn Storage, rec: &SealRecord) -> Result<()> {
+    let Some(named) = &rec.thin_path else {
+        return Ok(());
+    };
+    let derived = storage
+        .thin_name(&rec.seal_id)
+        .map_err(|source| JobError::Store {
+            image: storage.image_name(),
+            source,
+        })?;
+    if *named == derived {
+        return Ok(());
+    }
+    let (n, d) = (std::path::Path::new(named), std::path::Path::new(&derived));
+    let fix = if n.file_name() == d.file_name() {
+        format!("if the record is genuine, run the command again with --thin-dir {}, else restore the record from a backup", n.parent().unwrap_or(n).display())
+    } else {
+        format!("the record does not belong to image {} (or was edited); pass the record of this image with --record, or restore it from a backup", storage.image_name())
+    };
+    Err(JobError::ThinPathMismatch {
+        record: storage.record_name(),
+        named: named.clone(),
+        derived,
+        fix,
+    })
+}
+
+/// A record may switch its own authentication off only by lying about its version or
+/// profile, so: a key slot beside a record means the record is a secure one of a version
+/// with a MAC (3 on); with the master key, that MAC is checked; and a secure record of
+/// version 1 or 2 (no MAC) is acted on only once migrated, which the master key does here
+/// on the next write (after checking that its wrapped key is bound to it), and which
+/// `pdguard image migrate` does on purpose. Without the key such a record is only read.
+fn authentic(
+    storage: &dyn Storage,
+    bytes: Vec<u8>,
+    rec: SealRecord,
+    key: Option<&MasterKey>,
+    why: Use,
+) -> Result<(Vec<u8>, SealRecord)> {
+    let old = rec.version < KEY_SLOT_VERSION;
+    if old && rec.profile == Profile::Secure && !rec.phase.is_shred() {
+        return match (key, why) {
+            (Some(master), Use::Act) => migrate::upgrade(storage, rec, master),
+            (Some(_), Use::Read) => Err(old_record(storage, &rec, "")),
+            (None, _) => {
+                refuse_beside_slot(storage, &rec)?;
+                match why {
+                    Use::Read => Ok((bytes, rec)),
+                    Use::Act => Err(old_record(storage, &rec, " (without the master key it cannot be migrated: a version 1 or 2 record holds the wrapped key itself, so overwriting and deleting the record file, e.g. with `shred -u`, destroys the key)")),
+                }
+            }
+        };
+    }
+    if old || rec.profile != Profile::Secure {
+        refuse_beside_slot(storage, &rec)?;
+    }
     if let (Profile::Secure, Some(master)) = (rec.profile, key) {
         if let Some(want) = rec.master_key_id() {
             if master.id() != want {
@@ -178,29 +255,37 @@ fn load_with(
             source,
         })?;
     }
-    if let (true, Some(named)) = (thin, &rec.thin_path) {
-        let derived = storage
-            .thin_name(&rec.seal_id)
-            .map_err(|source| JobError::Store {
-                image: storage.image_name(),
-                source,
-            })?;
-        if *named != derived {
-            let (n, d) = (std::path::Path::new(named), std::path::Path::new(&derived));
-            let fix = if n.file_name() == d.file_name() {
-                format!("if the record is genuine, run the command again with --thin-dir {}, else restore the record from a backup", n.parent().unwrap_or(n).display())
-            } else {
-                format!("the record does not belong to image {} (or was edited); pass the record of this image with --record, or restore it from a backup", storage.image_name())
-            };
-            return Err(JobError::ThinPathMismatch {
-                record: storage.record_name(),
-                named: named.clone(),
-                derived,
-                fix,
-            });
-        }
+    Ok((bytes, rec))
+}
+
+/// A record that cannot carry a MAC (patent profile, or version 1 or 2) is refused when a
+/// key slot exists: only a secure seal of version 3 on has one.
+fn refuse_beside_slot(storage: &dyn Storage, rec: &SealRecord) -> Result<()> {
+    let slot = storage.read_key_slot().map_err(|source| JobError::Store {
+        image: storage.image_name(),
+        source,
+    })?;
+    if slot.is_none() {
+        return Ok(());
     }
-    Ok(Some(rec))
+    Err(JobError::Downgraded {
+        record: storage.record_name(),
+        slot: storage.key_slot_name(),
+        why: format!(
+            "it says {} profile, record version {}, which has no MAC",
+            rec.profile.name(),
+            rec.version
+        ),
+    })
+}
+
+fn old_record(storage: &dyn Storage, rec: &SealRecord, hint: &str) -> JobError {
+    JobError::OldRecord {
+        image: storage.image_name(),
+        record: storage.record_name(),
+        version: rec.version,
+        hint: hint.into(),
+    }
 }
 
 /// The key of a record's MAC: secure profile, version 3 on, with the master key.
@@ -240,7 +325,7 @@ pub fn verify(
 ) -> Result<VerifyReport> {
     let _lock = lock_image(storage, LockMode::Shared)?;
     // The sampled sectors below say whether the record belongs to the image.
-    let rec = load_with(storage, key, false)?.ok_or_else(|| not_sealed(storage))?;
+    let (_, rec) = load_with(storage, key, Use::Read, false)?.ok_or_else(|| not_sealed(storage))?;
     if rec.phase != Phase::Sealed {
         return Err(in_progress(storage, rec.phase));
     }
@@ -264,7 +349,7 @@ pub fn verify(
         )),
     })?;
     let digest = match &rec.dense {
-        None => hash_image(&*image, scheme, progress),
+        None => hash_image(&*image, scheme, None, progress),
         Some(d) => {
             let region = d.sectors * u64::from(rec.sector_size);
             let tail_ok = dense::tail_is_zero(&*image, region).map_err(store_err)?;
@@ -274,7 +359,7 @@ pub fn verify(
                     why: format!("it holds data past its dense region (byte {region} on), where a dense seal leaves only holes: the sealed image was tampered with"),
                 });
             }
-            hash_image(&ExtentView::prefix(&*image, region), scheme, progress)
+            hash_image(&ExtentView::prefix(&*image, region), scheme, None, progress)
         }
     }
     .map_err(store_err)?;
@@ -291,13 +376,15 @@ pub fn verify(
     })
 }
 
-/// The sealed digest of `image`, reading only its data ranges.
+/// The digest of `image` (keyed by `key`: the plaintext digest of the secure profile),
+/// reading only its data ranges.
 fn hash_image(
     image: &dyn Disk,
     scheme: DigestScheme,
+    key: Option<&[u8; 32]>,
     progress: &dyn Progress,
 ) -> Result<String, StoreError> {
-    let mut hasher = ImageHasher::new(scheme, None);
+    let mut hasher = ImageHasher::new(scheme, key);
     let mut buf = vec![0u8; 1 << 20];
     let map = image.data_map()?;
     for (r, data) in map.pieces(0, map.len()) {
@@ -412,21 +499,23 @@ pub fn seal(
             devices: loops.join(", "),
         });
     }
-    let Some(rec) = load(storage, key)? else {
+    let Some(rec) = load(storage, key, Use::Act)? else {
         return fresh_seal(storage, opts, progress);
     };
     let from = Some(rec.phase);
     let done = |job: Job, outcome| job.report(outcome, from);
+    let open = |rec| Job::open(storage, progress, rec, "seal", key, opts.memory_bytes);
     match rec.phase {
         Phase::SealScatter => {
-            let mut job = Job::open(storage, progress, rec, "seal", key, opts.memory_bytes)?;
+            let mut job = open(rec)?;
             job.check_seed()?;
+            job.check_plaintext()?;
             job.seal_scatter()?;
             job.seal_gather()?;
             Ok(done(job, Outcome::Sealed))
         }
         Phase::SealGather => {
-            let mut job = Job::open(storage, progress, rec, "seal", key, opts.memory_bytes)?;
+            let mut job = open(rec)?;
             job.seal_gather()?;
             Ok(done(job, Outcome::Sealed))
         }
@@ -439,18 +528,25 @@ pub fn seal(
             })
         }
         Phase::UnsealScatter => {
-            let mut job = Job::open(storage, progress, rec, "seal", key, opts.memory_bytes)?;
+            let mut job = open(rec)?;
+            job.check_still_sealed()?;
             job.abandon_unseal_scatter()?;
             Ok(done(job, Outcome::UnsealRolledBack))
         }
         Phase::UnsealGather => {
-            let mut job = Job::open(storage, progress, rec, "seal", key, opts.memory_bytes)?;
+            let mut job = open(rec)?;
+            // The thin disk is the one complete copy: without it nothing is touched.
+            drop(job.open_thin()?);
             job.commit(Phase::SealGather)?;
             job.seal_gather()?;
             Ok(done(job, Outcome::UnsealRolledBack))
         }
         Phase::Unsealed => {
-            finish_unsealed(storage, &rec)?;
+            // The record is dropped (with its key slot) only over the plaintext it names.
+            let job = open(rec)?;
+            job.check_plain()?;
+            finish_unsealed(storage, &job.rec)?;
+            drop(job);
             fresh_seal(storage, opts, progress)
         }
         // A shred is final: its tombstone says the data is gone, and a new seal would
@@ -480,22 +576,30 @@ pub fn unseal_with(
     memory_bytes: u64,
 ) -> Result<JobReport> {
     let _lock = lock_image(storage, LockMode::Exclusive)?;
-    let rec = load(storage, key)?.ok_or_else(|| not_sealed(storage))?;
+    let (bytes, rec) =
+        load_with(storage, key, Use::Act, true)?.ok_or_else(|| not_sealed(storage))?;
     if rec.phase.is_shred() {
         return Err(in_progress(storage, rec.phase));
     }
     let from = (rec.phase != Phase::Sealed).then_some(rec.phase);
     let mut job = Job::open(storage, progress, rec, "unseal", key, memory_bytes)?;
+    // An unseal that finds the image sealed and fails verification puts the record back
+    // as it was read: a refusal touches nothing.
+    if matches!(job.rec.phase, Phase::Sealed | Phase::UnsealScatter) {
+        job.restore = Some((bytes, job.rec.phase));
+    }
     let outcome = match job.rec.phase {
         Phase::SealScatter => {
             // The image was never touched: dropping the thin disk, the record and then the
-            // key slot is the rollback.
+            // key slot is the rollback, once the image is seen to be the plaintext.
+            job.check_plaintext()?;
             let image = storage.image_name();
             drop_seal(storage, &job.rec.seal_id).map_err(|source| job.interrupted(source))?;
             tracing::info!(%image, "rolled back an interrupted seal");
             Outcome::SealRolledBack
         }
         Phase::SealGather => {
+            drop(job.open_thin()?);
             job.commit(Phase::UnsealGather)?;
             job.unseal_gather()?;
             Outcome::SealRolledBack
@@ -516,6 +620,7 @@ pub fn unseal_with(
             Outcome::Unsealed
         }
         Phase::Unsealed => {
+            job.check_plain()?;
             finish_unsealed(storage, &job.rec)?;
             Outcome::Unsealed
         }
@@ -535,8 +640,31 @@ pub fn unseal_with(
 /// runs (destroying needs no key, and every path it touches is derived, none read from
 /// the record).
 pub fn shred(storage: &dyn Storage, key: Option<&MasterKey>) -> Result<SealRecord> {
+    shred_report(storage, key).map(|r| r.record)
+}
+
+/// What a shred did to the key slot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SlotFate {
+    /// The key slot was there and was overwritten in place with random bytes, then deleted.
+    Overwritten,
+    /// There was no key slot to overwrite (an interrupted shred had destroyed it, or it was
+    /// removed by someone else): nothing was destroyed now.
+    Absent,
+}
+
+/// The result of a shred.
+#[derive(Debug, Clone)]
+pub struct ShredReport {
+    /// The tombstone record.
+    pub record: SealRecord,
+    pub slot: SlotFate,
+}
+
+/// [`shred`], saying what became of the key slot.
+pub fn shred_report(storage: &dyn Storage, key: Option<&MasterKey>) -> Result<ShredReport> {
     let _lock = lock_image(storage, LockMode::Exclusive)?;
-    let rec = load(storage, key)?.ok_or_else(|| not_sealed(storage))?;
+    let rec = load(storage, key, Use::Act)?.ok_or_else(|| not_sealed(storage))?;
     if rec.profile != Profile::Secure {
         return Err(JobError::Unsupported(format!(
             "{} was sealed with the patent profile, which has no key to destroy; crypto-erase needs the secure profile (overwrite or delete the image instead)",
@@ -549,12 +677,9 @@ pub fn shred(storage: &dyn Storage, key: Option<&MasterKey>) -> Result<SealRecor
     };
     let mac_key = key.map(|k| keys::record_mac_key(k, &rec.seal_id));
     let mut rec = match rec.phase {
+        // `authentic` migrated a record of version 1 or 2, or refused it: the wrapped key
+        // is in the key slot, and nowhere else.
         Phase::Sealed => {
-            if rec.version < KEY_SLOT_VERSION {
-                // The wrapped key is inside this very record file: keep the file under the
-                // slot's name so that it is overwritten in place, not left in free space.
-                storage.link_record_as_key_slot().map_err(store_err)?;
-            }
             let mut marked = rec;
             marked.version = RECORD_VERSION;
             marked.wrapped_key = None;
@@ -568,13 +693,17 @@ pub fn shred(storage: &dyn Storage, key: Option<&MasterKey>) -> Result<SealRecor
         Phase::Shredding => rec,
         other => return Err(in_progress(storage, other)),
     };
+    let slot = match storage.read_key_slot().map_err(store_err)? {
+        Some(_) => SlotFate::Overwritten,
+        None => SlotFate::Absent,
+    };
     storage.destroy_key_slot().map_err(store_err)?;
     rec.key_slot = None;
     rec.phase = Phase::Shredded;
     rec.updated_unix = now();
     let bytes = rec.encode_with_mac(mac_key.as_deref());
     storage.write_record(&bytes).map_err(store_err)?;
-    Ok(rec)
+    Ok(ShredReport { record: rec, slot })
 }
 
 /// Undo a seal that never wrote the image: thin disk, record, then key slot (a slot left
@@ -619,6 +748,15 @@ fn fresh_seal(
         image: image_name.clone(),
         source,
     };
+    // A key slot without a record is a secure seal's that crashed before its record was
+    // written (destroyed by the next secure seal), or one whose record was lost (restore
+    // it): a patent seal never leaves it beside its own record, which has no MAC.
+    if opts.profile == Profile::Patent && storage.read_key_slot().map_err(store_err)?.is_some() {
+        return Err(JobError::Unsupported(format!(
+            "{image_name} has a key slot {} but no seal record: it belongs to a secure seal whose record is missing. Restore that record from a backup; if that seal never started (a crash at its start), delete the slot, then seal again",
+            storage.key_slot_name()
+        )));
+    }
     let image = storage.open_image(true).map_err(store_err)?;
     let geometry = Geometry::new(
         image.len(),
@@ -771,6 +909,9 @@ struct Job<'a> {
     /// The command the user ran: `seal` or `unseal`.
     command: &'static str,
     memory_bytes: u64,
+    /// The record's bytes as read and their phase, when a failed verification is to put
+    /// them back (an unseal that found the image sealed).
+    restore: Option<(Vec<u8>, Phase)>,
 }
 
 /// What a record's profile and key give a job: the [040] seed, the key the placement is
@@ -1007,6 +1148,7 @@ impl<'a> Job<'a> {
             digest,
             command,
             memory_bytes,
+            restore: None,
         })
     }
 
@@ -1330,7 +1472,94 @@ impl<'a> Job<'a> {
         self.storage
             .remove_thin(&self.rec.seal_id)
             .map_err(|e| self.interrupted(e))?;
-        self.commit(Phase::Sealed)
+        match self.restore.is_some() {
+            true => self.put_record_back(),
+            false => self.commit(Phase::Sealed),
+        }
+    }
+
+    /// After a failed verification of an unseal that found the image sealed, with the
+    /// sealed image in place again: the record as it was read, byte for byte.
+    fn put_record_back(&mut self) -> Result<()> {
+        let Some((bytes, phase)) = self.restore.take() else {
+            return Ok(());
+        };
+        self.rec.phase = phase;
+        self.storage
+            .write_record(&bytes)
+            .map_err(|e| self.interrupted(e))
+    }
+
+    /// The plaintext view of the image: the compacted one with dense placement.
+    fn plain_digest_now(&self) -> Result<String> {
+        let view = self.dense.as_ref().map(|d| d.compacted(&*self.image));
+        let plain = view.as_ref().map_or(&*self.image, |v| v as &dyn Disk);
+        self.progress.pass("verify", self.geometry.disk_bytes());
+        let key = self.keys.digest_key.as_deref();
+        hash_image(plain, self.digest, key, self.progress).map_err(|source| JobError::Store {
+            image: self.image_name(),
+            source,
+        })
+    }
+
+    fn not_plaintext(&self, why: String) -> JobError {
+        JobError::Verification {
+            image: self.image_name(),
+            why: format!("its seal record says phase {}, {why}; the record was edited or the image changed, so nothing was touched", self.rec.phase.name()),
+        }
+    }
+
+    /// The image is the plaintext whose digest the record names (phase `unsealed`): the
+    /// record and key slot are dropped only over it.
+    fn check_plain(&self) -> Result<()> {
+        let want = self.rec.plain_digest.as_deref().unwrap_or("nothing");
+        let have = self.plain_digest_now()?;
+        if have != want {
+            return Err(self.not_plaintext(format!(
+                "which means the image is plaintext with the BLAKE3 digest {want}, but its digest is {have}"
+            )));
+        }
+        Ok(())
+    }
+
+    /// A seal found in scatter never wrote the image: it is the plaintext the seed was
+    /// taken from (and the one the plaintext digest names, if the record has one), not the
+    /// sealed image the record's fingerprint names.
+    fn check_plaintext(&self) -> Result<()> {
+        if let Some(want) = &self.rec.sealed_fingerprint {
+            let fp = self.fingerprint().map_err(|e| self.interrupted(e))?;
+            if *want == fp {
+                return Err(self.not_plaintext(
+                    "but the image is the sealed image the record's fingerprint names".into(),
+                ));
+            }
+        }
+        if self.rec.plain_digest.is_some() {
+            self.check_plain()?;
+        }
+        let seed = read_seed(&*self.image, self.image_geometry).map_err(|e| self.interrupted(e))?;
+        if *seed != *self.keys.data_seed {
+            return Err(self.not_plaintext(
+                "but the image's first sectors do not give the seed the seal was made from"
+                    .into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// An unseal found in scatter never wrote the image: it is still the sealed image the
+    /// record's fingerprint names.
+    fn check_still_sealed(&self) -> Result<()> {
+        let Some(want) = &self.rec.sealed_fingerprint else {
+            return Ok(());
+        };
+        let fp = self.fingerprint().map_err(|e| self.interrupted(e))?;
+        if *want != fp {
+            return Err(self.not_plaintext(
+                "so the image is sealed, but its sampled sectors differ from the sealed image the record describes".into(),
+            ));
+        }
+        Ok(())
     }
 
     /// Unseal pass 3: every sector comes back from its slot, and the plaintext digest is
@@ -1362,8 +1591,11 @@ impl<'a> Job<'a> {
             // the seal's digest and never rewrites that digest.
             self.commit(Phase::SealGather)?;
             let put_back = match self.seal_gather() {
-                Ok(()) => "the sealed data was put back in place and matches the seal's digest"
-                    .to_string(),
+                Ok(()) => {
+                    self.put_record_back()?;
+                    "the sealed data was put back in place and matches the seal's digest"
+                        .to_string()
+                }
                 Err(JobError::Verification { why, .. }) => why,
                 Err(e) => return Err(e),
             };

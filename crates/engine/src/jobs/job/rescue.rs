@@ -27,7 +27,7 @@ pub fn rescue(
     memory_bytes: u64,
 ) -> Result<RescueReport> {
     let _lock = lock_image(storage, LockMode::Shared)?;
-    let rec = load(storage, key)?.ok_or_else(|| not_sealed(storage))?;
+    let rec = load(storage, key, Use::Read)?.ok_or_else(|| not_sealed(storage))?;
     if rec.phase != Phase::Sealed {
         return Err(in_progress(storage, rec.phase));
     }
