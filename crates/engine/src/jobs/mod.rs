@@ -35,4 +35,6 @@ mod integrity_tests;
 #[cfg(test)]
 mod proptests;
 #[cfg(test)]
+mod record_edits;
+#[cfg(test)]
 mod tests;
