@@ -20,7 +20,9 @@ fn slot_of(img: &Path) -> PathBuf {
 }
 
 /// Image, record and key slot bytes (the slot with its inode: overwritten in place or not).
-fn everything(img: &Path) -> (Vec<u8>, Vec<u8>, Option<(Vec<u8>, u64)>) {
+type Everything = (Vec<u8>, Vec<u8>, Option<(Vec<u8>, u64)>);
+
+fn everything(img: &Path) -> Everything {
     let slot = slot_of(img);
     (
         std::fs::read(img).unwrap(),
@@ -81,7 +83,11 @@ fn refused_with(args: &[&str], exit: i32, cause: &str) {
     let o = pdguard(args);
     let err = stderr(&o);
     assert_eq!(code(&o), exit, "{args:?}: exit {}: {err}", code(&o));
-    assert_eq!(err.trim_end().lines().count(), 1, "{args:?}: not one line: {err}");
+    assert_eq!(
+        err.trim_end().lines().count(),
+        1,
+        "{args:?}: not one line: {err}"
+    );
     assert!(err.contains(cause), "{args:?}: {err:?} lacks {cause:?}");
 }
 
@@ -96,14 +102,39 @@ fn a_record_downgraded_to_version_2_is_refused_and_its_key_slot_kept() {
         let before = everything(&img);
         assert!(before.2.is_some(), "the key slot is missing");
         for (args, cause) in [
-            (vec!["image", "unseal", &i, "--key-file", k], "not bound to such a record"),
-            (vec!["image", "seal", &i, "--key-file", k], "not bound to such a record"),
+            (
+                vec!["image", "unseal", &i, "--key-file", k],
+                "not bound to such a record",
+            ),
+            (
+                vec!["image", "seal", &i, "--key-file", k],
+                "not bound to such a record",
+            ),
             (vec!["image", "seal", &i, "--profile", "patent"], "key slot"),
-            (vec!["image", "shred", &i, "--yes", "--key-file", k], "not bound to such a record"),
-            (vec!["image", "shred", &i, "--yes", "--key-file", "/nonexistent/key"], "key slot"),
-            (vec!["image", "verify", &i, "--key-file", k], "migrate it first"),
+            (
+                vec!["image", "shred", &i, "--yes", "--key-file", k],
+                "not bound to such a record",
+            ),
+            (
+                vec![
+                    "image",
+                    "shred",
+                    &i,
+                    "--yes",
+                    "--key-file",
+                    "/nonexistent/key",
+                ],
+                "key slot",
+            ),
+            (
+                vec!["image", "verify", &i, "--key-file", k],
+                "migrate it first",
+            ),
             (vec!["image", "verify", &i], "key slot"),
-            (vec!["image", "migrate", &i, "--key-file", k], "not bound to such a record"),
+            (
+                vec!["image", "migrate", &i, "--key-file", k],
+                "not bound to such a record",
+            ),
         ] {
             let mut args = args.clone();
             args.push("--quiet");
@@ -122,7 +153,10 @@ fn a_record_downgraded_to_version_2_is_refused_and_its_key_slot_kept() {
     assert_eq!(code(&o), 0, "{}", stderr(&o));
     let v: Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(v["version"].as_u64(), Some(2));
-    assert!(std::fs::read(&img).unwrap() != plain, "the image is not sealed");
+    assert!(
+        std::fs::read(&img).unwrap() != plain,
+        "the image is not sealed"
+    );
 }
 
 /// A version 2 record as version 2 wrote it: the seal's key wrapped inside, bound to
@@ -140,19 +174,43 @@ fn migrate_brings_a_version_2_record_to_the_current_version() {
     let (data_key, seed) = keys::unwrap(&master, &slot.wrapped, &keys::wrap_aad(&rec)).unwrap();
     rec.version = 2;
     rec.key_slot = None;
-    rec.wrapped_key = Some(keys::wrap(&master, &data_key, &seed, [5; 12], &keys::wrap_aad(&rec)));
+    rec.wrapped_key = Some(keys::wrap(
+        &master,
+        &data_key,
+        &seed,
+        [5; 12],
+        &keys::wrap_aad(&rec),
+    ));
     std::fs::remove_file(slot_of(&img)).unwrap();
     std::fs::write(record_of(&img), rec.encode()).unwrap();
     let i = s(&img).to_string();
     // Without the key, nothing acts on it; verify of the sealed bytes still works.
-    refused_with(&["image", "unseal", &i, "--key-file", "/nonexistent/key"], 1, "no key file");
-    refused_with(&["image", "shred", &i, "--yes", "--key-file", "/nonexistent/key"], 1, "migrate it first");
+    refused_with(
+        &["image", "unseal", &i, "--key-file", "/nonexistent/key"],
+        1,
+        "no key file",
+    );
+    refused_with(
+        &[
+            "image",
+            "shred",
+            &i,
+            "--yes",
+            "--key-file",
+            "/nonexistent/key",
+        ],
+        1,
+        "migrate it first",
+    );
     let o = pdguard(&["image", "verify", &i, "--quiet"]);
     assert_eq!(code(&o), 0, "{}", stderr(&o));
     let o = pdguard(&["image", "migrate", &i, "--key-file", s(&key), "--json"]);
     assert_eq!(code(&o), 0, "{}", stderr(&o));
     let v: Value = serde_json::from_slice(&o.stdout).unwrap();
-    assert_eq!((v["from_version"].as_u64(), v["migrated"].as_bool()), (Some(2), Some(true)));
+    assert_eq!(
+        (v["from_version"].as_u64(), v["migrated"].as_bool()),
+        (Some(2), Some(true))
+    );
     let text = std::fs::read_to_string(record_of(&img)).unwrap();
     assert!(text.starts_with("PDGUARD-SEAL-RECORD 4 "), "{text}");
     assert!(!text.contains("wrapped_key") && slot_of(&img).exists());
@@ -178,7 +236,10 @@ fn shred_says_whether_it_overwrote_a_key_slot() {
     let o = pdguard(&["image", "shred", &i, "--yes", "--key-file", s(&k)]);
     assert_eq!(code(&o), 0, "{}", stderr(&o));
     let out = String::from_utf8_lossy(&o.stdout);
-    assert!(out.contains("was overwritten with random bytes and deleted"), "{out}");
+    assert!(
+        out.contains("was overwritten with random bytes and deleted"),
+        "{out}"
+    );
     let mut after = Vec::new();
     std::io::Read::read_to_end(&mut &held, &mut after).unwrap();
     assert_eq!(after.len(), before.len());
@@ -188,10 +249,20 @@ fn shred_says_whether_it_overwrote_a_key_slot() {
     let (mut v, _) = body_of(&img);
     v["phase"] = Value::from("shredding");
     write_record(&img, 4, &v, Some("-"));
-    let o = pdguard(&["image", "shred", &i, "--yes", "--key-file", "/nonexistent/key"]);
+    let o = pdguard(&[
+        "image",
+        "shred",
+        &i,
+        "--yes",
+        "--key-file",
+        "/nonexistent/key",
+    ]);
     assert_eq!(code(&o), 0, "{}", stderr(&o));
     let out = String::from_utf8_lossy(&o.stdout);
-    assert!(out.contains("there was no key slot") && out.contains("nothing was destroyed now"), "{out}");
+    assert!(
+        out.contains("there was no key slot") && out.contains("nothing was destroyed now"),
+        "{out}"
+    );
 }
 
 /// Patent profile, no MAC: a record edited to say `unsealed` or `seal-scatter` never makes
@@ -206,7 +277,10 @@ fn patent_phase_edits_never_end_in_success_over_scrambled_data() {
     for (phase, drop) in [
         ("unsealed", &[][..]),
         ("seal-scatter", &[][..]),
-        ("seal-scatter", &["plain_digest", "sealed_digest", "sealed_fingerprint"][..]),
+        (
+            "seal-scatter",
+            &["plain_digest", "sealed_digest", "sealed_fingerprint"][..],
+        ),
     ] {
         let mut v = v0.clone();
         v["phase"] = Value::from(phase);
@@ -215,11 +289,21 @@ fn patent_phase_edits_never_end_in_success_over_scrambled_data() {
         }
         write_record(&img, 4, &v, Some(&mac));
         let before = everything(&img);
-        refused_with(&["image", "unseal", &i, "--quiet"], 3, "failed verification");
-        assert!(everything(&img) == before, "unseal of {phase} touched something");
+        refused_with(
+            &["image", "unseal", &i, "--quiet"],
+            3,
+            "failed verification",
+        );
+        assert!(
+            everything(&img) == before,
+            "unseal of {phase} touched something"
+        );
         let o = pdguard(&["image", "seal", &i, "--profile", "patent", "--quiet"]);
         assert_ne!(code(&o), 0, "seal over {phase} succeeded");
-        assert!(everything(&img) == before, "seal of {phase} touched something");
+        assert!(
+            everything(&img) == before,
+            "seal of {phase} touched something"
+        );
     }
     std::fs::write(record_of(&img), genuine).unwrap();
     let o = pdguard(&["image", "unseal", &i, "--quiet"]);

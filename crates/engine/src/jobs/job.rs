@@ -1547,8 +1547,7 @@ impl<'a> Job<'a> {
         let seed = read_seed(&*self.image, self.image_geometry).map_err(|e| self.interrupted(e))?;
         if *seed != *self.keys.data_seed {
             return Err(self.not_plaintext(
-                "but the image's first sectors do not give the seed the seal was made from"
-                    .into(),
+                "but the image's first sectors do not give the seed the seal was made from".into(),
             ));
         }
         Ok(())

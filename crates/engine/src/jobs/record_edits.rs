@@ -126,11 +126,7 @@ fn json_keys(v: &Value, prefix: &str, out: &mut BTreeSet<String>) {
 #[test]
 fn fields_cover_the_whole_record() {
     let mut keys = BTreeSet::new();
-    json_keys(
-        &serde_json::to_value(full_record()).unwrap(),
-        "",
-        &mut keys,
-    );
+    json_keys(&serde_json::to_value(full_record()).unwrap(), "", &mut keys);
     let covered: BTreeSet<String> = FIELDS.iter().map(|f| f.to_string()).collect();
     assert_eq!(
         keys, covered,
@@ -312,7 +308,9 @@ fn insertion(t: &Template, field: &str) -> Vec<Option<Value>> {
                 "bytes": b.len(),
                 "checksum": blake3::hash(&b).to_hex().to_string(),
             }),
-            None => json!({"algorithm": keys::WRAP_ALGORITHM, "master_key_id": master().id(), "bytes": 4096, "checksum": "00".repeat(32)}),
+            None => {
+                json!({"algorithm": keys::WRAP_ALGORITHM, "master_key_id": master().id(), "bytes": 4096, "checksum": "00".repeat(32)})
+            }
         },
         "dense" => json!({"sectors": rec.sectors / 2, "map": "00".repeat(48)}),
         "keep_holes" => json!(true),
@@ -398,7 +396,10 @@ fn check(t: &Template, edits: &[Edit], keep_mac: bool, command: &str) -> Result<
     let bytes = forged(t, edits, keep_mac);
     s.write_record(&bytes).unwrap();
     let before = state(&s);
-    let what = format!("{} {command} after {edits:?} (MAC kept: {keep_mac})", t.name);
+    let what = format!(
+        "{} {command} after {edits:?} (MAC kept: {keep_mac})",
+        t.name
+    );
     let r = match command {
         "seal" => seal(&s, &t.opts, &NoProgress),
         _ => unseal(&s, t.key(), &NoProgress),

@@ -694,7 +694,10 @@ fn a_version_2_record_is_only_read_until_it_is_migrated() {
     ] {
         assert!(matches!(e, JobError::OldRecord { version: 2, .. }), "{e}");
     }
-    assert_eq!((s.image(), s.record(), s.key_slot()), (sealed, Some(v2), None));
+    assert_eq!(
+        (s.image(), s.record(), s.key_slot()),
+        (sealed, Some(v2), None)
+    );
 }
 
 /// With the master key, a shred migrates a version 2 record first (its wrapped key moves
@@ -739,7 +742,10 @@ fn a_shred_with_no_slot_left_says_so() {
     s.destroy_key_slot().unwrap();
     s.write_record(&rec.encode()).unwrap();
     let r = shred_report(&s, None).unwrap();
-    assert_eq!((r.record.phase, r.slot), (Phase::Shredded, SlotFate::Absent));
+    assert_eq!(
+        (r.record.phase, r.slot),
+        (Phase::Shredded, SlotFate::Absent)
+    );
 }
 
 /// A secure record of version 2 still unseals with the master key: it is migrated on the
@@ -773,7 +779,10 @@ fn a_version_2_secure_record_is_migrated_and_unseals() {
     s.create_key_slot(&probe.key_slot().unwrap()).unwrap();
     assert_eq!(s.record(), Some(v2));
     let r = migrate(&s, Some(&master())).unwrap();
-    assert_eq!((r.from, r.record.version), (2, pdguard_core::record::RECORD_VERSION));
+    assert_eq!(
+        (r.from, r.record.version),
+        (2, pdguard_core::record::RECORD_VERSION)
+    );
     assert_eq!(s.key_slot(), probe.key_slot());
     assert!(!migrate(&s, Some(&master())).unwrap().migrated());
     verify(&s, Some(&master()), &NoProgress).unwrap();
@@ -806,14 +815,28 @@ fn a_record_downgraded_to_version_2_is_refused_by_every_command() {
             ("shred with the key", shred(&s, Some(&master())).map(|_| ())),
             ("shred without it", shred(&s, None).map(|_| ())),
             ("seal", seal(&s, &o, &NoProgress).map(|_| ())),
-            ("patent seal", seal(&s, &opts(PlacementKind::Patent, 512, 0), &NoProgress).map(|_| ())),
-            ("unseal", unseal(&s, Some(&master()), &NoProgress).map(|_| ())),
-            ("verify", verify(&s, Some(&master()), &NoProgress).map(|_| ())),
-            ("verify without the key", verify(&s, None, &NoProgress).map(|_| ())),
+            (
+                "patent seal",
+                seal(&s, &opts(PlacementKind::Patent, 512, 0), &NoProgress).map(|_| ()),
+            ),
+            (
+                "unseal",
+                unseal(&s, Some(&master()), &NoProgress).map(|_| ()),
+            ),
+            (
+                "verify",
+                verify(&s, Some(&master()), &NoProgress).map(|_| ()),
+            ),
+            (
+                "verify without the key",
+                verify(&s, None, &NoProgress).map(|_| ()),
+            ),
             ("migrate", migrate(&s, Some(&master())).map(|_| ())),
         ];
         for (what, r) in results {
-            let e = r.err().unwrap_or_else(|| panic!("{what} of the forged {phase:?} record succeeded"));
+            let e = r
+                .err()
+                .unwrap_or_else(|| panic!("{what} of the forged {phase:?} record succeeded"));
             assert!(
                 matches!(
                     e,

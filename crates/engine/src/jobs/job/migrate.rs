@@ -139,8 +139,10 @@ pub(super) fn upgrade(
 }
 
 fn write(storage: &dyn Storage, bytes: &[u8]) -> Result<()> {
-    storage.write_record(bytes).map_err(|source| JobError::Store {
-        image: storage.image_name(),
-        source,
-    })
+    storage
+        .write_record(bytes)
+        .map_err(|source| JobError::Store {
+            image: storage.image_name(),
+            source,
+        })
 }
