@@ -142,6 +142,39 @@ fn now() -> u64 {
         .unwrap_or(0)
 }
 
+/// Which way a job moves the data; named by the command that runs it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Direction {
+    Seal,
+    Unseal,
+}
+
+impl Direction {
+    /// The command that finishes (or, run the other way, rolls back) a job going this way.
+    pub fn command(self) -> &'static str {
+        match self {
+            Self::Seal => "seal",
+            Self::Unseal => "unseal",
+        }
+    }
+
+    /// What a job going this way is doing, for messages: `sealing`, `unsealing`.
+    pub fn action(self) -> &'static str {
+        match self {
+            Self::Seal => "sealing",
+            Self::Unseal => "unsealing",
+        }
+    }
+
+    /// The direction of the job a record in `phase` was interrupted in.
+    pub fn of(phase: Phase) -> Self {
+        match phase {
+            Phase::SealScatter | Phase::SealGather => Self::Seal,
+            _ => Self::Unseal,
+        }
+    }
+}
+
 /// One seal or unseal in progress on one image.
 struct Job<'a> {
     storage: &'a dyn Storage,
@@ -161,8 +194,8 @@ struct Job<'a> {
     /// Keys the record's MAC (secure profile, record version 3 on).
     mac_key: Option<Zeroizing<[u8; 32]>>,
     digest: DigestScheme,
-    /// The command the user ran: `seal` or `unseal`.
-    command: &'static str,
+    /// The command the user ran.
+    direction: Direction,
     memory_bytes: u64,
     /// The record's bytes as read and their phase, when a failed verification is to put
     /// them back (an unseal that found the image sealed).
@@ -174,7 +207,7 @@ impl<'a> Job<'a> {
         storage: &'a dyn Storage,
         progress: &'a dyn Progress,
         rec: SealRecord,
-        command: &'static str,
+        direction: Direction,
         key: Option<&MasterKey>,
         memory_bytes: u64,
     ) -> Result<Self> {
@@ -188,7 +221,7 @@ impl<'a> Job<'a> {
             storage,
             progress,
             rec,
-            command,
+            direction,
             image,
             keys,
             key,
@@ -201,7 +234,7 @@ impl<'a> Job<'a> {
         storage: &'a dyn Storage,
         progress: &'a dyn Progress,
         rec: SealRecord,
-        command: &'static str,
+        direction: Direction,
         image: Box<dyn Disk>,
         keys: Keys,
         key: Option<&MasterKey>,
@@ -254,7 +287,7 @@ impl<'a> Job<'a> {
             keys,
             mac_key,
             digest,
-            command,
+            direction,
             memory_bytes,
             restore: None,
         })
@@ -294,21 +327,13 @@ impl<'a> Job<'a> {
         Sparse::new(disk, self.geometry.sector_size().into())
     }
 
-    fn action(&self) -> &'static str {
-        if self.command == "seal" {
-            "sealing"
-        } else {
-            "unsealing"
-        }
-    }
-
     /// An error after the record exists: the job can be finished or rolled back later.
     fn interrupted(&self, source: StoreError) -> JobError {
         JobError::Interrupted {
-            action: self.action(),
+            action: self.direction.action(),
             image: self.image_name(),
             phase: self.rec.phase.name(),
-            command: self.command,
+            command: self.direction.command(),
             source,
         }
     }

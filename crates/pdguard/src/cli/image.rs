@@ -443,10 +443,7 @@ fn shreddable(image: &str, rec: &SealRecord) -> Result<(), CliError> {
         phase => Err(jobs::JobError::InProgress {
             image,
             phase: phase.name(),
-            command: match phase {
-                Phase::SealScatter | Phase::SealGather => "seal",
-                _ => "unseal",
-            },
+            command: jobs::Direction::of(phase).command(),
         }
         .into()),
     }

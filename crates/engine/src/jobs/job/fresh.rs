@@ -137,7 +137,7 @@ pub(super) fn fresh_seal(
         storage,
         progress,
         rec,
-        "seal",
+        Direction::Seal,
         image,
         keys,
         key,

@@ -40,7 +40,7 @@ impl Job<'_> {
         let undone = drop_seal(self.storage, &self.rec.seal_id);
         match (err, undone) {
             (JobError::Interrupted { source, .. }, Ok(())) => JobError::RolledBack {
-                action: "sealing",
+                action: Direction::Seal.action(),
                 image: self.image_name(),
                 source,
             },
@@ -164,7 +164,7 @@ impl Job<'_> {
     pub(super) fn roll_back_unseal_scatter(&mut self, source: StoreError) -> JobError {
         match self.abandon_unseal_scatter() {
             Ok(()) => JobError::RolledBack {
-                action: "unsealing",
+                action: Direction::Unseal.action(),
                 image: self.image_name(),
                 source,
             },

@@ -219,13 +219,9 @@ pub(super) fn in_progress(storage: &dyn Storage, phase: Phase) -> JobError {
         Phase::Shredding => return JobError::ShredInterrupted { image },
         _ => {}
     }
-    let command = match phase {
-        Phase::SealScatter | Phase::SealGather => "seal",
-        _ => "unseal",
-    };
     JobError::InProgress {
         image,
         phase: phase.name(),
-        command,
+        command: Direction::of(phase).command(),
     }
 }

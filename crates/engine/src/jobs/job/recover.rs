@@ -28,7 +28,16 @@ pub fn seal(
     };
     let from = Some(rec.phase);
     let done = |job: Job, outcome| job.report(outcome, from);
-    let open = |rec| Job::open(storage, progress, rec, "seal", key, opts.memory_bytes);
+    let open = |rec| {
+        Job::open(
+            storage,
+            progress,
+            rec,
+            Direction::Seal,
+            key,
+            opts.memory_bytes,
+        )
+    };
     match rec.phase {
         Phase::SealScatter => {
             let mut job = open(rec)?;
@@ -106,7 +115,7 @@ pub fn unseal_with(
         return Err(in_progress(storage, rec.phase));
     }
     let from = (rec.phase != Phase::Sealed).then_some(rec.phase);
-    let mut job = Job::open(storage, progress, rec, "unseal", key, memory_bytes)?;
+    let mut job = Job::open(storage, progress, rec, Direction::Unseal, key, memory_bytes)?;
     // An unseal that finds the image sealed and fails verification puts the record back
     // as it was read: a refusal touches nothing.
     if matches!(job.rec.phase, Phase::Sealed | Phase::UnsealScatter) {

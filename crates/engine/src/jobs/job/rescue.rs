@@ -53,7 +53,7 @@ pub fn rescue(
         storage,
         progress,
         rec,
-        "unseal",
+        Direction::Unseal,
         image,
         keys,
         key,
