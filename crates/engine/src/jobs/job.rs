@@ -44,6 +44,7 @@ mod passes;
 mod record_io;
 mod recover;
 mod rescue;
+mod scope;
 mod shred;
 mod verify;
 use fresh::*;
@@ -54,6 +55,7 @@ use record_io::*;
 use recover::*;
 pub use recover::{seal, unseal, unseal_with};
 pub use rescue::{rescue, RescueReport};
+use scope::JobScope;
 pub use shred::{shred, shred_report, ShredReport, SlotFate};
 use verify::*;
 pub use verify::{verify, VerifyReport};
@@ -175,6 +177,20 @@ impl Direction {
     }
 }
 
+/// What [`Job::with_image`] builds a job from.
+struct Parts<'a> {
+    storage: &'a dyn Storage,
+    progress: &'a dyn Progress,
+    rec: SealRecord,
+    direction: Direction,
+    /// The image, opened for writing (or only reading, for a rescue).
+    image: Box<dyn Disk>,
+    keys: Keys,
+    /// Keys the record's MAC (secure profile, record version 3 on).
+    mac_key: Option<Zeroizing<[u8; 32]>>,
+    memory_bytes: u64,
+}
+
 /// One seal or unseal in progress on one image.
 struct Job<'a> {
     storage: &'a dyn Storage,
@@ -213,40 +229,39 @@ impl<'a> Job<'a> {
     ) -> Result<Self> {
         // Keys first: a wrong or missing key is refused before the image is opened.
         let keys = Keys::resolve(storage, &rec, key)?;
-        let image = storage.open_image(true).map_err(|source| JobError::Store {
-            image: storage.image_name(),
-            source,
-        })?;
-        Self::with_image(
+        let image = storage
+            .open_image(true)
+            .map_err(|e| JobScope(storage).store(e))?;
+        Self::with_image(Parts {
+            storage,
+            progress,
+            mac_key: mac_key_for(&rec, key),
+            rec,
+            direction,
+            image,
+            keys,
+            memory_bytes,
+        })
+    }
+
+    /// A job from its parts: the record is checked against the image (size, geometry,
+    /// strategy, placement, digest scheme, dense map) before anything is written.
+    fn with_image(parts: Parts<'a>) -> Result<Self> {
+        let Parts {
             storage,
             progress,
             rec,
             direction,
             image,
             keys,
-            key,
+            mac_key,
             memory_bytes,
-        )
-    }
-
-    #[allow(clippy::too_many_arguments)]
-    fn with_image(
-        storage: &'a dyn Storage,
-        progress: &'a dyn Progress,
-        rec: SealRecord,
-        direction: Direction,
-        image: Box<dyn Disk>,
-        keys: Keys,
-        key: Option<&MasterKey>,
-        memory_bytes: u64,
-    ) -> Result<Self> {
-        let mac_key = mac_key_for(&rec, key);
+        } = parts;
+        let scope = JobScope(storage);
         check_size(storage, &rec, &*image)?;
-        let record_err = |e: String| JobError::Record {
-            record: storage.record_name(),
-            source: pdguard_core::RecordError::Inconsistent(e),
-        };
-        let geometry = rec.geometry().map_err(|e| record_err(e.to_string()))?;
+        let geometry = rec
+            .geometry()
+            .map_err(|e| scope.inconsistent(e.to_string()))?;
         let strategy = strategy::by_name(&rec.strategy).ok_or_else(|| {
             JobError::Unsupported(format!(
                 "seal record {} names strategy {:?}, unknown to this pdguard; upgrade pdguard",
@@ -256,13 +271,13 @@ impl<'a> Job<'a> {
         })?;
         let kind = rec
             .placement_kind()
-            .ok_or_else(|| record_err(format!("unknown placement {:?}", rec.placement)))?;
+            .ok_or_else(|| scope.inconsistent(format!("unknown placement {:?}", rec.placement)))?;
         let digest = rec
             .digest_scheme()
-            .ok_or_else(|| record_err(format!("unknown digest scheme {:?}", rec.digest)))?;
+            .ok_or_else(|| scope.inconsistent(format!("unknown digest scheme {:?}", rec.digest)))?;
         let image_geometry =
             Geometry::with_slots(rec.sectors, rec.sectors, rec.sector_size, rec.word_length)
-                .map_err(|e| record_err(e.to_string()))?;
+                .map_err(|e| scope.inconsistent(e.to_string()))?;
         let dense = open_dense(storage, &rec, &keys)?;
         let placement = placement::build(
             kind,
@@ -271,7 +286,7 @@ impl<'a> Job<'a> {
             geometry.thin_sectors(),
         )
         .map_err(|source| JobError::Placement {
-            image: storage.image_name(),
+            image: scope.image(),
             source,
         })?;
         Ok(Self {
@@ -320,6 +335,11 @@ impl<'a> Job<'a> {
 
     fn image_name(&self) -> String {
         self.storage.image_name()
+    }
+
+    /// What this job's errors name.
+    fn scope(&self) -> JobScope<'a> {
+        JobScope(self.storage)
     }
 
     /// `disk` as a pass sees it: holes not read, zeros not written into them.

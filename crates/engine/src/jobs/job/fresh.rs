@@ -25,10 +25,7 @@ pub(super) fn fresh_seal(
         )));
     };
     let image_name = storage.image_name();
-    let store_err = |source| JobError::Store {
-        image: image_name.clone(),
-        source,
-    };
+    let store_err = |source| JobScope(storage).store(source);
     // A key slot without a record is a secure seal's that crashed before its record was
     // written (destroyed by the next secure seal), or one whose record was lost (restore
     // it): a patent seal never leaves it beside its own record, which has no MAC.
@@ -133,16 +130,16 @@ pub(super) fn fresh_seal(
     }
     let key = opts.master_key.as_ref();
     let keys = Keys::from_wrapped(storage, &rec, key, slot.as_ref().map(|s| &s.1))?;
-    let mut job = Job::with_image(
+    let mut job = Job::with_image(Parts {
         storage,
         progress,
+        mac_key: mac_key_for(&rec, key),
         rec,
-        Direction::Seal,
+        direction: Direction::Seal,
         image,
         keys,
-        key,
-        opts.memory_bytes,
-    )?;
+        memory_bytes: opts.memory_bytes,
+    })?;
     // Everything that can be checked is checked before the first write. The key slot is
     // written before the record that names it: a crash in between leaves a slot without a
     // record, which the next seal destroys.

@@ -40,10 +40,7 @@ impl Keys {
         slot: Option<&WrappedKey>,
     ) -> Result<Self> {
         let image = storage.image_name();
-        let record_err = |e: &str| JobError::Record {
-            record: storage.record_name(),
-            source: pdguard_core::RecordError::Inconsistent(e.into()),
-        };
+        let record_err = |e: &str| JobScope(storage).inconsistent(e);
         match rec.profile {
             Profile::Patent => {
                 let seed = rec.seed.as_deref().ok_or_else(|| record_err("no seed"))?;
@@ -103,10 +100,7 @@ pub(super) fn open_dense(
     let Some(d) = &rec.dense else {
         return Ok(None);
     };
-    let record_err = |e: String| JobError::Record {
-        record: storage.record_name(),
-        source: pdguard_core::RecordError::Inconsistent(e),
-    };
+    let record_err = |e: String| JobScope(storage).inconsistent(e);
     let key = keys
         .dense_map_key
         .as_deref()
@@ -139,10 +133,7 @@ pub(super) fn read_slot(
     };
     let bytes = storage
         .read_key_slot()
-        .map_err(|source| JobError::Store {
-            image: storage.image_name(),
-            source,
-        })?
+        .map_err(|source| JobScope(storage).store(source))?
         .ok_or_else(|| {
             bad("it is missing (without it the sealed data cannot be decrypted)".into())
         })?;

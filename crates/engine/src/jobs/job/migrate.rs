@@ -73,9 +73,8 @@ pub(super) fn upgrade(
     master: &MasterKey,
 ) -> Result<(Vec<u8>, SealRecord)> {
     let image = storage.image_name();
-    let unauthentic = |why: &'static str| JobError::Record {
-        record: storage.record_name(),
-        source: pdguard_core::RecordError::Unauthenticated(why),
+    let unauthentic = |why: &'static str| {
+        JobScope(storage).record(pdguard_core::RecordError::Unauthenticated(why))
     };
     let old = rec
         .wrapped_key
@@ -96,10 +95,7 @@ pub(super) fn upgrade(
     new.version = RECORD_VERSION;
     new.wrapped_key = None;
     let aad = keys::wrap_aad(&new);
-    let store_err = |source| JobError::Store {
-        image: storage.image_name(),
-        source,
-    };
+    let store_err = |source| JobScope(storage).store(source);
     let slot = match storage.read_key_slot().map_err(store_err)? {
         // An interrupted migration: its slot opens under the record it was made for.
         Some(bytes) => {
@@ -141,8 +137,5 @@ pub(super) fn upgrade(
 fn write(storage: &dyn Storage, bytes: &[u8]) -> Result<()> {
     storage
         .write_record(bytes)
-        .map_err(|source| JobError::Store {
-            image: storage.image_name(),
-            source,
-        })
+        .map_err(|source| JobScope(storage).store(source))
 }

@@ -116,10 +116,7 @@ impl Job<'_> {
             .map_err(|e| self.interrupted(e))?;
         match put_back {
             None => Ok(()),
-            Some(want) => Err(JobError::Verification {
-                image: self.image_name(),
-                why: format!("the sealed data put back from the thin disk has the BLAKE3 digest {digest}, but the seal's is {want}: the thin disk was corrupted; the image stays sealed and the record keeps the seal's digest, so `pdguard image verify` reports the damage"),
-            }),
+            Some(want) => Err(self.scope().verification(format!("the sealed data put back from the thin disk has the BLAKE3 digest {digest}, but the seal's is {want}: the thin disk was corrupted; the image stays sealed and the record keeps the seal's digest, so `pdguard image verify` reports the damage"))),
         }
     }
 
@@ -153,10 +150,7 @@ impl Job<'_> {
         if self.rec.sealed_digest.as_deref() != Some(digest.as_str()) {
             let why = format!("the sealed image's BLAKE3 digest is {digest} but the seal record says {}: it was corrupted or tampered with after sealing; it is left sealed as it is", self.rec.sealed_digest.as_deref().unwrap_or("nothing"));
             self.abandon_unseal_scatter()?;
-            return Err(JobError::Verification {
-                image: self.image_name(),
-                why,
-            });
+            return Err(self.scope().verification(why));
         }
         self.commit(Phase::UnsealGather)
     }
@@ -232,10 +226,7 @@ impl Job<'_> {
                 Err(JobError::Verification { why, .. }) => why,
                 Err(e) => return Err(e),
             };
-            return Err(JobError::Verification {
-                image: self.image_name(),
-                why: format!("{why}; {put_back}"),
-            });
+            return Err(self.scope().verification(format!("{why}; {put_back}")));
         }
         self.commit(Phase::Unsealed)?;
         finish_unsealed(self.storage, &self.rec).map_err(|e| match e {

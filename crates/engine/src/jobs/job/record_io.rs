@@ -5,16 +5,12 @@ use super::*;
 
 /// Read and parse the record (checksum and consistency only).
 pub(super) fn decode(storage: &dyn Storage) -> Result<Option<(Vec<u8>, SealRecord)>> {
-    let bytes = storage.read_record().map_err(|source| JobError::Store {
-        image: storage.image_name(),
-        source,
-    })?;
+    let bytes = storage
+        .read_record()
+        .map_err(|source| JobScope(storage).store(source))?;
     bytes
         .map(|b| {
-            let rec = SealRecord::decode(&b).map_err(|source| JobError::Record {
-                record: storage.record_name(),
-                source,
-            })?;
+            let rec = SealRecord::decode(&b).map_err(|source| JobScope(storage).record(source))?;
             Ok((b, rec))
         })
         .transpose()
@@ -25,10 +21,7 @@ pub(super) fn decode(storage: &dyn Storage) -> Result<Option<(Vec<u8>, SealRecor
 pub(super) fn lock_image(storage: &dyn Storage, mode: LockMode) -> Result<ImageLock> {
     storage.lock_image(mode).map_err(|source| match source {
         StoreError::Busy { .. } => JobError::Busy(source),
-        source => JobError::Store {
-            image: storage.image_name(),
-            source,
-        },
+        source => JobScope(storage).store(source),
     })
 }
 
@@ -84,10 +77,7 @@ pub(super) fn check_thin_path(storage: &dyn Storage, rec: &SealRecord) -> Result
     };
     let derived = storage
         .thin_name(&rec.seal_id)
-        .map_err(|source| JobError::Store {
-            image: storage.image_name(),
-            source,
-        })?;
+        .map_err(|source| JobScope(storage).store(source))?;
     if *named == derived {
         return Ok(());
     }
@@ -146,10 +136,8 @@ pub(super) fn authentic(
             }
         }
         let mac_key = keys::record_mac_key(master, &rec.seal_id);
-        record::authenticate(&bytes, &rec, &mac_key).map_err(|source| JobError::Record {
-            record: storage.record_name(),
-            source,
-        })?;
+        record::authenticate(&bytes, &rec, &mac_key)
+            .map_err(|source| JobScope(storage).record(source))?;
     }
     Ok((bytes, rec))
 }
@@ -157,10 +145,9 @@ pub(super) fn authentic(
 /// A record that cannot carry a MAC (patent profile, or version 1 or 2) is refused when a
 /// key slot exists: only a secure seal of version 3 on has one.
 pub(super) fn refuse_beside_slot(storage: &dyn Storage, rec: &SealRecord) -> Result<()> {
-    let slot = storage.read_key_slot().map_err(|source| JobError::Store {
-        image: storage.image_name(),
-        source,
-    })?;
+    let slot = storage
+        .read_key_slot()
+        .map_err(|source| JobScope(storage).store(source))?;
     if slot.is_none() {
         return Ok(());
     }

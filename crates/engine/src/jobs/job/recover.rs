@@ -13,10 +13,9 @@ pub fn seal(
 ) -> Result<JobReport> {
     let key = opts.master_key.as_ref();
     let _lock = lock_image(storage, LockMode::Exclusive)?;
-    let loops = storage.loop_devices().map_err(|source| JobError::Store {
-        image: storage.image_name(),
-        source,
-    })?;
+    let loops = storage
+        .loop_devices()
+        .map_err(|source| JobScope(storage).store(source))?;
     if !loops.is_empty() {
         return Err(JobError::InUse {
             image: storage.image_name(),
@@ -171,8 +170,5 @@ pub(super) fn drop_seal(storage: &dyn Storage, seal_id: &str) -> Result<(), Stor
 }
 
 pub(super) fn finish_unsealed(storage: &dyn Storage, rec: &SealRecord) -> Result<()> {
-    drop_seal(storage, &rec.seal_id).map_err(|source| JobError::Store {
-        image: storage.image_name(),
-        source,
-    })
+    drop_seal(storage, &rec.seal_id).map_err(|source| JobScope(storage).store(source))
 }

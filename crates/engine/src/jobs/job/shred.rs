@@ -44,10 +44,7 @@ pub fn shred_report(storage: &dyn Storage, key: Option<&MasterKey>) -> Result<Sh
             storage.image_name()
         )));
     }
-    let store_err = |source| JobError::Store {
-        image: storage.image_name(),
-        source,
-    };
+    let store_err = |source| JobScope(storage).store(source);
     let mac_key = key.map(|k| keys::record_mac_key(k, &rec.seal_id));
     let mut rec = match rec.phase {
         // `authentic` migrated a record of version 1 or 2, or refused it: the wrapped key

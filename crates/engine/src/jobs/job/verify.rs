@@ -29,21 +29,14 @@ pub fn verify(
     if rec.profile == Profile::Secure && key.is_some() {
         Keys::resolve(storage, &rec, key)?;
     }
-    let store_err = |source| JobError::Store {
-        image: storage.image_name(),
-        source,
-    };
+    let store_err = |source| JobScope(storage).store(source);
     let image = storage.open_image(false).map_err(store_err)?;
     check_size(storage, &rec, &*image)?;
     // Like unseal: a record of another image is named as such, not as tampering.
     check_sealed_fingerprint(storage, &rec, &*image)?;
     progress.pass("verify", rec.image_bytes);
-    let scheme = rec.digest_scheme().ok_or_else(|| JobError::Record {
-        record: storage.record_name(),
-        source: pdguard_core::RecordError::Inconsistent(format!(
-            "unknown digest scheme {:?}",
-            rec.digest
-        )),
+    let scheme = rec.digest_scheme().ok_or_else(|| {
+        JobScope(storage).inconsistent(format!("unknown digest scheme {:?}", rec.digest))
     })?;
     let digest = match &rec.dense {
         None => hash_image(&*image, scheme, None, progress),
@@ -51,10 +44,7 @@ pub fn verify(
             let region = d.sectors * u64::from(rec.sector_size);
             let tail_ok = dense::tail_is_zero(&*image, region).map_err(store_err)?;
             if !tail_ok {
-                return Err(JobError::Verification {
-                    image: storage.image_name(),
-                    why: format!("it holds data past its dense region (byte {region} on), where a dense seal leaves only holes: the sealed image was tampered with"),
-                });
+                return Err(JobScope(storage).verification(format!("it holds data past its dense region (byte {region} on), where a dense seal leaves only holes: the sealed image was tampered with")));
             }
             hash_image(&ExtentView::prefix(&*image, region), scheme, None, progress)
         }
@@ -62,10 +52,7 @@ pub fn verify(
     .map_err(store_err)?;
     let expected = rec.sealed_digest.clone().unwrap_or_default();
     if digest != expected {
-        return Err(JobError::Verification {
-            image: storage.image_name(),
-            why: format!("its BLAKE3 digest is {digest} but the seal record says {expected}: the sealed image was corrupted or tampered with"),
-        });
+        return Err(JobScope(storage).verification(format!("its BLAKE3 digest is {digest} but the seal record says {expected}: the sealed image was corrupted or tampered with")));
     }
     Ok(VerifyReport {
         record: rec,
@@ -124,36 +111,25 @@ pub(super) fn check_sealed_fingerprint(
     let Some(want) = &rec.sealed_fingerprint else {
         return Ok(());
     };
-    let g = rec.geometry().map_err(|e| JobError::Record {
-        record: storage.record_name(),
-        source: pdguard_core::RecordError::Inconsistent(e.to_string()),
-    })?;
-    let fp = sampled_fingerprint(image, g).map_err(|source| JobError::Store {
-        image: storage.image_name(),
-        source,
-    })?;
+    let g = rec
+        .geometry()
+        .map_err(|e| JobScope(storage).inconsistent(e.to_string()))?;
+    let fp = sampled_fingerprint(image, g).map_err(|source| JobScope(storage).store(source))?;
     if *want != fp {
-        return Err(JobError::Mismatch {
-            image: storage.image_name(),
-            record: storage.record_name(),
-            why: "sampled sectors of the image differ from the sealed image the record describes"
-                .into(),
-        });
+        return Err(JobScope(storage).mismatch(
+            "sampled sectors of the image differ from the sealed image the record describes",
+        ));
     }
     Ok(())
 }
 
 pub(super) fn check_size(storage: &dyn Storage, rec: &SealRecord, image: &dyn Disk) -> Result<()> {
     if image.len() != rec.image_bytes {
-        return Err(JobError::Mismatch {
-            image: storage.image_name(),
-            record: storage.record_name(),
-            why: format!(
-                "the image is {} bytes, the record is for {} bytes",
-                image.len(),
-                rec.image_bytes
-            ),
-        });
+        return Err(JobScope(storage).mismatch(format!(
+            "the image is {} bytes, the record is for {} bytes",
+            image.len(),
+            rec.image_bytes
+        )));
     }
     Ok(())
 }
@@ -163,12 +139,9 @@ impl Job<'_> {
     pub(super) fn check_seed(&self) -> Result<()> {
         let seed = read_seed(&*self.image, self.image_geometry).map_err(|e| self.interrupted(e))?;
         if *seed != *self.keys.data_seed {
-            return Err(JobError::Mismatch {
-                image: self.image_name(),
-                record: self.storage.record_name(),
-                why: "the image's first sectors do not give the seed the record was made from"
-                    .into(),
-            });
+            return Err(self.scope().mismatch(
+                "the image's first sectors do not give the seed the record was made from",
+            ));
         }
         Ok(())
     }
@@ -178,18 +151,13 @@ impl Job<'_> {
     }
 
     pub(super) fn check_fingerprint(&self) -> Result<()> {
-        let fp = self.fingerprint().map_err(|source| JobError::Store {
-            image: self.image_name(),
-            source,
-        })?;
+        let fp = self
+            .fingerprint()
+            .map_err(|source| self.scope().store(source))?;
         match &self.rec.sealed_fingerprint {
-            Some(want) if *want != fp => Err(JobError::Mismatch {
-                image: self.image_name(),
-                record: self.storage.record_name(),
-                why:
-                    "sampled sectors of the image differ from the sealed image the record describes"
-                        .into(),
-            }),
+            Some(want) if *want != fp => Err(self.scope().mismatch(
+                "sampled sectors of the image differ from the sealed image the record describes",
+            )),
             _ => Ok(()),
         }
     }
@@ -200,17 +168,12 @@ impl Job<'_> {
         let plain = view.as_ref().map_or(&*self.image, |v| v as &dyn Disk);
         self.progress.pass("verify", self.geometry.disk_bytes());
         let key = self.keys.digest_key.as_deref();
-        hash_image(plain, self.digest, key, self.progress).map_err(|source| JobError::Store {
-            image: self.image_name(),
-            source,
-        })
+        hash_image(plain, self.digest, key, self.progress)
+            .map_err(|source| self.scope().store(source))
     }
 
     pub(super) fn not_plaintext(&self, why: String) -> JobError {
-        JobError::Verification {
-            image: self.image_name(),
-            why: format!("its seal record says phase {}, {why}; the record was edited or the image changed, so nothing was touched", self.rec.phase.name()),
-        }
+        self.scope().verification(format!("its seal record says phase {}, {why}; the record was edited or the image changed, so nothing was touched", self.rec.phase.name()))
     }
 
     /// The image is the plaintext whose digest the record names (phase `unsealed`): the
