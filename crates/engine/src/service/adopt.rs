@@ -126,10 +126,16 @@ pub fn record_missing_identity(d: &mut Disk, registry: &Registry) {
         Ok(id) => {
             d.identity = Some(id);
             match registry.put_disk(d) {
-                Ok(()) => tracing::info!(disk = %d.name, identity = %id, "recorded the identity of the disk's file (an entry from before identities were kept)"),
-                Err(e) => tracing::warn!(disk = %d.name, error = %e, "cannot record the identity of the disk's file"),
+                Ok(()) => {
+                    tracing::info!(disk = %d.name, identity = %id, "recorded the identity of the disk's file (an entry from before identities were kept)")
+                }
+                Err(e) => {
+                    tracing::warn!(disk = %d.name, error = %e, "cannot record the identity of the disk's file")
+                }
             }
         }
-        Err(e) => tracing::warn!(disk = %d.name, error = %e, "cannot record the identity of the disk's file; its jobs will refuse it if it is not a regular file"),
+        Err(e) => {
+            tracing::warn!(disk = %d.name, error = %e, "cannot record the identity of the disk's file; its jobs will refuse it if it is not a regular file")
+        }
     }
 }

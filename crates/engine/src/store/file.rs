@@ -411,7 +411,6 @@ impl ImageStorage {
         s.push(".tmp");
         PathBuf::from(s)
     }
-
 }
 
 fn replaced(image: &str, expected: FileIdentity, found: String) -> StoreError {
@@ -769,8 +768,8 @@ mod tests {
         symlink(st.image_path(), &link).unwrap();
         let via = ImageStorage::new(link.clone(), default_record_path(&link), None);
         assert_eq!(via.open_image(false).unwrap().len(), 4096);
-        let daemon = ImageStorage::new(link.clone(), default_record_path(&link), None)
-            .with_identity(None);
+        let daemon =
+            ImageStorage::new(link.clone(), default_record_path(&link), None).with_identity(None);
         assert!(daemon.open_image(false).is_err());
     }
 
