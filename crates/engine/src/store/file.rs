@@ -321,19 +321,7 @@ impl ImageStorage {
             )
         };
         if let Some(pin) = self.pin.get() {
-            let file = match safe_open::open(&pin.path, "image", how) {
-                Ok(f) => f.ok_or_else(missing)?,
-                Err(SafeOpenError::Symlink { target, .. }) => {
-                    return Err(replaced(&name, pin.id, link_found(&pin.path, target)))
-                }
-                Err(e) => return Err(e.into()),
-            };
-            let found = FileIdentity::of(&file)
-                .map_err(|e| StoreError::io("stat", format!("image {name}"), e))?;
-            if found != pin.id {
-                return Err(replaced(&name, pin.id, found.to_string()));
-            }
-            return Ok(file);
+            return open_identified(&pin.path, &name, write, pin.id);
         }
         // The first open: an offline command's path is resolved once, here; the daemon's
         // is canonical already and is never followed.
@@ -411,6 +399,42 @@ impl ImageStorage {
         s.push(".tmp");
         PathBuf::from(s)
     }
+}
+
+/// Open the disk file at `path` (`name` in messages) for I/O, only if it is the file
+/// `expected` describes: never through a symbolic link in any component, never waiting on
+/// a FIFO, and refused with [`StoreError::Replaced`] (naming both identities) when the
+/// opened file's `fstat` differs. For every front-end that opens a disk's file itself.
+pub fn open_identified(
+    path: &Path,
+    name: &str,
+    write: bool,
+    expected: FileIdentity,
+) -> Result<File> {
+    let how = How::READ
+        .write(write)
+        .accept(Accept::RegularOrBlock)
+        .parents(Parents::NoSymlinks);
+    let file = match safe_open::open(path, "image", how) {
+        Ok(Some(f)) => f,
+        Ok(None) => {
+            return Err(StoreError::io(
+                "open",
+                format!("image {name}"),
+                io::ErrorKind::NotFound.into(),
+            ))
+        }
+        Err(SafeOpenError::Symlink { target, .. }) => {
+            return Err(replaced(name, expected, link_found(path, target)))
+        }
+        Err(e) => return Err(e.into()),
+    };
+    let found =
+        FileIdentity::of(&file).map_err(|e| StoreError::io("stat", format!("image {name}"), e))?;
+    if found != expected {
+        return Err(replaced(name, expected, found.to_string()));
+    }
+    Ok(file)
 }
 
 fn replaced(image: &str, expected: FileIdentity, found: String) -> StoreError {
