@@ -438,11 +438,11 @@ pub fn open_identified(
 }
 
 fn replaced(image: &str, expected: FileIdentity, found: String) -> StoreError {
-    StoreError::Replaced {
+    StoreError::Replaced(Box::new(super::ImageReplaced {
         image: image.into(),
         expected,
         found,
-    }
+    }))
 }
 
 /// What a symbolic link found where the image was leads to, for the message (never
@@ -776,8 +776,8 @@ mod tests {
         )
         .with_identity(None);
         assert!(matches!(
-            legacy.open_image(true),
-            Err(StoreError::Untrusted(SafeOpenError::Symlink { .. }))
+            legacy.open_image(true).err().unwrap(),
+            StoreError::Untrusted(e) if matches!(*e, SafeOpenError::Symlink { .. })
         ));
         assert_eq!(fs::read(&victim).unwrap(), b"precious");
     }

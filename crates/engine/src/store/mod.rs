@@ -38,15 +38,26 @@ pub enum StoreError {
     /// A file pdguard reads was refused before a byte was read: a symbolic link, a FIFO,
     /// a device ([`safe_open`]).
     #[error(transparent)]
-    Untrusted(#[from] SafeOpenError),
-    /// The image's path names another file than the one pdguard took it for (adopted, or
-    /// opened first by this command): compared by device, inode and size at every open.
-    #[error("image {image} is not the file pdguard took it for: that was {expected}, the path now names {found}; nothing was read or written: put the original file back at this path (or forget the disk and adopt the new file)")]
-    Replaced {
-        image: String,
-        expected: FileIdentity,
-        found: String,
-    },
+    Untrusted(Box<SafeOpenError>),
+    /// The image's path names another file than the one pdguard took it for.
+    #[error(transparent)]
+    Replaced(Box<ImageReplaced>),
+}
+
+/// The image's path names another file than the one pdguard took it for (adopted, or
+/// opened first by this command): compared by device, inode and size at every open.
+#[derive(Debug, Error)]
+#[error("image {image} is not the file pdguard took it for: that was {expected}, the path now names {found}; nothing was read or written: put the original file back at this path (or forget the disk and adopt the new file)")]
+pub struct ImageReplaced {
+    pub image: String,
+    pub expected: FileIdentity,
+    pub found: String,
+}
+
+impl From<SafeOpenError> for StoreError {
+    fn from(e: SafeOpenError) -> Self {
+        Self::Untrusted(Box::new(e))
+    }
 }
 
 fn holder_text(holder: Option<u32>) -> String {
