@@ -256,6 +256,20 @@ fn a_daemon_with_a_fifo_record_fails_that_disk_and_goes_on() {
     assert!(!locked(&a), "the failed seal still holds the lock of {a:?}");
     d.ok(&["disk", "seal", "b"]);
     assert_eq!(d.disk("b")["state"], "sealed");
+    // A container that reclaims it is refused, not left waiting on the FIFO.
+    let (o, took) = bounded(&[
+        "container",
+        "up",
+        "c1",
+        "--disk",
+        "a",
+        "--state-dir",
+        s(&state),
+    ]);
+    assert_eq!(code(&o), 1, "container up: {}", stderr(&o));
+    assert!(took < Duration::from_secs(5), "container up took {took:?}");
+    assert!(stderr(&o).contains("FIFO"), "{}", stderr(&o));
+    assert_eq!(d.disk("a")["state"], "failed");
 
     // A restart with the FIFO still there binds its API and keeps the disk failed.
     d.sigkill();
