@@ -139,3 +139,54 @@ pub fn record_missing_identity(d: &mut Disk, registry: &Registry) {
         }
     }
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use crate::registry::DiskState;
+
+    fn disk(path: PathBuf, size: u64) -> Disk {
+        Disk {
+            name: "old".into(),
+            id: "00".repeat(16),
+            path,
+            size,
+            sector_size: 512,
+            state: DiskState::Sealed,
+            dangling: true,
+            managed: false,
+            grace_until_ms: None,
+            error: None,
+            created_unix: 1,
+            record_expected: true,
+            volume: None,
+            identity: None,
+        }
+    }
+
+    /// An entry from before identities were kept gets the one of its file, durably; a
+    /// symbolic link or a file of another size in its place is not taken for it.
+    #[test]
+    fn an_old_entry_gets_its_identity_unless_the_path_is_a_link_or_the_size_differs() {
+        let dir = tempfile::tempdir().unwrap();
+        let reg = Registry::open(&dir.path().join("registry.redb")).unwrap();
+        let f = std::fs::canonicalize(dir.path()).unwrap().join("a.img");
+        std::fs::write(&f, vec![0u8; 4096]).unwrap();
+        let mut d = disk(f.clone(), 4096);
+        record_missing_identity(&mut d, &reg);
+        let id = d.identity.unwrap();
+        assert_eq!(id.ino, std::fs::metadata(&f).unwrap().ino());
+        assert_eq!(reg.disks().unwrap()[0].identity, Some(id));
+
+        let mut wrong_size = disk(f.clone(), 8192);
+        record_missing_identity(&mut wrong_size, &reg);
+        assert_eq!(wrong_size.identity, None);
+
+        let link = f.with_file_name("link.img");
+        std::os::unix::fs::symlink(&f, &link).unwrap();
+        let mut linked = disk(link, 4096);
+        record_missing_identity(&mut linked, &reg);
+        assert_eq!(linked.identity, None);
+    }
+}
