@@ -119,7 +119,7 @@ pub struct Disk {
     /// Set when the disk is a Docker volume made by the volume plugin.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub volume: Option<VolumeSpec>,
-    /// What the disk's file is (device, inode, size), recorded when it was made or adopted:
+    /// What the disk's file is (device, inode, size, birth time), recorded when it was made or adopted:
     /// every job opens `path` without following a symbolic link and refuses a file whose
     /// `fstat` differs (the disk turns `failed`). `None` only in an entry written before
     /// this field existed, until the next start records it ([`crate::store::safe_open`]).
@@ -340,6 +340,7 @@ mod tests {
             dev: 2049,
             ino: 77,
             size: 4096,
+            born_ns: 1_796_424_469_221_082_151,
         });
         let back: Disk = serde_json::from_slice(&serde_json::to_vec(&d).unwrap()).unwrap();
         assert_eq!(back, d);

@@ -231,7 +231,7 @@ pub trait RecordWatch: Send + Sync {
 /// One image on the host: its path, its record's path and the directory for thin disks.
 ///
 /// The image is checked at every open, not once (DESIGN.md §6): the first open pins the
-/// file's [`FileIdentity`] (device, inode, size), or the daemon gives the identity it
+/// file's [`FileIdentity`] (device, inode, size, birth time), or the daemon gives the identity it
 /// recorded at adoption ([`Self::with_identity`]), and every open compares the opened
 /// file's `fstat` with it. A command-line path that is a symbolic link (an offline
 /// command's `PATH`, e.g. `/dev/disk/by-id/...`) is resolved once, at that first open;
@@ -450,15 +450,7 @@ fn replaced(image: &str, expected: FileIdentity, found: String) -> StoreError {
 fn link_found(path: &Path, target: Option<PathBuf>) -> String {
     let to = target.map_or_else(|| "?".into(), |t| t.display().to_string());
     match fs::metadata(path) {
-        Ok(m) => {
-            use std::os::unix::fs::MetadataExt;
-            let id = FileIdentity {
-                dev: m.dev(),
-                ino: m.ino(),
-                size: m.len(),
-            };
-            format!("a symbolic link to {to}, {id}")
-        }
+        Ok(m) => format!("a symbolic link to {to}, {}", FileIdentity::of_metadata(&m)),
         Err(_) => format!("a symbolic link to {to}, which cannot be reached"),
     }
 }

@@ -45,7 +45,7 @@ pub enum StoreError {
 }
 
 /// The image's path names another file than the one pdguard took it for (adopted, or
-/// opened first by this command): compared by device, inode and size at every open.
+/// opened first by this command): compared by device, inode, size and birth time at every open.
 #[derive(Debug, Error)]
 #[error("image {image} is not the file pdguard took it for: that was {expected}, the path now names {found}; nothing was read or written: put the original file back at this path (or forget the disk and adopt the new file)")]
 pub struct ImageReplaced {

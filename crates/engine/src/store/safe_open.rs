@@ -13,7 +13,7 @@
 //!   without being opened: opening a device can have effects), `fstat` after it (the
 //!   authoritative check: the file read is the file checked).
 //!
-//! [`FileIdentity`] is what a file is, whatever path names it: device, inode and size.
+//! [`FileIdentity`] is what a file is, whatever path names it: device, inode, size and birth time.
 
 use std::ffi::OsStr;
 use std::fs::File;
@@ -114,30 +114,74 @@ fn link_text(target: &Option<PathBuf>) -> String {
     }
 }
 
-/// What a file is, whatever path names it: its device and inode, and its size in bytes
-/// (a block device's size is its capacity).
+/// What a file is, whatever path names it: its device and inode, its size in bytes (a
+/// block device's size is its capacity), and its birth time (`statx` `STATX_BTIME`, in
+/// nanoseconds since the epoch; 0 where the file system keeps none). The birth time tells
+/// a file apart from a later one that got the freed inode number of a deleted one (ext4
+/// hands the same number out again at once).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FileIdentity {
     pub dev: u64,
     pub ino: u64,
     pub size: u64,
+    #[serde(default)]
+    pub born_ns: u64,
 }
 
 impl FileIdentity {
-    /// The identity of an open file (`fstat`; a block device is measured by seeking to its
-    /// end).
+    /// The identity of an open file (`statx`, or `fstat` where there is none; a block
+    /// device is measured by seeking to its end).
     pub fn of(file: &File) -> io::Result<Self> {
-        let st = rustix::fs::fstat(file)?;
-        let size = if FileType::from_raw_mode(st.st_mode) == FileType::BlockDevice {
+        use rustix::fs::{StatxFlags, StatxTimestamp};
+        let mask = StatxFlags::BASIC_STATS | StatxFlags::BTIME;
+        let (dev, ino, mode, size, born) =
+            match rustix::fs::statx(file, "", AtFlags::EMPTY_PATH, mask) {
+                Ok(x) => {
+                    let born = StatxFlags::from_bits_retain(x.stx_mask)
+                        .contains(StatxFlags::BTIME)
+                        .then_some(x.stx_btime);
+                    let dev = rustix::fs::makedev(x.stx_dev_major, x.stx_dev_minor);
+                    (dev, x.stx_ino, u32::from(x.stx_mode), x.stx_size, born)
+                }
+                Err(Errno::NOSYS) => {
+                    let st = rustix::fs::fstat(file)?;
+                    (st.st_dev, st.st_ino, st.st_mode, st.st_size as u64, None)
+                }
+                Err(e) => return Err(e.into()),
+            };
+        let size = if FileType::from_raw_mode(mode) == FileType::BlockDevice {
             rustix::fs::seek(file, rustix::fs::SeekFrom::End(0))?
         } else {
-            st.st_size as u64
+            size
         };
+        let born_ns = born.map_or(0, |t: StatxTimestamp| {
+            (t.tv_sec.max(0) as u64)
+                .saturating_mul(1_000_000_000)
+                .saturating_add(u64::from(t.tv_nsec))
+        });
         Ok(Self {
-            dev: st.st_dev,
-            ino: st.st_ino,
+            dev,
+            ino,
             size,
+            born_ns,
         })
+    }
+
+    /// The identity `stat` gives for a path (following links), for messages about what a
+    /// link leads to.
+    pub fn of_metadata(m: &std::fs::Metadata) -> Self {
+        use std::os::unix::fs::MetadataExt;
+        let born_ns = m
+            .created()
+            .ok()
+            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+            .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX));
+        Self {
+            dev: m.dev(),
+            ino: m.ino(),
+            size: m.len(),
+            born_ns,
+        }
     }
 }
 
@@ -145,12 +189,17 @@ impl std::fmt::Display for FileIdentity {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "device {}:{} inode {} ({} bytes)",
+            "device {}:{} inode {} ({} bytes",
             rustix::fs::major(self.dev),
             rustix::fs::minor(self.dev),
             self.ino,
             self.size
-        )
+        )?;
+        if self.born_ns != 0 {
+            let (s, ns) = (self.born_ns / 1_000_000_000, self.born_ns % 1_000_000_000);
+            write!(f, ", made at unix time {s}.{ns:09}")?;
+        }
+        f.write_str(")")
     }
 }
 
@@ -414,7 +463,17 @@ mod tests {
         use std::os::unix::fs::MetadataExt;
         let m = std::fs::metadata(&f).unwrap();
         assert_eq!((id.dev, id.ino, id.size), (m.dev(), m.ino(), 4096));
+        assert_eq!(id, FileIdentity::of_metadata(&m));
         let text = id.to_string();
         assert!(text.contains(&format!("inode {}", m.ino())) && text.contains("4096 bytes"));
+        // A new file that gets the freed inode number of a deleted one is another file.
+        drop(file);
+        std::fs::remove_file(&f).unwrap();
+        std::thread::sleep(Duration::from_millis(2));
+        std::fs::write(&f, vec![0u8; 4096]).unwrap();
+        let again = FileIdentity::of(&open(&f, "x", How::READ).unwrap().unwrap()).unwrap();
+        if again.ino == id.ino && id.born_ns != 0 {
+            assert_ne!(again, id, "a reused inode number passed for the same file");
+        }
     }
 }
