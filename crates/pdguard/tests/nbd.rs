@@ -954,3 +954,6 @@ fn tcp_addr(state: &Path) -> String {
         .unwrap()
         .to_string()
 }
+
+#[path = "nbd/hosts.rs"]
+mod hosts;
