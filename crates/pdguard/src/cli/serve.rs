@@ -428,7 +428,8 @@ async fn serve(
             .await
             .map_err(|e| CliError::Input(pdguard_engine::error_chain(&e)))?;
         let tls = match &conn_cfg.tls {
-            Some(t) => format!(" (TLS {}, {:?})", t.kind, t.mode).to_lowercase(),
+            Some(t) if t.required() => format!(" (TLS {} required)", t.kind),
+            Some(t) => format!(" (TLS {} offered, clear text allowed)", t.kind),
             None => String::new(),
         };
         eprintln!("pdguard: serving NBD on {}{tls}", listener.local());

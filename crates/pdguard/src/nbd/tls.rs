@@ -252,9 +252,10 @@ where
     Ok(Sock::Unix(plain))
 }
 
+/// OpenSSL's reason, once (its `Display` already includes the error stack).
 fn describe(e: &openssl::ssl::Error) -> String {
-    match e.ssl_error() {
-        Some(stack) => format!("{e}: {stack}"),
+    match e.io_error() {
+        Some(io) => format!("the client left: {io}"),
         None => e.to_string(),
     }
 }
