@@ -203,3 +203,78 @@ async fn tls_required_before_any_export_is_named() {
     .await
     .unwrap();
 }
+
+/// One structured reply chunk: (flags, type, cookie, payload).
+fn chunk<S: Read>(s: &mut S) -> (u16, u16, u64, Vec<u8>) {
+    let mut h = [0u8; wire::CHUNK_HEADER_LEN];
+    s.read_exact(&mut h).unwrap();
+    assert_eq!(&h[..4], &wire::STRUCTURED_REPLY_MAGIC.to_be_bytes());
+    let mut d = vec![0u8; u32::from_be_bytes(h[16..20].try_into().unwrap()) as usize];
+    s.read_exact(&mut d).unwrap();
+    (
+        u16::from_be_bytes([h[4], h[5]]),
+        u16::from_be_bytes([h[6], h[7]]),
+        u64::from_be_bytes(h[8..16].try_into().unwrap()),
+        d,
+    )
+}
+
+/// With structured replies, a READ longer than the maximum payload comes as several
+/// `OFFSET_DATA` chunks that cover it in order, the last one final; with
+/// `NBD_CMD_FLAG_DF` (one chunk) it is refused with `EOVERFLOW` and the connection goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn structured_large_reads_come_in_chunks_and_df_is_eoverflow() {
+    let dir = tempfile::tempdir().unwrap();
+    let svc = service(dir.path()).await;
+    let data = pattern(SIZE as usize);
+    std::fs::write(dir.path().join("state/disks/d.img"), &data).unwrap();
+    let (mut c, _stop) = connect(&svc, ConnConfig::new(Duration::from_secs(5)));
+    tokio::task::spawn_blocking(move || {
+        greet(&mut c);
+        assert_eq!(option(&mut c, opt::STRUCTURED_REPLY, &[])[0].0, rep::ACK);
+        go(&mut c);
+        let len = (40 << 20) + 512;
+        request(&mut c, Command::Read, 7, 512, len);
+        let mut at = 512u64;
+        loop {
+            let (flags, kind, cookie, d) = chunk(&mut c);
+            assert_eq!((kind, cookie), (wire::reply::OFFSET_DATA, 7));
+            assert_eq!(u64::from_be_bytes(d[..8].try_into().unwrap()), at);
+            let n = d.len() - 8;
+            assert!(d[8..] == data[at as usize..at as usize + n]);
+            at += n as u64;
+            if flags & wire::reply::FLAG_DONE != 0 {
+                break;
+            }
+        }
+        assert_eq!(at, 512 + u64::from(len));
+        let df = Request {
+            flags: wire::cmdflag::DF,
+            cmd: Command::Read,
+            cookie: 8,
+            offset: 0,
+            len,
+        };
+        c.write_all(&df.encode()).unwrap();
+        let (flags, kind, cookie, d) = chunk(&mut c);
+        assert_eq!(
+            (flags, kind, cookie),
+            (wire::reply::FLAG_DONE, wire::reply::ERROR, 8)
+        );
+        assert_eq!(
+            u32::from_be_bytes(d[..4].try_into().unwrap()),
+            wire::errno::EOVERFLOW
+        );
+        // With DF and at most the maximum payload: one chunk.
+        let df = Request { len: 1 << 20, ..df };
+        c.write_all(&df.encode()).unwrap();
+        let (flags, kind, _, d) = chunk(&mut c);
+        assert_eq!(
+            (flags, kind),
+            (wire::reply::FLAG_DONE, wire::reply::OFFSET_DATA)
+        );
+        assert!(d[8..] == data[..1 << 20]);
+    })
+    .await
+    .unwrap();
+}
