@@ -340,6 +340,20 @@ fn psk_with_qemu_and_libnbd_and_a_wrong_key_fails() {
         )],
     );
     assert_eq!(d.disk("t")["containers"], serde_json::json!([]));
+    // TLS offered but not required leaves TCP in clear text: it needs --nbd-insecure-tcp.
+    let o = pdguard(&[
+        "serve",
+        "--state-dir",
+        s(&dir.path().join("st2")),
+        "--nbd",
+        "tcp:127.0.0.1:0",
+        "--nbd-tls-psk",
+        s(&keys),
+        "--nbd-tls",
+        "on",
+    ]);
+    assert_eq!(code(&o), 2, "{}", stderr(&o));
+    assert!(stderr(&o).contains("--nbd-insecure-tcp"), "{}", stderr(&o));
     // A PSK file every user can read is refused at start.
     chmod(&keys, 0o644);
     let o = pdguard(&[
