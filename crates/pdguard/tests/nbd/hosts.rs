@@ -642,6 +642,8 @@ fn another_local_user_reaches_no_disk_over_any_listener() {
         &format!("nbds://alice@{ta}/secret?tls-psk-file={}", guess.display()),
     ]);
     assert!(!o.status.success(), "a guessed PSK was accepted");
+    // The stranger's credentials are the outsider's own: readable by it.
+    chmod(&c.stranger.join("client-key.pem"), 0o644);
     let o = nobody(&[
         nbdinfo,
         &format!(
@@ -650,6 +652,15 @@ fn another_local_user_reaches_no_disk_over_any_listener() {
         ),
     ]);
     assert!(!o.status.success(), "a stranger's certificate was accepted");
+    // Both attempts got as far as the TLS handshake, which the daemons refused.
+    for st in [&sa, &sb] {
+        let log = std::fs::read_to_string(st.with_extension("log")).unwrap();
+        assert!(
+            log.contains("TLS handshake failed"),
+            "{}: {log}",
+            st.display()
+        );
+    }
     for (d, h) in [(&a, &hashes[0]), (&b, &hashes[1])] {
         let v = d.disk("secret");
         assert_eq!(v["state"], "sealed", "reclaimed by an outsider: {v}");
