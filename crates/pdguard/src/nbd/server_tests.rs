@@ -278,3 +278,60 @@ async fn structured_large_reads_come_in_chunks_and_df_is_eoverflow() {
     .await
     .unwrap();
 }
+
+/// The shutdown signal: a connection in its handshake is closed; one in transmission
+/// answers the request it has read, stops reading and closes; both end their association.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_closes_handshakes_and_drains_transmission() {
+    let dir = tempfile::tempdir().unwrap();
+    let svc = service(dir.path()).await;
+    let (mut waiting, stop_a) = connect(&svc, ConnConfig::new(Duration::from_secs(5)));
+    let (mut serving, stop_b) = connect(&svc, ConnConfig::new(Duration::from_secs(5)));
+    let (waiting, mut serving) = tokio::task::spawn_blocking(move || {
+        greet(&mut waiting);
+        greet(&mut serving);
+        go(&mut serving);
+        request(&mut serving, Command::Read, 1, 0, 4096);
+        assert_eq!(simple_reply(&mut serving), (0, 1));
+        let mut d = vec![0u8; 4096];
+        serving.read_exact(&mut d).unwrap();
+        (waiting, serving)
+    })
+    .await
+    .unwrap();
+    let containers = |svc: Service| async move {
+        svc.disks()
+            .await
+            .iter()
+            .map(|d| d.containers.len())
+            .sum::<usize>()
+    };
+    assert_eq!(containers(svc.clone()).await, 1);
+    stop_a.send(true).unwrap();
+    stop_b.send(true).unwrap();
+    tokio::task::spawn_blocking(move || {
+        let mut w = waiting;
+        let mut rest = Vec::new();
+        assert_eq!(
+            w.read_to_end(&mut rest).unwrap(),
+            0,
+            "the handshake is closed"
+        );
+        let mut rest = Vec::new();
+        assert_eq!(
+            serving.read_to_end(&mut rest).unwrap(),
+            0,
+            "transmission is closed"
+        );
+    })
+    .await
+    .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while containers(svc.clone()).await != 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the association was not ended"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
