@@ -22,7 +22,7 @@ pub enum ConnError {
     Io(#[from] io::Error),
     #[error("protocol violation")]
     Wire(#[from] wire::WireError),
-    #[error("no complete option within {0:?}")]
+    #[error("the handshake's options took longer than {0:?} to arrive")]
     HandshakeTimeout(Duration),
     #[error("export {name:?} cannot be served: {why}")]
     Export { name: String, why: String },
@@ -221,11 +221,38 @@ impl Inbox {
     }
 }
 
-/// Read one frame during the handshake, each read within `timeout`. None at end of stream.
+/// The time a client may spend sending its handshake: every wait for its bytes counts
+/// against it (the server's own work, such as a reclaim, does not), so a client that
+/// sends one option at a time, each just in time, cannot hold a connection slot for long.
+pub struct Allowance {
+    left: Duration,
+    total: Duration,
+}
+
+impl Allowance {
+    pub fn new(total: Duration) -> Self {
+        Self { left: total, total }
+    }
+
+    /// Run `f`, a wait for the client, within what is left; what it took is spent.
+    pub async fn wait<F: std::future::Future>(&mut self, f: F) -> Result<F::Output, ConnError> {
+        let t0 = tokio::time::Instant::now();
+        let r = tokio::time::timeout(self.left, f).await;
+        self.left = self.left.saturating_sub(t0.elapsed());
+        r.map_err(|_| ConnError::HandshakeTimeout(self.total))
+    }
+
+    pub fn left(&self) -> Duration {
+        self.left
+    }
+}
+
+/// Read one frame during the handshake, within the client's allowance. None at end of
+/// stream.
 pub async fn read_frame<T, F>(
     inbox: &mut Inbox,
     sock: &mut Sock,
-    timeout: Duration,
+    allowance: &mut Allowance,
     mut parse: F,
 ) -> Result<Option<(T, usize)>, ConnError>
 where
@@ -234,16 +261,14 @@ where
     loop {
         match parse(inbox.data())? {
             Frame::Complete(v, n) => return Ok(Some((v, n))),
-            Frame::Incomplete { need } => {
-                match tokio::time::timeout(timeout, inbox.fill(sock, need)).await {
-                    Err(_) => return Err(ConnError::HandshakeTimeout(timeout)),
-                    Ok(r) => {
-                        if !r? {
-                            return Ok(None);
-                        }
+            Frame::Incomplete { need } => match allowance.wait(inbox.fill(sock, need)).await {
+                Err(e) => return Err(e),
+                Ok(r) => {
+                    if !r? {
+                        return Ok(None);
                     }
                 }
-            }
+            },
         }
     }
 }

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use pdguard_engine::service::{NbdExport, Service};
 
 use super::backend::Backend;
-use super::connection::{read_frame, ConnError, Inbox, Sock};
+use super::connection::{read_frame, Allowance, ConnError, Inbox, Sock};
 use super::server::ConnConfig;
 use super::tls;
 use super::wire::{self, info, opt, rep, tflag, Frame};
@@ -326,9 +326,10 @@ pub async fn run(
     inbox: &mut Inbox,
     neg: &mut Negotiation<'_>,
 ) -> Result<(Sock, Option<Box<Agreed>>), ConnError> {
-    let timeout = neg.cfg.handshake_timeout;
+    let mut allowance = Allowance::new(neg.cfg.handshake_timeout);
     sock.write_all(&wire::greeting()).await?;
-    let Some((flags, n)) = read_frame(inbox, &mut sock, timeout, wire::parse_client_flags).await?
+    let Some((flags, n)) =
+        read_frame(inbox, &mut sock, &mut allowance, wire::parse_client_flags).await?
     else {
         return Ok((sock, None));
     };
@@ -341,7 +342,8 @@ pub async fn run(
                 Frame::Incomplete { need } => Frame::Incomplete { need },
             })
         };
-        let Some(((code, data), n)) = read_frame(inbox, &mut sock, timeout, parse).await? else {
+        let Some(((code, data), n)) = read_frame(inbox, &mut sock, &mut allowance, parse).await?
+        else {
             return Ok((sock, None));
         };
         inbox.consume(n);
@@ -357,7 +359,8 @@ pub async fn run(
                 let Some(t) = neg.tls().cloned() else {
                     return Ok((sock, None));
                 };
-                sock = tls::upgrade(sock, &t, timeout).await?;
+                let left = allowance.left();
+                sock = allowance.wait(tls::upgrade(sock, &t, left)).await??;
                 neg.tls_done = true;
                 tracing::debug!(conn = %neg.id, kind = t.kind, "NBD TLS session");
             }

@@ -50,7 +50,8 @@ pub enum ServerError {
 pub struct ConnConfig {
     /// How long a request waits at a blocked gate before `EIO` (`--nbd-hold`).
     pub hold: Duration,
-    /// How long the handshake may wait for each option (and for the TLS handshake).
+    /// How long a client may take, in all, to send its handshake (TLS's included): a
+    /// client that trickles bytes cannot hold a connection slot longer.
     pub handshake_timeout: Duration,
     /// TLS, if configured (`--nbd-tls-certs`, `--nbd-tls-psk`).
     pub tls: Option<Arc<Tls>>,

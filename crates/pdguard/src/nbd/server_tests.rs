@@ -335,3 +335,44 @@ async fn shutdown_closes_handshakes_and_drains_transmission() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// A client that sends one option at a time, each well within the allowance, is closed
+/// when the allowance is spent in all (a per-option timeout would serve it forever).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_trickled_handshake_is_closed_when_its_allowance_is_spent() {
+    let dir = tempfile::tempdir().unwrap();
+    let svc = service(dir.path()).await;
+    let mut cfg = ConnConfig::new(Duration::from_secs(5));
+    cfg.handshake_timeout = Duration::from_millis(800);
+    let (mut c, _stop) = connect(&svc, cfg);
+    let t0 = std::time::Instant::now();
+    let closed_after = tokio::task::spawn_blocking(move || {
+        greet(&mut c);
+        // NBD_OPT_LIST every 250 ms, 12 times: 3 s in all.
+        for _ in 0..12 {
+            std::thread::sleep(Duration::from_millis(250));
+            if c.write_all(&wire::encode_option(opt::LIST, &[])).is_err() {
+                return Some(t0.elapsed());
+            }
+            let mut h = [0u8; 20];
+            if c.read_exact(&mut h).is_err() {
+                return Some(t0.elapsed());
+            }
+            let mut d = vec![0u8; u32::from_be_bytes(h[16..20].try_into().unwrap()) as usize];
+            c.read_exact(&mut d).unwrap();
+            if u32::from_be_bytes(h[12..16].try_into().unwrap()) == rep::SERVER {
+                // The ack follows the one export.
+                let mut a = [0u8; 20];
+                c.read_exact(&mut a).unwrap();
+            }
+        }
+        None
+    })
+    .await
+    .unwrap();
+    let after = closed_after.expect("the trickling client was never closed");
+    assert!(
+        after < Duration::from_millis(2000),
+        "closed after {after:?}"
+    );
+}
