@@ -23,7 +23,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use openssl::error::ErrorStack;
-use openssl::ssl::{Ssl, SslContext, SslContextBuilder, SslFiletype, SslMethod, SslVerifyMode};
+use openssl::ssl::{Ssl, SslContext, SslContextBuilder, SslMethod, SslVerifyMode};
 use thiserror::Error;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, BufReader};
 use zeroize::Zeroizing;
@@ -47,6 +47,8 @@ pub enum TlsError {
     },
     #[error("{path} can be read by every user (mode {mode:o}); run `chmod o-rwx {path}`")]
     Readable { path: PathBuf, mode: u32 },
+    #[error("{0} is a symbolic link or not a regular file; name the file itself")]
+    NotAFile(PathBuf),
     #[error("{path} line {line}: {why}; each line is username:hexkey (psktool's format)")]
     PskLine {
         path: PathBuf,
@@ -97,12 +99,29 @@ fn ossl(what: impl Into<String>) -> impl FnOnce(ErrorStack) -> TlsError {
     move |source| TlsError::Openssl { what, source }
 }
 
-/// Refuse a secret that every user can read.
-fn private(path: &Path) -> Result<(), TlsError> {
-    let meta = std::fs::metadata(path).map_err(|source| TlsError::Read {
+/// Read a secret (a PSK file, a private key): a regular file, not through a symbolic link
+/// (`O_NOFOLLOW`), that not every user can read.
+fn read_secret(path: &Path) -> Result<Zeroizing<Vec<u8>>, TlsError> {
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+    let read_err = |source| TlsError::Read {
         path: path.into(),
         source,
-    })?;
+    };
+    let mut f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(rustix::fs::OFlags::NOFOLLOW.bits() as i32)
+        .open(path)
+        .map_err(|e| match e.raw_os_error() {
+            Some(c) if c == rustix::io::Errno::LOOP.raw_os_error() => {
+                TlsError::NotAFile(path.into())
+            }
+            _ => read_err(e),
+        })?;
+    let meta = f.metadata().map_err(read_err)?;
+    if !meta.is_file() {
+        return Err(TlsError::NotAFile(path.into()));
+    }
     let mode = meta.permissions().mode() & 0o7777;
     if mode & 0o007 != 0 {
         return Err(TlsError::Readable {
@@ -110,7 +129,9 @@ fn private(path: &Path) -> Result<(), TlsError> {
             mode,
         });
     }
-    Ok(())
+    let mut bytes = Zeroizing::new(Vec::new());
+    f.read_to_end(&mut bytes).map_err(read_err)?;
+    Ok(bytes)
 }
 
 fn exists(path: &Path) -> Result<(), TlsError> {
@@ -131,16 +152,18 @@ impl Tls {
             dir.join("server-cert.pem"),
             dir.join("server-key.pem"),
         );
-        for p in [&ca, &cert, &key] {
+        for p in [&ca, &cert] {
             exists(p)?;
         }
-        private(&key)?;
+        let pem = read_secret(&key)?;
+        let pkey = openssl::pkey::PKey::private_key_from_pem(&pem)
+            .map_err(ossl(format!("{} is not a PEM private key", key.display())))?;
         let mut b = SslContextBuilder::new(SslMethod::tls_server()).map_err(ossl("OpenSSL"))?;
         b.set_min_proto_version(Some(openssl::ssl::SslVersion::TLS1_2))
             .map_err(ossl("OpenSSL"))?;
         b.set_certificate_chain_file(&cert)
             .map_err(ossl(format!("cannot load {}", cert.display())))?;
-        b.set_private_key_file(&key, SslFiletype::PEM)
+        b.set_private_key(&pkey)
             .map_err(ossl(format!("cannot load {}", key.display())))?;
         b.check_private_key().map_err(ossl(format!(
             "{} is not the key of {}",
@@ -159,7 +182,6 @@ impl Tls {
 
     /// PSK from a `username:hexkey` file.
     pub fn psk(file: &Path, mode: TlsMode) -> Result<Self, TlsError> {
-        private(file)?;
         let keys = Arc::new(read_psk_file(file)?);
         let mut b = SslContextBuilder::new(SslMethod::tls_server()).map_err(ossl("OpenSSL"))?;
         b.set_min_proto_version(Some(openssl::ssl::SslVersion::TLS1_2))
@@ -193,12 +215,12 @@ impl Tls {
 type PskKeys = Vec<(String, Zeroizing<Vec<u8>>)>;
 
 fn read_psk_file(path: &Path) -> Result<PskKeys, TlsError> {
-    let text = Zeroizing::new(
-        std::fs::read_to_string(path).map_err(|source| TlsError::Read {
-            path: path.into(),
-            source,
-        })?,
-    );
+    let bytes = read_secret(path)?;
+    let text = std::str::from_utf8(&bytes).map_err(|_| TlsError::PskLine {
+        path: path.into(),
+        line: 1,
+        why: "the file is not UTF-8 text".into(),
+    })?;
     let mut keys = Vec::new();
     for (i, line) in text.lines().enumerate() {
         if line.trim().is_empty() {
@@ -307,6 +329,11 @@ mod tests {
         }
         write("alice:00");
         assert!(Tls::psk(&p, TlsMode::Require).is_ok());
+        // Not through a symbolic link.
+        let link = dir.path().join("link.psk");
+        std::os::unix::fs::symlink(&p, &link).unwrap();
+        let e = Tls::psk(&link, TlsMode::Require).unwrap_err();
+        assert!(matches!(e, TlsError::NotAFile(_)), "{e}");
         std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o644)).unwrap();
         let e = Tls::psk(&p, TlsMode::Require).unwrap_err().to_string();
         assert!(e.contains("chmod o-rwx"), "{e}");
