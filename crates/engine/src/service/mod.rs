@@ -180,13 +180,16 @@ fn valid_name(s: &str, max: usize) -> bool {
 impl Service {
     /// Open the registry in the state directory and recover: resume interrupted jobs and
     /// set every gate from its disk's state.
-    pub async fn start(cfg: Config) -> Result<Self> {
+    pub async fn start(mut cfg: Config) -> Result<Self> {
         cfg.check().map_err(ServiceError::Invalid)?;
         let disks_dir = cfg.state_dir.join("disks");
         std::fs::create_dir_all(&disks_dir).map_err(|source| ServiceError::Io {
             what: format!("cannot create {}", disks_dir.display()),
             source,
         })?;
+        // Resolved once (symbolic links, `..`): the paths of managed disks derived from it
+        // are opened with no symbolic link in any component.
+        cfg.state_dir = adopt::canonical_state_dir(&cfg.state_dir)?;
         let daemon_lock = startup::lock_state_dir(&cfg.state_dir)?;
         let registry = Registry::open(&cfg.state_dir.join("registry.redb"))?;
         let mut state = State {
@@ -196,7 +199,8 @@ impl Service {
         for (name, m) in registry.mounts()? {
             state.mounts.insert(name, m);
         }
-        for d in registry.disks()? {
+        for mut d in registry.disks()? {
+            adopt::record_missing_identity(&mut d, &registry);
             state.disks.insert(d.name.clone(), d);
         }
         for c in registry.containers()? {
@@ -408,6 +412,16 @@ impl Service {
             )));
         }
         let created = create_file(&path, size, managed)?;
+        // What the file is, checked again by every job (never through a symbolic link).
+        let identity = match adopt::identity_of(&path, size) {
+            Ok(id) => id,
+            Err(e) => {
+                if created {
+                    let _ = std::fs::remove_file(&path);
+                }
+                return Err(e);
+            }
+        };
         let record_expected = default_record_path(&path).exists();
         let d = Disk {
             name: name.into(),
@@ -423,6 +437,7 @@ impl Service {
             created_unix: now_ms() / 1000,
             record_expected,
             volume: None,
+            identity: Some(identity),
         };
         if let Err(e) = self.persist(&d) {
             if created {
@@ -1041,8 +1056,10 @@ fn job_of(state: DiskState) -> JobKind {
     }
 }
 
+/// The daemon never follows a symbolic link on a disk's paths, and its jobs refuse a file
+/// that is not the one recorded at adoption ([`Disk::identity`]).
 fn storage_of(d: &Disk) -> ImageStorage {
-    ImageStorage::new(d.path.clone(), default_record_path(&d.path), None)
+    ImageStorage::new(d.path.clone(), default_record_path(&d.path), None).with_identity(d.identity)
 }
 
 /// Create the disk file (or check an adopted one). Returns whether a file was made, so that a
