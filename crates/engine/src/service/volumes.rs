@@ -175,7 +175,7 @@ pub struct VolumeView {
 #[derive(Default)]
 pub(super) struct Volumes {
     /// Only names in use: an entry goes when its last holder lets go ([`VolumeLock`]).
-    locks: Arc<StdMutex<HashMap<String, Arc<Mutex<()>>>>>,
+    pub(super) locks: Arc<StdMutex<HashMap<String, Arc<Mutex<()>>>>>,
     pub(super) docker: StdMutex<Option<DockerStatus>>,
     /// Disks the kernel held at the last look (warned about once, not every second).
     held: StdMutex<HashSet<String>>,
