@@ -763,7 +763,10 @@ fn restart_with_state_dir(e: &mut Env, given: &Path, env: &[(&str, &Path)]) {
 
 /// Neither mounted nor on a loop device: the kernel let go of the volume's file.
 fn assert_kernel_let_go(e: &Env, vol: &str) {
-    let dir = std::fs::canonicalize(e.state()).unwrap().join("mounts").join(vol);
+    let dir = std::fs::canonicalize(e.state())
+        .unwrap()
+        .join("mounts")
+        .join(vol);
     let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
     assert!(
         !info.contains(&dir.display().to_string()),

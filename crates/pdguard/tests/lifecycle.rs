@@ -39,7 +39,10 @@ fn a_daemon_unseal_that_fails_verification_exits_3_with_the_cause() {
     let o = d.cli(&["disk", "unseal", "d1"]);
     let err = stderr(&o);
     assert_eq!(code(&o), 3, "{err}");
-    assert!(err.contains("unseal failed") && err.contains("digest"), "{err}");
+    assert!(
+        err.contains("unseal failed") && err.contains("digest"),
+        "{err}"
+    );
     assert_eq!(err.trim().lines().count(), 1, "{err}");
 
     // A reclaim meets the same: exit 3, and the container is not up.
@@ -62,13 +65,24 @@ fn serve_refuses_a_state_dir_others_may_write() {
     std::fs::create_dir(&state).unwrap();
     std::fs::set_permissions(&state, std::fs::Permissions::from_mode(0o777)).unwrap();
     let o = std::process::Command::new("timeout")
-        .args(["20", bin(), "serve", "--profile", "patent", "--state-dir", s(&state)])
+        .args([
+            "20",
+            bin(),
+            "serve",
+            "--profile",
+            "patent",
+            "--state-dir",
+            s(&state),
+        ])
         .output()
         .unwrap();
     let err = stderr(&o);
     assert_eq!(code(&o), 2, "{err}");
     assert_eq!(err.trim().lines().count(), 1, "{err}");
-    assert!(err.contains("writable by its group or others") && err.contains("chmod 700"), "{err}");
+    assert!(
+        err.contains("writable by its group or others") && err.contains("chmod 700"),
+        "{err}"
+    );
     // Refused, not re-moded, and nothing was made in it.
     let mode = std::fs::metadata(&state).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode, 0o777);
@@ -79,7 +93,15 @@ fn serve_refuses_a_state_dir_others_may_write() {
 fn serve_refuses_a_grace_past_ten_years() {
     let dir = tempfile::tempdir().unwrap();
     let o = std::process::Command::new("timeout")
-        .args(["20", bin(), "serve", "--profile", "patent", "--grace", "20000days"])
+        .args([
+            "20",
+            bin(),
+            "serve",
+            "--profile",
+            "patent",
+            "--grace",
+            "20000days",
+        ])
         .args(["--state-dir", s(&dir.path().join("st"))])
         .output()
         .unwrap();

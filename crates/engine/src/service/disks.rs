@@ -280,4 +280,3 @@ fn remove_if_exists(path: &Path) -> Result<()> {
         }),
     }
 }
-

@@ -22,16 +22,27 @@ pub enum Life {
     /// At least one operational container uses it.
     Attached,
     /// No operational container any more; sealed at `until_ms` (unix milliseconds).
-    Grace { until_ms: u64 },
+    Grace {
+        until_ms: u64,
+    },
     /// A seal job runs; `dangling`: the patent's flag turned TRUE (claim 6), not a seal by hand.
-    Sealing { dangling: bool },
-    Sealed { dangling: bool },
+    Sealing {
+        dangling: bool,
+    },
+    Sealed {
+        dangling: bool,
+    },
     /// An unseal job runs. `reclaim`: a container asked for the disk (not `disk unseal`), so
     /// if no operational container holds it when the job ends — its client gave up — its
     /// grace period starts again instead of leaving it unsealed for good.
-    Unsealing { reclaim: bool },
+    Unsealing {
+        reclaim: bool,
+    },
     /// A job failed; the seal record still says where the data is.
-    Failed { error: String, dangling: bool },
+    Failed {
+        error: String,
+        dangling: bool,
+    },
 }
 
 /// What happened to a disk.

@@ -27,11 +27,7 @@ impl Service {
             .collect();
         for name in due {
             let in_use = st.in_use(&name);
-            let kernel_holds = !in_use
-                && st
-                    .disks
-                    .get(&name)
-                    .is_some_and(|d| self.kernel_holds(d));
+            let kernel_holds = !in_use && st.disks.get(&name).is_some_and(|d| self.kernel_holds(d));
             let event = Event::GraceOver {
                 now_ms: now,
                 in_use,

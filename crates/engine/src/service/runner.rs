@@ -154,7 +154,9 @@ impl Service {
         let mut st = self.s.state.lock().await;
         lock(&self.s.running).remove(name);
         lock(&self.s.progress).remove(name);
-        self.s.metrics.finished(kind == JobKind::Seal, result.is_ok());
+        self.s
+            .metrics
+            .finished(kind == JobKind::Seal, result.is_ok());
         let Some(d) = st.disks.get(name) else {
             return;
         };

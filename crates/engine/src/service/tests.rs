@@ -108,7 +108,11 @@ async fn settle(svc: &Service, name: &str, want: DiskState) {
 }
 
 fn tamper(path: &Path) {
-    let f = std::fs::OpenOptions::new().read(true).write(true).open(path).unwrap();
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .unwrap();
     let mut b = [0u8; 1];
     f.read_exact_at(&mut b, 1000).unwrap();
     f.write_all_at(&[b[0] ^ 0xff], 1000).unwrap();
@@ -265,7 +269,12 @@ async fn a_planted_mountpoint_is_refused_and_fails_the_volume() {
     std::fs::create_dir_all(&mounts).unwrap();
     let elsewhere = tempfile::tempdir().unwrap();
     std::os::unix::fs::symlink(elsewhere.path(), mounts.join("m")).unwrap();
-    let text = e.svc.volume_mount("m", "id1").await.unwrap_err().to_string();
+    let text = e
+        .svc
+        .volume_mount("m", "id1")
+        .await
+        .unwrap_err()
+        .to_string();
     assert!(text.contains("symlink") && text.contains("rm "), "{text}");
     let d = e.svc.disk("m").await.unwrap().disk;
     assert_eq!(d.state, DiskState::Failed);
@@ -273,7 +282,12 @@ async fn a_planted_mountpoint_is_refused_and_fails_the_volume() {
     // A plain file is refused the same way.
     std::fs::remove_file(mounts.join("m")).unwrap();
     std::fs::write(mounts.join("m"), b"x").unwrap();
-    let text = e.svc.volume_mount("m", "id1").await.unwrap_err().to_string();
+    let text = e
+        .svc
+        .volume_mount("m", "id1")
+        .await
+        .unwrap_err()
+        .to_string();
     assert!(text.contains("not a directory"), "{text}");
     assert!(e.svc.s.state.lock().await.mounts.is_empty());
 }

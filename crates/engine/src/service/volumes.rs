@@ -365,7 +365,10 @@ impl Service {
         let d = {
             let mut st = self.s.state.lock().await;
             let d = Self::volume_of(&st, name)?;
-            let patent = d.volume.as_ref().is_some_and(|v| v.profile == Profile::Patent);
+            let patent = d
+                .volume
+                .as_ref()
+                .is_some_and(|v| v.profile == Profile::Patent);
             if patent && matches!(d.state, DiskState::Sealed | DiskState::Failed) {
                 return Err(ServiceError::Invalid(format!(
                     "volume {name:?} is {} in the patent profile, which has no key to crypto-erase: unseal it first (`pdguard disk unseal {name}`) and then remove it, or forget it and keep its sealed file and record with `pdguard disk rm {name} --keep-file`",
@@ -644,7 +647,10 @@ impl Drop for VolumeLock {
         drop(self.guard.take());
         // Two references: the map's and the one our guard held until now (gone) — so
         // one left means nobody else holds or waits for it.
-        if map.get(&self.name).is_some_and(|m| Arc::strong_count(m) == 1) {
+        if map
+            .get(&self.name)
+            .is_some_and(|m| Arc::strong_count(m) == 1)
+        {
             map.remove(&self.name);
         }
     }

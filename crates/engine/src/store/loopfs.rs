@@ -157,7 +157,13 @@ pub fn is_mountpoint(dir: &Path) -> Result<bool> {
     if u32::from(st.stx_mode) & 0o170000 != 0o040000 {
         return Ok(false);
     }
-    let parent = statx(CWD, dir.join(".."), AtFlags::empty(), StatxFlags::BASIC_STATS).map_err(io)?;
+    let parent = statx(
+        CWD,
+        dir.join(".."),
+        AtFlags::empty(),
+        StatxFlags::BASIC_STATS,
+    )
+    .map_err(io)?;
     let dev = |s: &rustix::fs::Statx| (s.stx_dev_major, s.stx_dev_minor);
     Ok(dev(&st) != dev(&parent) || st.stx_ino == parent.stx_ino)
 }

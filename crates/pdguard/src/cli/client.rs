@@ -496,7 +496,10 @@ fn disk_news(status: &Value, name: &str) -> String {
             let left = until.saturating_sub(now) as f64 / 1000.0;
             let at = std::time::UNIX_EPOCH
                 .checked_add(Duration::from_millis(until))
-                .map_or_else(|| format!("{until} ms"), |t| humantime::format_rfc3339_seconds(t).to_string());
+                .map_or_else(
+                    || format!("{until} ms"),
+                    |t| humantime::format_rfc3339_seconds(t).to_string(),
+                );
             format!("grace until {at} (in {left:.0} s); then it is sealed unless a container takes it back")
         }
         ("attached", _) => "attached: another running container still uses it".into(),

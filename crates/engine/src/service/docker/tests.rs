@@ -270,7 +270,10 @@ async fn a_resync_keeps_nbd_and_api_associations() {
     volume(&e.svc, "w").await;
     volume(&e.svc, "x").await;
     e.svc.nbd_attach("nbd:unix:pid7:1", "v").await.unwrap();
-    e.svc.container_up("job-1", &["w".to_string()]).await.unwrap();
+    e.svc
+        .container_up("job-1", &["w".to_string()])
+        .await
+        .unwrap();
     let mut f = follower(&e.svc, Fake::default());
     f.apply(mount("x", "c1")).await;
     for _ in 0..3 {
