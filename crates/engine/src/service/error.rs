@@ -35,7 +35,7 @@ pub enum ServiceError {
         source: Arc<RunError>,
     },
     /// The disk's life cycle does not allow it now.
-    #[error("disk {disk:?}: {why}")]
+    #[error("disk {disk:?} {why}")]
     Life { disk: String, why: LifeError },
     #[error("the daemon is shutting down")]
     ShuttingDown,

@@ -83,15 +83,15 @@ pub enum Event {
 
 #[derive(Debug, Clone, Error, PartialEq, Eq)]
 pub enum LifeError {
-    #[error("disk is already sealed")]
+    #[error("is already sealed")]
     AlreadySealed,
-    #[error("disk is {0}; wait for its job to finish")]
+    #[error("is {0}; wait for its job to finish")]
     JobRunning(&'static str),
-    #[error("disk is {0}, not sealed")]
+    #[error("is {0}, not sealed")]
     NotSealed(&'static str),
-    #[error("a grace period of {grace_ms} ms from {now_ms} ends past the end of time; give a grace period of at most {MAX_GRACE_MS} ms")]
+    #[error("cannot start a grace period of {grace_ms} ms at {now_ms}: it would end past the end of time; give a grace period of at most {MAX_GRACE_MS} ms")]
     GraceOverflow { now_ms: u64, grace_ms: u64 },
-    #[error("event {event} does not apply to a disk that is {state}")]
+    #[error("is {state}, where event {event} does not apply")]
     Invalid {
         state: &'static str,
         event: &'static str,
