@@ -920,3 +920,59 @@ fn a_reclaim_dockerd_gave_up_on_is_sealed_again() {
     assert!(o.status.success(), "{}", stderr(&o));
     assert_eq!(out(&o), sec);
 }
+
+/// The stale-mount drop of a resync (the container was removed while pdguard was down)
+/// meets a busy file system: the unmount stays pending and retried, and the volume is
+/// sealed once the process holding it is gone.
+#[test]
+fn a_stale_mount_that_is_busy_is_sealed_once_free() {
+    if !docker_here() {
+        return;
+    }
+    let mut e = Env::new(&[]);
+    let v = e.volume("stb", &["size=16M"]);
+    let c = e.container("stb");
+    let mount = format!("{v}:/data");
+    let sec = secret();
+    docker_ok(&[
+        "run",
+        "-d",
+        "--name",
+        &c,
+        "-v",
+        &mount,
+        &e.tag,
+        "sh",
+        "-c",
+        &format!("echo {sec} > /data/s; sync; exec sleep 600"),
+    ]);
+    e.wait_state(&v, "attached", 30);
+    std::thread::sleep(Duration::from_millis(500));
+    e.kill9();
+    let o = run(120, "docker", &["rm", "-f", &c]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let dir = e.state().join("mounts").join(&v);
+    let mut holder = Command::new("sleep")
+        .arg("10")
+        .current_dir(&dir)
+        .spawn()
+        .unwrap();
+    e.start(&[]);
+    let deadline = Instant::now() + Duration::from_secs(9);
+    loop {
+        let d = e.disk(&v);
+        assert_ne!(d["state"], "sealed", "sealed while mounted: {d}");
+        if d["unmount_pending"] == true {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the busy stale mount is not shown as pending: {d}\n{}",
+            e.log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    holder.wait().unwrap();
+    assert_sealed_without(&e, &v, &sec);
+    assert_kernel_let_go(&e, &v);
+}
