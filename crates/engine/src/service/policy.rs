@@ -28,6 +28,9 @@ impl Service {
         for name in due {
             let in_use = st.in_use(&name);
             let kernel_holds = !in_use && st.disks.get(&name).is_some_and(|d| self.kernel_holds(d));
+            if kernel_holds {
+                self.adopt_leftover_mount(&mut st, &name);
+            }
             let event = Event::GraceOver {
                 now_ms: now,
                 in_use,
@@ -42,6 +45,29 @@ impl Service {
                     tracing::error!(disk = %name, error = %crate::error_chain(&e), "cannot record the dangling flag")
                 }
             }
+        }
+    }
+
+    /// A volume whose mountpoint is mounted though no Mount of dockerd holds it (a Mount
+    /// abandoned while its `mount` ran): its unmount becomes pending, so that the retries
+    /// let it go and it can be sealed. Only pdguard's own mountpoint is looked at; a loop
+    /// device someone else attached to the file is left alone (and the volume unsealed).
+    fn adopt_leftover_mount(&self, st: &mut super::State, name: &str) {
+        let is_volume = st.disks.get(name).is_some_and(|d| d.volume.is_some());
+        let no_mount = st.mounts.get(name).is_none_or(|m| m.ids.is_empty());
+        let mounted = crate::store::loopfs::is_mountpoint(&self.mount_dir(name)).unwrap_or(false);
+        if !(is_volume && no_mount && mounted) {
+            return;
+        }
+        let m = st.mounts.entry(name.into()).or_default();
+        if m.unmount_pending {
+            return;
+        }
+        m.unmount_pending = true;
+        let m = m.clone();
+        tracing::warn!(volume = %name, "mounted though no container's Mount holds it; unmounting it");
+        if let Err(e) = self.s.registry.put_mounts(name, &m) {
+            tracing::error!(volume = %name, error = %e, "cannot record the pending unmount");
         }
     }
 

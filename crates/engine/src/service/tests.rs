@@ -320,3 +320,49 @@ async fn the_state_dir_is_canonical() {
         assert_eq!(svc.mount_dir("v"), real.join("mounts").join("v"));
     }
 }
+
+/// A volume mounted on pdguard's own mountpoint with no Mount of dockerd holding it (a Mount
+/// abandoned while its `mount` ran): the unmount becomes pending, is retried, and the
+/// volume is sealed once it is let go. A loop device attached by someone else is not
+/// touched (see `a_disk_the_kernel_holds_is_not_sealed`). Needs root (a loop mount).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leftover_mount_is_unmounted_and_the_volume_sealed() {
+    let e = env(Duration::ZERO).await;
+    let name = "left";
+    e.svc.create_disk(name, 8 << 20, None).await.unwrap();
+    {
+        let mut st = e.svc.s.state.lock().await;
+        let d = st.disks.get_mut(name).unwrap();
+        d.volume = Some(VolumeSpec {
+            fs: "ext4".into(),
+            profile: Profile::Patent,
+            keep_holes: false,
+            grace_ms: None,
+        });
+        let d = d.clone();
+        e.svc.persist(&d).unwrap();
+    }
+    let file = e.svc.disk(name).await.unwrap().disk.path;
+    crate::store::loopfs::mkfs(&file, "ext4").expect("mkfs.ext4 (e2fsprogs) is needed");
+    let dir = e.svc.mount_dir(name);
+    crate::store::loopfs::mount(&file, &dir).expect("a loop mount needs root");
+    struct Unmount(PathBuf, PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = crate::store::loopfs::unmount(&self.0, &self.1);
+        }
+    }
+    let _cleanup = Unmount(file.clone(), dir.clone());
+    e.svc.container_up("c1", &[name.to_string()]).await.unwrap();
+    e.svc
+        .container_down("c1", ContainerState::Removed)
+        .await
+        .unwrap();
+    e.svc.tick().await;
+    assert_eq!(state(&e.svc, name).await, DiskState::Grace);
+    assert!(e.svc.disk(name).await.unwrap().unmount_pending);
+    e.svc.retry_unmounts().await;
+    settle(&e.svc, name, DiskState::Sealed).await;
+    assert!(!crate::store::loopfs::is_mountpoint(&dir).unwrap());
+    assert!(!e.svc.disk(name).await.unwrap().unmount_pending);
+}
