@@ -866,6 +866,8 @@ fn a_busy_unmount_is_retried_and_the_volume_sealed_once_free() {
     }
     let shown = out(&e.cli(&["disk", "show", &v]));
     assert!(shown.contains("unmount"), "{shown}");
+    let inspect = docker_ok(&["volume", "inspect", &v]);
+    assert!(inspect.contains("\"unmount_pending\": true"), "{inspect}");
     holder.wait().unwrap();
     assert_sealed_without(&e, &v, &sec);
     assert_eq!(e.disk(&v).get("unmount_pending"), None);

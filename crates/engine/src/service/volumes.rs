@@ -332,6 +332,9 @@ impl Service {
         if let Some(p) = &v.progress {
             status["progress"] = serde_json::json!(p);
         }
+        if v.unmount_pending {
+            status["unmount_pending"] = true.into();
+        }
         VolumeView {
             name: d.name.clone(),
             mountpoint: mounted.then_some(dir),
