@@ -406,21 +406,12 @@ mod tests {
     /// Every life survives the registry's flat form (the on-disk format is the old one).
     #[test]
     fn the_flat_form_round_trips() {
-        let mut d = Disk {
-            name: "d".into(),
-            id: "0".repeat(32),
-            path: "/x".into(),
-            size: 4096,
-            sector_size: 512,
-            state: DiskState::Available,
-            dangling: false,
-            managed: true,
-            grace_until_ms: None,
-            error: None,
-            created_unix: 0,
-            record_expected: false,
-            volume: None,
-        };
+        // From JSON, as the registry reads it (fields added later take their defaults).
+        let mut d: Disk = serde_json::from_str(
+            r#"{"name":"d","id":"00","path":"/x","size":4096,"sector_size":512,
+                "state":"available","dangling":false,"managed":true,"created_unix":0}"#,
+        )
+        .unwrap();
         for l in [
             L::Available,
             L::Attached,
