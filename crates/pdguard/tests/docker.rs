@@ -978,3 +978,56 @@ fn a_stale_mount_that_is_busy_is_sealed_once_free() {
     assert_sealed_without(&e, &v, &sec);
     assert_kernel_let_go(&e, &v);
 }
+
+/// With real dockerd resyncing every second, an NBD client's association and a `pdguard
+/// container up` on a volume are not dockerd's and survive: the volumes stay attached and
+/// the NBD client's late write succeeds.
+#[test]
+fn nbd_and_api_associations_survive_a_docker_resync() {
+    if !docker_here() {
+        return;
+    }
+    let found = Command::new("sh")
+        .args(["-c", "command -v qemu-io"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    assert!(
+        found,
+        "qemu-io is not installed: apt-get install qemu-utils (scripts/test.sh installs it)"
+    );
+    let socks = tempfile::tempdir().unwrap();
+    let sock = socks.path().join("nbd.sock");
+    let nbd = format!("unix:{}", sock.display());
+    let mut e = Env::new(&["--nbd", &nbd]);
+    let a = e.volume("api", &["size=16M"]);
+    let n = e.volume("nbd", &["size=16M"]);
+    let o = e.cli(&["container", "up", "job-1", "--disk", &a]);
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    let uri = format!("nbd+unix:///{n}?socket={}", sock.display());
+    let client = Command::new("qemu-io")
+        .args(["-f", "raw", "-c", "sleep 5000"])
+        .args(["-c", "write -P 0xab 0 4k", "-c", "read -P 0xab 0 4k", &uri])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    e.wait_state(&n, "attached", 10);
+    // Five resyncs and more than the grace period.
+    std::thread::sleep(Duration::from_secs(4));
+    for v in [&a, &n] {
+        let d = e.disk(v);
+        assert_eq!(d["state"], "attached", "{d}\n{}", e.log());
+    }
+    let o = client.wait_with_output().unwrap();
+    let text = format!("{}{}", out(&o), stderr(&o));
+    assert!(o.status.success(), "{text}");
+    assert!(
+        !text.contains("failed") && text.contains("wrote 4096"),
+        "the NBD client's write did not go through: {text}"
+    );
+    assert!(!e
+        .log()
+        .contains("dockerd no longer has the container job-1"));
+    let o = e.cli(&["container", "down", "job-1", "--removed"]);
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+}
