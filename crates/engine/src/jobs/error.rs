@@ -95,6 +95,22 @@ pub enum JobError {
         why: String,
     },
 
+    #[error("seal record {record} is version {version}, which has no MAC, so pdguard will not act on it{hint}; migrate it first with `pdguard image migrate {image} --key-file FILE` (nothing was touched)")]
+    OldRecord {
+        image: String,
+        record: String,
+        version: u32,
+        /// What else the user can do, from ", " on, or empty.
+        hint: String,
+    },
+
+    #[error("seal record {record} cannot be trusted: {why}, but the key slot {slot} beside it belongs to an authenticated seal, so the record was replaced or edited; restore the record from a backup (nothing was touched)")]
+    Downgraded {
+        record: String,
+        slot: String,
+        why: String,
+    },
+
     #[error("shred interrupted on {image}; run `pdguard image shred {image} --yes` to finish it (its key is already unusable)")]
     ShredInterrupted { image: String },
 

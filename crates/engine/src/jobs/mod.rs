@@ -13,8 +13,9 @@ pub mod strategy;
 
 pub use error::{JobError, Result};
 pub use job::{
-    inspect, rescue, seal, shred, unseal, unseal_with, verify, JobReport, Outcome, RescueReport,
-    SealOptions, VerifyReport,
+    inspect, migrate, rescue, seal, shred, shred_report, unseal, unseal_with, verify, Direction,
+    JobReport, MigrateReport, Outcome, RescueReport, SealOptions, ShredReport, SlotFate,
+    VerifyReport,
 };
 
 /// Receives progress of a job; the CLI draws a bar from it, the daemon exports it.
@@ -34,5 +35,7 @@ impl Progress for NoProgress {}
 mod integrity_tests;
 #[cfg(test)]
 mod proptests;
+#[cfg(test)]
+mod record_edits;
 #[cfg(test)]
 mod tests;

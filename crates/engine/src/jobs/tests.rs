@@ -650,44 +650,11 @@ fn a_record_naming_another_thin_disk_is_refused_in_both_profiles() {
     }
 }
 
-/// A record of version 2 kept its wrapped key inside; shredding it turns the record's own
-/// file into the key slot (hard link) and overwrites that, so no copy is left behind.
-#[test]
-fn shredding_a_version_2_record_destroys_the_record_file_it_was_in() {
-    let mut rng = StdRng::seed_from_u64(93);
-    let s = SimStorage::new(tagged_image(64, 512, &mut rng));
-    seal(&s, &secure(PlacementKind::Feistel, 512, 0), &NoProgress).unwrap();
-    let mut rec = record(&s).unwrap();
-    let slot = s.key_slot().unwrap();
-    rec.version = 2;
-    rec.key_slot = None;
-    rec.wrapped_key = Some(pdguard_core::keyslot::decode(&slot).unwrap().wrapped);
-    s.destroy_key_slot().unwrap();
-    let v2 = rec.encode();
-    s.write_record(&v2).unwrap();
-    let ct = rec.wrapped_key.clone().unwrap().ciphertext;
-    let tomb = shred(&s, None).unwrap();
-    assert_eq!(
-        (tomb.phase, tomb.version),
-        (Phase::Shredded, pdguard_core::record::RECORD_VERSION)
-    );
-    assert!(s.key_slot().is_none());
-    assert!(!String::from_utf8(s.record().unwrap())
-        .unwrap()
-        .contains(&ct));
-}
-
-/// A secure record of version 2 (wrapped key inside, no MAC, no key slot) still unseals,
-/// and its `thin_path` is held to the derived path like any other.
-#[test]
-fn a_version_2_secure_record_still_unseals() {
+/// A genuine secure record of version 2, as version 2 wrote it: the seal's key wrapped
+/// inside the record, bound to version 2, no key slot, no MAC word.
+fn genuine_v2(s: &SimStorage) -> Vec<u8> {
     use pdguard_core::keys;
-    let mut rng = StdRng::seed_from_u64(96);
-    let img = tagged_image(64, 512, &mut rng);
-    let s = SimStorage::new(img.clone());
-    seal(&s, &secure(PlacementKind::Feistel, 512, 0), &NoProgress).unwrap();
-    // Re-wrap the seal's key as version 2 did: inside the record, bound to version 2.
-    let mut rec = record(&s).unwrap();
+    let mut rec = record(s).unwrap();
     let w = pdguard_core::keyslot::decode(&s.key_slot().unwrap())
         .unwrap()
         .wrapped;
@@ -706,17 +673,205 @@ fn a_version_2_secure_record_still_unseals() {
     assert!(String::from_utf8(v2.clone())
         .unwrap()
         .starts_with("PDGUARD-SEAL-RECORD 2 "));
-    s.write_record(&forge(&v2, |r| r.thin_path = Some("/etc/victim".into())))
-        .unwrap();
+    s.write_record(&v2).unwrap();
+    v2
+}
+
+/// A version 2 record has no MAC: without the key it is only read (verify), never acted
+/// on; without one, shred refuses it (it cannot be migrated) and changes nothing.
+#[test]
+fn a_version_2_record_is_only_read_until_it_is_migrated() {
+    let mut rng = StdRng::seed_from_u64(93);
+    let s = SimStorage::new(tagged_image(64, 512, &mut rng));
+    seal(&s, &secure(PlacementKind::Feistel, 512, 0), &NoProgress).unwrap();
+    let v2 = genuine_v2(&s);
+    let sealed = s.image();
+    verify(&s, None, &NoProgress).unwrap();
+    for e in [
+        shred(&s, None).unwrap_err(),
+        unseal(&s, None, &NoProgress).unwrap_err(),
+        verify(&s, Some(&master()), &NoProgress).unwrap_err(),
+    ] {
+        assert!(matches!(e, JobError::OldRecord { version: 2, .. }), "{e}");
+    }
+    assert_eq!(
+        (s.image(), s.record(), s.key_slot()),
+        (sealed, Some(v2), None)
+    );
+}
+
+/// With the master key, a shred migrates a version 2 record first (its wrapped key moves
+/// to a key slot) and then overwrites that slot: no copy of the key is left in the record.
+#[test]
+fn shredding_a_version_2_record_migrates_it_then_destroys_the_slot() {
+    let mut rng = StdRng::seed_from_u64(93);
+    let s = SimStorage::new(tagged_image(64, 512, &mut rng));
+    seal(&s, &secure(PlacementKind::Feistel, 512, 0), &NoProgress).unwrap();
+    genuine_v2(&s);
+    let ct = record(&s).unwrap().wrapped_key.unwrap().ciphertext;
+    let r = shred_report(&s, Some(&master())).unwrap();
+    assert_eq!(
+        (r.record.phase, r.record.version, r.slot),
+        (
+            Phase::Shredded,
+            pdguard_core::record::RECORD_VERSION,
+            SlotFate::Overwritten
+        )
+    );
+    assert!(s.key_slot().is_none());
+    assert!(!String::from_utf8(s.record().unwrap())
+        .unwrap()
+        .contains(&ct));
+    // Shredding the tombstone again destroys nothing, and says so.
+    assert!(matches!(
+        shred_report(&s, Some(&master())),
+        Err(JobError::Shredded { .. })
+    ));
+}
+
+/// A shred interrupted after its slot was overwritten is finished, and reports that there
+/// was no slot left to overwrite rather than claiming to destroy one.
+#[test]
+fn a_shred_with_no_slot_left_says_so() {
+    let mut rng = StdRng::seed_from_u64(95);
+    let s = SimStorage::new(tagged_image(64, 512, &mut rng));
+    seal(&s, &secure(PlacementKind::Feistel, 512, 0), &NoProgress).unwrap();
+    let mut rec = record(&s).unwrap();
+    rec.phase = Phase::Shredding;
+    rec.plain_digest = None;
+    s.destroy_key_slot().unwrap();
+    s.write_record(&rec.encode()).unwrap();
+    let r = shred_report(&s, None).unwrap();
+    assert_eq!(
+        (r.record.phase, r.slot),
+        (Phase::Shredded, SlotFate::Absent)
+    );
+}
+
+/// A secure record of version 2 still unseals with the master key: it is migrated on the
+/// way (after its `thin_path` is held to the derived path like any other), and an
+/// explicit `migrate` gives a version 4 record whose MAC verifies.
+#[test]
+fn a_version_2_secure_record_is_migrated_and_unseals() {
+    let mut rng = StdRng::seed_from_u64(96);
+    let img = tagged_image(64, 512, &mut rng);
+    let s = SimStorage::new(img.clone());
+    seal(&s, &secure(PlacementKind::Feistel, 512, 0), &NoProgress).unwrap();
+    let v2 = genuine_v2(&s);
+    let forged = forge(&v2, |r| r.thin_path = Some("/etc/victim".into()));
+    s.write_record(&forged).unwrap();
     assert!(matches!(
         unseal(&s, Some(&master()), &NoProgress),
         Err(JobError::ThinPathMismatch { .. })
     ));
+    assert_eq!((s.record(), s.key_slot()), (Some(forged), None));
     s.write_record(&v2).unwrap();
-    verify(&s, Some(&master()), &NoProgress).unwrap();
     unseal(&s, Some(&master()), &NoProgress).unwrap();
     assert!(s.image() == img);
     assert!(s.record().is_none() && s.key_slot().is_none());
+
+    // Explicitly, and resumed after a crash between the new slot and the new record.
+    seal(&s, &secure(PlacementKind::Feistel, 512, 0), &NoProgress).unwrap();
+    let v2 = genuine_v2(&s);
+    let probe = s.power_loss(&mut rng);
+    let r = migrate(&probe, Some(&master())).unwrap();
+    assert!(r.migrated() && r.record.key_slot.is_some() && r.record.wrapped_key.is_none());
+    s.create_key_slot(&probe.key_slot().unwrap()).unwrap();
+    assert_eq!(s.record(), Some(v2));
+    let r = migrate(&s, Some(&master())).unwrap();
+    assert_eq!(
+        (r.from, r.record.version),
+        (2, pdguard_core::record::RECORD_VERSION)
+    );
+    assert_eq!(s.key_slot(), probe.key_slot());
+    assert!(!migrate(&s, Some(&master())).unwrap().migrated());
+    verify(&s, Some(&master()), &NoProgress).unwrap();
+    unseal(&s, Some(&master()), &NoProgress).unwrap();
+    assert!(s.image() == img);
+}
+
+/// Issue 16 item 4: a version 4 record rewritten as version 2, with the key slot's wrapped
+/// key copied in and no MAC word. With the key it is refused (its wrapped key is not bound
+/// to version 2); without one, the key slot beside it betrays it. Nothing is touched by
+/// any command, and the key slot keeps its bytes.
+#[test]
+fn a_record_downgraded_to_version_2_is_refused_by_every_command() {
+    let mut rng = StdRng::seed_from_u64(97);
+    let img = tagged_image(64, 512, &mut rng);
+    let s = SimStorage::new(img.clone());
+    let o = secure(PlacementKind::Feistel, 512, 0);
+    seal(&s, &o, &NoProgress).unwrap();
+    let slot = s.key_slot().unwrap();
+    let sealed = s.image();
+    for phase in [Phase::Sealed, Phase::Unsealed] {
+        let mut rec = record(&s).unwrap();
+        rec.version = 2;
+        rec.key_slot = None;
+        rec.phase = phase;
+        rec.wrapped_key = Some(pdguard_core::keyslot::decode(&slot).unwrap().wrapped);
+        let forged = rec.encode();
+        s.write_record(&forged).unwrap();
+        let results = [
+            ("shred with the key", shred(&s, Some(&master())).map(|_| ())),
+            ("shred without it", shred(&s, None).map(|_| ())),
+            ("seal", seal(&s, &o, &NoProgress).map(|_| ())),
+            (
+                "patent seal",
+                seal(&s, &opts(PlacementKind::Patent, 512, 0), &NoProgress).map(|_| ()),
+            ),
+            (
+                "unseal",
+                unseal(&s, Some(&master()), &NoProgress).map(|_| ()),
+            ),
+            (
+                "verify",
+                verify(&s, Some(&master()), &NoProgress).map(|_| ()),
+            ),
+            (
+                "verify without the key",
+                verify(&s, None, &NoProgress).map(|_| ()),
+            ),
+            ("migrate", migrate(&s, Some(&master())).map(|_| ())),
+        ];
+        for (what, r) in results {
+            let e = r
+                .err()
+                .unwrap_or_else(|| panic!("{what} of the forged {phase:?} record succeeded"));
+            assert!(
+                matches!(
+                    e,
+                    JobError::Downgraded { .. }
+                        | JobError::OldRecord { .. }
+                        | JobError::Record {
+                            source: pdguard_core::RecordError::Unauthenticated(_),
+                            ..
+                        }
+                ),
+                "{what}: {e}"
+            );
+            assert_eq!(
+                (s.image(), s.record(), s.key_slot()),
+                (sealed.clone(), Some(forged.clone()), Some(slot.clone())),
+                "{what} touched something"
+            );
+        }
+    }
+    // The same record as the patent profile (seed in the clear, no key slot named): the
+    // key slot beside it betrays it too.
+    let mut rec = record(&s).unwrap();
+    rec.profile = Profile::Patent;
+    rec.key_slot = None;
+    rec.seed = Some("00".repeat(32));
+    rec.phase = Phase::Unsealed;
+    let forged = rec.encode();
+    s.write_record(&forged).unwrap();
+    for e in [
+        seal(&s, &opts(PlacementKind::Patent, 512, 0), &NoProgress).unwrap_err(),
+        unseal(&s, None, &NoProgress).unwrap_err(),
+    ] {
+        assert!(matches!(e, JobError::Downgraded { .. }), "{e}");
+    }
+    assert_eq!((s.image(), s.key_slot()), (sealed, Some(slot)));
 }
 
 /// A power loss at every step of a shred: the image is sealed (shred did not start) or the

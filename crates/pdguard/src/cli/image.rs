@@ -26,6 +26,9 @@ pub enum ImageCommand {
     Inspect(Located),
     /// Crypto-erase a sealed image (secure profile): destroy its wrapped key for good.
     Shred(ShredArgs),
+    /// Bring a seal record of an older version (1 or 2: no MAC, the wrapped key inside) to
+    /// the current one, with a key slot and a MAC; needs the master key (secure profile).
+    Migrate(MigrateArgs),
 }
 
 /// The image and its record: all that `inspect`, `verify` and `shred` touch (they use no
@@ -57,6 +60,15 @@ pub struct VerifyArgs {
     pub located: Located,
     /// Also check that this master key opens the seal (secure profile); without it (and
     /// without $PDGUARD_KEY_FILE) only the sealed bytes are checked, which needs no key.
+    #[arg(long)]
+    pub key_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct MigrateArgs {
+    #[command(flatten)]
+    pub located: Located,
+    /// Master key file (default: $PDGUARD_KEY_FILE, then /etc/pdguard/master.key).
     #[arg(long)]
     pub key_file: Option<PathBuf>,
 }
@@ -191,6 +203,7 @@ pub fn run(cmd: &ImageCommand, cli: &Cli) -> Result<(), CliError> {
         ImageCommand::Verify(a) => verify(&a.located.target(a.key_file.as_deref()), cli),
         ImageCommand::Inspect(l) => inspect(&l.target(None), cli),
         ImageCommand::Shred(a) => shred(a, cli),
+        ImageCommand::Migrate(a) => migrate(a, cli),
     }
 }
 
@@ -430,10 +443,7 @@ fn shreddable(image: &str, rec: &SealRecord) -> Result<(), CliError> {
         phase => Err(jobs::JobError::InProgress {
             image,
             phase: phase.name(),
-            command: match phase {
-                Phase::SealScatter | Phase::SealGather => "seal",
-                _ => "unseal",
-            },
+            command: jobs::Direction::of(phase).command(),
         }
         .into()),
     }
@@ -459,18 +469,67 @@ fn shred(a: &ShredArgs, cli: &Cli) -> Result<(), CliError> {
         Err(CliError::Input(_)) => None,
         Err(e) => return Err(e),
     };
-    let rec = jobs::shred(&st, key.as_ref())?;
+    let r = jobs::shred_report(&st, key.as_ref())?;
+    let slot = st.key_slot_path();
     if cli.json {
         let v = json!({
             "command": "shred",
             "image": a.located.path.display().to_string(),
-            "phase": rec.phase.name(),
+            "phase": r.record.phase.name(),
+            "key_slot": slot.display().to_string(),
+            "key_slot_overwritten": r.slot == jobs::SlotFate::Overwritten,
         });
         out!("{v}");
+        return Ok(());
+    }
+    match r.slot {
+        jobs::SlotFate::Overwritten => out!(
+            "shredded {}: its key slot {} was overwritten with random bytes and deleted; the sealed data can no longer be decrypted",
+            a.located.path.display(),
+            slot.display()
+        ),
+        jobs::SlotFate::Absent => out!(
+            "shredded {}: there was no key slot at {} to overwrite (an interrupted shred had already destroyed it, or it was removed), so nothing was destroyed now; the record is a tombstone",
+            a.located.path.display(),
+            slot.display()
+        ),
+    }
+    Ok(())
+}
+
+fn migrate(a: &MigrateArgs, cli: &Cli) -> Result<(), CliError> {
+    let target = a.located.target(a.key_file.as_deref());
+    let st = storage(&target)?;
+    let rec = jobs::inspect(&st)?;
+    let key = key_for(&target, &rec)?;
+    let r = jobs::migrate(&st, key.as_ref())?;
+    let image = a.located.path.display();
+    if cli.json {
+        let v = json!({
+            "command": "migrate",
+            "image": image.to_string(),
+            "from_version": r.from,
+            "version": r.record.version,
+            "migrated": r.migrated(),
+        });
+        out!("{v}");
+    } else if r.migrated() {
+        out!(
+            "migrated the seal record of {image} from version {} to {}{}",
+            r.from,
+            r.record.version,
+            match &r.record.key_slot {
+                Some(_) => format!(
+                    ": its wrapped key is in the key slot {} and the record has a MAC",
+                    st.key_slot_path().display()
+                ),
+                None => String::new(),
+            }
+        );
     } else {
         out!(
-            "shredded {}: its wrapped key is overwritten and gone; the sealed data can no longer be decrypted",
-            a.located.path.display()
+            "the seal record of {image} is version {}: nothing to migrate",
+            r.record.version
         );
     }
     Ok(())

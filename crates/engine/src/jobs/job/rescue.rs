@@ -27,7 +27,7 @@ pub fn rescue(
     memory_bytes: u64,
 ) -> Result<RescueReport> {
     let _lock = lock_image(storage, LockMode::Shared)?;
-    let rec = load(storage, key)?.ok_or_else(|| not_sealed(storage))?;
+    let rec = load(storage, key, Use::Read)?.ok_or_else(|| not_sealed(storage))?;
     if rec.phase != Phase::Sealed {
         return Err(in_progress(storage, rec.phase));
     }
@@ -37,10 +37,7 @@ pub fn rescue(
         });
     }
     let keys = Keys::resolve(storage, &rec, key)?;
-    let store_err = |source| JobError::Store {
-        image: storage.image_name(),
-        source,
-    };
+    let store_err = |source| JobScope(storage).store(source);
     let image = storage.open_image(false).map_err(store_err)?;
     if output.len() != rec.image_bytes {
         return Err(JobError::Unsupported(format!(
@@ -49,16 +46,16 @@ pub fn rescue(
             rec.image_bytes
         )));
     }
-    let job = Job::with_image(
+    let job = Job::with_image(Parts {
         storage,
         progress,
+        mac_key: mac_key_for(&rec, key),
         rec,
-        "unseal",
+        direction: Direction::Unseal,
         image,
         keys,
-        key,
         memory_bytes,
-    )?;
+    })?;
     let seal_id = job.rec.seal_id.clone();
     let run = || -> Result<(blake3::Hash, blake3::Hash), StoreError> {
         storage.remove_thin(&seal_id)?;
