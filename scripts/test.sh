@@ -11,13 +11,16 @@ declare -A provides=([losetup]=mount [mount]=mount [umount]=mount [setpriv]=util
   [docker-compose]=docker-compose)
 # NBD clients of crates/pdguard/tests/nbd.rs, and nbdkit for bench/nbd.sh.
 provides+=([qemu-io]=qemu-utils [qemu-img]=qemu-utils [qemu-nbd]=qemu-utils
-  [nbdinfo]=libnbd-bin [nbdcopy]=libnbd-bin [nbdsh]=python3-libnbd [fio]=fio [nbdkit]=nbdkit)
+  [nbdinfo]=libnbd-bin [nbdcopy]=libnbd-bin [nbdsh]=python3-libnbd [fio]=fio [nbdkit]=nbdkit
+  [openssl]=openssl [pkg-config]=pkg-config)
 missing=()
 for cmd in "${!provides[@]}"; do
   command -v "$cmd" >/dev/null 2>&1 || missing+=("${provides[$cmd]}")
 done
 # The Docker tests build their image FROM scratch with Debian's static busybox.
 dpkg -s busybox-static >/dev/null 2>&1 || missing+=(busybox-static)
+# The NBD export's TLS links OpenSSL (the openssl crate builds against its headers).
+dpkg -s libssl-dev >/dev/null 2>&1 || missing+=(libssl-dev)
 if ((${#missing[@]})); then
   apt-get update -qq
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}"

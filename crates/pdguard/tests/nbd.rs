@@ -602,8 +602,19 @@ fn raw_bytes_options_and_malformed_requests() {
             "read {k} has the wrong data"
         );
     }
-    // A WRITE larger than the maximum payload closes the connection.
-    c.request(0, 1, 9, 0, (32 << 20) + 1, &[]);
+    // A WRITE larger than the export (and than the advertised maximum payload) is refused
+    // with ENOSPC after its payload was read and discarded; the connection lives on.
+    c.request(0, 1, 9, 0, (33 << 20) + 1, &vec![0xee; (33 << 20) + 1]);
+    assert_eq!(c.simple_reply(), (28, 9));
+    c.request(0, 0, 10, 0, 4096, &[]);
+    assert_eq!(c.simple_reply(), (0, 10));
+    let mut data = vec![0u8; 4096];
+    c.0.read_exact(&mut data).unwrap();
+    assert!(
+        data.iter().all(|&b| b == 0),
+        "the refused write reached the disk"
+    );
+    c.request(0, 2, 11, 0, 0, &[]);
     assert!(c.closed());
     // Bad request magic closes it too.
     let mut c = Raw::connect(&d.sock);
@@ -879,41 +890,70 @@ fn disconnect_grace_seal_and_opt_go_reclaims_bit_exact() {
     );
 }
 
-/// TCP on loopback (port 0: the daemon prints the port it got); another address is refused
-/// without --nbd-allow-remote, with a usage error that says why.
+/// TCP without TLS is refused at start (exit 2, naming the fix) unless the operator says
+/// --nbd-insecure-tcp; then loopback works (port 0: the daemon prints the port it got)
+/// with a warning in the log, and another address still needs --nbd-allow-remote.
 #[test]
-fn tcp_on_loopback_and_remote_needs_a_flag() {
+fn tcp_without_tls_needs_insecure_tcp_and_remote_needs_a_flag() {
     let qemu_io = need("qemu-io", "qemu-utils");
     let dir = tempfile::tempdir().unwrap();
-    let refused = pdguard(&[
-        "serve",
-        "--state-dir",
-        s(&dir.path().join("st0")),
-        "--nbd",
-        "tcp:0.0.0.0:0",
-    ]);
-    assert_eq!(code(&refused), 2, "{}", stderr(&refused));
-    assert!(
-        stderr(&refused).contains("clear text"),
-        "{}",
-        stderr(&refused)
+    let refuse = |args: &[&str], words: &[&str]| {
+        let st = dir.path().join("st0");
+        let mut a = vec!["serve", "--state-dir", s(&st)];
+        a.extend_from_slice(args);
+        let o = pdguard(&a);
+        assert_eq!(code(&o), 2, "{args:?}: {}", stderr(&o));
+        assert_eq!(stderr(&o).trim().lines().count(), 1, "{}", stderr(&o));
+        for w in words {
+            assert!(
+                stderr(&o).contains(w),
+                "{args:?}: no {w:?} in {}",
+                stderr(&o)
+            );
+        }
+        assert!(!st.exists(), "a refused start made {}", st.display());
+    };
+    refuse(
+        &["--nbd", "tcp:127.0.0.1:0"],
+        &["--nbd-tls-certs", "--nbd-tls-psk", "--nbd-insecure-tcp"],
     );
-    assert!(
-        stderr(&refused).contains("--nbd-allow-remote"),
-        "{}",
-        stderr(&refused)
+    refuse(
+        &["--nbd", "tcp:0.0.0.0:0", "--nbd-insecure-tcp"],
+        &["clear text", "--nbd-allow-remote"],
     );
+    refuse(&["--nbd-tls", "require"], &["--nbd-tls-psk"]);
     let state = dir.path().join("st");
-    let d = Daemon::start(&state, &["--profile", "patent", "--nbd", "tcp:127.0.0.1:0"]);
+    let d = Daemon::start(
+        &state,
+        &[
+            "--profile",
+            "patent",
+            "--nbd",
+            "tcp:127.0.0.1:0",
+            "--nbd-insecure-tcp",
+        ],
+    );
     d.create("t", "4M");
     let log = std::fs::read_to_string(state.with_extension("log")).unwrap();
-    let addr = log
-        .lines()
-        .find_map(|l| l.strip_prefix("pdguard: serving NBD on tcp:"))
-        .unwrap_or_else(|| panic!("no TCP listener in the log: {log}"))
-        .to_string();
+    assert!(log.contains("without TLS"), "{log}");
+    let addr = tcp_addr(&state);
     let uri = format!("nbd://{addr}/t");
     run(qemu_io, &["-f", "raw", "-c", "write -P 0x77 0 64k", &uri]);
     let o = run(qemu_io, &["-f", "raw", "-c", "read -P 0x77 0 64k", &uri]);
     assert!(!String::from_utf8_lossy(&o.stdout).contains("verification failed"));
 }
+
+/// The TCP address the daemon of `state` printed.
+fn tcp_addr(state: &Path) -> String {
+    let log = std::fs::read_to_string(state.with_extension("log")).unwrap();
+    log.lines()
+        .find_map(|l| l.strip_prefix("pdguard: serving NBD on tcp:"))
+        .unwrap_or_else(|| panic!("no TCP listener in the log: {log}"))
+        .split(' ')
+        .next()
+        .unwrap()
+        .to_string()
+}
+
+#[path = "nbd/hosts.rs"]
+mod hosts;

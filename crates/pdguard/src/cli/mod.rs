@@ -62,7 +62,7 @@ pub enum Command {
     #[command(subcommand)]
     Image(image::ImageCommand),
     /// Run the daemon: registry, dangling flag, background sealing, reclaim, admin API.
-    Serve(serve::ServeArgs),
+    Serve(Box<serve::ServeArgs>),
     /// Manage the daemon's disks.
     Disk {
         #[command(flatten)]

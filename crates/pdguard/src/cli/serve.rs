@@ -17,8 +17,8 @@ use super::image::ProfileArg;
 use super::{CliError, DEFAULT_STATE_DIR, STATE_DIR_ENV};
 use crate::api::auth::{self, Guard};
 use crate::api::{server, Endpoint};
-use crate::nbd::conn::ConnConfig;
-use crate::nbd::server::{Listener, NbdAddr};
+use crate::nbd::server::{ConnConfig, Listener, NbdAddr, TcpPolicy};
+use crate::nbd::tls::{Tls, TlsMode};
 use crate::plugin::{self, dockerd::Dockerd};
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -79,15 +79,47 @@ pub struct ServeArgs {
     /// How often to reconcile with dockerd's containers and the kernel's mounts.
     #[arg(long, default_value = "30s")]
     pub docker_resync: String,
-    /// Export every disk over NBD on unix:PATH (mode 0600) or tcp:HOST:PORT (repeatable).
+    /// Export every disk over NBD on unix:PATH (mode 0600) or tcp:HOST:PORT (repeatable;
+    /// TCP needs TLS: --nbd-tls-certs or --nbd-tls-psk).
     #[arg(long, value_name = "unix:PATH|tcp:HOST:PORT")]
     pub nbd: Vec<String>,
     /// How long an NBD request waits while its disk is being sealed or unsealed before EIO.
     #[arg(long, default_value = "60s")]
     pub nbd_hold: String,
-    /// Allow --nbd tcp: on a non-loopback address (the traffic is clear text).
+    /// NBD TLS with X.509: DIR holds ca-cert.pem, server-cert.pem, server-key.pem (qemu's
+    /// tls-creds-x509 layout); clients must present a certificate the CA signed.
+    #[arg(long, value_name = "DIR", conflicts_with = "nbd_tls_psk")]
+    pub nbd_tls_certs: Option<PathBuf>,
+    /// NBD TLS with pre-shared keys: FILE of username:hexkey lines (psktool's format, as
+    /// qemu's tls-creds-psk and nbdkit read it).
+    #[arg(long, value_name = "FILE")]
+    pub nbd_tls_psk: Option<PathBuf>,
+    /// Whether NBD clients must use TLS (require: nothing is listed or served before
+    /// NBD_OPT_STARTTLS) or may skip it (on). Default require when credentials are given.
+    #[arg(long, value_enum)]
+    pub nbd_tls: Option<NbdTlsArg>,
+    /// Serve NBD on TCP without TLS required: every user who can reach the port can read
+    /// and write every disk.
+    #[arg(long)]
+    pub nbd_insecure_tcp: bool,
+    /// Allow --nbd tcp: on a non-loopback address without TLS (with --nbd-insecure-tcp).
     #[arg(long)]
     pub nbd_allow_remote: bool,
+    /// Unix NBD sockets get mode 0660 and this group (name or gid), e.g. libvirt-qemu's
+    /// group, so that an unprivileged qemu can connect; everyone else still gets EACCES.
+    #[arg(long, value_name = "GROUP")]
+    pub nbd_socket_group: Option<String>,
+    /// NBD connections served at once over all listeners; more are closed at once.
+    #[arg(long, value_name = "N", default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..=4096))]
+    pub nbd_max_connections: u32,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum NbdTlsArg {
+    /// Every client must negotiate TLS first.
+    Require,
+    /// TLS is offered; clients may go on in clear text.
+    On,
 }
 
 /// `--grace`: checked when parsed, so that a bad value is a usage error naming the fix;
@@ -221,6 +253,8 @@ pub fn run(a: &ServeArgs) -> Result<(), CliError> {
             a.grace
         ))
     })?;
+    // The NBD listeners' settings and TLS credentials, before anything is made.
+    let nbd = nbd_options(a)?;
     let state = prepare_state_dir(&state_dir(a.state_dir.as_deref()))?;
     let docker = docker_args(a)?;
     let endpoint = match &a.api {
@@ -284,7 +318,6 @@ pub fn run(a: &ServeArgs) -> Result<(), CliError> {
         Some((k, path)) => format!("master key {} (id {})", path.display(), k.id()),
         None => "no master key (patent profile)".to_string(),
     };
-    let nbd = nbd_options(a)?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -309,19 +342,50 @@ struct NbdOptions {
 
 fn nbd_options(a: &ServeArgs) -> Result<NbdOptions, CliError> {
     let hold = bounded_duration("--nbd-hold", &a.nbd_hold, true)?;
+    let tls = nbd_tls(a)?;
+    let policy = TcpPolicy {
+        tls_required: tls.as_ref().is_some_and(|t| t.required()),
+        insecure: a.nbd_insecure_tcp,
+        allow_remote: a.nbd_allow_remote,
+    };
     let addrs = a
         .nbd
         .iter()
-        .map(|s| NbdAddr::parse(s, a.nbd_allow_remote))
+        .map(|s| NbdAddr::parse(s, policy))
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| CliError::Usage(e.to_string()))?;
-    Ok(NbdOptions {
-        addrs,
-        conn: ConnConfig {
-            hold,
-            handshake_timeout: Duration::from_secs(60),
-        },
-    })
+    let socket_group = a
+        .nbd_socket_group
+        .as_deref()
+        .map(crate::nbd::server::resolve_group)
+        .transpose()
+        .map_err(|e| CliError::Usage(e.to_string()))?;
+    let mut conn = ConnConfig::new(hold);
+    conn.tls = tls.map(std::sync::Arc::new);
+    conn.max_connections = a.nbd_max_connections as usize;
+    conn.socket_group = socket_group;
+    Ok(NbdOptions { addrs, conn })
+}
+
+/// The TLS credentials of the NBD listeners, loaded and checked before anything starts.
+fn nbd_tls(a: &ServeArgs) -> Result<Option<Tls>, CliError> {
+    let mode = match a.nbd_tls {
+        Some(NbdTlsArg::On) => TlsMode::On,
+        Some(NbdTlsArg::Require) | None => TlsMode::Require,
+    };
+    let loaded = match (&a.nbd_tls_certs, &a.nbd_tls_psk) {
+        (Some(dir), _) => Tls::x509(dir, mode),
+        (None, Some(file)) => Tls::psk(file, mode),
+        (None, None) if a.nbd_tls.is_some() => {
+            return Err(CliError::Usage(
+                "--nbd-tls needs credentials: --nbd-tls-certs DIR or --nbd-tls-psk FILE".into(),
+            ))
+        }
+        (None, None) => return Ok(None),
+    };
+    loaded
+        .map(Some)
+        .map_err(|e| CliError::Usage(format!("NBD TLS: {}", pdguard_engine::error_chain(&e))))
 }
 
 /// The volume plugin on /run/docker/plugins/NAME.sock, and the follower of dockerd.
@@ -373,17 +437,25 @@ async fn serve(
         None => None,
     };
     let conn_cfg = std::sync::Arc::new(nbd.conn);
+    let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(conn_cfg.max_connections));
+    let mut nbd_tasks = Vec::new();
     for addr in &nbd.addrs {
-        let listener = Listener::bind(addr)
+        let listener = Listener::bind(addr, conn_cfg.socket_group)
             .await
             .map_err(|e| CliError::Input(pdguard_engine::error_chain(&e)))?;
-        eprintln!("pdguard: serving NBD on {}", listener.local());
-        tokio::spawn(crate::nbd::server::run(
+        let tls = match &conn_cfg.tls {
+            Some(t) if t.required() => format!(" (TLS {} required)", t.kind),
+            Some(t) => format!(" (TLS {} offered, clear text allowed)", t.kind),
+            None => String::new(),
+        };
+        eprintln!("pdguard: serving NBD on {}{tls}", listener.local());
+        nbd_tasks.push(tokio::spawn(crate::nbd::server::run(
             listener,
             svc.clone(),
             std::sync::Arc::clone(&conn_cfg),
+            std::sync::Arc::clone(&slots),
             stop_rx.clone(),
-        ));
+        )));
     }
     let policy = {
         let svc = svc.clone();
@@ -439,6 +511,10 @@ async fn serve(
         }
     };
     let _ = stop_tx.send(true);
+    // NBD connections answer what is in flight and end (each listener waits a bounded time).
+    for t in nbd_tasks {
+        let _ = tokio::time::timeout(Duration::from_secs(6), t).await;
+    }
     if let Some(sock) = plugin_sock {
         let _ = std::fs::remove_file(sock);
     }

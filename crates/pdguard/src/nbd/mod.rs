@@ -1,12 +1,19 @@
 //! The NBD export (`pdguard serve --nbd …`): one export per disk, every request through the
 //! disk's I/O gate (FIG. 3), each connection in transmission an association of its disk.
+//! The rooms follow a request's path (after mini-redis):
 //!
+//! - `server`: listeners, the connection limit, the shutdown signal, one task per connection.
+//! - `connection`: the socket and its inbox, read one frame at a time.
+//! - `handshake`: option haggling, one method per option of a `Negotiation`.
+//! - `tls`: `NBD_OPT_STARTTLS`: X.509 or PSK credentials, the TLS session.
+//! - `transmit`: the worker threads, the memory budget, each request through the gate.
 //! - `wire`: the protocol's bytes, pure (parse and encode; no I/O), with its fuzz target.
-//! - `conn`: one connection: handshake, then requests in flight through the gate.
-//! - `server`: listeners and the accept loop.
 //! - `backend`: positional I/O on the disk's file.
 
 mod backend;
-pub mod conn;
+pub mod connection;
+pub mod handshake;
 pub mod server;
+pub mod tls;
+pub mod transmit;
 pub mod wire;

@@ -1,25 +1,38 @@
 //! The NBD listeners of `pdguard serve --nbd unix:PATH|tcp:HOST:PORT`: bind (a unix socket
-//! of mode 0600; TCP on loopback unless `--nbd-allow-remote`), accept, and run one
-//! connection task each.
+//! of mode 0600, or 0660 for `--nbd-socket-group`; TCP only with TLS required, or with
+//! `--nbd-insecure-tcp`), accept under a connection limit (`--nbd-max-connections`: a
+//! semaphore, as mini-redis's `server.rs` has), and run each connection — handshake, then
+//! transmission — until it ends or the shutdown signal comes.
 
-use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, FileTypeExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use pdguard_engine::service::{Service, NBD_CONTAINER_PREFIX};
 use thiserror::Error;
 use tokio::net::{TcpListener, UnixListener};
-use tokio::sync::watch;
+use tokio::sync::{watch, Semaphore};
 
-use super::conn::{self, ConnConfig, Sock};
+use super::connection::{Inbox, Sock};
+use super::handshake::{self, Negotiation};
+use super::tls::Tls;
+use super::transmit;
+
+/// How long the listeners wait for their connections to finish after the shutdown signal.
+const DRAIN: Duration = Duration::from_secs(5);
 
 #[derive(Debug, Error)]
 pub enum ServerError {
     #[error("--nbd {0:?} is not unix:PATH or tcp:HOST:PORT (e.g. unix:/run/pdguard/nbd.sock or tcp:127.0.0.1:10809)")]
     Address(String),
-    #[error("--nbd tcp:{0} is not a loopback address; NBD traffic is clear text (no TLS yet): listen on 127.0.0.1, or pass --nbd-allow-remote if the network is trusted")]
+    #[error("--nbd tcp:{0} is not a loopback address and its traffic would be clear text: require TLS (--nbd-tls-certs DIR or --nbd-tls-psk FILE), or pass --nbd-allow-remote if the network is trusted")]
     Remote(String),
+    #[error("--nbd tcp:{0} without TLS lets every local user read and write every disk (loopback is no trust boundary): give --nbd-tls-certs DIR or --nbd-tls-psk FILE, or --nbd-insecure-tcp to accept that")]
+    Insecure(String),
+    #[error("--nbd-socket-group {0:?} is not a group of this host (/etc/group) nor a number")]
+    Group(String),
     #[error("{0} exists and is not a socket; move it away or pass another --nbd path")]
     NotSocket(PathBuf),
     #[error("another process already serves NBD on {0}; stop it first")]
@@ -32,6 +45,34 @@ pub enum ServerError {
     },
 }
 
+/// Settings shared by every connection.
+#[derive(Debug)]
+pub struct ConnConfig {
+    /// How long a request waits at a blocked gate before `EIO` (`--nbd-hold`).
+    pub hold: Duration,
+    /// How long a client may take, in all, to send its handshake (TLS's included): a
+    /// client that trickles bytes cannot hold a connection slot longer.
+    pub handshake_timeout: Duration,
+    /// TLS, if configured (`--nbd-tls-certs`, `--nbd-tls-psk`).
+    pub tls: Option<Arc<Tls>>,
+    /// Connections served at once, over every listener (`--nbd-max-connections`).
+    pub max_connections: usize,
+    /// The group of unix sockets (`--nbd-socket-group`): mode 0660 instead of 0600.
+    pub socket_group: Option<u32>,
+}
+
+impl ConnConfig {
+    pub fn new(hold: Duration) -> Self {
+        Self {
+            hold,
+            handshake_timeout: Duration::from_secs(60),
+            tls: None,
+            max_connections: 64,
+            socket_group: None,
+        }
+    }
+}
+
 /// Where an NBD listener listens.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum NbdAddr {
@@ -39,8 +80,19 @@ pub enum NbdAddr {
     Tcp(std::net::SocketAddr),
 }
 
+/// What a TCP listener may be, from the TLS flags.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct TcpPolicy {
+    /// TLS is required on every connection.
+    pub tls_required: bool,
+    /// `--nbd-insecure-tcp`: clear text on TCP is accepted.
+    pub insecure: bool,
+    /// `--nbd-allow-remote`: clear text on a non-loopback address is accepted too.
+    pub allow_remote: bool,
+}
+
 impl NbdAddr {
-    pub fn parse(s: &str, allow_remote: bool) -> Result<Self, ServerError> {
+    pub fn parse(s: &str, policy: TcpPolicy) -> Result<Self, ServerError> {
         if let Some(p) = s.strip_prefix("unix:").filter(|p| !p.is_empty()) {
             return Ok(Self::Unix(PathBuf::from(p)));
         }
@@ -48,12 +100,16 @@ impl NbdAddr {
             return Err(ServerError::Address(s.into()));
         };
         let addr: std::net::SocketAddr = a.parse().map_err(|_| ServerError::Address(s.into()))?;
-        if !addr.ip().is_loopback() {
-            if !allow_remote {
-                return Err(ServerError::Remote(a.into()));
-            }
-            tracing::warn!(address = %addr, "NBD listens on a non-loopback address: its traffic is clear text (no TLS)");
+        if policy.tls_required {
+            return Ok(Self::Tcp(addr));
         }
+        if !addr.ip().is_loopback() && !policy.allow_remote {
+            return Err(ServerError::Remote(a.into()));
+        }
+        if !policy.insecure {
+            return Err(ServerError::Insecure(a.into()));
+        }
+        tracing::warn!(address = %addr, "NBD on TCP without TLS (--nbd-insecure-tcp): every user who can reach it can read and write every disk");
         Ok(Self::Tcp(addr))
     }
 }
@@ -67,15 +123,32 @@ impl std::fmt::Display for NbdAddr {
     }
 }
 
+/// The gid of `--nbd-socket-group`: a name from /etc/group, or a number.
+pub fn resolve_group(name: &str) -> Result<u32, ServerError> {
+    if let Ok(gid) = name.parse::<u32>() {
+        return Ok(gid);
+    }
+    let text = std::fs::read_to_string("/etc/group").unwrap_or_default();
+    text.lines()
+        .filter_map(|l| {
+            let mut f = l.split(':');
+            let n = f.next()?;
+            let gid = f.nth(1)?.parse::<u32>().ok()?;
+            (n == name).then_some(gid)
+        })
+        .next()
+        .ok_or_else(|| ServerError::Group(name.into()))
+}
+
 pub enum Listener {
     Unix(UnixListener, PathBuf),
     Tcp(TcpListener),
 }
 
 impl Listener {
-    pub async fn bind(addr: &NbdAddr) -> Result<Self, ServerError> {
+    pub async fn bind(addr: &NbdAddr, group: Option<u32>) -> Result<Self, ServerError> {
         match addr {
-            NbdAddr::Unix(p) => Ok(Self::Unix(bind_unix(p)?, p.clone())),
+            NbdAddr::Unix(p) => Ok(Self::Unix(bind_unix(p, group)?, p.clone())),
             NbdAddr::Tcp(a) => {
                 TcpListener::bind(a)
                     .await
@@ -100,8 +173,10 @@ impl Listener {
     }
 }
 
-/// Bind with mode 0600 (owner only), replacing a stale socket file but never another file.
-fn bind_unix(path: &Path) -> Result<UnixListener, ServerError> {
+/// Bind with mode 0600 (or 0660 and `group`), replacing a stale socket file but never
+/// another file. The socket is bound in a fresh directory of mode 0700, given its mode and
+/// group there, then renamed into place: at no instant can anyone else connect to it.
+fn bind_unix(path: &Path, group: Option<u32>) -> Result<UnixListener, ServerError> {
     if let Ok(m) = std::fs::symlink_metadata(path) {
         if !m.file_type().is_socket() {
             return Err(ServerError::NotSocket(path.into()));
@@ -109,42 +184,78 @@ fn bind_unix(path: &Path) -> Result<UnixListener, ServerError> {
         if std::os::unix::net::UnixStream::connect(path).is_ok() {
             return Err(ServerError::InUse(path.into()));
         }
-        let _ = std::fs::remove_file(path);
     }
     let bind = |source| ServerError::Bind {
         what: path.display().to_string(),
         source,
     };
-    let l = UnixListener::bind(path).map_err(bind)?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(bind)?;
-    Ok(l)
+    let parent = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    let tmp = parent.join(format!(".pdguard-nbd.{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&tmp);
+    std::fs::DirBuilder::new()
+        .mode(0o700)
+        .create(&tmp)
+        .map_err(bind)?;
+    let staged = tmp.join("s");
+    let placed = (|| {
+        let l = UnixListener::bind(&staged)?;
+        let mode = if group.is_some() { 0o660 } else { 0o600 };
+        std::fs::set_permissions(&staged, std::fs::Permissions::from_mode(mode))?;
+        if let Some(g) = group {
+            rustix::fs::chown(&staged, None, Some(rustix::fs::Gid::from_raw(g)))?;
+        }
+        std::fs::rename(&staged, path)?;
+        Ok(l)
+    })();
+    let _ = std::fs::remove_dir_all(&tmp);
+    placed.map_err(bind)
 }
 
-/// Accept connections until `stop` turns true.
+/// Accept connections until `stop` turns true, then give those still open `DRAIN` to end.
 pub async fn run(
     listener: Listener,
     svc: Service,
     cfg: Arc<ConnConfig>,
+    slots: Arc<Semaphore>,
     mut stop: watch::Receiver<bool>,
 ) {
     static SEQ: AtomicU64 = AtomicU64::new(1);
     loop {
         let accepted: std::io::Result<(Sock, String)> = tokio::select! {
             r = accept(&listener) => r,
-            _ = stop.changed() => return,
+            _ = stop.wait_for(|s| *s) => break,
         };
         let (sock, peer) = match accepted {
             Ok(x) => x,
             Err(e) => {
                 tracing::warn!(error = %e, "cannot accept an NBD connection");
-                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                tokio::time::sleep(Duration::from_millis(50)).await;
                 continue;
             }
+        };
+        let Ok(permit) = Arc::clone(&slots).try_acquire_owned() else {
+            tracing::warn!(peer = %peer, max = cfg.max_connections, "NBD connection refused: the limit of connections is reached (--nbd-max-connections)");
+            drop(sock);
+            continue;
         };
         let seq = SEQ.fetch_add(1, Ordering::Relaxed);
         let id = format!("{NBD_CONTAINER_PREFIX}{peer}#{seq}");
         tracing::info!(conn = %id, "NBD connection");
-        tokio::spawn(conn::serve(sock, id, svc.clone(), Arc::clone(&cfg)));
+        let (svc, cfg, stop) = (svc.clone(), Arc::clone(&cfg), stop.clone());
+        tokio::spawn(async move {
+            handle(sock, id, svc, cfg, stop).await;
+            drop(permit);
+        });
+    }
+    let all = u32::try_from(cfg.max_connections).unwrap_or(u32::MAX);
+    if tokio::time::timeout(DRAIN, slots.acquire_many(all))
+        .await
+        .is_err()
+    {
+        tracing::warn!("NBD connections still open at shutdown were dropped");
     }
 }
 
@@ -166,28 +277,46 @@ async fn accept(l: &Listener) -> std::io::Result<(Sock, String)> {
     }
 }
 
-#[cfg(test)]
-#[allow(clippy::unwrap_used)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn addresses() {
-        assert_eq!(
-            NbdAddr::parse("unix:/tmp/x.sock", false).unwrap(),
-            NbdAddr::Unix("/tmp/x.sock".into())
-        );
-        assert!(matches!(
-            NbdAddr::parse("tcp:127.0.0.1:0", false).unwrap(),
-            NbdAddr::Tcp(_)
-        ));
-        assert!(matches!(
-            NbdAddr::parse("tcp:0.0.0.0:10809", false),
-            Err(ServerError::Remote(_))
-        ));
-        assert!(NbdAddr::parse("tcp:0.0.0.0:10809", true).is_ok());
-        for bad in ["", "unix:", "tcp:localhost", "udp:1.2.3.4:5", "/tmp/x"] {
-            assert!(NbdAddr::parse(bad, false).is_err(), "{bad}");
+/// Serve one connection to its end. `id` is the container name of its association.
+pub async fn handle(
+    sock: Sock,
+    id: String,
+    svc: Service,
+    cfg: Arc<ConnConfig>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut inbox = Inbox::default();
+    let mut neg = Negotiation::new(&svc, &cfg, &id);
+    // A shutdown during the handshake drops it, and the socket with it.
+    let shaken = tokio::select! {
+        r = handshake::run(sock, &mut inbox, &mut neg) => Some(r),
+        _ = stop.wait_for(|s| *s) => None,
+    };
+    let attached = neg.attached;
+    let result = match shaken {
+        Some(Ok((sock, Some(agreed)))) => {
+            tracing::info!(conn = %id, disk = %agreed.export.name, "NBD transmission");
+            let gate = svc.gate(&agreed.export.name);
+            match sock.into_std() {
+                Ok(std) => transmit::run(inbox, std, *agreed, gate, cfg.hold, &id, stop).await,
+                Err(e) => Err(e.into()),
+            }
         }
+        Some(Ok((mut sock, None))) => {
+            sock.shutdown().await;
+            Ok(())
+        }
+        Some(Err(e)) => Err(e),
+        None => Ok(()),
+    };
+    if let Err(e) = result {
+        tracing::warn!(conn = %id, error = %pdguard_engine::error_chain(&e), "NBD connection closed");
+    }
+    if attached {
+        svc.nbd_detach(&id).await;
     }
 }
+
+#[cfg(test)]
+#[path = "server_tests.rs"]
+mod tests;

@@ -124,6 +124,12 @@ pub const BASE_ALLOCATION: &str = "base:allocation";
 pub const MAX_STRING: usize = 4096;
 /// Request header length.
 pub const REQUEST_LEN: usize = 28;
+/// Simple reply header length (magic, error, cookie).
+pub const SIMPLE_REPLY_LEN: usize = 16;
+/// Structured reply chunk header length (magic, flags, type, cookie, length).
+pub const CHUNK_HEADER_LEN: usize = 20;
+/// An `NBD_REPLY_TYPE_OFFSET_DATA` chunk's header and offset, before its data.
+pub const OFFSET_DATA_HEADER_LEN: usize = CHUNK_HEADER_LEN + 8;
 /// Option header length (magic, option, length).
 pub const OPTION_HEADER_LEN: usize = 16;
 /// Zero padding after an `NBD_OPT_EXPORT_NAME` reply without `NO_ZEROES`.
@@ -539,25 +545,13 @@ impl Request {
 }
 
 /// A request header and, for `WRITE`, its whole payload (bytes `28..used` of `buf`).
-/// A `READ` or `WRITE` longer than `max_payload` closes the connection: a `WRITE`'s
-/// payload cannot be skipped safely, and neither is buffered.
+/// A `READ` or `WRITE` longer than `max_payload` is an error, for a caller that buffers
+/// whole payloads. (The server parses headers alone with [`parse_request_header`] and
+/// streams larger payloads.)
 pub fn parse_request(buf: &[u8], max_payload: u32) -> Result<Frame<Request>, WireError> {
-    if buf.len() < REQUEST_LEN {
-        return Ok(Frame::Incomplete { need: REQUEST_LEN });
-    }
-    let magic = be_u32(buf, 0);
-    if magic != REQUEST_MAGIC {
-        return Err(WireError::BadMagic {
-            what: "request",
-            got: u64::from(magic),
-        });
-    }
-    let req = Request {
-        flags: be_u16(buf, 4),
-        cmd: Command::from_code(be_u16(buf, 6)),
-        cookie: be_u64(buf, 8),
-        offset: be_u64(buf, 16),
-        len: be_u32(buf, 24),
+    let req = match parse_request_header(buf)? {
+        Frame::Complete(req, _) => req,
+        Frame::Incomplete { need } => return Ok(Frame::Incomplete { need }),
     };
     if matches!(req.cmd, Command::Read | Command::Write) && req.len > max_payload {
         return Err(WireError::PayloadTooLarge {
@@ -575,6 +569,29 @@ pub fn parse_request(buf: &[u8], max_payload: u32) -> Result<Frame<Request>, Wir
         return Ok(Frame::Incomplete { need: used });
     }
     Ok(Frame::Complete(req, used))
+}
+
+/// A request header alone (28 bytes); a `WRITE`'s `len` bytes of payload follow it on the
+/// stream, of any length: the caller reads, streams or discards them.
+pub fn parse_request_header(buf: &[u8]) -> Result<Frame<Request>, WireError> {
+    if buf.len() < REQUEST_LEN {
+        return Ok(Frame::Incomplete { need: REQUEST_LEN });
+    }
+    let magic = be_u32(buf, 0);
+    if magic != REQUEST_MAGIC {
+        return Err(WireError::BadMagic {
+            what: "request",
+            got: u64::from(magic),
+        });
+    }
+    let req = Request {
+        flags: be_u16(buf, 4),
+        cmd: Command::from_code(be_u16(buf, 6)),
+        cookie: be_u64(buf, 8),
+        offset: be_u64(buf, 16),
+        len: be_u32(buf, 24),
+    };
+    Ok(Frame::Complete(req, REQUEST_LEN))
 }
 
 /// What the transmission phase agreed on, for checking requests.
@@ -682,14 +699,20 @@ pub fn chunk_header(flags: u16, rtype: u16, cookie: u64, len: u32) -> [u8; 20] {
 /// The final `NBD_REPLY_TYPE_OFFSET_DATA` chunk's header and offset; `data_len` bytes
 /// follow. `data_len` is at most the maximum payload, so `8 + data_len` fits in 32 bits.
 pub fn offset_data_header(cookie: u64, offset: u64, data_len: u32) -> [u8; 28] {
-    let mut b = [0u8; 28];
-    b[..20].copy_from_slice(&chunk_header(
-        reply::FLAG_DONE,
+    offset_data_chunk(reply::FLAG_DONE, cookie, offset, data_len)
+}
+
+/// An `NBD_REPLY_TYPE_OFFSET_DATA` chunk's header and offset, final or not (`flags`), for
+/// `data_len` bytes (at most `u32::MAX - 8`) that follow.
+pub fn offset_data_chunk(flags: u16, cookie: u64, offset: u64, data_len: u32) -> [u8; 28] {
+    let mut b = [0u8; OFFSET_DATA_HEADER_LEN];
+    b[..CHUNK_HEADER_LEN].copy_from_slice(&chunk_header(
+        flags,
         reply::OFFSET_DATA,
         cookie,
         data_len.saturating_add(8),
     ));
-    b[20..].copy_from_slice(&offset.to_be_bytes());
+    b[CHUNK_HEADER_LEN..].copy_from_slice(&offset.to_be_bytes());
     b
 }
 

@@ -427,3 +427,26 @@ proptest! {
         prop_assert_eq!(check(&r, &session(size)).is_ok(), inside);
     }
 }
+
+#[test]
+fn request_headers_alone_take_any_length() {
+    let w = Request {
+        flags: 0,
+        cmd: Command::Write,
+        cookie: 5,
+        offset: 0,
+        len: u32::MAX,
+    };
+    let b = w.encode();
+    assert_eq!(
+        parse_request_header(&b).unwrap(),
+        Frame::Complete(w, REQUEST_LEN)
+    );
+    assert_eq!(
+        parse_request_header(&b[..27]).unwrap(),
+        Frame::Incomplete { need: REQUEST_LEN }
+    );
+    assert!(parse_request_header(&[0u8; 28]).is_err());
+    // The buffering parser still refuses what it cannot buffer.
+    assert!(parse_request(&b, 1 << 20).is_err());
+}
