@@ -7,6 +7,8 @@ use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use pdguard_core::keys::{KeyError, MasterKey};
+
+use crate::store::safe_open::{self, How};
 use thiserror::Error;
 
 /// Where the master key is looked for when neither `--key-file` nor the environment names one.
@@ -24,8 +26,9 @@ pub enum KeyFileError {
     Exposed { path: String, mode: u32 },
     #[error("key file {path} belongs to uid {owner}, neither to the user running pdguard (uid {me}) nor to root; if it is yours, run `chown {me} {path}`")]
     Foreign { path: String, owner: u32, me: u32 },
-    #[error("key file {path} is not a regular file")]
-    NotAFile { path: String },
+    /// A symbolic link, a FIFO, a device: refused before a byte is read.
+    #[error(transparent)]
+    Unsafe(safe_open::SafeOpenError),
     #[error("key file {path} cannot be used")]
     Parse {
         path: String,
@@ -58,30 +61,18 @@ pub fn locate(explicit: Option<&Path>) -> PathBuf {
 /// by another user than the one running pdguard (or root): whoever owns it can swap it.
 pub fn load(path: &Path) -> Result<MasterKey, KeyFileError> {
     let shown = path.display().to_string();
-    // One open, then fstat: the checks and the read are of the same file (non-blocking, so
-    // that a FIFO is refused instead of waited on).
-    let mut file = OpenOptions::new()
-        .read(true)
-        .custom_flags(rustix::fs::OFlags::NONBLOCK.bits() as i32)
-        .open(path)
-        .map_err(|e| match e.kind() {
-            io::ErrorKind::NotFound => KeyFileError::Missing {
-                path: shown.clone(),
-            },
-            _ => KeyFileError::Io {
-                op: "read",
-                path: shown.clone(),
-                source: e,
-            },
-        })?;
+    // One open, then fstat: the checks and the read are of the same file, never through a
+    // symbolic link, and a FIFO or device is refused instead of waited on (safe_open).
+    let mut file = match safe_open::open(path, "key file", How::READ) {
+        Ok(Some(f)) => f,
+        Ok(None) => return Err(KeyFileError::Missing { path: shown }),
+        Err(e) => return Err(KeyFileError::Unsafe(e)),
+    };
     let meta = file.metadata().map_err(|e| KeyFileError::Io {
         op: "read",
         path: shown.clone(),
         source: e,
     })?;
-    if !meta.is_file() {
-        return Err(KeyFileError::NotAFile { path: shown });
-    }
     let mode = meta.permissions().mode() & 0o7777;
     if mode & 0o077 != 0 {
         return Err(KeyFileError::Exposed { path: shown, mode });
@@ -215,5 +206,31 @@ mod tests {
         fs::write(&junk, "hello").unwrap();
         fs::set_permissions(&junk, fs::Permissions::from_mode(0o600)).unwrap();
         assert!(matches!(load(&junk), Err(KeyFileError::Parse { .. })));
+    }
+
+    #[test]
+    fn a_fifo_or_a_link_is_refused_at_once_naming_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let fifo = dir.path().join("master.key");
+        rustix::fs::mknodat(
+            rustix::fs::CWD,
+            &fifo,
+            rustix::fs::FileType::Fifo,
+            rustix::fs::Mode::from_raw_mode(0o600),
+            0,
+        )
+        .unwrap();
+        let t = std::time::Instant::now();
+        let e = load(&fifo).unwrap_err();
+        assert!(t.elapsed() < std::time::Duration::from_secs(1));
+        let text = e.to_string();
+        assert!(text.contains("key file") && text.contains("FIFO"), "{text}");
+        assert!(text.contains(&fifo.display().to_string()), "{text}");
+        let real = dir.path().join("real.key");
+        generate(&real).unwrap();
+        let link = dir.path().join("link.key");
+        std::os::unix::fs::symlink(&real, &link).unwrap();
+        let e = load(&link).unwrap_err();
+        assert!(e.to_string().contains("symbolic link"), "{e}");
     }
 }

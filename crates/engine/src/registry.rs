@@ -119,6 +119,12 @@ pub struct Disk {
     /// Set when the disk is a Docker volume made by the volume plugin.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub volume: Option<VolumeSpec>,
+    /// What the disk's file is (device, inode, size, birth time), recorded when it was made or adopted:
+    /// every job opens `path` without following a symbolic link and refuses a file whose
+    /// `fstat` differs (the disk turns `failed`). `None` only in an entry written before
+    /// this field existed, until the next start records it ([`crate::store::safe_open`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub identity: Option<crate::store::FileIdentity>,
 }
 
 fn record_expected_default() -> bool {
@@ -355,7 +361,25 @@ mod tests {
             created_unix: 1,
             record_expected: false,
             volume: None,
+            identity: None,
         }
+    }
+
+    /// An entry written before `identity` existed reads as `None`; one with it keeps it.
+    #[test]
+    fn the_file_identity_is_kept_and_old_entries_read_without_it() {
+        let old = br#"{"name":"a","id":"00","path":"/x/a.img","size":4096,"sector_size":512,"state":"sealed","dangling":true,"managed":false,"created_unix":1,"record_expected":true}"#;
+        let d: Disk = serde_json::from_slice(old).unwrap();
+        assert_eq!(d.identity, None);
+        let mut d = disk("b");
+        d.identity = Some(crate::store::FileIdentity {
+            dev: 2049,
+            ino: 77,
+            size: 4096,
+            born_ns: 1_796_424_469_221_082_151,
+        });
+        let back: Disk = serde_json::from_slice(&serde_json::to_vec(&d).unwrap()).unwrap();
+        assert_eq!(back, d);
     }
 
     #[test]

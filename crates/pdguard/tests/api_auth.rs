@@ -330,7 +330,7 @@ fn daemon_refuses_an_exposed_or_foreign_token_file() {
     std::os::unix::fs::symlink(&target, &token_file).unwrap();
     let o = refused_start(&state, &["--api", "tcp:127.0.0.1:0"]);
     assert_eq!(code(&o), 1, "{}", stderr(&o));
-    assert!(stderr(&o).contains("not a regular file"), "{}", stderr(&o));
+    assert!(stderr(&o).contains("is a symbolic link"), "{}", stderr(&o));
 }
 
 #[test]

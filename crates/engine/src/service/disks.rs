@@ -68,6 +68,16 @@ impl Service {
             )));
         }
         let created = create_file(&path, size, managed)?;
+        // What the file is, checked again by every job (never through a symbolic link).
+        let identity = match adopt::identity_of(&path, size) {
+            Ok(id) => id,
+            Err(e) => {
+                if created {
+                    let _ = std::fs::remove_file(&path);
+                }
+                return Err(e);
+            }
+        };
         let record_expected = default_record_path(&path).exists();
         let d = Disk {
             name: name.into(),
@@ -83,6 +93,7 @@ impl Service {
             created_unix: now_ms() / 1000,
             record_expected,
             volume: None,
+            identity: Some(identity),
         };
         if let Err(e) = self.persist(&d) {
             if created {

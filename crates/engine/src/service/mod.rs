@@ -218,7 +218,8 @@ impl Service {
         for (name, m) in registry.mounts()? {
             state.mounts.insert(name, m);
         }
-        for d in registry.disks()? {
+        for mut d in registry.disks()? {
+            adopt::record_missing_identity(&mut d, &registry);
             state.disks.insert(d.name.clone(), d);
         }
         for c in registry.containers()? {

@@ -122,8 +122,14 @@ impl Service {
 /// Flush a disk's file before a job reads it: with the gate blocked and I/O in flight
 /// drained, every write a front-end acknowledged is durable before the seal's first read.
 pub(super) fn flush_disk(path: &std::path::Path) -> std::io::Result<()> {
-    std::fs::OpenOptions::new()
-        .read(true)
-        .open(path)?
-        .sync_all()
+    use crate::store::safe_open::{self, Accept, How, Parents};
+    // Never through a symbolic link, never waiting on a FIFO swapped in for the disk.
+    let how = How::READ
+        .accept(Accept::RegularOrBlock)
+        .parents(Parents::NoSymlinks);
+    match safe_open::open(path, "disk file", how) {
+        Ok(Some(f)) => f.sync_all(),
+        Ok(None) => Ok(()),
+        Err(e) => Err(std::io::Error::other(e.to_string())),
+    }
 }

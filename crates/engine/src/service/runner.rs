@@ -226,8 +226,10 @@ pub(super) fn record_lost(d: &Disk) -> String {
     )
 }
 
+/// The daemon never follows a symbolic link on a disk's paths, and its jobs refuse a file
+/// that is not the one recorded at adoption ([`Disk::identity`]).
 pub(super) fn storage_of(d: &Disk) -> ImageStorage {
-    ImageStorage::new(d.path.clone(), default_record_path(&d.path), None)
+    ImageStorage::new(d.path.clone(), default_record_path(&d.path), None).with_identity(d.identity)
 }
 
 /// Notes in the registry, durably and before the record changes, whether a disk's seal

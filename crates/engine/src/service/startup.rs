@@ -103,10 +103,7 @@ pub(super) fn prepare_state_dir(dir: &Path) -> Result<PathBuf, ServiceError> {
             "cannot create the state directory {}",
             dir.display()
         )))?;
-    let dir = std::fs::canonicalize(dir).map_err(io(format!(
-        "cannot resolve the state directory {}",
-        dir.display()
-    )))?;
+    let dir = super::adopt::canonical_state_dir(dir)?;
     check_state_dir(&dir).map_err(ServiceError::Invalid)?;
     // Readable only by the daemon's user (disk files inherit nothing, but their names do).
     std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))

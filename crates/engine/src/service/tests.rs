@@ -275,10 +275,13 @@ async fn a_planted_mountpoint_is_refused_and_fails_the_volume() {
         .await
         .unwrap_err()
         .to_string();
-    assert!(text.contains("symlink") && text.contains("rm "), "{text}");
+    assert!(
+        text.contains("symbolic link") && text.contains("rm "),
+        "{text}"
+    );
     let d = e.svc.disk("m").await.unwrap().disk;
     assert_eq!(d.state, DiskState::Failed);
-    assert!(d.error.unwrap().contains("symlink"));
+    assert!(d.error.unwrap().contains("symbolic link"));
     // A plain file is refused the same way.
     std::fs::remove_file(mounts.join("m")).unwrap();
     std::fs::write(mounts.join("m"), b"x").unwrap();

@@ -261,10 +261,14 @@ impl Service {
             .await
             .map_err(|e| ServiceError::Invalid(format!("mkfs panicked: {e}")))
             .and_then(|r| r.map_err(|e| volume_io(name, "make the file system", e)));
-        if let Err(e) = made {
-            let _ = std::fs::remove_file(&path);
-            return Err(e);
-        }
+        let made = made.and_then(|()| super::adopt::identity_of(&path, o.size));
+        let identity = match made {
+            Ok(id) => id,
+            Err(e) => {
+                let _ = std::fs::remove_file(&path);
+                return Err(e);
+            }
+        };
         let d = Disk {
             name: name.into(),
             id: hex::encode(rand::random::<[u8; 16]>()),
@@ -284,6 +288,7 @@ impl Service {
                 keep_holes: o.keep_holes && o.profile == Profile::Secure,
                 grace_ms: o.grace.map(|g| g.as_millis() as u64),
             }),
+            identity: Some(identity),
         };
         let mut st = self.s.state.lock().await;
         if st.disks.contains_key(name) {
@@ -711,7 +716,7 @@ fn ensure_mountpoint(state: &Path, dir: &Path) -> std::result::Result<(), String
         let m = std::fs::symlink_metadata(p)
             .map_err(|e| format!("cannot read the mountpoint {}: {e}", p.display()))?;
         let what = if m.file_type().is_symlink() {
-            "a symlink"
+            "a symbolic link"
         } else if !m.is_dir() {
             "not a directory"
         } else if m.uid() != me {

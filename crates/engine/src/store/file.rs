@@ -1,14 +1,16 @@
 //! Real files: raw images, block devices and sparse thin disks.
 
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::io::{self, Seek, SeekFrom, Write};
 use std::os::unix::fs::{FileExt, FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
 
 use pdguard_core::keyslot::{MAX_SLOT_BYTES, SLOT_SUFFIX};
 use rand::RngCore;
 
+use super::safe_open::{self, Accept, FileIdentity, How, Parents, SafeOpenError};
 use super::{check_seal_id, DataMap, Disk, ImageLock, LockMode, Result, Storage, StoreError};
 
 /// `O_NOFOLLOW` for [`OpenOptionsExt::custom_flags`]: a symbolic link as the last component
@@ -17,37 +19,14 @@ fn nofollow() -> i32 {
     rustix::fs::OFlags::NOFOLLOW.bits() as i32
 }
 
-/// Open an existing file for pdguard's own use: never through a symbolic link, and only a
-/// regular file. `None` when there is none.
-fn open_own(path: &Path, write: bool, what: &str) -> Result<Option<File>> {
-    let file = match OpenOptions::new()
-        .read(true)
-        .write(write)
-        .custom_flags(nofollow())
-        .open(path)
-    {
-        Ok(f) => f,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
-        Err(e) if e.raw_os_error() == Some(rustix::io::Errno::LOOP.raw_os_error()) => {
-            return Err(StoreError::io(
-                "open",
-                what,
-                io::Error::other("it is a symbolic link, which pdguard never follows; remove it"),
-            ))
-        }
-        Err(e) => return Err(StoreError::io("open", what, e)),
-    };
-    let meta = file
-        .metadata()
-        .map_err(|e| StoreError::io("stat", what, e))?;
-    if !meta.file_type().is_file() {
-        return Err(StoreError::io(
-            "open",
-            what,
-            io::Error::other("it is not a regular file; remove it"),
-        ));
-    }
-    Ok(Some(file))
+/// Open an existing file for pdguard's own use ([`safe_open`]): never through a symbolic
+/// link, never waiting, and only a regular file. `None` when there is none.
+fn open_own(path: &Path, write: bool, what: &str, parents: Parents) -> Result<Option<File>> {
+    Ok(safe_open::open(
+        path,
+        what,
+        How::READ.write(write).parents(parents),
+    )?)
 }
 
 /// Create `path` exclusively (`O_EXCL`: never an existing file, never through a link).
@@ -250,12 +229,30 @@ pub trait RecordWatch: Send + Sync {
 }
 
 /// One image on the host: its path, its record's path and the directory for thin disks.
+///
+/// The image is checked at every open, not once (DESIGN.md §6): the first open pins the
+/// file's [`FileIdentity`] (device, inode, size, birth time), or the daemon gives the identity it
+/// recorded at adoption ([`Self::with_identity`]), and every open compares the opened
+/// file's `fstat` with it. A command-line path that is a symbolic link (an offline
+/// command's `PATH`, e.g. `/dev/disk/by-id/...`) is resolved once, at that first open;
+/// the daemon's storage never follows a link anywhere on its paths.
 #[derive(Clone)]
 pub struct ImageStorage {
     image: PathBuf,
     record: PathBuf,
     thin_dir: PathBuf,
     watch: Option<std::sync::Arc<dyn RecordWatch>>,
+    /// The daemon's storage: no symbolic link on any path, the identity from the registry.
+    strict: bool,
+    /// The resolved image path and the identity every open must find there; shared by
+    /// clones, so one command or job pins one file.
+    pin: Arc<OnceLock<Pin>>,
+}
+
+#[derive(Debug, Clone)]
+struct Pin {
+    path: PathBuf,
+    id: FileIdentity,
 }
 
 impl std::fmt::Debug for ImageStorage {
@@ -265,6 +262,8 @@ impl std::fmt::Debug for ImageStorage {
             .field("record", &self.record)
             .field("thin_dir", &self.thin_dir)
             .field("watched", &self.watch.is_some())
+            .field("strict", &self.strict)
+            .field("pin", &self.pin.get())
             .finish()
     }
 }
@@ -278,7 +277,68 @@ impl ImageStorage {
             record,
             thin_dir,
             watch: None,
+            strict: false,
+            pin: Arc::new(OnceLock::new()),
         }
+    }
+
+    /// The daemon's storage: the image must be the file recorded at adoption (`None`: an
+    /// entry older than that record; the first open pins it), and no path is followed
+    /// through a symbolic link, in any component.
+    pub fn with_identity(mut self, id: Option<FileIdentity>) -> Self {
+        self.strict = true;
+        let pin = OnceLock::new();
+        if let Some(id) = id {
+            let _ = pin.set(Pin {
+                path: self.image.clone(),
+                id,
+            });
+        }
+        self.pin = Arc::new(pin);
+        self
+    }
+
+    fn parents(&self) -> Parents {
+        if self.strict {
+            Parents::NoSymlinks
+        } else {
+            Parents::AsGiven
+        }
+    }
+
+    /// Open the image and check that it is the pinned file (pinning it at the first open).
+    fn open_image_file(&self, write: bool) -> Result<File> {
+        let name = self.image_name();
+        let how = How::READ
+            .write(write)
+            .accept(Accept::RegularOrBlock)
+            .parents(Parents::NoSymlinks);
+        let missing = || {
+            StoreError::io(
+                "open",
+                format!("image {name}"),
+                io::ErrorKind::NotFound.into(),
+            )
+        };
+        if let Some(pin) = self.pin.get() {
+            return open_identified(&pin.path, &name, write, pin.id);
+        }
+        // The first open: an offline command's path is resolved once, here; the daemon's
+        // is canonical already and is never followed.
+        let path = if self.strict {
+            self.image.clone()
+        } else {
+            fs::canonicalize(&self.image)
+                .map_err(|e| StoreError::io("resolve the path of", format!("image {name}"), e))?
+        };
+        let file = safe_open::open(&path, "image", how)?.ok_or_else(missing)?;
+        let id = FileIdentity::of(&file)
+            .map_err(|e| StoreError::io("stat", format!("image {name}"), e))?;
+        let pin = self.pin.get_or_init(|| Pin { path, id });
+        if pin.id != id {
+            return Err(replaced(&name, pin.id, id.to_string()));
+        }
+        Ok(file)
     }
 
     /// Tell `watch` before every write or removal of the record.
@@ -339,14 +399,59 @@ impl ImageStorage {
         s.push(".tmp");
         PathBuf::from(s)
     }
+}
 
-    fn open_disk(path: &Path, what: String, write: bool) -> Result<FileDisk> {
-        let file = OpenOptions::new()
-            .read(true)
-            .write(write)
-            .open(path)
-            .map_err(|e| StoreError::io("open", &what, e))?;
-        FileDisk::new(file, what)
+/// Open the disk file at `path` (`name` in messages) for I/O, only if it is the file
+/// `expected` describes: never through a symbolic link in any component, never waiting on
+/// a FIFO, and refused with [`StoreError::Replaced`] (naming both identities) when the
+/// opened file's `fstat` differs. For every front-end that opens a disk's file itself.
+pub fn open_identified(
+    path: &Path,
+    name: &str,
+    write: bool,
+    expected: FileIdentity,
+) -> Result<File> {
+    let how = How::READ
+        .write(write)
+        .accept(Accept::RegularOrBlock)
+        .parents(Parents::NoSymlinks);
+    let file = match safe_open::open(path, "image", how) {
+        Ok(Some(f)) => f,
+        Ok(None) => {
+            return Err(StoreError::io(
+                "open",
+                format!("image {name}"),
+                io::ErrorKind::NotFound.into(),
+            ))
+        }
+        Err(SafeOpenError::Symlink { target, .. }) => {
+            return Err(replaced(name, expected, link_found(path, target)))
+        }
+        Err(e) => return Err(e.into()),
+    };
+    let found =
+        FileIdentity::of(&file).map_err(|e| StoreError::io("stat", format!("image {name}"), e))?;
+    if found != expected {
+        return Err(replaced(name, expected, found.to_string()));
+    }
+    Ok(file)
+}
+
+fn replaced(image: &str, expected: FileIdentity, found: String) -> StoreError {
+    StoreError::Replaced(Box::new(super::ImageReplaced {
+        image: image.into(),
+        expected,
+        found,
+    }))
+}
+
+/// What a symbolic link found where the image was leads to, for the message (never
+/// opened: `stat` only).
+fn link_found(path: &Path, target: Option<PathBuf>) -> String {
+    let to = target.map_or_else(|| "?".into(), |t| t.display().to_string());
+    match fs::metadata(path) {
+        Ok(m) => format!("a symbolic link to {to}, {}", FileIdentity::of_metadata(&m)),
+        Err(_) => format!("a symbolic link to {to}, which cannot be reached"),
     }
 }
 
@@ -356,7 +461,8 @@ impl Storage for ImageStorage {
     }
 
     fn lock_image(&self, mode: LockMode) -> Result<ImageLock> {
-        super::lock::flock_path(&self.image, &self.image_name(), mode)
+        let file = self.open_image_file(false)?;
+        super::lock::flock_file(file, &self.image_name(), mode)
     }
 
     fn loop_devices(&self) -> Result<Vec<String>> {
@@ -376,7 +482,8 @@ impl Storage for ImageStorage {
 
     fn open_image(&self, write: bool) -> Result<Box<dyn Disk>> {
         let what = format!("image {}", self.image.display());
-        Ok(Box::new(Self::open_disk(&self.image, what, write)?))
+        let file = self.open_image_file(write)?;
+        Ok(Box::new(FileDisk::new(file, what)?))
     }
 
     fn thin_name(&self, seal_id: &str) -> Result<String> {
@@ -409,7 +516,7 @@ impl Storage for ImageStorage {
     fn open_thin(&self, seal_id: &str) -> Result<Option<Box<dyn Disk>>> {
         let path = self.thin_path(seal_id)?;
         let what = format!("thin disk {}", path.display());
-        match open_own(&path, true, &what)? {
+        match open_own(&path, true, "thin disk", self.parents())? {
             Some(f) => Ok(Some(Box::new(FileDisk::new(f, what)?))),
             None => Ok(None),
         }
@@ -436,23 +543,16 @@ impl Storage for ImageStorage {
     }
 
     fn read_key_slot(&self) -> Result<Option<Vec<u8>>> {
-        use std::io::Read;
         let path = self.key_slot_path();
-        let what = format!("key slot {}", path.display());
-        let Some(f) = open_own(&path, false, &what)? else {
-            return Ok(None);
-        };
-        let mut bytes = Vec::new();
-        f.take(MAX_SLOT_BYTES + 1)
-            .read_to_end(&mut bytes)
-            .map_err(|e| StoreError::io("read", &what, e))?;
-        Ok(Some(bytes))
+        // One byte over the limit is enough for the decoder to refuse it.
+        let limit = MAX_SLOT_BYTES + 1;
+        Ok(safe_open::read(&path, "key slot", limit, self.parents())?)
     }
 
     fn destroy_key_slot(&self) -> Result<()> {
         let path = self.key_slot_path();
         let what = format!("key slot {}", path.display());
-        let Some(f) = open_own(&path, true, &what)? else {
+        let Some(f) = open_own(&path, true, "key slot", self.parents())? else {
             return remove_own(&path, &what);
         };
         let meta = f.metadata().map_err(|e| StoreError::io("stat", &what, e))?;
@@ -486,22 +586,14 @@ impl Storage for ImageStorage {
 
     fn read_record(&self) -> Result<Option<Vec<u8>>> {
         // One byte over the limit is enough for the decoder to refuse it (`--record
-        // /dev/zero` must not fill memory).
+        // /dev/zero` is refused anyway: not a regular file).
         let limit = pdguard_core::record::MAX_RECORD_BYTES as u64 + 1;
-        let read = || -> io::Result<Vec<u8>> {
-            let mut b = Vec::new();
-            File::open(&self.record)?.take(limit).read_to_end(&mut b)?;
-            Ok(b)
-        };
-        match read() {
-            Ok(b) => Ok(Some(b)),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(StoreError::io(
-                "read",
-                format!("seal record {}", self.record.display()),
-                e,
-            )),
-        }
+        Ok(safe_open::read(
+            &self.record,
+            "seal record",
+            limit,
+            self.parents(),
+        )?)
     }
 
     fn write_record(&self, bytes: &[u8]) -> Result<()> {
@@ -621,6 +713,102 @@ mod tests {
         st.write_record(b"record").unwrap();
         assert_eq!(fs::read(st.record_path()).unwrap(), b"record");
         assert_eq!(fs::read(&victim).unwrap(), b"precious");
+    }
+
+    /// The first open pins the image; a file renamed over it, or a symbolic link swapped in
+    /// for it, is refused at the next open, naming both identities, and its target is never
+    /// opened for writing.
+    #[test]
+    fn a_swapped_image_is_refused_at_the_next_open() {
+        use std::os::unix::fs::symlink;
+        let (dir, st, victim) = setup();
+        let id = {
+            let held = st.lock_image(LockMode::Shared).unwrap();
+            drop(held);
+            st.pin.get().unwrap().id
+        };
+        assert_eq!(id.size, 4096);
+        st.open_image(true).unwrap();
+        let other = dir.path().join("other");
+        fs::write(&other, vec![2u8; 4096]).unwrap();
+        fs::rename(&other, st.image_path()).unwrap();
+        let e = st.open_image(true).err().unwrap();
+        let text = e.to_string();
+        assert!(matches!(e, StoreError::Replaced { .. }), "{text}");
+        assert!(text.contains(&id.to_string()), "{text}");
+        fs::remove_file(st.image_path()).unwrap();
+        symlink(&victim, st.image_path()).unwrap();
+        for e in [
+            st.open_image(true).err().unwrap(),
+            st.lock_image(LockMode::Exclusive).err().unwrap(),
+        ] {
+            let text = e.to_string();
+            assert!(text.contains(&id.to_string()), "{text}");
+            assert!(text.contains("symbolic link to"), "{text}");
+            use std::os::unix::fs::MetadataExt;
+            let v = fs::metadata(&victim).unwrap();
+            assert!(text.contains(&format!("inode {}", v.ino())), "{text}");
+        }
+        // The daemon's storage, given the identity recorded at adoption, refuses the same.
+        let daemon = ImageStorage::new(
+            st.image_path().to_path_buf(),
+            st.record_path().to_path_buf(),
+            None,
+        )
+        .with_identity(Some(id));
+        assert!(matches!(
+            daemon.open_image(true),
+            Err(StoreError::Replaced { .. })
+        ));
+        // Without a recorded identity it still never follows the link.
+        let legacy = ImageStorage::new(
+            st.image_path().to_path_buf(),
+            st.record_path().to_path_buf(),
+            None,
+        )
+        .with_identity(None);
+        assert!(matches!(
+            legacy.open_image(true).err().unwrap(),
+            StoreError::Untrusted(e) if matches!(*e, SafeOpenError::Symlink { .. })
+        ));
+        assert_eq!(fs::read(&victim).unwrap(), b"precious");
+    }
+
+    /// An offline command's path may be a symbolic link (`/dev/disk/by-id/...`): followed
+    /// once, at the first open; the daemon's never.
+    #[test]
+    fn an_offline_path_through_a_link_is_resolved_once() {
+        use std::os::unix::fs::symlink;
+        let (dir, st, _) = setup();
+        let link = dir.path().join("link.img");
+        symlink(st.image_path(), &link).unwrap();
+        let via = ImageStorage::new(link.clone(), default_record_path(&link), None);
+        assert_eq!(via.open_image(false).unwrap().len(), 4096);
+        let daemon =
+            ImageStorage::new(link.clone(), default_record_path(&link), None).with_identity(None);
+        assert!(daemon.open_image(false).is_err());
+    }
+
+    #[test]
+    fn fifos_at_the_record_and_key_slot_are_refused_at_once() {
+        let (_dir, st, _) = setup();
+        for p in [st.record_path().to_path_buf(), st.key_slot_path()] {
+            rustix::fs::mknodat(
+                rustix::fs::CWD,
+                &p,
+                rustix::fs::FileType::Fifo,
+                rustix::fs::Mode::from_raw_mode(0o600),
+                0,
+            )
+            .unwrap();
+        }
+        let t = std::time::Instant::now();
+        let e = st.read_record().unwrap_err().to_string();
+        assert!(e.contains("seal record") && e.contains("FIFO"), "{e}");
+        let e = st.read_key_slot().unwrap_err().to_string();
+        assert!(e.contains("key slot") && e.contains("FIFO"), "{e}");
+        assert!(st.destroy_key_slot().is_err());
+        assert!(t.elapsed() < std::time::Duration::from_secs(1));
     }
 
     #[test]

@@ -13,6 +13,7 @@ use std::path::Path;
 
 use rustix::fs::FlockOperation;
 
+use super::safe_open::{self, Accept, How};
 use super::{Result, StoreError};
 
 /// How a job holds its image.
@@ -43,9 +44,23 @@ impl std::fmt::Debug for ImageLock {
 }
 
 /// `flock(LOCK_NB)` on `path`, opened read-only (enough for `flock`, and a block device
-/// opened read-only is not claimed).
+/// opened read-only is not claimed) through [`super::safe_open`]: never through a symbolic
+/// link, never waiting on a FIFO; a regular file or a block device.
 pub fn flock_path(path: &Path, name: &str, mode: LockMode) -> Result<ImageLock> {
-    let file = File::open(path).map_err(|e| StoreError::io("open", format!("image {name}"), e))?;
+    let how = How::READ.accept(Accept::RegularOrBlock);
+    let file = safe_open::open(path, "lock target", how)?.ok_or_else(|| {
+        StoreError::io(
+            "open",
+            format!("image {name}"),
+            io::ErrorKind::NotFound.into(),
+        )
+    })?;
+    flock_file(file, name, mode)
+}
+
+/// `flock(LOCK_NB)` on a file already opened (and checked) by the caller; the lock is held
+/// as long as the returned guard keeps `file` open.
+pub fn flock_file(file: File, name: &str, mode: LockMode) -> Result<ImageLock> {
     let op = match mode {
         LockMode::Exclusive => FlockOperation::NonBlockingLockExclusive,
         LockMode::Shared => FlockOperation::NonBlockingLockShared,
@@ -131,5 +146,29 @@ mod tests {
             Err(StoreError::Busy { .. })
         ));
         drop(a);
+    }
+
+    #[test]
+    fn a_fifo_or_a_link_as_lock_target_is_refused_at_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let fifo = dir.path().join("fifo");
+        rustix::fs::mknodat(
+            rustix::fs::CWD,
+            &fifo,
+            rustix::fs::FileType::Fifo,
+            rustix::fs::Mode::from_raw_mode(0o600),
+            0,
+        )
+        .unwrap();
+        let t = std::time::Instant::now();
+        let e = flock_path(&fifo, "fifo", LockMode::Exclusive).unwrap_err();
+        assert!(t.elapsed() < std::time::Duration::from_secs(1));
+        assert!(e.to_string().contains("FIFO"), "{e}");
+        let f = dir.path().join("f");
+        std::fs::write(&f, b"x").unwrap();
+        let link = dir.path().join("link");
+        std::os::unix::fs::symlink(&f, &link).unwrap();
+        let e = flock_path(&link, "link", LockMode::Shared).unwrap_err();
+        assert!(e.to_string().contains("symbolic link"), "{e}");
     }
 }

@@ -33,6 +33,8 @@ pub enum LoopFsError {
     },
     #[error("file system {0:?} is not supported; use fs=ext4")]
     UnsupportedFs(String),
+    #[error("mountpoint {dir} is {kind}, not a directory; pdguard never mounts on a link or a file planted there: remove it and mount again")]
+    BadMountpoint { dir: String, kind: &'static str },
 }
 
 type Result<T, E = LoopFsError> = std::result::Result<T, E>;
@@ -78,10 +80,7 @@ pub fn mount(file: &Path, dir: &Path) -> Result<()> {
     if is_mountpoint(dir)? {
         return Ok(());
     }
-    std::fs::create_dir_all(dir).map_err(|source| LoopFsError::Io {
-        what: format!("create the mountpoint {}", dir.display()),
-        source,
-    })?;
+    make_mountpoint(dir)?;
     let (f, d) = (path_str(file)?, path_str(dir)?);
     run(
         "mount",
@@ -89,6 +88,45 @@ pub fn mount(file: &Path, dir: &Path) -> Result<()> {
         format!("of {f} at {d}"),
         &["-o", "loop", f, d],
     )
+}
+
+/// Create the mountpoint `dir` (mode 0700) and its parent, or accept them if they are
+/// real directories: a symbolic link or anything else planted at either is refused
+/// (checked with `lstat`, never followed), so root never mounts a volume on a directory
+/// someone else chose.
+fn make_mountpoint(dir: &Path) -> Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    let io = |what: String| move |source| LoopFsError::Io { what, source };
+    if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(parent)
+            .map_err(io(format!("create the directory {}", parent.display())))?;
+        check_real_dir(parent)?;
+    }
+    match std::fs::DirBuilder::new().mode(0o700).create(dir) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(io(format!("create the mountpoint {}", dir.display()))(e)),
+    }
+    check_real_dir(dir)
+}
+
+fn check_real_dir(dir: &Path) -> Result<()> {
+    let m = std::fs::symlink_metadata(dir).map_err(|source| LoopFsError::Io {
+        what: format!("inspect the mountpoint {}", dir.display()),
+        source,
+    })?;
+    let t = m.file_type();
+    let kind = if t.is_dir() {
+        return Ok(());
+    } else if t.is_symlink() {
+        "a symbolic link"
+    } else {
+        "not a directory"
+    };
+    Err(LoopFsError::BadMountpoint {
+        dir: dir.display().to_string(),
+        kind,
+    })
 }
 
 /// Unmount `dir` (if mounted) and detach every loop device still backed by `file`.
@@ -203,6 +241,39 @@ mod tests {
         let link = dir.path().join("link");
         std::os::unix::fs::symlink("/proc", &link).unwrap();
         assert!(!is_mountpoint(&link).unwrap());
+    }
+
+    #[test]
+    fn a_planted_mountpoint_link_or_file_is_refused_and_left_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let elsewhere = dir.path().join("elsewhere");
+        std::fs::create_dir(&elsewhere).unwrap();
+        let mounts = dir.path().join("mounts");
+        let m = mounts.join("vol");
+        make_mountpoint(&m).unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&m).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o700);
+        make_mountpoint(&m).unwrap();
+        std::fs::remove_dir(&m).unwrap();
+        std::os::unix::fs::symlink(&elsewhere, &m).unwrap();
+        let e = make_mountpoint(&m).unwrap_err().to_string();
+        assert!(e.contains("symbolic link") && e.contains("vol"), "{e}");
+        // mount itself refuses before running the tool.
+        let e = mount(&dir.path().join("no.img"), &m)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("symbolic link"), "{e}");
+        std::fs::remove_file(&m).unwrap();
+        std::fs::write(&m, b"x").unwrap();
+        assert!(make_mountpoint(&m).is_err());
+        std::fs::remove_file(&m).unwrap();
+        // The parent, a link: refused too.
+        std::fs::remove_dir(&mounts).unwrap();
+        std::os::unix::fs::symlink(&elsewhere, &mounts).unwrap();
+        let e = make_mountpoint(&m).unwrap_err().to_string();
+        assert!(e.contains("symbolic link"), "{e}");
+        assert!(std::fs::read_dir(&elsewhere).unwrap().next().is_none());
     }
 
     #[test]

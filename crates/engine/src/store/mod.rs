@@ -8,6 +8,7 @@ pub mod file;
 pub mod inuse;
 mod lock;
 pub mod loopfs;
+pub mod safe_open;
 pub mod sim;
 mod sparse;
 mod view;
@@ -15,6 +16,8 @@ mod view;
 use std::io;
 
 use thiserror::Error;
+
+pub use safe_open::{FileIdentity, SafeOpenError};
 
 #[derive(Debug, Error)]
 pub enum StoreError {
@@ -32,6 +35,29 @@ pub enum StoreError {
     /// Another job holds the image's lock ([`Storage::lock_image`]).
     #[error("busy: {} holds {image}; wait for it to finish (or stop it) and run the command again", holder_text(*.holder))]
     Busy { image: String, holder: Option<u32> },
+    /// A file pdguard reads was refused before a byte was read: a symbolic link, a FIFO,
+    /// a device ([`safe_open`]).
+    #[error(transparent)]
+    Untrusted(Box<SafeOpenError>),
+    /// The image's path names another file than the one pdguard took it for.
+    #[error(transparent)]
+    Replaced(Box<ImageReplaced>),
+}
+
+/// The image's path names another file than the one pdguard took it for (adopted, or
+/// opened first by this command): compared by device, inode, size and birth time at every open.
+#[derive(Debug, Error)]
+#[error("image {image} is not the file pdguard took it for: that was {expected}, the path now names {found}; nothing was read or written: put the original file back at this path (or forget the disk and adopt the new file)")]
+pub struct ImageReplaced {
+    pub image: String,
+    pub expected: FileIdentity,
+    pub found: String,
+}
+
+impl From<SafeOpenError> for StoreError {
+    fn from(e: SafeOpenError) -> Self {
+        Self::Untrusted(Box::new(e))
+    }
 }
 
 fn holder_text(holder: Option<u32>) -> String {
@@ -109,7 +135,7 @@ pub trait Disk: Send + Sync {
     }
 }
 
-pub use lock::{flock_path, ImageLock, LockMode};
+pub use lock::{flock_file, flock_path, ImageLock, LockMode};
 pub use sparse::{DataMap, Sparse};
 pub use view::ExtentView;
 

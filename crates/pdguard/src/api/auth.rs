@@ -26,6 +26,8 @@ use axum::response::{IntoResponse, Response};
 use thiserror::Error;
 use zeroize::Zeroizing;
 
+use pdguard_engine::store::safe_open::{self, How};
+
 use super::server::ApiError;
 
 /// The environment variable that names the token file for the clients.
@@ -45,8 +47,9 @@ pub enum TokenError {
     Exposed { path: String, mode: u32 },
     #[error("API token file {path} belongs to uid {owner}, not to the daemon's user (uid {me}); run `chown {me} {path}` or remove it so that a new one is made")]
     Owner { path: String, owner: u32, me: u32 },
-    #[error("API token file {path} is not a regular file (a symlink is not followed); remove it so that a new one is made")]
-    NotAFile { path: String },
+    /// A symbolic link, a FIFO, a device ([`safe_open`]): refused before a byte is read.
+    #[error(transparent)]
+    NotAFile(safe_open::SafeOpenError),
     #[error("API token file {path} does not hold a token (one line of at least {MIN_TOKEN_CHARS} printable characters, no spaces); remove it so that the daemon makes a new one")]
     Malformed { path: String },
     #[error("no API token file at {path}; the TCP API needs the daemon's token: pass --api-token-file FILE or set {TOKEN_FILE_ENV} (the daemon keeps it in STATE/{TOKEN_FILE_NAME})")]
@@ -112,22 +115,13 @@ pub fn load_or_create(path: &Path) -> Result<Token, TokenError> {
 /// accessible or not owned by this process's user.
 pub fn load(path: &Path, strict: bool) -> Result<Token, TokenError> {
     let shown = || path.display().to_string();
-    let f = OpenOptions::new()
-        .read(true)
-        .custom_flags(rustix::fs::OFlags::NOFOLLOW.bits() as i32)
-        .open(path)
-        .map_err(|e| match e.kind() {
-            io::ErrorKind::NotFound => TokenError::Missing { path: shown() },
-            // O_NOFOLLOW on a symlink.
-            _ if e.raw_os_error() == Some(rustix::io::Errno::LOOP.raw_os_error()) => {
-                TokenError::NotAFile { path: shown() }
-            }
-            _ => io_err("read", path)(e),
-        })?;
+    // Never through a symbolic link, never waiting on a FIFO: refused before a byte is read.
+    let f = match safe_open::open(path, "API token file", How::READ) {
+        Ok(Some(f)) => f,
+        Ok(None) => return Err(TokenError::Missing { path: shown() }),
+        Err(e) => return Err(TokenError::NotAFile(e)),
+    };
     let meta = f.metadata().map_err(io_err("read", path))?;
-    if !meta.is_file() {
-        return Err(TokenError::NotAFile { path: shown() });
-    }
     if strict {
         let mode = meta.mode() & 0o7777;
         if mode & 0o077 != 0 {
@@ -433,5 +427,28 @@ mod tests {
             load(&dir.path().join("none"), false),
             Err(TokenError::Missing { .. })
         ));
+    }
+
+    #[test]
+    fn a_fifo_token_file_is_refused_at_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("api-token");
+        rustix::fs::mknodat(
+            rustix::fs::CWD,
+            &p,
+            rustix::fs::FileType::Fifo,
+            rustix::fs::Mode::from_raw_mode(0o600),
+            0,
+        )
+        .unwrap();
+        let t = std::time::Instant::now();
+        for e in [load_or_create(&p), load(&p, false)] {
+            let text = e.err().unwrap().to_string();
+            assert!(
+                text.contains("API token file") && text.contains("FIFO"),
+                "{text}"
+            );
+        }
+        assert!(t.elapsed() < std::time::Duration::from_secs(1));
     }
 }
