@@ -151,6 +151,23 @@ pub struct VolumeMounts {
     pub ids: Vec<String>,
     /// Unix milliseconds of the last Mount.
     pub last_mount_ms: u64,
+    /// The last unmount failed (the kernel still held the file system, e.g. a process had
+    /// its working directory in it): retried until the kernel lets go, and the volume is
+    /// never sealed meanwhile.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub unmount_pending: bool,
+}
+
+/// Where an association came from: only dockerd's are reconciled with dockerd.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Origin {
+    /// `pdguard container up` (the admin API).
+    Api,
+    /// dockerd: a Mount, its events, a resync.
+    Docker,
+    /// An NBD connection in transmission.
+    Nbd,
 }
 
 /// A container's state.
@@ -185,6 +202,25 @@ pub struct Container {
     /// Names of associated disks. A removed container has none ([028]: its association is
     /// dropped at once).
     pub disks: Vec<String>,
+    /// Who made it; entries written before this field existed: see [`Container::origin`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub origin: Option<Origin>,
+}
+
+impl Container {
+    /// Who made the container. Entries older than the field are told by their id: `nbd:…`
+    /// is an NBD connection, 64 hex digits a dockerd container, anything else the API.
+    pub fn origin(&self) -> Origin {
+        self.origin.unwrap_or_else(|| {
+            if self.id.starts_with("nbd:") {
+                Origin::Nbd
+            } else if self.id.len() == 64 && self.id.bytes().all(|b| b.is_ascii_hexdigit()) {
+                Origin::Docker
+            } else {
+                Origin::Api
+            }
+        })
+    }
 }
 
 /// The registry database.
@@ -264,7 +300,7 @@ impl Registry {
 
     /// Record a volume's live mounts (none: the entry is removed).
     pub fn put_mounts(&self, volume: &str, m: &VolumeMounts) -> Result<(), RegistryError> {
-        if m.ids.is_empty() {
+        if m.ids.is_empty() && !m.unmount_pending {
             let tx = self.db.begin_write()?;
             tx.open_table(MOUNTS)?.remove(volume)?;
             tx.commit()?;
@@ -362,6 +398,7 @@ mod tests {
                 state: ContainerState::Running,
                 since_ms: 5,
                 disks: vec!["a".into()],
+                origin: None,
             })
             .unwrap();
             r.remove_disk("a").unwrap();
@@ -381,6 +418,7 @@ mod tests {
         let m = VolumeMounts {
             ids: vec!["a1".into(), "b2".into()],
             last_mount_ms: 7,
+            unmount_pending: false,
         };
         {
             let r = Registry::open(&p).unwrap();
@@ -388,11 +426,33 @@ mod tests {
             r.put_mounts("v", &m).unwrap();
             r.put_mounts("w", &m).unwrap();
             r.put_mounts("w", &VolumeMounts::default()).unwrap();
+            let pending = VolumeMounts {
+                unmount_pending: true,
+                ..VolumeMounts::default()
+            };
+            r.put_mounts("p", &pending).unwrap();
+            r.put_mounts("p", &VolumeMounts::default()).unwrap();
         }
         let r = Registry::open(&p).unwrap();
         assert_eq!(r.mounts().unwrap(), vec![("v".to_string(), m)]);
         r.remove_disk("v").unwrap();
         assert!(r.mounts().unwrap().is_empty());
+    }
+
+    #[test]
+    fn old_containers_get_their_origin_from_their_id() {
+        let old = |id: &str| -> Container {
+            serde_json::from_str(&format!(
+                r#"{{"id":"{id}","state":"running","since_ms":1,"disks":["a"]}}"#
+            ))
+            .unwrap()
+        };
+        assert_eq!(old("nbd:unix:pid9:1").origin(), Origin::Nbd);
+        assert_eq!(old(&"ab12".repeat(16)).origin(), Origin::Docker);
+        assert_eq!(old("web-1").origin(), Origin::Api);
+        let mut c = old("web-1");
+        c.origin = Some(Origin::Docker);
+        assert_eq!(c.origin(), Origin::Docker);
     }
 
     #[test]

@@ -286,8 +286,8 @@ fn verify_with_a_same_named_images_record_says_it_does_not_belong() {
     }
 }
 
-/// A container up on a tampered sealed disk fails (exit 1, naming the failed verification)
-/// and leaves no container behind (issue 9 made this hold; this pins it).
+/// A container up on a tampered sealed disk fails (exit 3, verification failed, naming it)
+/// and leaves no container behind.
 #[test]
 fn a_failed_container_up_leaves_no_container_running() {
     let dir = tempfile::tempdir().unwrap();
@@ -300,7 +300,7 @@ fn a_failed_container_up_leaves_no_container_running() {
     bytes[300_000] ^= 0x40;
     std::fs::write(&img, &bytes).unwrap();
     let o = d.cli(&["container", "up", "c1", "--disk", "d1"]);
-    assert_eq!(code(&o), 1, "{}", stderr(&o));
+    assert_eq!(code(&o), 3, "{}", stderr(&o));
     assert!(stderr(&o).contains("failed verification"), "{}", stderr(&o));
     let ls = d.ok(&["container", "ls", "--all"]);
     assert!(!ls.contains("c1"), "the failed container up left c1: {ls}");

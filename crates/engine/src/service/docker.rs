@@ -17,8 +17,9 @@ use serde::Serialize;
 use thiserror::Error;
 use tokio::sync::{mpsc, watch};
 
+use super::lifecycle::Event;
 use super::{now_ms, Result, Service};
-use crate::registry::{Container, ContainerState, DiskState};
+use crate::registry::{Container, ContainerState, DiskState, Origin};
 
 #[derive(Debug, Error)]
 pub enum DockerError {
@@ -166,6 +167,7 @@ impl Service {
                 state: ContainerState::Running,
                 since_ms: 0,
                 disks: Vec::new(),
+                origin: Some(Origin::Docker),
             });
         c.state = ContainerState::Running;
         c.since_ms = now_ms();
@@ -174,13 +176,13 @@ impl Service {
         }
         let c = c.clone();
         self.s.registry.put_container(&c)?;
-        if let Some(d) = st.disks.get_mut(volume) {
-            if matches!(d.state, DiskState::Available | DiskState::Grace) {
-                d.state = DiskState::Attached;
-                d.grace_until_ms = None;
-                let d = d.clone();
-                self.persist(&d)?;
-            }
+        // The Mount did the reclaim; a volume found in use by a resync is attached.
+        let idle = st
+            .disks
+            .get(volume)
+            .is_some_and(|d| matches!(d.state, DiskState::Available | DiskState::Grace));
+        if idle {
+            self.apply(&mut st, volume, Event::Claimed)?;
         }
         Ok(())
     }
@@ -211,7 +213,9 @@ impl Service {
         Ok(())
     }
 
-    /// Reconcile with dockerd's containers (those using volumes of our driver).
+    /// Reconcile with dockerd's containers (those using volumes of our driver). Only the
+    /// associations that came from dockerd are dockerd's to end: an NBD connection's and a
+    /// `container up`'s are not in dockerd's list and stay.
     pub async fn docker_resync(&self, docker: &[DockerContainer]) -> Result<()> {
         let by_id: HashMap<&str, &DockerContainer> =
             docker.iter().map(|c| (c.id.as_str(), c)).collect();
@@ -219,6 +223,7 @@ impl Service {
             let st = self.s.state.lock().await;
             st.containers
                 .values()
+                .filter(|c| c.origin() == Origin::Docker)
                 .filter(|c| {
                     c.disks
                         .iter()
@@ -259,6 +264,7 @@ impl Service {
         for v in mounted.iter().filter(|v| !held.contains(v.as_str())) {
             self.drop_stale_mounts(v).await?;
         }
+        self.retry_unmounts().await;
         self.orphans_to_grace().await
     }
 
@@ -272,16 +278,7 @@ impl Service {
             .map(|d| d.name.clone())
             .collect();
         for name in names {
-            if st.in_use(&name) {
-                continue;
-            }
-            if let Some(d) = st.disks.get_mut(&name) {
-                tracing::info!(volume = %name, "no container uses the volume any more; grace period starts");
-                d.state = DiskState::Grace;
-                d.grace_until_ms = Some(now_ms() + self.grace_of(d));
-                let d = d.clone();
-                self.persist(&d)?;
-            }
+            self.release(&mut st, &name)?;
         }
         Ok(())
     }

@@ -1,8 +1,11 @@
 //! Errors of the daemon's service layer, each with a stable code and an HTTP status.
 
+use std::sync::Arc;
+
 use thiserror::Error;
 
-use crate::jobs::JobError;
+use super::lifecycle::LifeError;
+use super::runner::RunError;
 use crate::registry::RegistryError;
 
 #[derive(Debug, Error)]
@@ -23,13 +26,17 @@ pub enum ServiceError {
         #[source]
         source: std::io::Error,
     },
-    #[error("disk {disk}: {action} failed")]
+    /// A job failed; its own error, typed (a verification failure stays one).
+    #[error("disk {disk:?}: {action} failed")]
     Job {
         disk: String,
         action: &'static str,
         #[source]
-        source: Box<JobError>,
+        source: Arc<RunError>,
     },
+    /// The disk's life cycle does not allow it now.
+    #[error("disk {disk:?} {why}")]
+    Life { disk: String, why: LifeError },
     #[error("the daemon is shutting down")]
     ShuttingDown,
 }
@@ -47,6 +54,11 @@ impl ServiceError {
             Self::Io { .. } => "io_error",
             Self::Job { source, .. } if source.is_verification() => "verification_failed",
             Self::Job { .. } => "job_failed",
+            Self::Life {
+                why: LifeError::GraceOverflow { .. },
+                ..
+            } => "invalid_request",
+            Self::Life { .. } => "conflict",
             Self::ShuttingDown => "shutting_down",
         }
     }
@@ -57,6 +69,13 @@ impl ServiceError {
             Self::NotFound { .. } => 404,
             Self::Exists { .. } | Self::Busy(_) => 409,
             Self::Invalid(_) => 400,
+            Self::Life {
+                why: LifeError::GraceOverflow { .. },
+                ..
+            } => 400,
+            Self::Life { .. } => 409,
+            // The request was understood and the job ran: the data did not verify.
+            Self::Job { source, .. } if source.is_verification() => 422,
             Self::ShuttingDown => 503,
             Self::Job { .. } | Self::Registry(_) | Self::Io { .. } => 500,
         }

@@ -9,7 +9,7 @@
 use std::path::PathBuf;
 
 use super::{now_ms, Result, Service, ServiceError};
-use crate::registry::{Container, ContainerState, DiskState};
+use crate::registry::{Container, ContainerState, DiskState, Origin};
 
 /// Containers whose id starts with this are NBD connections.
 pub const NBD_CONTAINER_PREFIX: &str = "nbd:";
@@ -55,7 +55,9 @@ impl Service {
 
     /// A connection (`id`, which starts with `nbd:`) enters transmission on `disk`: record
     /// the association, then reclaim the disk if it is dangling, sealing or sealed. Returns
-    /// when the disk is usable; on failure the association is dropped again.
+    /// when the disk is usable; on failure, or when the caller drops the future (the client
+    /// went away mid-handshake), the association is dropped again, so a disk whose reclaim
+    /// nobody waits for any more is sealed again after its grace.
     pub async fn nbd_attach(&self, id: &str, disk: &str) -> Result<NbdExport> {
         debug_assert!(id.starts_with(NBD_CONTAINER_PREFIX));
         {
@@ -71,14 +73,18 @@ impl Service {
                 state: ContainerState::Running,
                 since_ms: now_ms(),
                 disks: vec![disk.into()],
+                origin: Some(Origin::Nbd),
             };
             self.s.registry.put_container(&c)?;
             st.containers.insert(id.into(), c);
         }
+        let undo = super::Undo::new(self, id, None);
         if let Err(e) = self.reclaim(disk).await {
+            undo.disarm();
             self.nbd_detach(id).await;
             return Err(e);
         }
+        undo.disarm();
         self.nbd_export(disk).await
     }
 

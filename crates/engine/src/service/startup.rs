@@ -1,16 +1,21 @@
 //! What the daemon checks and takes before it serves: every setting (a bad one is found at
-//! start-up, not when a disk fails to seal), and the state directory itself (one daemon
-//! per state directory, named by its pid when a second one tries).
+//! start-up, not when a disk fails to seal), the state directory itself (canonical, owned
+//! by the daemon's user and writable by nobody else; one daemon per state directory, named
+//! by its pid when a second one tries), and the recovery of what a crash or a stop left.
 
 use std::fs::OpenOptions;
-use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use pdguard_core::geometry::{MAX_SECTOR_SIZE, MIN_SECTOR_SIZE};
-use pdguard_core::Profile;
+use pdguard_core::{Phase, Profile};
 
-use super::{Config, ServiceError};
-use crate::jobs::strategy;
+use super::lifecycle::{Event, Life, MAX_GRACE_MS};
+use super::runner::{record_lost, storage_of};
+use super::{Config, Service, ServiceError};
+use crate::jobs::{self, strategy};
+use crate::registry::DiskState;
+use crate::store::file::default_record_path;
 use crate::store::{flock_path, ImageLock, LockMode, StoreError};
 
 /// The file a daemon holds an exclusive `flock` on while it serves a state directory.
@@ -38,12 +43,142 @@ impl Config {
                 "the secure profile needs a master key; pass --key-file FILE (make one with `pdguard keygen FILE`) or use --profile patent".into(),
             );
         }
+        if self.grace.as_millis() > u128::from(MAX_GRACE_MS) {
+            return Err(format!(
+                "--grace {:?} is longer than the longest grace period, {} days; give a shorter one",
+                self.grace,
+                MAX_GRACE_MS / 86_400_000
+            ));
+        }
         if self.jobs == 0 {
             return Err(
                 "--jobs 0: at least one job must be able to run; pass --jobs 1 or more".into(),
             );
         }
         Ok(())
+    }
+}
+
+/// Refuse a state directory another user owns, or that its group or others may write: they
+/// could plant a symlink at `mounts/NAME` or swap a disk file under the daemon. One line,
+/// with the fix.
+pub fn check_state_dir(dir: &Path) -> Result<(), String> {
+    let m = std::fs::symlink_metadata(dir)
+        .map_err(|e| format!("cannot read the state directory {}: {e}", dir.display()))?;
+    if !m.is_dir() {
+        return Err(format!(
+            "the state directory {} is not a directory; give a directory with --state-dir",
+            dir.display()
+        ));
+    }
+    let me = rustix::process::geteuid().as_raw();
+    if m.uid() != me {
+        return Err(format!(
+            "the state directory {} is owned by uid {}, not by the daemon's uid {me}; chown it to the daemon's user or give another --state-dir",
+            dir.display(),
+            m.uid()
+        ));
+    }
+    if m.mode() & 0o022 != 0 {
+        return Err(format!(
+            "the state directory {} is writable by its group or others (mode {:o}); run `chmod 700 {}` or give another --state-dir",
+            dir.display(),
+            m.mode() & 0o7777,
+            dir.display()
+        ));
+    }
+    Ok(())
+}
+
+/// The state directory made (mode 0700) if missing, canonicalized once (symlinks and `..`
+/// resolved: every path compared with the kernel's derives from it), checked by
+/// [`check_state_dir`], closed to group and others, with its `disks/` inside.
+pub(super) fn prepare_state_dir(dir: &Path) -> Result<PathBuf, ServiceError> {
+    let io = |what: String| move |source| ServiceError::Io { what, source };
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(io(format!(
+            "cannot create the state directory {}",
+            dir.display()
+        )))?;
+    let dir = super::adopt::canonical_state_dir(dir)?;
+    check_state_dir(&dir).map_err(ServiceError::Invalid)?;
+    // Readable only by the daemon's user (disk files inherit nothing, but their names do).
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))
+        .map_err(io(format!("cannot set the mode of {}", dir.display())))?;
+    let disks = dir.join("disks");
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(&disks)
+        .map_err(io(format!("cannot create {}", disks.display())))?;
+    Ok(dir)
+}
+
+impl Service {
+    /// At start: set every gate from its disk's state, retry what a restart may have fixed,
+    /// resume the jobs a stop or a crash interrupted, and fail sealed disks whose record is
+    /// gone.
+    pub(super) async fn recover(&self) {
+        let mut st = self.s.state.lock().await;
+        let names: Vec<String> = st.disks.keys().cloned().collect();
+        for name in &names {
+            let Ok(life) = st.life(name) else { continue };
+            let Some(d) = st.disks.get(name).cloned() else {
+                continue;
+            };
+            let event = match &life {
+                Life::Failed { dangling, error } => retry_of(&d, *dangling).map(|seal| {
+                    tracing::info!(disk = %name, %error, "retrying a disk that failed before this start");
+                    Event::Retry { seal }
+                }),
+                Life::Sealed { .. } if d.record_expected && !default_record_path(&d.path).exists() => {
+                    let why = record_lost(&d);
+                    tracing::error!(disk = %name, "{why}");
+                    Some(Event::RecordLost { why })
+                }
+                _ => None,
+            };
+            if let Some(kind) = life.job() {
+                let from = jobs::inspect(&storage_of(&d))
+                    .map(|r| format!("from {}", r.phase.name()))
+                    .unwrap_or_else(|_| "from the start".into());
+                tracing::info!(disk = %name, "resuming {} of {name} {from}", kind.name());
+            }
+            self.gate(name).set(self.gate_state_for(d.state));
+            let r = match event {
+                Some(e) => self.apply(&mut st, name, e).map(drop),
+                None => match life.job() {
+                    Some(kind) => {
+                        self.ensure_job(&d, kind);
+                        Ok(())
+                    }
+                    None => Ok(()),
+                },
+            };
+            if let Err(e) = r {
+                tracing::error!(disk = %name, error = %crate::error_chain(&e), "cannot recover the disk");
+            }
+        }
+    }
+}
+
+/// A disk that failed for a reason a restart may have removed (a bad setting, a full file
+/// system) is retried: a dangling disk whose seal never wrote a record is sealed again
+/// (`Some(true)`), and a job a record shows half done is resumed. A failure of the data
+/// itself (a sealed image that does not verify, a lost record) stays `failed` (`None`).
+fn retry_of(d: &crate::registry::Disk, dangling: bool) -> Option<bool> {
+    debug_assert_eq!(d.state, DiskState::Failed);
+    let storage = storage_of(d);
+    if !storage.record_path().exists() {
+        return (dangling && !d.record_expected).then_some(true);
+    }
+    match jobs::inspect(&storage).map(|r| r.phase) {
+        Ok(Phase::SealScatter | Phase::SealGather) => Some(true),
+        Ok(Phase::UnsealScatter | Phase::UnsealGather) => Some(false),
+        _ => None,
     }
 }
 
@@ -115,6 +250,49 @@ mod tests {
             seal_stopped: false,
             observer: None,
         }
+    }
+
+    #[test]
+    fn a_state_dir_others_may_write_or_own_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("st");
+        std::fs::create_dir(&p).unwrap();
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o700)).unwrap();
+        assert_eq!(check_state_dir(&p), Ok(()));
+        for mode in [0o770, 0o707, 0o777] {
+            std::fs::set_permissions(&p, std::fs::Permissions::from_mode(mode)).unwrap();
+            let e = check_state_dir(&p).unwrap_err();
+            assert!(e.contains("writable") && e.contains("chmod 700"), "{e}");
+            assert!(prepare_state_dir(&p).is_err(), "mode {mode:o} was accepted");
+            // Refused, not quietly fixed.
+            let m = std::fs::metadata(&p).unwrap().mode() & 0o777;
+            assert_eq!(m, mode);
+        }
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o700)).unwrap();
+        let link = dir.path().join("link");
+        std::os::unix::fs::symlink(&p, &link).unwrap();
+        let dotdot = dir.path().join("st").join("..").join("st");
+        for given in [&link, &dotdot] {
+            assert_eq!(
+                prepare_state_dir(given).unwrap(),
+                std::fs::canonicalize(&p).unwrap()
+            );
+        }
+        if rustix::process::geteuid().is_root() {
+            std::os::unix::fs::chown(&p, Some(65534), None).unwrap();
+            let e = check_state_dir(&p).unwrap_err();
+            assert!(e.contains("owned by uid 65534"), "{e}");
+        }
+    }
+
+    #[test]
+    fn a_grace_past_ten_years_is_refused() {
+        let c = Config {
+            grace: std::time::Duration::from_millis(u64::MAX),
+            ..cfg()
+        };
+        let e = c.check().unwrap_err();
+        assert!(e.contains("--grace"), "{e}");
     }
 
     #[test]

@@ -4,19 +4,26 @@
 //! keeps working mounts. The plugin's HTTP and Docker's JSON stay in the front-end.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::path::PathBuf;
+use std::os::unix::fs::{DirBuilderExt, MetadataExt};
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex as StdMutex};
 use std::time::Duration;
 
 use pdguard_core::Profile;
 use serde::Serialize;
 use thiserror::Error;
-use tokio::sync::Mutex;
+use tokio::sync::{Mutex, OwnedMutexGuard};
 
+use super::disks::create_file;
 use super::docker::DockerStatus;
-use super::{create_file, lock, now_ms, valid_name, Result, Service, ServiceError};
-use crate::registry::{Disk, DiskState, VolumeMounts, VolumeSpec};
+use super::lifecycle::{Event, MAX_GRACE_MS};
+use super::{lock, now_ms, valid_name, Result, Service, ServiceError};
+use crate::registry::{Disk, DiskState, VolumeSpec};
 use crate::store::loopfs;
+
+/// The longest volume name (dockerd's are shorter; the plugin refuses longer ones before
+/// it takes a lock or allocates anything for them).
+pub const MAX_VOLUME_NAME: usize = 64;
 
 /// Sector size of volumes: the file systems on them write whole 4 KiB blocks.
 pub const VOLUME_SECTOR_SIZE: u32 = 4096;
@@ -144,8 +151,13 @@ fn parse_duration(s: &str) -> std::result::Result<Duration, String> {
         "h" => n.checked_mul(3_600_000),
         _ => return Err(format!("unit {unit:?} is not one of ms, s, m, h")),
     };
-    ms.map(Duration::from_millis)
-        .ok_or_else(|| "too long".to_string())
+    match ms {
+        Some(ms) if ms <= MAX_GRACE_MS => Ok(Duration::from_millis(ms)),
+        _ => Err(format!(
+            "longer than the longest grace period, {} days; give a shorter one such as 30s or 2h",
+            MAX_GRACE_MS / 86_400_000
+        )),
+    }
 }
 
 /// A volume as the plugin shows it to dockerd.
@@ -162,7 +174,8 @@ pub struct VolumeView {
 /// to dockerd.
 #[derive(Default)]
 pub(super) struct Volumes {
-    locks: StdMutex<HashMap<String, Arc<Mutex<()>>>>,
+    /// Only names in use: an entry goes when its last holder lets go ([`VolumeLock`]).
+    pub(super) locks: Arc<StdMutex<HashMap<String, Arc<Mutex<()>>>>>,
     pub(super) docker: StdMutex<Option<DockerStatus>>,
     /// Disks the kernel held at the last look (warned about once, not every second).
     held: StdMutex<HashSet<String>>,
@@ -172,14 +185,6 @@ impl Service {
     /// Where a volume's file system is mounted: `STATE/mounts/NAME`.
     pub fn mount_dir(&self, name: &str) -> PathBuf {
         self.s.cfg.state_dir.join("mounts").join(name)
-    }
-
-    /// The grace period of a disk: its volume's own, else the daemon's.
-    pub(super) fn grace_of(&self, d: &Disk) -> u64 {
-        d.volume
-            .as_ref()
-            .and_then(|v| v.grace_ms)
-            .unwrap_or(self.s.cfg.grace.as_millis() as u64)
     }
 
     /// True when the kernel holds the disk's file (a loop device, a mount): then it is not
@@ -200,8 +205,26 @@ impl Service {
         true
     }
 
-    fn volume_lock(&self, name: &str) -> Arc<Mutex<()>> {
-        Arc::clone(lock(&self.s.volumes.locks).entry(name.into()).or_default())
+    /// Take the lock of one volume (whose name the caller checked).
+    async fn volume_lock(&self, name: &str) -> VolumeLock {
+        let m = Arc::clone(lock(&self.s.volumes.locks).entry(name.into()).or_default());
+        VolumeLock {
+            guard: Some(m.lock_owned().await),
+            map: Arc::clone(&self.s.volumes.locks),
+            name: name.into(),
+        }
+    }
+
+    /// The lock of a volume, unless someone holds it (for background retries).
+    fn try_volume_lock(&self, name: &str) -> Option<VolumeLock> {
+        let m = Arc::clone(lock(&self.s.volumes.locks).entry(name.into()).or_default());
+        let guard = m.try_lock_owned().ok();
+        let l = VolumeLock {
+            guard,
+            map: Arc::clone(&self.s.volumes.locks),
+            name: name.into(),
+        };
+        l.guard.is_some().then_some(l)
     }
 
     /// `docker volume create -d pdguard NAME -o ...`: a sparse file with an ext4 file
@@ -225,8 +248,7 @@ impl Service {
                 name: name.into(),
             });
         }
-        let guard = self.volume_lock(name);
-        let _held = guard.lock().await;
+        let _held = self.volume_lock(name).await;
         let path = self
             .s
             .cfg
@@ -315,6 +337,9 @@ impl Service {
         if let Some(p) = &v.progress {
             status["progress"] = serde_json::json!(p);
         }
+        if v.unmount_pending {
+            status["unmount_pending"] = true.into();
+        }
         VolumeView {
             name: d.name.clone(),
             mountpoint: mounted.then_some(dir),
@@ -340,13 +365,24 @@ impl Service {
     }
 
     /// Remove: dockerd calls it only when no container refers to the volume. A sealed
-    /// secure volume is crypto-erased before its file is deleted.
+    /// secure volume is crypto-erased before its file is deleted; a sealed patent one has
+    /// no key to erase, and is refused with what to do.
     pub async fn volume_remove(&self, name: &str) -> Result<()> {
-        let guard = self.volume_lock(name);
-        let _held = guard.lock().await;
+        check_volume_name(name)?;
+        let _held = self.volume_lock(name).await;
         let d = {
             let mut st = self.s.state.lock().await;
             let d = Self::volume_of(&st, name)?;
+            let patent = d
+                .volume
+                .as_ref()
+                .is_some_and(|v| v.profile == Profile::Patent);
+            if patent && matches!(d.state, DiskState::Sealed | DiskState::Failed) {
+                return Err(ServiceError::Invalid(format!(
+                    "volume {name:?} is {} in the patent profile, which has no key to crypto-erase: unseal it first (`pdguard disk unseal {name}`) and then remove it, or forget it and keep its sealed file and record with `pdguard disk rm {name} --keep-file`",
+                    d.state.name()
+                )));
+            }
             if st.mounts.get(name).is_some_and(|m| !m.ids.is_empty()) {
                 return Err(ServiceError::Busy(format!(
                     "volume {name:?} is mounted by a container; stop it first"
@@ -373,23 +409,34 @@ impl Service {
         // The file is deleted outside the state lock (`remove_disk` moves it aside first).
         self.remove_disk(name, shred, false).await?;
         self.s.state.lock().await.mounts.remove(name);
-        lock(&self.s.volumes.locks).remove(name);
         Ok(())
     }
 
     /// Mount: a reclaim ([030]: a sealing volume's seal is completed, then it is unsealed
-    /// and its digest checked), then the file system is loop-mounted. Returns the mountpoint.
+    /// and its digest checked), then the file system is loop-mounted on a mountpoint
+    /// pdguard made itself. Returns the mountpoint. If dockerd gives up first (its Mount
+    /// times out after 120 s and drops the request), the Mount ID is forgotten and the
+    /// volume unmounted again, so that it is sealed again after its grace.
     pub async fn volume_mount(&self, name: &str, id: &str) -> Result<PathBuf> {
+        check_volume_name(name)?;
         if !valid_name(id, 128) {
             return Err(ServiceError::Invalid(format!(
                 "mount id {id:?} is not 1-128 letters or digits"
             )));
         }
-        let guard = self.volume_lock(name);
-        let _held = guard.lock().await;
+        let held = self.volume_lock(name).await;
         let d = {
             let mut st = self.s.state.lock().await;
             let d = Self::volume_of(&st, name)?;
+            let dir = self.mount_dir(name);
+            if let Err(why) = ensure_mountpoint(&self.s.cfg.state_dir, &dir) {
+                let why = format!("volume {name:?}: {why}");
+                tracing::error!(volume = %name, "{why}");
+                if let Err(e) = self.apply(&mut st, name, Event::Refused { why: why.clone() }) {
+                    tracing::error!(volume = %name, error = %crate::error_chain(&e), "cannot record the refusal");
+                }
+                return Err(ServiceError::Invalid(why));
+            }
             let m = st.mounts.entry(name.into()).or_default();
             if !m.ids.iter().any(|x| x == id) {
                 m.ids.push(id.into());
@@ -398,6 +445,9 @@ impl Service {
             let m = m.clone();
             self.s.registry.put_mounts(name, &m)?;
             d
+        };
+        let undo = MountUndo {
+            armed: Some((self.clone(), name.into(), id.into())),
         };
         let mounted = match self.reclaim(name).await {
             Ok(()) => {
@@ -409,10 +459,15 @@ impl Service {
             }
             Err(e) => Err(e),
         };
+        undo.disarm();
         if let Err(e) = mounted {
             self.forget_mount(name, id).await?;
+            let mut st = self.s.state.lock().await;
+            self.release(&mut st, name)?;
             return Err(e);
         }
+        self.set_unmount_pending(name, false).await?;
+        drop(held);
         Ok(self.mount_dir(name))
     }
 
@@ -424,56 +479,142 @@ impl Service {
                 m.ids.retain(|x| x != id);
                 let m = m.clone();
                 self.s.registry.put_mounts(name, &m)?;
+                if m.ids.is_empty() && !m.unmount_pending {
+                    st.mounts.remove(name);
+                }
                 m.ids.len()
             }
             None => 0,
         };
-        if left == 0 {
-            st.mounts.remove(name);
-        }
         Ok(left)
     }
 
-    /// Unmount: the last one unmounts the file system and detaches its loop device. What
-    /// happens to the volume then is the containers' business (their events).
+    async fn set_unmount_pending(&self, name: &str, pending: bool) -> Result<()> {
+        let mut st = self.s.state.lock().await;
+        let m = st.mounts.entry(name.into()).or_default();
+        if m.unmount_pending == pending {
+            if m.ids.is_empty() && !m.unmount_pending {
+                st.mounts.remove(name);
+            }
+            return Ok(());
+        }
+        m.unmount_pending = pending;
+        let m = m.clone();
+        self.s.registry.put_mounts(name, &m)?;
+        if m.ids.is_empty() && !m.unmount_pending {
+            st.mounts.remove(name);
+        }
+        Ok(())
+    }
+
+    /// Unmount a volume and detach its loop device (the caller holds its lock and has
+    /// forgotten its Mount IDs). When the kernel refuses (a process has its working
+    /// directory in it), the unmount is kept as pending, durably, and retried until the
+    /// kernel lets go; the volume is never sealed meanwhile. Returns true once free.
+    async fn unmount_now(&self, name: &str, file: PathBuf) -> Result<bool> {
+        let dir = self.mount_dir(name);
+        let r = tokio::task::spawn_blocking(move || loopfs::unmount(&file, &dir))
+            .await
+            .map_err(|e| ServiceError::Invalid(format!("unmount panicked: {e}")))?;
+        let was = self
+            .s
+            .state
+            .lock()
+            .await
+            .mounts
+            .get(name)
+            .is_some_and(|m| m.unmount_pending);
+        match r {
+            Ok(()) => {
+                if was {
+                    tracing::info!(volume = %name, "the kernel let go of the volume; unmounted");
+                }
+                self.set_unmount_pending(name, false).await?;
+                Ok(true)
+            }
+            Err(e) => {
+                if !was {
+                    tracing::warn!(volume = %name, error = %crate::error_chain(&e), "cannot unmount the volume yet; retrying every second, and not sealing it meanwhile");
+                }
+                self.set_unmount_pending(name, true).await?;
+                Ok(false)
+            }
+        }
+    }
+
+    /// Unmount: the last one unmounts the file system and detaches its loop device (or,
+    /// if the kernel still holds it, leaves the unmount pending and retried). What happens
+    /// to the volume then is the containers' business (their events).
     pub async fn volume_unmount(&self, name: &str, id: &str) -> Result<()> {
-        let guard = self.volume_lock(name);
-        let _held = guard.lock().await;
+        check_volume_name(name)?;
+        let _held = self.volume_lock(name).await;
         let d = Self::volume_of(&*self.s.state.lock().await, name)?;
         if self.forget_mount(name, id).await? > 0 {
             return Ok(());
         }
-        let (file, dir) = (d.path.clone(), self.mount_dir(name));
-        tokio::task::spawn_blocking(move || loopfs::unmount(&file, &dir))
-            .await
-            .map_err(|e| ServiceError::Invalid(format!("unmount panicked: {e}")))?
-            .map_err(|e| volume_io(name, "unmount", e))
+        self.unmount_now(name, d.path.clone()).await.map(drop)
     }
 
     /// Mounts of `name` older than [`STALE_AFTER_MS`] that no container of dockerd can hold
-    /// any more: forget them and unmount. Returns true if it unmounted.
+    /// any more: forget them and unmount (pending if the kernel refuses). Returns true if
+    /// it unmounted.
     pub(super) async fn drop_stale_mounts(&self, name: &str) -> Result<bool> {
-        let guard = self.volume_lock(name);
-        let _held = guard.lock().await;
+        if !valid_name(name, MAX_VOLUME_NAME) {
+            return Ok(false);
+        }
+        let _held = self.volume_lock(name).await;
         let d = {
             let mut st = self.s.state.lock().await;
-            let Some(m) = st.mounts.get(name) else {
+            let Some(m) = st.mounts.get_mut(name) else {
                 return Ok(false);
             };
-            if now_ms().saturating_sub(m.last_mount_ms) < STALE_AFTER_MS {
+            if m.ids.is_empty() || now_ms().saturating_sub(m.last_mount_ms) < STALE_AFTER_MS {
                 return Ok(false);
             }
-            self.s.registry.put_mounts(name, &VolumeMounts::default())?;
-            st.mounts.remove(name);
+            m.ids.clear();
+            let m = m.clone();
+            self.s.registry.put_mounts(name, &m)?;
+            if !m.unmount_pending {
+                st.mounts.remove(name);
+            }
             Self::volume_of(&st, name)?
         };
         tracing::info!(volume = %name, "no container of dockerd holds the volume any more; unmounting it");
-        let (file, dir) = (d.path.clone(), self.mount_dir(name));
-        tokio::task::spawn_blocking(move || loopfs::unmount(&file, &dir))
-            .await
-            .map_err(|e| ServiceError::Invalid(format!("unmount panicked: {e}")))?
-            .map_err(|e| volume_io(name, "unmount", e))?;
-        Ok(true)
+        let free = self.unmount_now(name, d.path.clone()).await?;
+        let mut st = self.s.state.lock().await;
+        self.release(&mut st, name)?;
+        Ok(free)
+    }
+
+    /// Try again every unmount the kernel refused; a volume it lets go of enters its grace
+    /// period if nothing uses it (and is sealed after it).
+    pub(super) async fn retry_unmounts(&self) {
+        let pending: Vec<(String, PathBuf)> = {
+            let st = self.s.state.lock().await;
+            st.mounts
+                .iter()
+                .filter(|(_, m)| m.unmount_pending && m.ids.is_empty())
+                .filter_map(|(n, _)| st.disks.get(n).map(|d| (n.clone(), d.path.clone())))
+                .collect()
+        };
+        for (name, file) in pending {
+            // A Mount or an Unmount of it in flight: it decides.
+            let Some(_held) = self.try_volume_lock(&name) else {
+                continue;
+            };
+            match self.unmount_now(&name, file).await {
+                Ok(true) => {
+                    let mut st = self.s.state.lock().await;
+                    if let Err(e) = self.release(&mut st, &name) {
+                        tracing::error!(volume = %name, error = %crate::error_chain(&e), "cannot start the grace period");
+                    }
+                }
+                Ok(false) => {}
+                Err(e) => {
+                    tracing::error!(volume = %name, error = %crate::error_chain(&e), "cannot retry the unmount")
+                }
+            }
+        }
     }
 
     /// What the daemon knows of dockerd, for `pdguard status` (None: `--docker` is off).
@@ -485,6 +626,111 @@ impl Service {
         let mut g = lock(&self.s.volumes.docker);
         f(g.get_or_insert_with(DockerStatus::default));
     }
+}
+
+/// Refuse a volume name before anything is allocated or locked for it.
+fn check_volume_name(name: &str) -> Result<()> {
+    if valid_name(name, MAX_VOLUME_NAME) {
+        return Ok(());
+    }
+    let shown: String = name.chars().take(80).collect();
+    let more = if name.len() > shown.len() { "…" } else { "" };
+    Err(ServiceError::Invalid(format!(
+        "volume name {shown:?}{more} ({} bytes) is not 1-{MAX_VOLUME_NAME} letters, digits, '.', '_' or '-' starting with a letter or digit; no such volume",
+        name.len()
+    )))
+}
+
+/// One volume's lock; the map entry goes when the last holder lets go, so unknown names
+/// leave nothing behind.
+pub(super) struct VolumeLock {
+    guard: Option<OwnedMutexGuard<()>>,
+    map: Arc<StdMutex<HashMap<String, Arc<Mutex<()>>>>>,
+    name: String,
+}
+
+impl Drop for VolumeLock {
+    fn drop(&mut self) {
+        let mut map = lock(&self.map);
+        drop(self.guard.take());
+        // Two references: the map's and the one our guard held until now (gone) — so
+        // one left means nobody else holds or waits for it.
+        if map
+            .get(&self.name)
+            .is_some_and(|m| Arc::strong_count(m) == 1)
+        {
+            map.remove(&self.name);
+        }
+    }
+}
+
+/// Undoes a Mount whose caller (dockerd) gave up before it ended: its ID is forgotten and,
+/// if it was the last, the volume unmounted and its grace started, on a task of its own.
+struct MountUndo {
+    armed: Option<(Service, String, String)>,
+}
+
+impl MountUndo {
+    fn disarm(mut self) {
+        self.armed = None;
+    }
+}
+
+impl Drop for MountUndo {
+    fn drop(&mut self) {
+        let Some((svc, name, id)) = self.armed.take() else {
+            return;
+        };
+        tracing::warn!(volume = %name, "dockerd gave up on the Mount before it ended; undoing it");
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        rt.spawn(async move {
+            let _held = svc.volume_lock(&name).await;
+            let r = async {
+                if svc.forget_mount(&name, &id).await? == 0 {
+                    let file = Service::volume_of(&*svc.s.state.lock().await, &name)?.path;
+                    svc.unmount_now(&name, file).await?;
+                }
+                let mut st = svc.s.state.lock().await;
+                svc.release(&mut st, &name)
+            };
+            if let Err(e) = r.await {
+                tracing::error!(volume = %name, error = %crate::error_chain(&e), "cannot undo the abandoned Mount");
+            }
+        });
+    }
+}
+
+/// Make (or check) `STATE/mounts` and `STATE/mounts/NAME`: real directories pdguard's user
+/// owns, never a symlink or anything else planted there (root would mount the volume on
+/// wherever it points).
+fn ensure_mountpoint(state: &Path, dir: &Path) -> std::result::Result<(), String> {
+    let me = rustix::process::geteuid().as_raw();
+    for p in [state.join("mounts").as_path(), dir] {
+        match std::fs::DirBuilder::new().mode(0o700).create(p) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(format!("cannot create the mountpoint {}: {e}", p.display())),
+        }
+        let m = std::fs::symlink_metadata(p)
+            .map_err(|e| format!("cannot read the mountpoint {}: {e}", p.display()))?;
+        let what = if m.file_type().is_symlink() {
+            "a symbolic link"
+        } else if !m.is_dir() {
+            "not a directory"
+        } else if m.uid() != me {
+            "owned by another user"
+        } else {
+            continue;
+        };
+        return Err(format!(
+            "the mountpoint {} is {what}, and pdguard mounts volumes only on directories it made itself; remove it (`rm {}`) and mount again",
+            p.display(),
+            p.display()
+        ));
+    }
+    Ok(())
 }
 
 fn volume_io(name: &str, what: &str, e: loopfs::LoopFsError) -> ServiceError {
@@ -549,6 +795,8 @@ mod tests {
             ("profile", "weak"),
             ("grace", "soon"),
             ("grace", "5d"),
+            ("grace", "18446744073709551615ms"),
+            ("grace", "3650001h"),
             ("keep_holes", "yes"),
         ] {
             let e = VolumeOptions::parse(&opts(&[("size", "8M"), (k, v)]), p).unwrap_err();

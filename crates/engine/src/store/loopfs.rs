@@ -173,18 +173,37 @@ pub fn loops_of(file: &Path) -> Result<Vec<PathBuf>> {
     }
 }
 
-/// True when `dir` is a mountpoint in `/proc/self/mountinfo`.
+/// True when `dir` is a mountpoint, as the kernel sees the directory itself, never by path
+/// text (a state directory given through a symlink or `..` names the same directory):
+/// statx's `STATX_ATTR_MOUNT_ROOT`, or on a kernel without it, a device other than its
+/// parent's. A symlink is never a mountpoint; a missing path is not one.
 pub fn is_mountpoint(dir: &Path) -> Result<bool> {
-    let text =
-        std::fs::read_to_string("/proc/self/mountinfo").map_err(|source| LoopFsError::Io {
-            what: "read /proc/self/mountinfo".into(),
-            source,
-        })?;
-    let want = dir.to_string_lossy();
-    Ok(text
-        .lines()
-        .filter_map(|l| l.split(' ').nth(4))
-        .any(|m| super::inuse::unescape(m) == want))
+    use rustix::fs::{statx, AtFlags, StatxAttributes, StatxFlags, CWD};
+    let io = |source: rustix::io::Errno| LoopFsError::Io {
+        what: format!("find whether {} is a mountpoint", dir.display()),
+        source: source.into(),
+    };
+    let st = match statx(CWD, dir, AtFlags::SYMLINK_NOFOLLOW, StatxFlags::BASIC_STATS) {
+        Ok(st) => st,
+        Err(rustix::io::Errno::NOENT | rustix::io::Errno::NOTDIR) => return Ok(false),
+        Err(e) => return Err(io(e)),
+    };
+    let root = StatxAttributes::MOUNT_ROOT;
+    if st.stx_attributes_mask.contains(root) {
+        return Ok(st.stx_attributes.contains(root));
+    }
+    if u32::from(st.stx_mode) & 0o170000 != 0o040000 {
+        return Ok(false);
+    }
+    let parent = statx(
+        CWD,
+        dir.join(".."),
+        AtFlags::empty(),
+        StatxFlags::BASIC_STATS,
+    )
+    .map_err(io)?;
+    let dev = |s: &rustix::fs::Statx| (s.stx_dev_major, s.stx_dev_minor);
+    Ok(dev(&st) != dev(&parent) || st.stx_ino == parent.stx_ino)
 }
 
 fn path_str(p: &Path) -> Result<&str> {
@@ -215,6 +234,13 @@ mod tests {
         assert_eq!(in_use(&f, &dir.path().join("m")).unwrap(), None);
         assert!(is_mountpoint(Path::new("/")).unwrap());
         assert!(!is_mountpoint(dir.path()).unwrap());
+        assert!(!is_mountpoint(&dir.path().join("missing")).unwrap());
+        // /proc is a mount; a symlink to it is not one, and `..` on the way changes nothing.
+        assert!(is_mountpoint(Path::new("/proc")).unwrap());
+        assert!(is_mountpoint(Path::new("/proc/../proc")).unwrap());
+        let link = dir.path().join("link");
+        std::os::unix::fs::symlink("/proc", &link).unwrap();
+        assert!(!is_mountpoint(&link).unwrap());
     }
 
     #[test]

@@ -494,9 +494,12 @@ fn disk_news(status: &Value, name: &str) -> String {
         ("grace", Some(until)) => {
             let now = pdguard_engine::service::now_ms();
             let left = until.saturating_sub(now) as f64 / 1000.0;
-            let at = humantime::format_rfc3339_seconds(
-                std::time::UNIX_EPOCH + Duration::from_millis(until),
-            );
+            let at = std::time::UNIX_EPOCH
+                .checked_add(Duration::from_millis(until))
+                .map_or_else(
+                    || format!("{until} ms"),
+                    |t| humantime::format_rfc3339_seconds(t).to_string(),
+                );
             format!("grace until {at} (in {left:.0} s); then it is sealed unless a container takes it back")
         }
         ("attached", _) => "attached: another running container still uses it".into(),
@@ -561,7 +564,10 @@ fn print_disks(disks: &Value) {
             d["state"].as_str().unwrap_or("?"),
             d["dangling"].to_string(),
             d["size"].to_string(),
-            progress_of(d),
+            match progress_of(d) {
+                p if p.is_empty() && d["unmount_pending"] == true => "unmount pending".into(),
+                p => p,
+            },
             d["path"].as_str().unwrap_or("?")
         );
     }
@@ -590,6 +596,12 @@ fn print_disk(d: &Value) {
     let p = progress_of(d);
     if !p.is_empty() {
         out!("{:<12} {p}", "job");
+    }
+    if d["unmount_pending"] == true {
+        out!(
+            "{:<12} the kernel still holds its file system (a process uses it); retried every second, sealed only once free",
+            "unmount"
+        );
     }
 }
 

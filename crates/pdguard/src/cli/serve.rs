@@ -150,15 +150,7 @@ fn docker_args(a: &ServeArgs) -> Result<Option<DockerArgs>, CliError> {
             a.docker_driver
         )));
     }
-    let resync = humantime::parse_duration(&a.docker_resync)
-        .ok()
-        .filter(|d| !d.is_zero())
-        .ok_or_else(|| {
-            CliError::Usage(format!(
-                "--docker-resync {:?} is not a positive duration such as 30s or 500ms",
-                a.docker_resync
-            ))
-        })?;
+    let resync = bounded_duration("--docker-resync", &a.docker_resync, false)?;
     Ok(Some(DockerArgs {
         driver: a.docker_driver.clone(),
         dockerd: Dockerd::parse(&a.docker_host).map_err(CliError::Usage)?,
@@ -199,6 +191,43 @@ fn master_key(a: &ServeArgs, state: &Path) -> Result<Option<(MasterKey, PathBuf)
     }
 }
 
+/// Make the state directory (mode 0700) if missing and resolve it once, symlinks and `..`
+/// included: every path the daemon compares with the kernel's (mountpoints, disk files)
+/// derives from this canonical form. A directory another user owns, or that its group or
+/// others may write, is refused (exit 2) rather than quietly re-moded.
+fn prepare_state_dir(given: &Path) -> Result<PathBuf, CliError> {
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(given)
+        .map_err(|source| CliError::Io {
+            what: format!("cannot create the state directory {}", given.display()),
+            source,
+        })?;
+    let state = std::fs::canonicalize(given).map_err(|source| CliError::Io {
+        what: format!("cannot resolve the state directory {}", given.display()),
+        source,
+    })?;
+    pdguard_engine::service::check_state_dir(&state).map_err(CliError::Usage)?;
+    // Closed to group and others for reading too (names of disks, the registry).
+    let _ = std::fs::set_permissions(&state, std::fs::Permissions::from_mode(0o700));
+    Ok(state)
+}
+
+/// A duration flag that bounds a wait or a period: at most a day, so no deadline computed
+/// from it can overflow.
+fn bounded_duration(flag: &str, text: &str, zero_ok: bool) -> Result<Duration, CliError> {
+    const MAX: Duration = Duration::from_secs(86_400);
+    match humantime::parse_duration(text) {
+        Ok(d) if d <= MAX && (zero_ok || !d.is_zero()) => Ok(d),
+        _ => Err(CliError::Usage(format!(
+            "{flag} {text:?} is not a duration from {} to 24h, such as 30s or 500ms",
+            if zero_ok { "0s" } else { "1ms" }
+        ))),
+    }
+}
+
 /// How long a SIGTERM waits for running jobs before it leaves them to their records.
 const SHUTDOWN_WAIT: Duration = Duration::from_secs(5);
 
@@ -226,17 +255,7 @@ pub fn run(a: &ServeArgs) -> Result<(), CliError> {
     })?;
     // The NBD listeners' settings and TLS credentials, before anything is made.
     let nbd = nbd_options(a)?;
-    // Absolute, so that disk paths in the registry do not depend on the working directory.
-    let state =
-        std::path::absolute(state_dir(a.state_dir.as_deref())).map_err(|source| CliError::Io {
-            what: "cannot resolve the state directory".into(),
-            source,
-        })?;
-    std::fs::create_dir_all(&state).map_err(|source| CliError::Io {
-        what: format!("cannot create the state directory {}", state.display()),
-        source,
-    })?;
-    let _ = std::fs::set_permissions(&state, std::fs::Permissions::from_mode(0o700));
+    let state = prepare_state_dir(&state_dir(a.state_dir.as_deref()))?;
     let docker = docker_args(a)?;
     let endpoint = match &a.api {
         Some(s) => Endpoint::parse(s).map_err(CliError::Usage)?,
@@ -307,8 +326,10 @@ pub fn run(a: &ServeArgs) -> Result<(), CliError> {
             source,
         })?;
     let r = rt.block_on(serve(cfg, endpoint, guard, key_text, docker, nbd));
-    // A job still running was told to stop at its next checkpoint; it resumes from its
-    // record on the next start, as after a crash.
+    // A job still running is not interrupted: it had SHUTDOWN_WAIT to finish, and now the
+    // process exits under it, mid-pass. Its seal record holds its place (every write is
+    // committed in crash-safe order), so it resumes on the next start exactly as after a
+    // crash.
     rt.shutdown_timeout(Duration::from_millis(200));
     r
 }
@@ -320,12 +341,7 @@ struct NbdOptions {
 }
 
 fn nbd_options(a: &ServeArgs) -> Result<NbdOptions, CliError> {
-    let hold = humantime::parse_duration(&a.nbd_hold).map_err(|e| {
-        CliError::Usage(format!(
-            "--nbd-hold {:?} is not a duration such as 60s or 500ms: {e}",
-            a.nbd_hold
-        ))
-    })?;
+    let hold = bounded_duration("--nbd-hold", &a.nbd_hold, true)?;
     let tls = nbd_tls(a)?;
     let policy = TcpPolicy {
         tls_required: tls.as_ref().is_some_and(|t| t.required()),
@@ -508,7 +524,7 @@ async fn serve(
         .is_err()
     {
         for (disk, p) in svc.running_jobs() {
-            eprintln!("pdguard: {p} of {disk} did not finish; its seal record holds its place and it resumes on the next start");
+            eprintln!("pdguard: {p} of {disk} did not finish and stops with the process, mid-pass; its seal record holds its place and it resumes on the next start");
         }
     }
     if let Endpoint::Unix(path) = &endpoint {

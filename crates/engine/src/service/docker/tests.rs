@@ -243,6 +243,7 @@ async fn a_resync_finds_what_was_missed() {
         let m = VolumeMounts {
             ids: vec!["id1".into()],
             last_mount_ms: now_ms() - age,
+            unmount_pending: false,
         };
         e.svc.s.registry.put_mounts(name, &m).unwrap();
         e.svc.s.state.lock().await.mounts.insert(name.into(), m);
@@ -258,6 +259,39 @@ async fn a_resync_finds_what_was_missed() {
         .unwrap()
         .iter()
         .all(|(n, _)| n == "w"));
+}
+
+/// A resync reconciles only what came from dockerd: an NBD connection and a `container up`
+/// on a volume are not in dockerd's list, and stay.
+#[tokio::test]
+async fn a_resync_keeps_nbd_and_api_associations() {
+    let e = env(false).await;
+    volume(&e.svc, "v").await;
+    volume(&e.svc, "w").await;
+    volume(&e.svc, "x").await;
+    e.svc.nbd_attach("nbd:unix:pid7:1", "v").await.unwrap();
+    e.svc
+        .container_up("job-1", &["w".to_string()])
+        .await
+        .unwrap();
+    let mut f = follower(&e.svc, Fake::default());
+    f.apply(mount("x", "c1")).await;
+    for _ in 0..3 {
+        e.svc.docker_resync(&[]).await.unwrap();
+    }
+    assert_eq!(state(&e.svc, "v").await, DiskState::Attached);
+    assert_eq!(state(&e.svc, "w").await, DiskState::Attached);
+    // dockerd's own container is gone from its list: that one is reconciled.
+    assert_eq!(state(&e.svc, "x").await, DiskState::Sealed);
+    let ids: Vec<String> = e
+        .svc
+        .containers()
+        .await
+        .into_iter()
+        .map(|c| c.container.id)
+        .collect();
+    assert!(ids.contains(&"nbd:unix:pid7:1".to_string()), "{ids:?}");
+    assert!(ids.contains(&"job-1".to_string()), "{ids:?}");
 }
 
 #[tokio::test]

@@ -1,0 +1,371 @@
+//! The service's life cycle end to end, without dockerd or NBD sockets: jobs keep their
+//! typed error, a reclaim whose caller gave up leaves the disk sealed again after its grace,
+//! and the volume plugin's name checks and per-name locks.
+
+use std::os::unix::fs::FileExt;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex as StdMutex;
+
+use pdguard_core::Profile;
+
+use super::*;
+use crate::gate::SealedIo;
+use crate::registry::VolumeSpec;
+
+/// Holds the first pass of the first unseal after `arm()` until `release()`.
+#[derive(Default)]
+struct HoldUnseal {
+    armed: AtomicBool,
+    held: StdMutex<bool>,
+    cv: std::sync::Condvar,
+    reached: AtomicBool,
+}
+
+impl HoldUnseal {
+    fn arm(&self) {
+        *self.held.lock().unwrap() = true;
+        self.armed.store(true, Ordering::SeqCst);
+    }
+
+    fn release(&self) {
+        *self.held.lock().unwrap() = false;
+        self.cv.notify_all();
+    }
+}
+
+impl Progress for HoldUnseal {
+    fn pass(&self, _name: &'static str, _total: u64) {
+        if !self.armed.swap(false, Ordering::SeqCst) {
+            return;
+        }
+        self.reached.store(true, Ordering::SeqCst);
+        let mut held = self.held.lock().unwrap();
+        while *held {
+            held = self.cv.wait(held).unwrap();
+        }
+    }
+}
+
+struct Env {
+    _dir: tempfile::TempDir,
+    svc: Service,
+    hold: Arc<HoldUnseal>,
+}
+
+async fn env(grace: Duration) -> Env {
+    let dir = tempfile::tempdir().unwrap();
+    let hold = Arc::new(HoldUnseal::default());
+    let svc = Service::start(Config {
+        state_dir: dir.path().join("state"),
+        grace,
+        profile: Profile::Patent,
+        master_key: None,
+        sealed_io: SealedIo::ReadOnly,
+        jobs: 1,
+        sector_size: 512,
+        strategy: crate::jobs::SealOptions::default().strategy,
+        seal_stopped: false,
+        observer: Some(Observer(hold.clone())),
+    })
+    .await
+    .unwrap();
+    Env {
+        _dir: dir,
+        svc,
+        hold,
+    }
+}
+
+/// A disk holding data that is not all zeros, sealed.
+async fn sealed_disk(svc: &Service, name: &str) -> PathBuf {
+    let v = svc.create_disk(name, 64 * 1024, None).await.unwrap();
+    let path = v.disk.path.clone();
+    let data: Vec<u8> = (0..64 * 1024u32).map(|i| (i * 7 % 251) as u8).collect();
+    std::fs::write(&path, &data).unwrap();
+    svc.seal_disk(name).await.unwrap();
+    assert_eq!(state(svc, name).await, DiskState::Sealed);
+    path
+}
+
+async fn state(svc: &Service, name: &str) -> DiskState {
+    svc.disk(name).await.unwrap().disk.state
+}
+
+/// Tick until `name` is `want` (bounded).
+async fn settle(svc: &Service, name: &str, want: DiskState) {
+    for _ in 0..200 {
+        svc.tick().await;
+        svc.wait_idle().await;
+        if state(svc, name).await == want {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!(
+        "{name} never became {want:?}: {:?}",
+        svc.disk(name).await.unwrap().disk
+    );
+}
+
+fn tamper(path: &Path) {
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .unwrap();
+    let mut b = [0u8; 1];
+    f.read_exact_at(&mut b, 1000).unwrap();
+    f.write_all_at(&[b[0] ^ 0xff], 1000).unwrap();
+    f.sync_all().unwrap();
+}
+
+use std::path::Path;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unseal_that_fails_verification_says_so_typed() {
+    let e = env(Duration::from_secs(3600)).await;
+    let path = sealed_disk(&e.svc, "d").await;
+    tamper(&path);
+    let err = e.svc.unseal_disk("d").await.unwrap_err();
+    assert_eq!(err.code(), "verification_failed", "{err}");
+    assert_eq!(err.http_status(), 422);
+    let text = crate::error_chain(&err);
+    assert!(text.contains("disk \"d\": unseal failed"), "{text}");
+    assert!(text.contains("digest"), "the cause is named: {text}");
+    // A reclaim (container up) that meets the same failure says the same.
+    let err = e
+        .svc
+        .container_up("c1", &["d".to_string()])
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), "verification_failed", "{err}");
+    assert_eq!(state(&e.svc, "d").await, DiskState::Failed);
+    // The container did not come up.
+    assert!(e.svc.containers().await.is_empty());
+}
+
+/// `container up` whose client gives up while the unseal runs: once the unseal ends, the
+/// disk has no operational container, so it enters its grace period and is sealed again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reclaim_whose_client_gave_up_is_sealed_again() {
+    let e = env(Duration::from_millis(50)).await;
+    sealed_disk(&e.svc, "d").await;
+    e.hold.arm();
+    let disks = ["d".to_string()];
+    let up = e.svc.container_up("c1", &disks);
+    let r = tokio::time::timeout(Duration::from_millis(300), up).await;
+    assert!(r.is_err(), "the unseal was not held");
+    assert!(e.hold.reached.load(Ordering::SeqCst));
+    assert_eq!(state(&e.svc, "d").await, DiskState::Unsealing);
+    e.hold.release();
+    settle(&e.svc, "d", DiskState::Sealed).await;
+    let d = e.svc.disk("d").await.unwrap();
+    assert!(d.disk.dangling, "{:?}", d.disk);
+    assert!(d.containers.is_empty(), "{:?}", d.containers);
+}
+
+/// The same for an NBD connection that goes away during `NBD_OPT_GO`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_nbd_client_gone_mid_handshake_leaves_the_disk_sealed_again() {
+    let e = env(Duration::from_millis(50)).await;
+    sealed_disk(&e.svc, "d").await;
+    e.hold.arm();
+    let go = e.svc.nbd_attach("nbd:unix:pid1:1", "d");
+    assert!(tokio::time::timeout(Duration::from_millis(300), go)
+        .await
+        .is_err());
+    e.hold.release();
+    settle(&e.svc, "d", DiskState::Sealed).await;
+    assert!(e.svc.containers().await.is_empty());
+}
+
+/// `disk unseal` by hand with no container leaves the disk available (not resealed).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unseal_by_hand_stays_unsealed() {
+    let e = env(Duration::from_millis(10)).await;
+    sealed_disk(&e.svc, "d").await;
+    e.svc.unseal_disk("d").await.unwrap();
+    for _ in 0..10 {
+        e.svc.tick().await;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(state(&e.svc, "d").await, DiskState::Available);
+}
+
+/// A volume disk without a file system (the checks run before any mount).
+async fn volume(svc: &Service, name: &str, profile: Profile) {
+    svc.create_disk(name, 64 * 1024, None).await.unwrap();
+    let mut st = svc.s.state.lock().await;
+    let d = st.disks.get_mut(name).unwrap();
+    d.volume = Some(VolumeSpec {
+        fs: "ext4".into(),
+        profile,
+        keep_holes: false,
+        grace_ms: None,
+    });
+    let d = d.clone();
+    svc.persist(&d).unwrap();
+}
+
+#[tokio::test]
+async fn a_grace_past_the_end_of_time_is_refused_at_volume_create() {
+    let e = env(Duration::from_secs(1)).await;
+    let opts: BTreeMap<String, String> = [
+        ("size", "8M"),
+        ("grace", "18446744073709551615ms"),
+        ("profile", "patent"),
+    ]
+    .iter()
+    .map(|(k, v)| (k.to_string(), v.to_string()))
+    .collect();
+    let err = e.svc.volume_create("g", &opts).await.unwrap_err();
+    let text = err.to_string();
+    assert!(
+        text.contains("grace") && text.contains("18446744073709551615ms"),
+        "{text}"
+    );
+    assert!(e.svc.disks().await.is_empty(), "nothing was made");
+}
+
+#[tokio::test]
+async fn unknown_and_overlong_volume_names_leave_no_lock_behind() {
+    let e = env(Duration::from_secs(1)).await;
+    let long = "v".repeat(60_000);
+    for i in 0..1500 {
+        let name = if i % 2 == 0 {
+            format!("{long}{i}")
+        } else {
+            format!("unknown-{i}")
+        };
+        let err = e.svc.volume_mount(&name, "abc").await.unwrap_err();
+        assert!(err.to_string().len() < 400, "the message echoes the name");
+        assert!(e.svc.volume_unmount(&name, "abc").await.is_err());
+    }
+    assert_eq!(lock(&e.svc.s.volumes.locks).len(), 0);
+    assert!(e.svc.s.state.lock().await.mounts.is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn removing_a_sealed_patent_volume_says_what_to_do() {
+    let e = env(Duration::from_secs(1)).await;
+    volume(&e.svc, "p", Profile::Patent).await;
+    let path = e.svc.disk("p").await.unwrap().disk.path;
+    std::fs::write(&path, vec![7u8; 64 * 1024]).unwrap();
+    e.svc.seal_disk("p").await.unwrap();
+    let text = e.svc.volume_remove("p").await.unwrap_err().to_string();
+    assert!(
+        text.contains("pdguard disk unseal p") && text.contains("--keep-file"),
+        "{text}"
+    );
+    assert!(!text.contains("--shred"), "{text}");
+    assert_eq!(state(&e.svc, "p").await, DiskState::Sealed);
+}
+
+#[tokio::test]
+async fn a_planted_mountpoint_is_refused_and_fails_the_volume() {
+    let e = env(Duration::from_secs(1)).await;
+    volume(&e.svc, "m", Profile::Patent).await;
+    let mounts = e.svc.s.cfg.state_dir.join("mounts");
+    std::fs::create_dir_all(&mounts).unwrap();
+    let elsewhere = tempfile::tempdir().unwrap();
+    std::os::unix::fs::symlink(elsewhere.path(), mounts.join("m")).unwrap();
+    let text = e
+        .svc
+        .volume_mount("m", "id1")
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        text.contains("symbolic link") && text.contains("rm "),
+        "{text}"
+    );
+    let d = e.svc.disk("m").await.unwrap().disk;
+    assert_eq!(d.state, DiskState::Failed);
+    assert!(d.error.unwrap().contains("symbolic link"));
+    // A plain file is refused the same way.
+    std::fs::remove_file(mounts.join("m")).unwrap();
+    std::fs::write(mounts.join("m"), b"x").unwrap();
+    let text = e
+        .svc
+        .volume_mount("m", "id1")
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(text.contains("not a directory"), "{text}");
+    assert!(e.svc.s.state.lock().await.mounts.is_empty());
+}
+
+#[tokio::test]
+async fn the_state_dir_is_canonical() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("real")).unwrap();
+    std::os::unix::fs::symlink(dir.path().join("real"), dir.path().join("link")).unwrap();
+    for given in [
+        dir.path().join("link"),
+        dir.path().join("real").join("..").join("real"),
+    ] {
+        let svc = Service::start(Config {
+            state_dir: given,
+            grace: Duration::from_secs(1),
+            profile: Profile::Patent,
+            master_key: None,
+            sealed_io: SealedIo::ReadOnly,
+            jobs: 1,
+            sector_size: 512,
+            strategy: crate::jobs::SealOptions::default().strategy,
+            seal_stopped: false,
+            observer: None,
+        })
+        .await
+        .unwrap();
+        let real = std::fs::canonicalize(dir.path().join("real")).unwrap();
+        assert_eq!(svc.config().state_dir, real);
+        assert_eq!(svc.mount_dir("v"), real.join("mounts").join("v"));
+    }
+}
+
+/// A volume mounted on pdguard's own mountpoint with no Mount of dockerd holding it (a Mount
+/// abandoned while its `mount` ran): the unmount becomes pending, is retried, and the
+/// volume is sealed once it is let go. A loop device attached by someone else is not
+/// touched (see `a_disk_the_kernel_holds_is_not_sealed`). Needs root (a loop mount).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leftover_mount_is_unmounted_and_the_volume_sealed() {
+    let e = env(Duration::ZERO).await;
+    let name = "left";
+    e.svc.create_disk(name, 8 << 20, None).await.unwrap();
+    {
+        let mut st = e.svc.s.state.lock().await;
+        let d = st.disks.get_mut(name).unwrap();
+        d.volume = Some(VolumeSpec {
+            fs: "ext4".into(),
+            profile: Profile::Patent,
+            keep_holes: false,
+            grace_ms: None,
+        });
+        let d = d.clone();
+        e.svc.persist(&d).unwrap();
+    }
+    let file = e.svc.disk(name).await.unwrap().disk.path;
+    crate::store::loopfs::mkfs(&file, "ext4").expect("mkfs.ext4 (e2fsprogs) is needed");
+    let dir = e.svc.mount_dir(name);
+    crate::store::loopfs::mount(&file, &dir).expect("a loop mount needs root");
+    struct Unmount(PathBuf, PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = crate::store::loopfs::unmount(&self.0, &self.1);
+        }
+    }
+    let _cleanup = Unmount(file.clone(), dir.clone());
+    e.svc.container_up("c1", &[name.to_string()]).await.unwrap();
+    e.svc
+        .container_down("c1", ContainerState::Removed)
+        .await
+        .unwrap();
+    e.svc.tick().await;
+    assert_eq!(state(&e.svc, name).await, DiskState::Grace);
+    assert!(e.svc.disk(name).await.unwrap().unmount_pending);
+    e.svc.retry_unmounts().await;
+    settle(&e.svc, name, DiskState::Sealed).await;
+    assert!(!crate::store::loopfs::is_mountpoint(&dir).unwrap());
+    assert!(!e.svc.disk(name).await.unwrap().unmount_pending);
+}
