@@ -116,7 +116,8 @@ fn number_and_unit(text: &str) -> Option<(u128, &str)> {
     Some((n, &t[digits..]))
 }
 
-/// A volume's grace in milliseconds: units `ms`, `s`, `m`, `h`, exactly so spelt.
+/// A volume's grace in milliseconds: units `ms`, `s`, `m`, `h`, exactly so spelt; at most
+/// ten years (`MAX_GRACE_MS`), so that `now + grace` cannot wrap.
 fn grace_ms(text: &str) -> Option<u64> {
     let (n, unit) = number_and_unit(text)?;
     let per = match unit {
@@ -126,7 +127,9 @@ fn grace_ms(text: &str) -> Option<u64> {
         "h" => 3600 * 1000,
         _ => return None,
     };
-    u64::try_from(n * per).ok()
+    u64::try_from(n * per)
+        .ok()
+        .filter(|ms| *ms <= pdguard_engine::service::MAX_GRACE_MS)
 }
 
 /// A volume's size: binary units, any case, with or without `B`/`iB`; at least 1 MiB and
