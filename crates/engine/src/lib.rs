@@ -10,6 +10,7 @@ pub mod keyfile;
 pub mod registry;
 pub mod service;
 pub mod store;
+pub mod units;
 
 /// An error and its causes on one line, each cause once (a cause whose text the line already
 /// holds is not repeated).

@@ -39,9 +39,8 @@ pub fn main() -> ExitCode {
 /// service does: disks turning dangling, jobs resumed or retried). They never carry data,
 /// seeds or keys.
 fn init_logging() {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("PDGUARD_LOG").unwrap_or_else(|_| {
-        tracing_subscriber::EnvFilter::new("warn,pdguard_engine::service=info")
-    });
+    let filter = tracing_subscriber::EnvFilter::try_from_env("PDGUARD_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(cli::DEFAULT_LOG));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)

@@ -10,6 +10,7 @@
 
 mod common;
 
+use std::io::Write as _;
 use std::collections::BTreeMap;
 use std::ops::Range;
 use std::path::Path;
@@ -187,7 +188,12 @@ fn kill_test_on(img: &Path, bytes: u64, seal_args: &[&str], unseal_args: &[&str]
         Ok(v) => v.parse().expect("PDGUARD_KILL_SEED is a u64"),
         Err(_) => rand::random(),
     };
-    eprintln!("kill test seed {seed} (replay with PDGUARD_KILL_SEED={seed})");
+    // Straight to the process's stderr, past the test harness's capture: a passing run's
+    // log carries the seed too, so that a run that passed once can be replayed.
+    let _ = writeln!(
+        std::io::stderr(),
+        "kill test seed {seed} (replay with PDGUARD_KILL_SEED={seed})"
+    );
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let mut kills: BTreeMap<String, usize> = BTreeMap::new();
     for cycle in 0..KILLS / 2 {

@@ -98,9 +98,10 @@ pub fn identity_of(path: &Path, size: u64) -> Result<FileIdentity, ServiceError>
     let id = FileIdentity::of(&file).map_err(io)?;
     if id.size != size {
         return Err(ServiceError::Invalid(format!(
-            "disk file {} has {} bytes, not {size}; give its real size or another path",
+            "disk file {} has {}, not {}; give its real size or another path",
             path.display(),
-            id.size
+            crate::units::bytes(id.size),
+            crate::units::bytes(size)
         )));
     }
     Ok(id)

@@ -28,7 +28,8 @@ impl Service {
         let sector = u64::from(self.s.cfg.sector_size);
         if size == 0 || !size.is_multiple_of(sector) {
             return Err(ServiceError::Invalid(format!(
-                "size {size} bytes is not a positive multiple of the sector size {sector}; use for example 64M or 1G"
+                "size {} is not a positive multiple of the sector size {sector}; use for example 64M or 1G",
+                crate::units::bytes(size)
             )));
         }
         let mut st = self.s.state.lock().await;
@@ -193,14 +194,15 @@ pub(super) fn create_file(path: &Path, size: u64, managed: bool) -> Result<bool>
     let io = |what: String| move |source| ServiceError::Io { what, source };
     match std::fs::metadata(path) {
         Ok(m) if managed => Err(ServiceError::Busy(format!(
-            "{} already exists ({} bytes); remove it or pick another disk name",
+            "{} already exists ({}); remove it or pick another disk name",
             path.display(),
-            m.len()
+            crate::units::bytes(m.len())
         ))),
         Ok(m) if m.len() != size => Err(ServiceError::Invalid(format!(
-            "{} exists with {} bytes, not {size}; give its real size or another path",
+            "{} exists with {}, not {}; give its real size or another path",
             path.display(),
-            m.len()
+            crate::units::bytes(m.len()),
+            crate::units::bytes(size)
         ))),
         Ok(_) => Ok(false),
         Err(_) => {
@@ -219,7 +221,8 @@ pub(super) fn create_file(path: &Path, size: u64, managed: bool) -> Result<bool>
                     || e.raw_os_error() == Some(rustix::io::Errno::INVAL.raw_os_error());
                 if too_big {
                     return Err(ServiceError::Invalid(format!(
-                        "disk size {size} bytes is more than the file system of {} allows for one file ({e}); pick a smaller size",
+                        "disk size {} is more than the file system of {} allows for one file ({e}); pick a smaller size",
+                        crate::units::bytes(size),
                         path.display()
                     )));
                 }
@@ -236,8 +239,9 @@ pub(super) fn create_file(path: &Path, size: u64, managed: bool) -> Result<bool>
 fn check_room(path: &Path, size: u64) -> Result<()> {
     if size > i64::MAX as u64 {
         return Err(ServiceError::Invalid(format!(
-            "disk size {size} bytes is over the largest file size ({} bytes); pick a smaller size",
-            i64::MAX
+            "disk size {} is over the largest file size ({}); pick a smaller size",
+            crate::units::bytes(size),
+            crate::units::bytes(i64::MAX as u64)
         )));
     }
     let dir = match path.parent() {
@@ -258,7 +262,9 @@ fn check_room(path: &Path, size: u64) -> Result<()> {
     let free = st.f_bavail.saturating_mul(st.f_frsize);
     if size > free {
         return Err(ServiceError::Invalid(format!(
-            "disk size {size} bytes is more than the {free} bytes free in {}; pick a smaller size or free space",
+            "disk size {} is more than the {} free in {}; pick a smaller size or free space",
+            crate::units::bytes(size),
+            crate::units::bytes(free),
             dir.display()
         )));
     }

@@ -6,7 +6,9 @@
 //!
 //! dockerd is the truth: on start and every resync interval, [`Service::docker_resync`]
 //! reconciles the registry with dockerd's containers and the kernel's mounts, so an event or
-//! an Unmount missed while pdguard was down still ends in the right state.
+//! an Unmount missed while pdguard was down still ends in the right state. A resync inspects
+//! only what changed since the last one (`cache.rs`: one list call when nothing did), and
+//! everything once in [`cache::FULL_EVERY`] resyncs.
 
 use std::collections::{BTreeSet, HashMap};
 use std::future::Future;
@@ -84,6 +86,14 @@ pub struct DockerContainer {
     pub volumes: Vec<String>,
 }
 
+/// A container as dockerd's list shows it (no exit code, no restart policy): enough to
+/// tell whether it changed since it was last inspected.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Listed {
+    pub id: String,
+    pub state: RunState,
+}
+
 /// The events the policy needs, taken from dockerd's `/events`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum DockerEvent {
@@ -99,6 +109,12 @@ pub enum DockerEvent {
     Die { container: String, exit_code: i64 },
     /// `container destroy`: removed.
     Destroy { container: String },
+    /// `container start`: looked at again at the next resync.
+    Start { container: String },
+    /// `container stop` (after its `kill` and `die`): looked at again at the next resync.
+    Stop { container: String },
+    /// `volume unmount`: looked at again at the next resync.
+    VolumeUnmount { volume: String, container: String },
 }
 
 /// What pdguard needs from dockerd.
@@ -108,6 +124,9 @@ pub trait DockerApi: Send + Sync + 'static {
         &self,
         driver: &str,
     ) -> impl Future<Output = Result<Vec<DockerContainer>, DockerError>> + Send;
+    /// Every container that uses a volume of `driver`, as the list shows it: one call.
+    fn list(&self, driver: &str)
+        -> impl Future<Output = Result<Vec<Listed>, DockerError>> + Send;
     /// One container (None: dockerd does not know it).
     fn inspect(
         &self,
@@ -299,6 +318,7 @@ impl Service {
             api,
             driver,
             kills: HashMap::new(),
+            cache: cache::Cache::default(),
         };
         loop {
             let (tx, mut rx) = mpsc::channel(256);
@@ -325,6 +345,8 @@ impl Service {
                 }
             };
             events.abort();
+            // Events may be missed while dockerd is away: look at everything again.
+            follower.cache.forget();
             let why = match failure {
                 Some(e) => crate::error_chain(&e),
                 None => match (&mut events).await {
@@ -359,11 +381,13 @@ struct Follower<D> {
     driver: String,
     /// Containers sent a signal recently: their `die` is a stop, not a crash.
     kills: HashMap<String, Instant>,
+    /// What dockerd's containers were at the last resync.
+    cache: cache::Cache,
 }
 
 impl<D: DockerApi> Follower<D> {
     async fn resync(&mut self) -> Result<(), DockerError> {
-        let list = self.api.containers(&self.driver).await?;
+        let list = self.cache.refresh(&*self.api, &self.driver).await?;
         if let Err(e) = self.svc.docker_resync(&list).await {
             tracing::error!(error = %crate::error_chain(&e), "resync with dockerd failed");
         }
@@ -382,6 +406,7 @@ impl<D: DockerApi> Follower<D> {
     }
 
     async fn apply(&mut self, ev: DockerEvent) {
+        self.cache.touch(&ev);
         let r = match ev {
             DockerEvent::VolumeMount {
                 volume,
@@ -401,6 +426,9 @@ impl<D: DockerApi> Follower<D> {
                 self.kills.remove(&container);
                 self.svc.docker_container_removed(&container).await
             }
+            DockerEvent::Start { .. }
+            | DockerEvent::Stop { .. }
+            | DockerEvent::VolumeUnmount { .. } => Ok(()),
         };
         if let Err(e) = r {
             tracing::error!(error = %crate::error_chain(&e), "cannot apply a dockerd event");
@@ -431,6 +459,8 @@ impl<D: DockerApi> Follower<D> {
         }
     }
 }
+
+mod cache;
 
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]

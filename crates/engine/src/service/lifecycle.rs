@@ -89,7 +89,7 @@ pub enum LifeError {
     JobRunning(&'static str),
     #[error("is {0}, not sealed")]
     NotSealed(&'static str),
-    #[error("cannot start a grace period of {grace_ms} ms at {now_ms}: it would end past the end of time; give a grace period of at most {MAX_GRACE_MS} ms")]
+    #[error("cannot start a grace period of {} at {now_ms}: it would end past the end of time; give a grace period of at most {}", crate::units::millis(*grace_ms), crate::units::millis(MAX_GRACE_MS))]
     GraceOverflow { now_ms: u64, grace_ms: u64 },
     #[error("is {state}, where event {event} does not apply")]
     Invalid {

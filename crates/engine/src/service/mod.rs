@@ -18,6 +18,7 @@ pub mod lifecycle;
 mod metrics;
 mod nbd;
 mod policy;
+pub mod queue;
 mod runner;
 mod startup;
 mod volumes;
@@ -30,7 +31,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use pdguard_core::keys::MasterKey;
 use pdguard_core::Profile;
 use serde::Serialize;
-use tokio::sync::{Mutex, Semaphore};
+use tokio::sync::Mutex;
 
 pub use error::ServiceError;
 pub use lifecycle::{Event, JobKind, Life, LifeError, MAX_GRACE_MS};
@@ -153,6 +154,20 @@ impl State {
             .collect()
     }
 
+    /// Containers associated with each disk, in one pass (ordered as [`Self::users`]).
+    fn users_by_disk(&self) -> HashMap<&str, Vec<String>> {
+        let mut by: HashMap<&str, Vec<String>> = HashMap::new();
+        for c in self.containers.values() {
+            let mut seen = BTreeSet::new();
+            for d in &c.disks {
+                if seen.insert(d.as_str()) {
+                    by.entry(d.as_str()).or_default().push(c.id.clone());
+                }
+            }
+        }
+        by
+    }
+
     /// True while some operational container is associated with `disk`, or dockerd holds
     /// a mount of it.
     fn in_use(&self, disk: &str) -> bool {
@@ -170,7 +185,7 @@ struct Shared {
     registry: Registry,
     state: Mutex<State>,
     gates: StdMutex<HashMap<String, Arc<Gate>>>,
-    slots: Semaphore,
+    queue: queue::JobQueue,
     running: StdMutex<HashMap<String, runner::JobWatch>>,
     progress: StdMutex<HashMap<String, JobProgress>>,
     metrics: Metrics,
@@ -233,7 +248,7 @@ impl Service {
                 registry,
                 state: Mutex::new(state),
                 gates: StdMutex::new(HashMap::new()),
-                slots: Semaphore::new(jobs),
+                queue: queue::JobQueue::new(jobs),
                 running: StdMutex::new(HashMap::new()),
                 progress: StdMutex::new(HashMap::new()),
                 metrics: Metrics::default(),
@@ -332,17 +347,30 @@ impl Service {
     }
 
     fn view(&self, st: &State, d: &Disk) -> DiskView {
+        self.view_with(st, d, st.users(&d.name))
+    }
+
+    fn view_with(&self, st: &State, d: &Disk, containers: Vec<String>) -> DiskView {
         DiskView {
             disk: d.clone(),
-            containers: st.users(&d.name),
+            containers,
             progress: lock(&self.s.progress).get(&d.name).cloned(),
             unmount_pending: st.mounts.get(&d.name).is_some_and(|m| m.unmount_pending),
         }
     }
 
+    /// Every disk: one pass over the containers for all of them (not one per disk), so a
+    /// host with a thousand volumes lists them in linear time.
     pub async fn disks(&self) -> Vec<DiskView> {
         let st = self.s.state.lock().await;
-        st.disks.values().map(|d| self.view(&st, d)).collect()
+        let mut users = st.users_by_disk();
+        st.disks
+            .values()
+            .map(|d| {
+                let who = users.remove(d.name.as_str()).unwrap_or_default();
+                self.view_with(&st, d, who)
+            })
+            .collect()
     }
 
     pub async fn disk(&self, name: &str) -> Result<DiskView> {

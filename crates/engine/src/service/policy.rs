@@ -19,13 +19,16 @@ impl Service {
     pub async fn tick(&self) {
         let mut st = self.s.state.lock().await;
         let now = now_ms();
-        let due: Vec<String> = st
+        let mut due: Vec<(u64, String)> = st
             .disks
             .values()
             .filter(|d| d.state == DiskState::Grace && d.grace_until_ms.is_none_or(|t| t <= now))
-            .map(|d| d.name.clone())
+            .map(|d| (d.grace_until_ms.unwrap_or(0), d.name.clone()))
             .collect();
-        for name in due {
+        // Queued in the order they went dangling (their grace ended), so that the job queue
+        // seals them first come, first served.
+        due.sort_unstable();
+        for (_, name) in due {
             let in_use = st.in_use(&name);
             let kernel_holds = !in_use && st.disks.get(&name).is_some_and(|d| self.kernel_holds(d));
             if kernel_holds {

@@ -53,6 +53,9 @@ impl Service {
         }
         let (tx, rx) = watch::channel(None);
         running.insert(d.name.clone(), rx);
+        // Queued now, under the lock that makes one job per disk: the order of the asks is
+        // the order of the starts.
+        let turn = self.s.queue.enqueue(&d.name, kind);
         drop(running);
         let svc = self.clone();
         let disk = d.clone();
@@ -64,7 +67,8 @@ impl Service {
             if let Ok(Err(e)) = tokio::task::spawn_blocking(move || nbd::flush_disk(&path)).await {
                 tracing::warn!(disk = %disk.name, error = %e, "cannot flush the disk before the job");
             }
-            let permit = svc.s.slots.acquire().await;
+            // The queue outlives every job (the service holds it): the turn always comes.
+            let permit = turn.await.ok();
             svc.s.metrics.started(kind == JobKind::Seal);
             let t0 = std::time::Instant::now();
             let runner = svc.clone();
@@ -78,6 +82,11 @@ impl Service {
             svc.finish_job(&disk.name, kind, &result).await;
             let _ = tx.send(Some(result));
         });
+    }
+
+    /// The job queue: what runs, what waits and in which order (`status`, the metrics).
+    pub fn backlog(&self) -> super::queue::Backlog {
+        self.s.queue.backlog()
     }
 
     /// The watch of the job running on `name` (one that is already over if none runs).

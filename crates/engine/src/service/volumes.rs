@@ -317,11 +317,13 @@ impl Service {
         }
     }
 
-    fn volume_view(&self, st: &super::State, d: &Disk) -> VolumeView {
+    /// A volume as dockerd sees it; `users` are its containers. One statx (is it mounted?),
+    /// never a read of the mount table: List stays linear in the number of volumes.
+    fn volume_view(&self, st: &super::State, d: &Disk, users: Vec<String>) -> VolumeView {
         let dir = self.mount_dir(&d.name);
         let mounts = st.mounts.get(&d.name).map_or(0, |m| m.ids.len());
         let mounted = loopfs::is_mountpoint(&dir).unwrap_or(false);
-        let v = self.view(st, d);
+        let v = self.view_with(st, d, users);
         let mut status = serde_json::json!({
             "state": d.state.name(),
             "dangling": d.dangling,
@@ -351,16 +353,20 @@ impl Service {
     pub async fn volume(&self, name: &str) -> Result<VolumeView> {
         let st = self.s.state.lock().await;
         let d = Self::volume_of(&st, name)?;
-        Ok(self.volume_view(&st, &d))
+        Ok(self.volume_view(&st, &d, st.users(name)))
     }
 
-    /// Every volume (List).
+    /// Every volume (List), with one pass over the containers for all of them.
     pub async fn volumes(&self) -> Vec<VolumeView> {
         let st = self.s.state.lock().await;
+        let mut users = st.users_by_disk();
         st.disks
             .values()
             .filter(|d| d.volume.is_some())
-            .map(|d| self.volume_view(&st, d))
+            .map(|d| {
+                let who = users.remove(d.name.as_str()).unwrap_or_default();
+                self.volume_view(&st, d, who)
+            })
             .collect()
     }
 

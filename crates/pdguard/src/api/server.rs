@@ -118,6 +118,7 @@ async fn status(State(svc): State<Service>) -> ApiResult {
             "containers": svc.containers().await,
             "seal_stopped": cfg.seal_stopped,
             "docker": svc.docker_status(),
+            "jobs": svc.backlog(),
         }),
     )
 }

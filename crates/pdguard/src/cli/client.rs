@@ -425,12 +425,67 @@ pub fn container(cmd: &ContainerCommand, conn: &Conn, cli: &Cli) -> Result<(), C
     Ok(())
 }
 
-pub fn status(watch: bool, all: bool, conn: &Conn, cli: &Cli) -> Result<(), CliError> {
+/// `status --wait`: ask until a daemon answers or `limit` runs out. Only "nobody answers
+/// yet" is waited out (no socket, nothing listening, or a TCP daemon's token file not made
+/// yet); any other error is final.
+fn first_status(
+    rt: &tokio::runtime::Runtime,
+    at: &crate::api::Endpoint,
+    conn: &Conn,
+    limit: Option<Duration>,
+    text: &str,
+) -> Result<Value, CliError> {
+    let t0 = std::time::Instant::now();
+    loop {
+        let attempt = match conn.token(at) {
+            Ok(token) => rt
+                .block_on(call(at, token.as_ref(), "GET", "/v1/status", None))
+                .map_err(CliError::from),
+            Err(e) => Err(e),
+        };
+        let not_yet = matches!(
+            &attempt,
+            Err(CliError::Client(crate::api::client::ClientError::Unreachable(_)))
+                | Err(CliError::Token(_))
+        );
+        match (attempt, limit) {
+            (Ok(v), _) => return Ok(v),
+            (Err(_), Some(l)) if not_yet && t0.elapsed() >= l => {
+                return Err(CliError::Timeout(format!(
+                    "no pdguard daemon answered at {at} within {text}; start one with `pdguard serve`, wait longer with --wait, or point to it with --api or --state-dir"
+                )))
+            }
+            (Err(_), Some(_)) if not_yet => std::thread::sleep(Duration::from_millis(50)),
+            (Err(e), _) => return Err(e),
+        }
+    }
+}
+
+pub fn status(
+    watch: bool,
+    all: bool,
+    wait: Option<&str>,
+    conn: &Conn,
+    cli: &Cli,
+) -> Result<(), CliError> {
+    let limit = wait
+        .map(|w| {
+            humantime::parse_duration(w).map_err(|_| {
+                CliError::Usage(format!(
+                    "--wait {w:?} is not a duration such as 10s, 2m or 500ms"
+                ))
+            })
+        })
+        .transpose()?;
     let rt = runtime()?;
     let at = conn.endpoint()?;
+    let mut first = Some(first_status(&rt, &at, conn, limit, wait.unwrap_or(""))?);
     let token = conn.token(&at)?;
     loop {
-        let v = rt.block_on(call(&at, token.as_ref(), "GET", "/v1/status", None))?;
+        let v = match first.take() {
+            Some(v) => v,
+            None => rt.block_on(call(&at, token.as_ref(), "GET", "/v1/status", None))?,
+        };
         if cli.json {
             out!("{v}");
         } else {
@@ -438,11 +493,14 @@ pub fn status(watch: bool, all: bool, conn: &Conn, cli: &Cli) -> Result<(), CliE
                 out!("\x1b[2J\x1b[H");
             }
             out!(
-                "pdguard {} on {at}: profile {}, grace {} ms",
+                "pdguard {} on {at}: profile {}, grace {}",
                 v["version"].as_str().unwrap_or("?"),
                 v["profile"].as_str().unwrap_or("?"),
                 v["grace_ms"]
+                    .as_u64()
+                    .map_or("?".into(), pdguard_engine::units::millis)
             );
+            print_jobs(&v["jobs"]);
             print_docker(&v["docker"]);
             print_disks(&v["disks"]);
             print_containers(&v["containers"], all);
@@ -452,6 +510,30 @@ pub fn status(watch: bool, all: bool, conn: &Conn, cli: &Cli) -> Result<(), CliE
         }
         std::thread::sleep(Duration::from_secs(1));
     }
+}
+
+/// The job queue (`--jobs`): running, queued, and the order in which the queued start.
+fn print_jobs(j: &Value) {
+    let (Some(limit), Some(running)) = (j["limit"].as_u64(), j["running"].as_u64()) else {
+        return;
+    };
+    let queued: Vec<&str> = j["queue"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|q| q["disk"].as_str())
+        .collect();
+    let mut line = format!(
+        "jobs: {running} running of {limit}, {} queued, {} done",
+        queued.len(),
+        j["done"].as_u64().unwrap_or(0)
+    );
+    if !queued.is_empty() {
+        let shown = queued.iter().take(8).copied().collect::<Vec<_>>().join(", ");
+        let more = if queued.len() > 8 { ", ..." } else { "" };
+        line.push_str(&format!(" (next: {shown}{more})"));
+    }
+    out!("{line}");
 }
 
 /// The Docker volume plugin's link to dockerd (absent without `--docker`).
@@ -563,7 +645,9 @@ fn print_disks(disks: &Value) {
             d["name"].as_str().unwrap_or("?"),
             d["state"].as_str().unwrap_or("?"),
             d["dangling"].to_string(),
-            d["size"].to_string(),
+            d["size"]
+                .as_u64()
+                .map_or("?".into(), pdguard_engine::units::bytes),
             match progress_of(d) {
                 p if p.is_empty() && d["unmount_pending"] == true => "unmount pending".into(),
                 p => p,
@@ -588,6 +672,9 @@ fn print_disk(d: &Value) {
         if !d[k].is_null() {
             let text = match &d[k] {
                 Value::String(s) => s.clone(),
+                Value::Number(n) if k == "size" => n
+                    .as_u64()
+                    .map_or(n.to_string(), pdguard_engine::units::bytes),
                 other => other.to_string(),
             };
             out!("{k:<12} {text}");

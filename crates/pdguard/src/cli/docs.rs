@@ -24,7 +24,7 @@ pub const ENVIRONMENT: &[(&str, &str)] = &[
     ),
     (
         "PDGUARD_LOG",
-        "what is logged on stderr, e.g. info or pdguard=debug (default warn)",
+        "what is logged on stderr, e.g. info or pdguard=debug (default warn,pdguard_engine::service=info: warnings, and disks turning dangling, jobs started, resumed or retried)",
     ),
 ];
 
@@ -164,5 +164,21 @@ pub fn man(dir: Option<&Path>) -> Result<(), CliError> {
             out!("wrote the manual pages into {}", d.display());
             Ok(())
         }
+    }
+}
+
+#[cfg(test)]
+mod log_tests {
+    #[test]
+    fn the_help_quotes_the_default_log_filter() {
+        let (_, text) = super::ENVIRONMENT
+            .iter()
+            .find(|(k, _)| *k == "PDGUARD_LOG")
+            .copied()
+            .unwrap_or_default();
+        assert!(
+            text.contains(&format!("(default {}:", super::super::DEFAULT_LOG)),
+            "{text}"
+        );
     }
 }

@@ -25,6 +25,9 @@ mod values;
 
 /// Where the daemon keeps its state unless told otherwise.
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/pdguard";
+/// What is logged when `PDGUARD_LOG` is not set: warnings, and what the daemon's service
+/// does (disks turning dangling, jobs resumed or retried). `--help` quotes it.
+pub const DEFAULT_LOG: &str = "warn,pdguard_engine::service=info";
 /// The environment variable that names the state directory.
 pub const STATE_DIR_ENV: &str = "PDGUARD_STATE_DIR";
 
@@ -87,6 +90,10 @@ pub enum Command {
         /// Also list removed containers that no longer hold a disk.
         #[arg(long)]
         all: bool,
+        /// Wait up to this long for a daemon that is starting to answer (e.g. 10s), for
+        /// scripts that start `pdguard serve &`; exit 124 if none answers by then.
+        #[arg(long, value_name = "DURATION")]
+        wait: Option<String>,
     },
     /// Write a new random master key file (mode 0600); never overwrites one.
     Keygen {
@@ -190,7 +197,12 @@ pub fn run(cli: &Cli) -> Result<(), CliError> {
         Command::Serve(a) => serve::run(a),
         Command::Disk { conn, cmd } => client::disk(cmd, conn, cli),
         Command::Container { conn, cmd } => client::container(cmd, conn, cli),
-        Command::Status { conn, watch, all } => client::status(*watch, *all, conn, cli),
+        Command::Status {
+            conn,
+            watch,
+            all,
+            wait,
+        } => client::status(*watch, *all, wait.as_deref(), conn, cli),
     }
 }
 

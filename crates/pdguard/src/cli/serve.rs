@@ -168,17 +168,27 @@ pub fn state_dir(flag: Option<&Path>) -> PathBuf {
         .unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_DIR))
 }
 
-/// The master key of new seals and where it was read (or made).
-fn master_key(a: &ServeArgs, state: &Path) -> Result<Option<(MasterKey, PathBuf)>, CliError> {
+/// The master key of new seals and where it was read, when it is not the state
+/// directory's own: read before the state directory is made, so that a bad key file
+/// refuses the start with nothing changed. `Ok(None)`: the state directory's key (made on
+/// first start) is the one, see [`own_master_key`].
+type KeyAt = Option<(MasterKey, PathBuf)>;
+
+fn given_master_key(a: &ServeArgs) -> Result<Option<KeyAt>, CliError> {
     if matches!(a.profile, ProfileArg::Patent) && a.key_file.is_none() {
-        return Ok(None);
+        return Ok(Some(None));
     }
     let explicit = a.key_file.is_some() || std::env::var_os(keyfile::KEY_FILE_ENV).is_some();
     let system = PathBuf::from(keyfile::DEFAULT_KEY_FILE);
     if explicit || system.exists() {
         let path = keyfile::locate(a.key_file.as_deref());
-        return Ok(Some((keyfile::load(&path)?, path)));
+        return Ok(Some(Some((keyfile::load(&path)?, path))));
     }
+    Ok(None)
+}
+
+/// STATE/master.key, made on first start.
+fn own_master_key(state: &Path) -> Result<KeyAt, CliError> {
     let own = state.join("master.key");
     match keyfile::load(&own) {
         Ok(k) => Ok(Some((k, own))),
@@ -253,24 +263,33 @@ pub fn run(a: &ServeArgs) -> Result<(), CliError> {
             a.grace
         ))
     })?;
-    // The NBD listeners' settings and TLS credentials, before anything is made.
+    // The NBD listeners' settings and TLS credentials, the plugin's and the API's, before
+    // anything is made: a refused start leaves no state directory and no key behind.
     let nbd = nbd_options(a)?;
-    let state = prepare_state_dir(&state_dir(a.state_dir.as_deref()))?;
     let docker = docker_args(a)?;
-    let endpoint = match &a.api {
-        Some(s) => Endpoint::parse(s).map_err(CliError::Usage)?,
-        None => Endpoint::Unix(state.join("pdguard.sock")),
-    };
+    let api = a
+        .api
+        .as_deref()
+        .map(|s| Endpoint::parse(s).map_err(CliError::Usage))
+        .transpose()?;
+    if let Some(Endpoint::Tcp(addr)) = &api {
+        let loopback = addr
+            .parse::<std::net::SocketAddr>()
+            .map(|a| a.ip().is_loopback());
+        if loopback != Ok(true) {
+            return Err(CliError::Usage(format!(
+                "--api tcp:{addr}: the admin API listens only on loopback; use an address such as tcp:127.0.0.1:7070"
+            )));
+        }
+    }
+    if let Some(Endpoint::Unix(path)) = &api {
+        parent_exists("--api", path)?;
+    }
+    let given_key = given_master_key(a)?;
+    let state = prepare_state_dir(&state_dir(a.state_dir.as_deref()))?;
+    let endpoint = api.unwrap_or_else(|| Endpoint::Unix(state.join("pdguard.sock")));
     let guard = match &endpoint {
-        Endpoint::Tcp(addr) => {
-            let loopback = addr
-                .parse::<std::net::SocketAddr>()
-                .map(|a| a.ip().is_loopback());
-            if loopback != Ok(true) {
-                return Err(CliError::Usage(format!(
-                    "--api tcp:{addr}: the admin API listens only on loopback; use an address such as tcp:127.0.0.1:7070"
-                )));
-            }
+        Endpoint::Tcp(_) => {
             let file = a
                 .api_token_file
                 .clone()
@@ -286,7 +305,10 @@ pub fn run(a: &ServeArgs) -> Result<(), CliError> {
             token_file: None,
         },
     };
-    let key = master_key(a, &state)?;
+    let key = match given_key {
+        Some(k) => k,
+        None => own_master_key(&state)?,
+    };
     let cfg = Config {
         grace,
         profile: match a.profile {
@@ -354,6 +376,11 @@ fn nbd_options(a: &ServeArgs) -> Result<NbdOptions, CliError> {
         .map(|s| NbdAddr::parse(s, policy))
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| CliError::Usage(e.to_string()))?;
+    for addr in &addrs {
+        if let NbdAddr::Unix(path) = addr {
+            parent_exists("--nbd", path)?;
+        }
+    }
     let socket_group = a
         .nbd_socket_group
         .as_deref()
@@ -365,6 +392,23 @@ fn nbd_options(a: &ServeArgs) -> Result<NbdOptions, CliError> {
     conn.max_connections = a.nbd_max_connections as usize;
     conn.socket_group = socket_group;
     Ok(NbdOptions { addrs, conn })
+}
+
+/// A unix socket can be bound only in a directory that exists: checked before anything is
+/// made, so that such a start is refused with nothing changed.
+fn parent_exists(flag: &str, path: &Path) -> Result<(), CliError> {
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    if dir.is_dir() {
+        return Ok(());
+    }
+    Err(CliError::Usage(format!(
+        "{flag} unix:{}: the directory {} does not exist; create it first or give a socket path in an existing directory",
+        path.display(),
+        dir.display()
+    )))
 }
 
 /// The TLS credentials of the NBD listeners, loaded and checked before anything starts.
@@ -562,7 +606,7 @@ fn hello(state: &str, key_text: &str, tcp: Option<&str>) {
     let next = match tcp {
         None => format!("export PDGUARD_STATE_DIR={state}; pdguard disk create d1 --size 64M"),
         Some(addr) => {
-            format!("pdguard --api tcp:{addr} --state-dir {state} disk create d1 --size 64M")
+            format!("pdguard disk create d1 --size 64M --api tcp:{addr} --state-dir {state}")
         }
     };
     eprintln!("pdguard: next, in another shell: {next}");

@@ -4,7 +4,7 @@
 //! semaphore, as mini-redis's `server.rs` has), and run each connection — handshake, then
 //! transmission — until it ends or the shutdown signal comes.
 
-use std::os::unix::fs::{DirBuilderExt, FileTypeExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -141,14 +141,20 @@ pub fn resolve_group(name: &str) -> Result<u32, ServerError> {
 }
 
 pub enum Listener {
-    Unix(UnixListener, PathBuf),
+    /// The listener, its path, and the inode of the socket file bound there (removed at
+    /// shutdown only if the path still names that socket).
+    Unix(UnixListener, PathBuf, u64),
     Tcp(TcpListener),
 }
 
 impl Listener {
     pub async fn bind(addr: &NbdAddr, group: Option<u32>) -> Result<Self, ServerError> {
         match addr {
-            NbdAddr::Unix(p) => Ok(Self::Unix(bind_unix(p, group)?, p.clone())),
+            NbdAddr::Unix(p) => {
+                let l = bind_unix(p, group)?;
+                let ino = std::fs::symlink_metadata(p).map_or(0, |m| m.ino());
+                Ok(Self::Unix(l, p.clone(), ino))
+            }
             NbdAddr::Tcp(a) => {
                 TcpListener::bind(a)
                     .await
@@ -164,7 +170,7 @@ impl Listener {
     /// The address actually bound (a TCP port 0 becomes the real port).
     pub fn local(&self) -> String {
         match self {
-            Self::Unix(_, p) => format!("unix:{}", p.display()),
+            Self::Unix(_, p, _) => format!("unix:{}", p.display()),
             Self::Tcp(l) => l
                 .local_addr()
                 .map(|a| format!("tcp:{a}"))
@@ -226,7 +232,10 @@ pub async fn run(
     loop {
         let accepted: std::io::Result<(Sock, String)> = tokio::select! {
             r = accept(&listener) => r,
-            _ = stop.wait_for(|s| *s) => break,
+            _ = stop.wait_for(|s| *s) => {
+                remove_socket(&listener);
+                break;
+            }
         };
         let (sock, peer) = match accepted {
             Ok(x) => x,
@@ -259,9 +268,21 @@ pub async fn run(
     }
 }
 
+/// A unix listener's socket file is removed at shutdown, as the admin socket is, if the path
+/// still names the socket this daemon bound (never a file someone put there since).
+fn remove_socket(listener: &Listener) {
+    if let Listener::Unix(_, path, ino) = listener {
+        let ours = std::fs::symlink_metadata(path)
+            .is_ok_and(|m| m.file_type().is_socket() && m.ino() == *ino);
+        if ours {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+}
+
 async fn accept(l: &Listener) -> std::io::Result<(Sock, String)> {
     match l {
-        Listener::Unix(l, _) => {
+        Listener::Unix(l, _, _) => {
             let (s, _) = l.accept().await?;
             let peer = match s.peer_cred().ok().and_then(|c| c.pid()) {
                 Some(pid) => format!("unix:pid{pid}"),

@@ -9,7 +9,7 @@ use hyper::body::Bytes;
 use hyper::Request;
 use hyper_util::rt::TokioIo;
 use pdguard_engine::service::docker::{
-    DockerApi, DockerContainer, DockerError, DockerEvent, RunState,
+    DockerApi, DockerContainer, DockerError, DockerEvent, Listed, RunState,
 };
 use serde_json::Value;
 use tokio::sync::mpsc;
@@ -144,27 +144,44 @@ fn event_of(v: &Value) -> Option<DockerEvent> {
             exit_code: attr("exitCode")?.parse().ok()?,
         }),
         ("container", "destroy") => Some(DockerEvent::Destroy { container: id }),
+        ("container", "start") => Some(DockerEvent::Start { container: id }),
+        ("container", "stop") => Some(DockerEvent::Stop { container: id }),
+        ("volume", "unmount") => Some(DockerEvent::VolumeUnmount {
+            volume: id,
+            container: attr("container")?,
+        }),
         _ => None,
     }
 }
 
+/// The containers of a `/containers/json?all=1` answer that use a volume of `driver`.
+fn listed_of(list: &Value, driver: &str) -> Option<Vec<Listed>> {
+    Some(
+        list.as_array()?
+            .iter()
+            .filter(|c| !volumes_of(&c["Mounts"], driver).is_empty())
+            .filter_map(|c| {
+                Some(Listed {
+                    id: c["Id"].as_str()?.to_string(),
+                    state: RunState::parse(c["State"].as_str()?)?,
+                })
+            })
+            .collect(),
+    )
+}
+
 impl DockerApi for Dockerd {
-    async fn containers(&self, driver: &str) -> Result<Vec<DockerContainer>, DockerError> {
+    async fn list(&self, driver: &str) -> Result<Vec<Listed>, DockerError> {
         let path = "/containers/json?all=1";
         let list = self.get_json(path).await?.unwrap_or(Value::Null);
-        let list = list
-            .as_array()
-            .ok_or_else(|| self.proto(path, "something that is not a list"))?;
+        listed_of(&list, driver).ok_or_else(|| self.proto(path, "something that is not a list"))
+    }
+
+    async fn containers(&self, driver: &str) -> Result<Vec<DockerContainer>, DockerError> {
         let mut out = Vec::new();
-        for c in list {
-            if volumes_of(&c["Mounts"], driver).is_empty() {
-                continue;
-            }
-            let Some(id) = c["Id"].as_str() else {
-                continue;
-            };
-            // The list has neither exit codes nor restart policies.
-            if let Some(full) = self.inspect(id, driver).await? {
+        // The list has neither exit codes nor restart policies.
+        for l in self.list(driver).await? {
+            if let Some(full) = self.inspect(&l.id, driver).await? {
                 out.push(full);
             }
         }
@@ -265,6 +282,45 @@ mod tests {
         let x = json!({"Type":"container","Action":"exec_start: sh","Actor":{"ID":"abc"}});
         assert_eq!(event_of(&x), None);
         assert_eq!(event_of(&json!({"Type":"container"})), None);
+    }
+
+    #[test]
+    fn the_list_keeps_containers_of_the_driver_with_their_state() {
+        let v = json!([
+            {"Id":"a","State":"running","Mounts":[{"Type":"volume","Name":"v1","Driver":"pd"}]},
+            {"Id":"b","State":"exited","Mounts":[{"Type":"volume","Name":"v2","Driver":"local"}]},
+            {"Id":"c","State":"exited","Mounts":[{"Type":"volume","Name":"v3","Driver":"pd"}]},
+            {"Id":"d","State":"bogus","Mounts":[{"Type":"volume","Name":"v4","Driver":"pd"}]}
+        ]);
+        assert_eq!(
+            listed_of(&v, "pd").unwrap(),
+            vec![
+                Listed {
+                    id: "a".into(),
+                    state: RunState::Running
+                },
+                Listed {
+                    id: "c".into(),
+                    state: RunState::Exited
+                }
+            ]
+        );
+        assert!(listed_of(&json!({}), "pd").is_none());
+        let s = json!({"Type":"container","Action":"start","Actor":{"ID":"abc"}});
+        assert_eq!(
+            event_of(&s),
+            Some(DockerEvent::Start {
+                container: "abc".into()
+            })
+        );
+        let u = json!({"Type":"volume","Action":"unmount","Actor":{"ID":"v1","Attributes":{"container":"abc","driver":"pd"}}});
+        assert_eq!(
+            event_of(&u),
+            Some(DockerEvent::VolumeUnmount {
+                volume: "v1".into(),
+                container: "abc".into()
+            })
+        );
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! The association policy against a fake dockerd: which events and which resyncs make a
 //! volume dangling, and which must not.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex as StdMutex;
 
 use pdguard_core::Profile;
@@ -10,14 +11,28 @@ use crate::gate::SealedIo;
 use crate::registry::{VolumeMounts, VolumeSpec};
 use crate::service::Config;
 
+/// dockerd's calls, counted: a resync's cost.
+#[derive(Default)]
+struct Calls {
+    lists: AtomicUsize,
+    inspects: AtomicUsize,
+}
+
+impl Calls {
+    fn total(&self) -> usize {
+        self.lists.load(Ordering::SeqCst) + self.inspects.load(Ordering::SeqCst)
+    }
+}
+
 #[derive(Default)]
 struct Fake {
     up: bool,
     containers: StdMutex<Vec<DockerContainer>>,
+    calls: Arc<Calls>,
 }
 
-impl DockerApi for Fake {
-    async fn containers(&self, _driver: &str) -> Result<Vec<DockerContainer>, DockerError> {
+impl Fake {
+    fn all(&self) -> Result<Vec<DockerContainer>, DockerError> {
         if !self.up {
             return Err(DockerError::Unreachable {
                 at: "fake".into(),
@@ -26,17 +41,37 @@ impl DockerApi for Fake {
         }
         Ok(self.containers.lock().unwrap().clone())
     }
+}
+
+impl DockerApi for Fake {
+    /// As dockerd's client does it: one list, then one inspect per container.
+    async fn containers(&self, driver: &str) -> Result<Vec<DockerContainer>, DockerError> {
+        let mut out = Vec::new();
+        for l in self.list(driver).await? {
+            out.extend(self.inspect(&l.id, driver).await?);
+        }
+        Ok(out)
+    }
+
+    async fn list(&self, _driver: &str) -> Result<Vec<Listed>, DockerError> {
+        self.calls.lists.fetch_add(1, Ordering::SeqCst);
+        Ok(self
+            .all()?
+            .into_iter()
+            .map(|c| Listed {
+                id: c.id,
+                state: c.state,
+            })
+            .collect())
+    }
 
     async fn inspect(
         &self,
         id: &str,
-        driver: &str,
+        _driver: &str,
     ) -> Result<Option<DockerContainer>, DockerError> {
-        Ok(self
-            .containers(driver)
-            .await?
-            .into_iter()
-            .find(|c| c.id == id))
+        self.calls.inspects.fetch_add(1, Ordering::SeqCst);
+        Ok(self.all()?.into_iter().find(|c| c.id == id))
     }
 
     async fn events(&self, _tx: mpsc::Sender<DockerEvent>) -> Result<(), DockerError> {
@@ -101,6 +136,7 @@ fn follower(svc: &Service, fake: Fake) -> Follower<Fake> {
         api: Arc::new(fake),
         driver: "pd".into(),
         kills: HashMap::new(),
+        cache: cache::Cache::default(),
     }
 }
 
@@ -189,6 +225,7 @@ async fn a_crash_seals_unless_a_restart_is_coming() {
             exited("c1", 3, false, &["v"]),
             exited("c2", 3, true, &["w"]),
         ]),
+        ..Fake::default()
     };
     let mut f = follower(&e.svc, fake);
     f.apply(mount("v", "c1")).await;
@@ -397,4 +434,122 @@ async fn a_disk_the_kernel_holds_is_not_sealed() {
         assert!(Instant::now() < deadline, "never sealed once detached");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+fn running(id: &str, volumes: &[&str]) -> DockerContainer {
+    DockerContainer {
+        id: id.into(),
+        state: RunState::Running,
+        exit_code: 0,
+        restarts: false,
+        volumes: volumes.iter().map(|v| v.to_string()).collect(),
+    }
+}
+
+/// A resync costs what changed: with nothing changed it is one call to dockerd (its list),
+/// whatever the number of containers; a container whose state changed, or that an event
+/// named, is inspected alone; every `FULL_EVERY` resyncs everything is looked at again.
+#[tokio::test]
+async fn a_resync_with_nothing_changed_is_one_call() {
+    let e = env(false).await;
+    let n = 200;
+    for i in 0..n {
+        volume(&e.svc, &format!("v{i}")).await;
+    }
+    let fake = Fake {
+        up: true,
+        ..Fake::default()
+    };
+    *fake.containers.lock().unwrap() = (0..n)
+        .map(|i| running(&format!("c{i}"), &[&format!("v{i}")]))
+        .collect();
+    let calls = Arc::clone(&fake.calls);
+    let mut f = follower(&e.svc, fake);
+    f.resync().await.unwrap();
+    assert_eq!(calls.total(), 1 + n, "the first resync looks at everything");
+    assert_eq!(state(&e.svc, "v7").await, DiskState::Attached);
+
+    let before = calls.total();
+    f.resync().await.unwrap();
+    assert_eq!(calls.total() - before, 1, "nothing changed: one list");
+
+    // c3 crashed, and c5 died and restarted between two resyncs (its die was seen).
+    {
+        let mut cs = f.api.containers.lock().unwrap();
+        cs[3] = exited("c3", 1, false, &["v3"]);
+    }
+    f.apply(died("c5", 0)).await;
+    let before = calls.total();
+    f.resync().await.unwrap();
+    assert_eq!(
+        calls.total() - before,
+        // One list, c5's inspect, c3's inspect.
+        1 + 1 + 1,
+        "only what changed is inspected"
+    );
+    assert_eq!(state(&e.svc, "v3").await, DiskState::Sealed);
+    assert_eq!(state(&e.svc, "v4").await, DiskState::Attached);
+
+    // A removed container is noticed by the list alone.
+    f.api.containers.lock().unwrap().remove(9);
+    let before = calls.total();
+    f.resync().await.unwrap();
+    assert_eq!(calls.total() - before, 1);
+    assert_eq!(state(&e.svc, "v9").await, DiskState::Sealed);
+
+    // The full reconcile comes back once in FULL_EVERY resyncs.
+    let mut fulls = 0;
+    for _ in 0..cache::FULL_EVERY {
+        let before = calls.total();
+        f.resync().await.unwrap();
+        if calls.total() - before > 1 {
+            fulls += 1;
+        }
+    }
+    assert_eq!(fulls, 1, "one full reconcile in {} resyncs", cache::FULL_EVERY);
+}
+
+/// 100 volumes dangling at once are sealed through the job queue: never more at once than
+/// `--jobs`, in the order their grace periods ended, each once; `backlog()` shows the queue.
+#[tokio::test]
+async fn a_hundred_dangling_volumes_are_sealed_in_turn_once_each() {
+    let e = env(false).await;
+    let n = 100;
+    for i in 0..n {
+        volume(&e.svc, &format!("v{i:03}")).await;
+    }
+    // Grace periods ending in reverse name order: v099 went dangling first.
+    {
+        let mut st = e.svc.s.state.lock().await;
+        for i in 0..n {
+            let d = st.disks.get_mut(&format!("v{i:03}")).unwrap();
+            d.state = DiskState::Grace;
+            d.grace_until_ms = Some(1000 + (n - i) as u64);
+        }
+    }
+    e.svc.tick().await;
+    let b = e.svc.backlog();
+    assert_eq!(b.limit, 1);
+    assert!(b.running <= 1, "{b:?}");
+    assert!(b.queue.len() >= n - 1 - b.done as usize, "{b:?}");
+    let order: Vec<&str> = b.queue.iter().map(|q| q.disk.as_str()).collect();
+    let mut want: Vec<&str> = order.clone();
+    want.sort_unstable_by(|a, b| b.cmp(a));
+    assert_eq!(order, want, "queued in the order they went dangling");
+    // Asked again while queued: no second job.
+    e.svc.tick().await;
+    e.svc.wait_idle().await;
+    for i in 0..n {
+        assert_eq!(
+            e.svc.disk(&format!("v{i:03}")).await.unwrap().disk.state,
+            DiskState::Sealed
+        );
+    }
+    let b = e.svc.backlog();
+    assert_eq!((b.running, b.queue.len(), b.done), (0, 0, n as u64), "{b:?}");
+    let m = e.svc.metrics_text().await;
+    assert!(
+        m.contains(&format!("pdguard_seals_started_total {n}\n")),
+        "sealed more than once: {m}"
+    );
 }
