@@ -150,6 +150,10 @@ pub struct DockerStatus {
     pub error: Option<String>,
     /// Unix milliseconds of the last successful resync.
     pub last_resync_ms: u64,
+    /// How long it took, in microseconds, and whether it looked at every container (a full
+    /// reconcile) or only at what changed.
+    pub last_resync_us: u64,
+    pub last_resync_full: bool,
 }
 
 /// How a container that died counts: the patent's "crashed" only when it died on its own
@@ -387,7 +391,8 @@ struct Follower<D> {
 
 impl<D: DockerApi> Follower<D> {
     async fn resync(&mut self) -> Result<(), DockerError> {
-        let list = self.cache.refresh(&*self.api, &self.driver).await?;
+        let t0 = Instant::now();
+        let (list, full) = self.cache.refresh(&*self.api, &self.driver).await?;
         if let Err(e) = self.svc.docker_resync(&list).await {
             tracing::error!(error = %crate::error_chain(&e), "resync with dockerd failed");
         }
@@ -396,6 +401,8 @@ impl<D: DockerApi> Follower<D> {
             s.reachable = true;
             s.error = None;
             s.last_resync_ms = now_ms();
+            s.last_resync_us = u64::try_from(t0.elapsed().as_micros()).unwrap_or(u64::MAX);
+            s.last_resync_full = full;
         });
         if was_down {
             tracing::info!("dockerd answers");

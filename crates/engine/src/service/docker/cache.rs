@@ -47,19 +47,20 @@ impl Cache {
         self.since_full = None;
     }
 
-    /// Every container of `driver`, refreshed at the cost described above.
+    /// Every container of `driver`, refreshed at the cost described above, and whether
+    /// this was a full reconcile.
     pub(super) async fn refresh<D: DockerApi>(
         &mut self,
         api: &D,
         driver: &str,
-    ) -> Result<Vec<DockerContainer>, DockerError> {
+    ) -> Result<(Vec<DockerContainer>, bool), DockerError> {
         let full = self.since_full.is_none_or(|n| n + 1 >= FULL_EVERY);
         if full {
             let all = api.containers(driver).await?;
             self.known = all.iter().map(|c| (c.id.clone(), c.clone())).collect();
             self.dirty.clear();
             self.since_full = Some(0);
-            return Ok(all);
+            return Ok((all, true));
         }
         let listed = api.list(driver).await?;
         let ids: HashSet<&str> = listed.iter().map(|l| l.id.as_str()).collect();
@@ -79,6 +80,6 @@ impl Cache {
         self.since_full = self.since_full.map(|n| n + 1);
         let mut all: Vec<DockerContainer> = self.known.values().cloned().collect();
         all.sort_by(|a, b| a.id.cmp(&b.id));
-        Ok(all)
+        Ok((all, false))
     }
 }
