@@ -12,7 +12,6 @@ use std::time::{Duration, Instant};
 use common::*;
 use rand::{Rng, SeedableRng};
 
-
 /// How these tests run the daemon: no grace, no key.
 const SERVE: &[&str] = &["--grace", "0s", "--profile", "patent"];
 

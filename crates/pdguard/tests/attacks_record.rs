@@ -214,7 +214,6 @@ fn planted_symlinks_are_not_followed() {
     assert!(std::fs::read(&img).unwrap() == plain);
 }
 
-
 /// Through the daemon: a disk adopted with `--path` is sealed by the daemon, its record
 /// edited to name the victim; the unseal the daemon then runs (`disk unseal` or a reclaim
 /// by `container up`) refuses, the disk is `failed` with the cause, the victim untouched.

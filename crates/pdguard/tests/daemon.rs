@@ -14,7 +14,6 @@ use common::*;
 use rand::{Rng, SeedableRng};
 use serde_json::Value;
 
-
 /// The daemon's admin socket.
 fn socket(d: &Daemon) -> PathBuf {
     d.state().join("pdguard.sock")

@@ -32,7 +32,7 @@ fn random_file(path: &Path, bytes: usize) {
     std::fs::write(path, v).unwrap();
 }
 
-// ---- item 1: refusals that hold, failures that change nothing ----
+// ---- refusals that hold, failures that change nothing ----
 
 #[test]
 fn a_bad_setting_stops_serve_at_start_with_one_line_and_exit_2() {
@@ -221,7 +221,7 @@ fn a_failed_container_up_leaves_no_container_running() {
     assert!(!ls.contains("c1"), "the failed container up left c1: {ls}");
 }
 
-// ---- item 3: the daemon explains itself ----
+// ---- the daemon explains itself ----
 
 #[test]
 fn the_daemon_says_where_it_is_and_a_second_one_names_the_first() {
@@ -369,7 +369,7 @@ fn names_sort_naturally_and_removed_containers_leave_the_lists() {
     }
 }
 
-// ---- item 4: scripts can wait ----
+// ---- scripts can wait ----
 
 #[test]
 fn disk_wait_times_out_with_124_and_rejects_a_bad_timeout() {
@@ -412,7 +412,7 @@ fn disk_wait_times_out_with_124_and_rejects_a_bad_timeout() {
     assert_eq!(code(&o), 1, "{}", stderr(&o));
 }
 
-// ---- item 7: recovery when a sealed image is damaged ----
+// ---- recovery when a sealed image is damaged ----
 
 fn force_case(profile: &str) {
     let dir = tempfile::tempdir().unwrap();

@@ -235,7 +235,10 @@ impl Daemon {
             let child = self.child.as_mut().unwrap();
             if let Some(st) = child.try_wait().unwrap() {
                 self.child = None;
-                panic!("the daemon exited ({st}) before it answered: {}", self.log());
+                panic!(
+                    "the daemon exited ({st}) before it answered: {}",
+                    self.log()
+                );
             }
             if self.api.is_empty() {
                 let log = std::fs::read(&self.log).unwrap_or_default();
