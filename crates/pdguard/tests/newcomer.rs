@@ -7,64 +7,15 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use common::daemon::{Daemon, Serve};
 use common::{bin, code, s, stderr};
 
-/// `pdguard serve --profile patent --state-dir STATE EXTRA…`, stderr sent line by line.
-fn serve(state: &Path, extra: &[&str], log: Option<&str>) -> (Child, mpsc::Receiver<String>) {
-    let mut c = Command::new(bin());
-    c.args(["serve", "--profile", "patent", "--state-dir", s(state)])
-        .args(extra)
-        .env_remove("PDGUARD_KEY_FILE")
-        .env_remove("PDGUARD_LOG")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped());
-    if let Some(l) = log {
-        c.env("PDGUARD_LOG", l);
-    }
-    let mut child = c.spawn().unwrap();
-    let err = child.stderr.take().unwrap();
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(err).lines().map_while(Result::ok) {
-            let _ = tx.send(line);
-        }
-    });
-    (child, rx)
-}
-
-/// The first line holding `want`, within 30 s; every line seen, if none did.
-fn line_with(rx: &mpsc::Receiver<String>, want: &str) -> String {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let mut seen = Vec::new();
-    while Instant::now() < deadline {
-        match rx.recv_timeout(Duration::from_millis(100)) {
-            Ok(l) if l.contains(want) => return l,
-            Ok(l) => seen.push(l),
-            Err(mpsc::RecvTimeoutError::Timeout) => {}
-            Err(mpsc::RecvTimeoutError::Disconnected) => break,
-        }
-    }
-    panic!("no line with {want:?}: {seen:?}");
-}
-
-fn stop(mut child: Child) {
-    let _ = child.kill();
-    let _ = child.wait();
-}
-
 fn client(args: &[&str], state: &Path) -> std::process::Output {
-    Command::new(bin())
-        .args(args)
-        .env("PDGUARD_STATE_DIR", state)
-        .env_remove("PDGUARD_API_TOKEN_FILE")
-        .output()
-        .unwrap()
+    common::client(args, &[("PDGUARD_STATE_DIR", state)])
 }
 
 /// A script's `serve &` has not opened its socket when the next line runs: `status --wait`
@@ -83,17 +34,18 @@ fn status_wait_waits_for_a_daemon_that_is_starting() {
     let waiter = Command::new(bin())
         .args(["status", "--wait", "20s", "--json"])
         .env("PDGUARD_STATE_DIR", &state)
+        .env_remove("PDGUARD_API_TOKEN_FILE")
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
     std::thread::sleep(Duration::from_millis(500));
-    let (daemon, _rx) = serve(&state, &[], None);
+    let daemon = Daemon::start(&state, &[]);
     let o = waiter.wait_with_output().unwrap();
-    stop(daemon);
+    drop(daemon);
     assert_eq!(code(&o), 0, "{}", stderr(&o));
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
-    assert_eq!(v["profile"], "patent");
+    assert_eq!(v["profile"], "secure");
     // A bad duration is a usage error.
     assert_eq!(code(&client(&["status", "--wait", "soon"], &state)), 2);
 }
@@ -116,12 +68,7 @@ fn a_refused_start_leaves_nothing_behind() {
     {
         let state = dir.path().join(format!("state{i}"));
         // The secure profile: a start that went on would make a master key.
-        let o = Command::new(bin())
-            .args(["serve", "--state-dir", s(&state)])
-            .args(extra)
-            .env_remove("PDGUARD_KEY_FILE")
-            .output()
-            .unwrap();
+        let o = Serve::new(&state).args(extra).refused();
         assert_ne!(code(&o), 0, "{extra:?} started");
         assert_eq!(stderr(&o).lines().count(), 1, "{extra:?}: {}", stderr(&o));
         assert!(
@@ -139,8 +86,12 @@ fn a_refused_start_leaves_nothing_behind() {
 fn the_tcp_start_hint_works_as_printed() {
     let dir = tempfile::tempdir().unwrap();
     let state = dir.path().join("state");
-    let (daemon, rx) = serve(&state, &["--api", "tcp:127.0.0.1:0"], None);
-    let hint = line_with(&rx, "next, in another shell: ");
+    let daemon = Serve::new(&state).api_tcp().start();
+    let log = daemon.log();
+    let hint = log
+        .lines()
+        .find(|l| l.contains("next, in another shell: "))
+        .unwrap_or_else(|| panic!("no hint: {log}"));
     let cmd = hint.split("next, in another shell: ").nth(1).unwrap();
     let words: Vec<&str> = cmd.split_whitespace().collect();
     assert_eq!(words[0], "pdguard", "{hint}");
@@ -150,7 +101,7 @@ fn the_tcp_start_hint_works_as_printed() {
         .env_remove("PDGUARD_API_TOKEN_FILE")
         .output()
         .unwrap();
-    stop(daemon);
+    drop(daemon);
     assert_eq!(code(&o), 0, "{cmd}: {}", stderr(&o));
     assert!(String::from_utf8_lossy(&o.stdout).contains("d1"));
 }
@@ -167,8 +118,8 @@ fn the_help_says_what_serve_logs_by_default() {
     );
     let dir = tempfile::tempdir().unwrap();
     let state = dir.path().join("state");
-    let (daemon, rx) = serve(&state, &["--grace", "1h"], None);
-    line_with(&rx, "serving the admin API");
+    // PDGUARD_LOG is not set (the harness clears it).
+    let daemon = Daemon::start(&state, &["--grace", "1h"]);
     for args in [
         &["disk", "create", "d1", "--size", "1M"][..],
         &["container", "up", "c1", "--disk", "d1"],
@@ -177,9 +128,16 @@ fn the_help_says_what_serve_logs_by_default() {
         let o = client(args, &state);
         assert_eq!(code(&o), 0, "{args:?}: {}", stderr(&o));
     }
-    let l = line_with(&rx, "grace period starts");
-    stop(daemon);
-    assert!(l.contains("INFO"), "{l}");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let line = loop {
+        let log = daemon.log();
+        if let Some(l) = log.lines().find(|l| l.contains("grace period starts")) {
+            break l.to_string();
+        }
+        assert!(Instant::now() < deadline, "not logged: {log}");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(line.contains("INFO"), "{line}");
 }
 
 /// SIGTERM removes the NBD unix socket, as it removes the admin socket.
@@ -189,16 +147,9 @@ fn sigterm_removes_the_nbd_socket() {
     let state = dir.path().join("state");
     let sock = dir.path().join("nbd.sock");
     let nbd = format!("unix:{}", s(&sock));
-    let (mut daemon, rx) = serve(&state, &["--nbd", &nbd], None);
-    line_with(&rx, "serving the admin API");
+    let mut daemon = Daemon::start(&state, &["--nbd", &nbd]);
     assert!(sock.exists());
-    let o = Command::new("kill")
-        .args(["-TERM", &daemon.id().to_string()])
-        .output()
-        .unwrap();
-    assert!(o.status.success());
-    let status = daemon.wait().unwrap();
-    assert!(status.success(), "{status:?}");
+    assert_eq!(daemon.terminate(), 0, "{}", daemon.log());
     assert!(!state.join("pdguard.sock").exists());
     assert!(!sock.exists(), "the NBD socket stayed after SIGTERM");
 }
@@ -208,15 +159,14 @@ fn sigterm_removes_the_nbd_socket() {
 fn status_reads_sizes_and_durations_for_people() {
     let dir = tempfile::tempdir().unwrap();
     let state = dir.path().join("state");
-    let (daemon, rx) = serve(&state, &["--grace", "30s", "--jobs", "2"], None);
-    line_with(&rx, "serving the admin API");
+    let daemon = Daemon::start(&state, &["--grace", "30s", "--jobs", "2"]);
     let o = client(&["disk", "create", "d1", "--size", "64M"], &state);
     assert_eq!(code(&o), 0, "{}", stderr(&o));
     let text = client(&["status"], &state);
     let json = client(&["status", "--json"], &state);
     let show = client(&["disk", "show", "d1"], &state);
     let big = client(&["disk", "create", "d2", "--size", "1000000T"], &state);
-    stop(daemon);
+    drop(daemon);
     let text = String::from_utf8_lossy(&text.stdout).into_owned();
     assert!(text.contains("grace 30 s"), "{text}");
     assert!(text.contains("64 MiB"), "{text}");
