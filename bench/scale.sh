@@ -5,7 +5,8 @@
 #   ls         `docker volume ls -f driver=DRIVER` (dockerd asks the plugin's List), seconds
 #   resync     one resync with dockerd while CONTAINERS created containers use the volumes:
 #              a full reconcile (every container inspected) and one with nothing changed
-#              (one list call), as the daemon measured them (`status --json`), milliseconds
+#              (one list call), as the daemon measured them (`status --json`), milliseconds;
+#              and dockerd's own time to answer that one list call (curl), milliseconds
 #   restart    SIGTERM, then a new daemon up to its first answer (`status --wait`), seconds
 #   sealed/jN  100 volumes (or all, if fewer) dangling at once — one `container down` of a
 #              container that held them all — until the last is sealed, with --jobs N; each
@@ -48,7 +49,7 @@ while (($#)); do
         *) echo "bench/scale.sh: unknown argument $1; see the usage at the top of the script" >&2; exit 2 ;;
     esac
 done
-for t in docker python3 mkfs.ext4; do
+for t in docker python3 mkfs.ext4 curl; do
     command -v "$t" >/dev/null || { echo "bench/scale.sh: $t is missing; install it (apt-get install docker.io python3 e2fsprogs)" >&2; exit 1; }
 done
 [[ -x /bin/busybox ]] || { echo "bench/scale.sh: /bin/busybox is missing: apt-get install busybox-static" >&2; exit 1; }
@@ -164,7 +165,7 @@ sys.exit("bench/scale.sh: not all sealed within an hour")
 EOF
 }
 
-header="volumes containers create_s ls_s resync_full_ms resync_quiet_ms restart_s"
+header="volumes containers create_s ls_s resync_full_ms resync_quiet_ms dockerd_list_ms restart_s"
 for j in $jobs; do header+=" sealed_j${j}_s"; done
 rows=()
 for n in $counts; do
@@ -183,6 +184,10 @@ for n in $counts; do
     for i in $(seq "$c"); do echo "$i"; done |
         xargs -P 4 -I{} docker create -q --label "$ID" -v "$ID-v{}:/data" "$IMG" true >/dev/null
     read -r rfull rquiet < <(resync_ms)
+    # dockerd's own answer to the one call of a quiet resync, for comparison.
+    t0=$(now)
+    curl -sf --unix-socket "${docker_host#unix://}" "http://docker/v1.41/containers/json?all=1" >/dev/null
+    list=$(awk -v a="$(now)" -v b="$t0" 'BEGIN {printf "%.1f", (a - b) * 1000}')
     k=$((n < dangling ? n : dangling))
     dang=("${names[@]:0:k}")
     disk_args=()
@@ -207,7 +212,7 @@ for n in $counts; do
         "$PD" container down "$ID-holder" --removed --state-dir "$state" >/dev/null
         sealed+=("$(wait_sealed "$t0" "${dang[@]}")")
     done
-    rows+=("$n $c $create $ls $rfull $rquiet $restart ${sealed[*]}")
+    rows+=("$n $c $create $ls $rfull $rquiet $list $restart ${sealed[*]}")
     echo "bench/scale.sh: $n volumes done" >&2
     # Containers first, then the volumes (a sealed one is crypto-erased by Remove).
     docker ps -aq --filter "label=$ID" | xargs -r docker rm -f >/dev/null
