@@ -55,7 +55,11 @@ pub fn millis(ms: u64) -> String {
     match (s, rest) {
         (0, 0) => {}
         (s, 0) => parts.push(format!("{s} s")),
-        (s, r) => parts.push(format!("{}.{} s", s, format!("{r:03}").trim_end_matches('0'))),
+        (s, r) => parts.push(format!(
+            "{}.{} s",
+            s,
+            format!("{r:03}").trim_end_matches('0')
+        )),
     }
     parts.join(" ")
 }

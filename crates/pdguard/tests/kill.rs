@@ -10,8 +10,8 @@
 
 mod common;
 
-use std::io::Write as _;
 use std::collections::BTreeMap;
+use std::io::Write as _;
 use std::ops::Range;
 use std::path::Path;
 use std::process::{Child, Command};

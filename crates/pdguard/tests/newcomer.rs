@@ -177,7 +177,10 @@ fn status_reads_sizes_and_durations_for_people() {
     assert_eq!(v["disks"][0]["size"], 64u64 << 20);
     assert_eq!(v["jobs"]["limit"], 2);
     let err = stderr(&big);
-    assert!(err.contains("disk size 1000000 TiB is more than the "), "{err}");
+    assert!(
+        err.contains("disk size 1000000 TiB is more than the "),
+        "{err}"
+    );
     assert!(!err.contains(" bytes free"), "{err}");
 }
 

@@ -125,8 +125,7 @@ pub trait DockerApi: Send + Sync + 'static {
         driver: &str,
     ) -> impl Future<Output = Result<Vec<DockerContainer>, DockerError>> + Send;
     /// Every container that uses a volume of `driver`, as the list shows it: one call.
-    fn list(&self, driver: &str)
-        -> impl Future<Output = Result<Vec<Listed>, DockerError>> + Send;
+    fn list(&self, driver: &str) -> impl Future<Output = Result<Vec<Listed>, DockerError>> + Send;
     /// One container (None: dockerd does not know it).
     fn inspect(
         &self,

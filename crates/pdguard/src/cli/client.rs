@@ -445,8 +445,9 @@ fn first_status(
         };
         let not_yet = matches!(
             &attempt,
-            Err(CliError::Client(crate::api::client::ClientError::Unreachable(_)))
-                | Err(CliError::Token(_))
+            Err(CliError::Client(
+                crate::api::client::ClientError::Unreachable(_)
+            )) | Err(CliError::Token(_))
         );
         match (attempt, limit) {
             (Ok(v), _) => return Ok(v),
@@ -529,7 +530,12 @@ fn print_jobs(j: &Value) {
         j["done"].as_u64().unwrap_or(0)
     );
     if !queued.is_empty() {
-        let shown = queued.iter().take(8).copied().collect::<Vec<_>>().join(", ");
+        let shown = queued
+            .iter()
+            .take(8)
+            .copied()
+            .collect::<Vec<_>>()
+            .join(", ");
         let more = if queued.len() > 8 { ", ..." } else { "" };
         line.push_str(&format!(" (next: {shown}{more})"));
     }

@@ -506,7 +506,12 @@ async fn a_resync_with_nothing_changed_is_one_call() {
             fulls += 1;
         }
     }
-    assert_eq!(fulls, 1, "one full reconcile in {} resyncs", cache::FULL_EVERY);
+    assert_eq!(
+        fulls,
+        1,
+        "one full reconcile in {} resyncs",
+        cache::FULL_EVERY
+    );
 }
 
 /// 100 volumes dangling at once are sealed through the job queue: never more at once than
@@ -546,7 +551,11 @@ async fn a_hundred_dangling_volumes_are_sealed_in_turn_once_each() {
         );
     }
     let b = e.svc.backlog();
-    assert_eq!((b.running, b.queue.len(), b.done), (0, 0, n as u64), "{b:?}");
+    assert_eq!(
+        (b.running, b.queue.len(), b.done),
+        (0, 0, n as u64),
+        "{b:?}"
+    );
     let m = e.svc.metrics_text().await;
     assert!(
         m.contains(&format!("pdguard_seals_started_total {n}\n")),
