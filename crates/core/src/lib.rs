@@ -10,7 +10,9 @@ pub mod digest;
 pub mod geometry;
 pub mod keys;
 pub mod keyslot;
+pub mod moved_map;
 pub mod placement;
+pub mod region_tree;
 pub mod seed;
 
 pub use geometry::{Geometry, GeometryError};

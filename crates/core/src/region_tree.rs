@@ -53,7 +53,7 @@ const TAG_ZEROS: u8 = 0;
 const TAG_DATA: u8 = 1;
 static ZEROS: [u8; 64 << 10] = [0; 64 << 10];
 
-#[derive(Debug, Error, PartialEq, Eq)]
+#[derive(Debug, Clone, Error, PartialEq, Eq)]
 pub enum RegionTreeError {
     #[error("region size {0} is not a power of two from 4096 to 2^30 bytes")]
     RegionSize(u64),
@@ -65,9 +65,7 @@ pub enum RegionTreeError {
     Corrupt(&'static str),
     #[error("it does not belong to this seal: {0}")]
     Inconsistent(String),
-    #[error(
-        "its leaves do not give the seal record's root (edited, or from another seal's tree)"
-    )]
+    #[error("its leaves do not give the seal record's root (edited, or from another seal's tree)")]
     NotAuthentic,
     #[error("there is no region {region}: the image has {regions}")]
     OutOfRange { region: u64, regions: u64 },

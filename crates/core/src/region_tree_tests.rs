@@ -170,7 +170,9 @@ fn check_region_names_the_region_and_refuses_a_wrong_length() {
         "region 1 (bytes 4096..8192) does not match the seal's digest tree"
     );
     assert!(tree.check_region(&keys, 2, &r2[1..]).is_err());
-    assert!(tree.check_region(&keys, 3, &image[3 * R as usize..]).is_ok());
+    assert!(tree
+        .check_region(&keys, 3, &image[3 * R as usize..])
+        .is_ok());
     assert!(matches!(
         tree.check_region(&keys, 4, &[]),
         Err(RegionTreeError::OutOfRange { .. })
