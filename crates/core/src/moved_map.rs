@@ -245,6 +245,8 @@ pub enum MapError {
     NoValidSlot(SlotRefusal, SlotRefusal),
     #[error("its slots hold generations {0} and {1}, which no sequence of commits writes")]
     NotConsecutive(u64, u64),
+    #[error("it is at generation {0}, the last one: it cannot be committed again")]
+    LastGeneration(u64),
 }
 
 /// Why one slot of a moved map file is not used.
@@ -388,7 +390,10 @@ impl MovedMap {
     /// The next commit: this map (as on disk: `moving` is written `evacuated`) with the
     /// next generation, for its slot. Call [`Self::committed`] once it is durable.
     pub fn next_commit(&self, key: &MapKey) -> Result<Commit, MapError> {
-        let generation = self.generation + 1;
+        let generation = self
+            .generation
+            .checked_add(1)
+            .ok_or(MapError::LastGeneration(self.generation))?;
         let len = self.slot_len()?;
         let mut bytes = Vec::with_capacity(len);
         bytes.extend_from_slice(MAP_MAGIC);

@@ -170,6 +170,16 @@ fn slot_sizes_round_up_to_pages() {
 }
 
 #[test]
+fn the_last_generation_cannot_be_committed_again() {
+    let mut m = MovedMap::new(identity(R), 1).unwrap();
+    m.committed(u64::MAX);
+    assert_eq!(
+        m.next_commit(&MapKey::new(None)),
+        Err(MapError::LastGeneration(u64::MAX))
+    );
+}
+
+#[test]
 fn a_new_file_holds_generation_1_in_slot_1_and_loads_back() {
     let key = MapKey::new(Some(&[4; 32]));
     let id = identity(5 * R);
