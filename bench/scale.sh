@@ -20,8 +20,8 @@
 # Default: the host's dockerd, with this benchmark's own driver name (pdguard-scale); every
 # volume, container and image it made is removed at the end, and its plugin socket with it.
 # A dockerd remembers each legacy driver it reached and retries it once its socket is gone
-# (issue 19, item 5): --own-dockerd runs a dockerd of its own instead, in a private mount
-# namespace with its own /run/docker/plugins, data-root and socket, removed at the end, so
+# (issue 19, item 5): --own-dockerd runs a dockerd of its own instead, in private mount and
+# network namespaces with its own /run/docker/plugins, data-root and socket, removed at the end, so
 # the host's dockerd never sees the benchmark's driver (and its stalls do not enter the
 # figures). Needs root, dockerd, busybox-static, e2fsprogs, python3. Builds pdguard --release
 # (PDGUARD_BIN=path: use that binary instead).
@@ -54,13 +54,15 @@ for t in docker python3 mkfs.ext4 curl; do
 done
 [[ -x /bin/busybox ]] || { echo "bench/scale.sh: /bin/busybox is missing: apt-get install busybox-static" >&2; exit 1; }
 
-# --own-dockerd: run the rest of this script in a mount namespace of its own, where
-# /run/docker/plugins is a private tmpfs, next to a dockerd started for it.
+# --own-dockerd: run the rest of this script in a mount and a network namespace of its own,
+# where /run/docker/plugins is a private tmpfs, next to a dockerd started for it.
 if ((own)) && [[ -z ${PDGUARD_SCALE_INNER:-} ]]; then
     command -v dockerd >/dev/null || { echo "bench/scale.sh: dockerd is missing" >&2; exit 1; }
     [[ -z ${PDGUARD_BIN:-} ]] && cargo build --release -q
     args=(--counts "$counts" --jobs "$jobs" --dangling "$dangling" --size "$size" --fill "$fill" --containers-max "$containers_max")
-    exec unshare -m --propagation private env PDGUARD_SCALE_INNER=1 bash "$0" "${args[@]}" --own-dockerd
+    # A network namespace too: a dockerd started with --bridge none deletes the interface
+    # docker0 of its network namespace, which must never be the host's.
+    exec unshare -m -n --propagation private env PDGUARD_SCALE_INNER=1 bash "$0" "${args[@]}" --own-dockerd
 fi
 
 work=$(mktemp -d /var/tmp/pdguard-scale.XXXXXX)
@@ -94,6 +96,7 @@ cleanup() {
 trap cleanup EXIT
 
 if [[ -n ${PDGUARD_SCALE_INNER:-} ]]; then
+    ip link set lo up
     mount -t tmpfs -o mode=0755 tmpfs /run/docker/plugins
     mkdir -p "$work/dockerd"/{root,exec}
     echo '{}' >"$work/dockerd/config.json"
