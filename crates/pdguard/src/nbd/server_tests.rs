@@ -376,3 +376,61 @@ async fn a_trickled_handshake_is_closed_when_its_allowance_is_spent() {
         "closed after {after:?}"
     );
 }
+
+/// The export opens only the file recorded when the disk was adopted, as every job does:
+/// a symbolic link or another file renamed over the disk's path is refused at `OPT_GO`
+/// (no byte read or written, in the swapped-in file or anywhere), and the disk is marked
+/// `failed` with a message naming both identities.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_file_swapped_in_at_an_adopted_disks_path_is_never_served() {
+    let dir = tempfile::tempdir().unwrap();
+    let svc = service(dir.path()).await;
+    let outside = dir.path().join("outside");
+    std::fs::create_dir(&outside).unwrap();
+    for (i, how) in ["symlink", "rename"].into_iter().enumerate() {
+        let name = format!("a{i}");
+        let img = outside.join(format!("{name}.img"));
+        std::fs::write(&img, pattern(1 << 20)).unwrap();
+        svc.create_disk(&name, 1 << 20, Some(img.clone()))
+            .await
+            .unwrap();
+        let recorded = svc.disk(&name).await.unwrap().disk.identity.unwrap();
+        // Another user's file of the same size, which root must not touch.
+        let target = outside.join(format!("{name}.target"));
+        let secret = vec![0x5au8; 1 << 20];
+        std::fs::write(&target, &secret).unwrap();
+        let before = std::fs::metadata(&target).unwrap().modified().unwrap();
+        let moved = outside.join(format!("{name}.moved"));
+        std::fs::rename(&img, &moved).unwrap();
+        match how {
+            "symlink" => std::os::unix::fs::symlink(&target, &img).unwrap(),
+            _ => std::fs::rename(&target, &img).unwrap(),
+        }
+        let (mut c, _stop) = connect(&svc, ConnConfig::new(Duration::from_secs(5)));
+        let n = name.clone();
+        let r = tokio::task::spawn_blocking(move || {
+            greet(&mut c);
+            let info = wire::encode_info_request(&InfoRequest {
+                name: n,
+                infos: vec![],
+            });
+            option(&mut c, opt::GO, &info)
+        })
+        .await
+        .unwrap();
+        assert_eq!(r.len(), 1, "{how}: {r:?}");
+        assert_eq!(r[0].0, rep::ERR_UNKNOWN, "{how}: {r:?}");
+        let v = svc.disk(&name).await.unwrap();
+        assert_eq!(v.disk.state.name(), "failed", "{how}: {v:?}");
+        let error = v.disk.error.clone().unwrap_or_default();
+        assert!(error.contains("not the file pdguard took it for"), "{error}");
+        assert!(error.contains(&recorded.to_string()), "{how}: {error}");
+        assert_eq!(error.matches("inode").count(), 2, "{how}: {error}");
+        assert!(v.containers.is_empty(), "{how}: {v:?}");
+        // Not a byte written to the file swapped in (nor read: it is never opened).
+        let now = if how == "symlink" { &target } else { &img };
+        assert_eq!(std::fs::read(now).unwrap(), secret, "{how}");
+        assert_eq!(std::fs::metadata(now).unwrap().modified().unwrap(), before);
+        assert_eq!(std::fs::read(&moved).unwrap(), pattern(1 << 20), "{how}");
+    }
+}
