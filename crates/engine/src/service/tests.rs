@@ -369,3 +369,71 @@ async fn a_leftover_mount_is_unmounted_and_the_volume_sealed() {
     assert!(!crate::store::loopfs::is_mountpoint(&dir).unwrap());
     assert!(!e.svc.disk(name).await.unwrap().unmount_pending);
 }
+
+/// Seal `path` offline, as `pdguard image seal` does (patent profile: no key needed).
+fn seal_offline(path: &Path) {
+    let storage = crate::store::file::ImageStorage::new(
+        path.to_path_buf(),
+        crate::store::file::default_record_path(path),
+        None,
+    );
+    crate::jobs::seal(&storage, &crate::jobs::SealOptions::default(), &crate::jobs::NoProgress)
+        .unwrap();
+}
+
+fn plain_data() -> Vec<u8> {
+    (0..64 * 1024u32).map(|i| (i * 13 % 253) as u8).collect()
+}
+
+/// A file sealed offline and then adopted (its record beside it), or sealed offline while
+/// the daemon held it unused, holds sealed data: a reclaim unseals it and checks its
+/// digests before the container comes up, and the container gets the plaintext, never the
+/// scrambled bytes. A tampered one fails the reclaim (verification failed), the disk
+/// `failed` and its gate closed, the container not up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_disk_sealed_outside_the_daemon_is_unsealed_before_any_use() {
+    let e = env(Duration::from_secs(3600)).await;
+    let outside = e._dir.path().join("outside");
+    std::fs::create_dir(&outside).unwrap();
+    for (i, when) in ["before adoption", "after adoption", "tampered"]
+        .into_iter()
+        .enumerate()
+    {
+        let name = format!("o{i}");
+        let path = outside.join(format!("{name}.img"));
+        std::fs::write(&path, plain_data()).unwrap();
+        if when != "after adoption" {
+            seal_offline(&path);
+        }
+        if when == "tampered" {
+            tamper(&path);
+        }
+        e.svc
+            .create_disk(&name, 64 * 1024, Some(path.clone()))
+            .await
+            .unwrap();
+        let adopted = state(&e.svc, &name).await;
+        if when == "after adoption" {
+            assert_eq!(adopted, DiskState::Available);
+            seal_offline(&path);
+        } else {
+            assert_eq!(adopted, DiskState::Sealed, "{when}");
+            assert_eq!(e.svc.gate(&name).state(), GateState::Sealed(SealedIo::ReadOnly));
+        }
+        assert!(std::fs::read(&path).unwrap() != plain_data(), "{when}: not sealed");
+        let up = e.svc.container_up(&format!("c{i}"), &[name.clone()]).await;
+        if when == "tampered" {
+            let err = up.unwrap_err();
+            assert_eq!(err.code(), "verification_failed", "{err}");
+            assert_eq!(state(&e.svc, &name).await, DiskState::Failed);
+            assert_eq!(e.svc.gate(&name).state(), GateState::Blocked);
+            assert!(e.svc.containers().await.iter().all(|c| c.container.id != "c2"));
+            continue;
+        }
+        up.unwrap();
+        assert_eq!(state(&e.svc, &name).await, DiskState::Attached, "{when}");
+        assert!(std::fs::read(&path).unwrap() == plain_data(), "{when}: not plaintext");
+        assert!(!crate::store::file::default_record_path(&path).exists());
+        assert_eq!(e.svc.gate(&name).state(), GateState::Open);
+    }
+}

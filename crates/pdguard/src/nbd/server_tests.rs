@@ -434,3 +434,44 @@ async fn a_file_swapped_in_at_an_adopted_disks_path_is_never_served() {
         assert_eq!(std::fs::read(&moved).unwrap(), pattern(1 << 20), "{how}");
     }
 }
+
+/// A file sealed offline (`pdguard image seal`) and then adopted is `sealed`: `OPT_GO` on
+/// it is a reclaim that unseals it and checks its digests first, and the client reads the
+/// plaintext, never the scrambled bytes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_adopted_file_sealed_offline_is_unsealed_before_it_is_served() {
+    use pdguard_engine::jobs::{seal, NoProgress, SealOptions};
+    use pdguard_engine::store::file::{default_record_path, ImageStorage};
+    let dir = tempfile::tempdir().unwrap();
+    let svc = service(dir.path()).await;
+    let img = dir.path().join("offline.img");
+    let data = pattern(1 << 20);
+    std::fs::write(&img, &data).unwrap();
+    let storage = ImageStorage::new(img.clone(), default_record_path(&img), None);
+    seal(&storage, &SealOptions::default(), &NoProgress).unwrap();
+    assert!(std::fs::read(&img).unwrap() != data);
+    svc.create_disk("off", 1 << 20, Some(img.clone()))
+        .await
+        .unwrap();
+    assert_eq!(svc.disk("off").await.unwrap().disk.state.name(), "sealed");
+    let (mut c, _stop) = connect(&svc, ConnConfig::new(Duration::from_secs(20)));
+    let back = tokio::task::spawn_blocking(move || {
+        greet(&mut c);
+        let info = wire::encode_info_request(&InfoRequest {
+            name: "off".into(),
+            infos: vec![],
+        });
+        let r = option(&mut c, opt::GO, &info);
+        assert_eq!(r.last().unwrap().0, rep::ACK, "{r:?}");
+        request(&mut c, Command::Read, 1, 0, 1 << 20);
+        assert_eq!(simple_reply(&mut c), (0, 1));
+        let mut back = vec![0u8; 1 << 20];
+        c.read_exact(&mut back).unwrap();
+        back
+    })
+    .await
+    .unwrap();
+    assert!(back == data, "the client read the sealed bytes");
+    assert!(!default_record_path(&img).exists());
+    assert_eq!(svc.disk("off").await.unwrap().disk.state.name(), "attached");
+}
