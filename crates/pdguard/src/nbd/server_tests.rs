@@ -475,3 +475,40 @@ async fn an_adopted_file_sealed_offline_is_unsealed_before_it_is_served() {
     assert!(!default_record_path(&img).exists());
     assert_eq!(svc.disk("off").await.unwrap().disk.state.name(), "attached");
 }
+
+/// The STARTTLS injection (CVE-2021-3716's shape, nbdkit's fix): options pipelined behind
+/// `NBD_OPT_STARTTLS` in the same write would be read as if they had come through TLS.
+/// The connection is closed instead, before the ack: nothing is listed, nothing attached.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn options_pipelined_behind_starttls_close_the_connection() {
+    let dir = tempfile::tempdir().unwrap();
+    let svc = service(dir.path()).await;
+    let psk = dir.path().join("keys.psk");
+    std::fs::write(&psk, "alice:000102030405060708090a0b0c0d0e0f\n").unwrap();
+    std::fs::set_permissions(&psk, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let mut cfg = ConnConfig::new(Duration::from_secs(5));
+    cfg.tls = Some(Arc::new(
+        Tls::psk(&psk, super::super::tls::TlsMode::Require).unwrap(),
+    ));
+    let (mut c, _stop) = connect(&svc, cfg);
+    let got = tokio::task::spawn_blocking(move || {
+        greet(&mut c);
+        let info = wire::encode_info_request(&InfoRequest {
+            name: "d".into(),
+            infos: vec![],
+        });
+        let mut b = wire::encode_option(opt::STARTTLS, &[]);
+        b.extend(wire::encode_option(opt::LIST, &[]));
+        b.extend(wire::encode_option(opt::GO, &info));
+        c.write_all(&b).unwrap();
+        let mut rest = Vec::new();
+        let _ = c.read_to_end(&mut rest);
+        rest
+    })
+    .await
+    .unwrap();
+    assert!(got.is_empty(), "the server answered {} bytes", got.len());
+    let v = svc.disk("d").await.unwrap();
+    assert!(v.containers.is_empty(), "{v:?}");
+    assert_eq!(v.disk.state.name(), "available");
+}
