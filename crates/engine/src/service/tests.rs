@@ -437,3 +437,56 @@ async fn a_disk_sealed_outside_the_daemon_is_unsealed_before_any_use() {
         assert_eq!(e.svc.gate(&name).state(), GateState::Open);
     }
 }
+
+/// A FIFO planted at a sealed disk's key slot (secure profile): `disk unseal` and a
+/// reclaim are refused within a second, naming the slot and the FIFO, the disk `failed`;
+/// no job slot or image lock is left held (another disk still seals).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fifo_key_slot_fails_the_daemons_unseal_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let svc = Service::start(Config {
+        state_dir: dir.path().join("state"),
+        grace: Duration::from_secs(3600),
+        profile: Profile::Secure,
+        master_key: Some(MasterKey::from_bytes([7; 32])),
+        sealed_io: SealedIo::ReadOnly,
+        jobs: 1,
+        sector_size: 512,
+        strategy: crate::jobs::SealOptions::default().strategy,
+        seal_stopped: false,
+        observer: None,
+    })
+    .await
+    .unwrap();
+    let path = sealed_disk(&svc, "k").await;
+    let slot = {
+        let mut s = crate::store::file::default_record_path(&path).into_os_string();
+        s.push(pdguard_core::keyslot::SLOT_SUFFIX);
+        PathBuf::from(s)
+    };
+    assert!(slot.is_file(), "a secure seal has a key slot");
+    std::fs::remove_file(&slot).unwrap();
+    rustix::fs::mknodat(
+        rustix::fs::CWD,
+        &slot,
+        rustix::fs::FileType::Fifo,
+        rustix::fs::Mode::from_raw_mode(0o600),
+        0,
+    )
+    .unwrap();
+    let t = std::time::Instant::now();
+    let err = svc.unseal_disk("k").await.unwrap_err();
+    assert!(t.elapsed() < Duration::from_secs(1), "{:?}", t.elapsed());
+    let text = crate::error_chain(&err);
+    assert!(text.contains("FIFO") && text.contains(&slot.display().to_string()), "{text}");
+    let v = svc.disk("k").await.unwrap();
+    assert_eq!(v.disk.state, DiskState::Failed);
+    assert!(v.disk.error.unwrap_or_default().contains("FIFO"));
+    let t = std::time::Instant::now();
+    let err = svc.container_up("c", &["k".to_string()]).await.unwrap_err();
+    assert!(t.elapsed() < Duration::from_secs(1), "{:?}", t.elapsed());
+    assert!(crate::error_chain(&err).contains("FIFO"), "{err}");
+    assert_eq!(state(&svc, "k").await, DiskState::Failed);
+    // The only job slot is free: another disk seals.
+    sealed_disk(&svc, "other").await;
+}
