@@ -59,9 +59,15 @@ fn refused_at_start(dir: &Path, tls: &[&str], fifo: &Path) {
     let (o, took) = serve_bounded(&args);
     let err = stderr(&o);
     assert_eq!(code(&o), 2, "{tls:?}: {err}");
-    assert!(took < Duration::from_secs(1), "{tls:?} took {took:?}: {err}");
+    assert!(
+        took < Duration::from_secs(1),
+        "{tls:?} took {took:?}: {err}"
+    );
     assert_eq!(err.trim().lines().count(), 1, "{tls:?}: {err}");
-    assert!(err.contains(s(fifo)) && err.contains("FIFO"), "{tls:?}: {err}");
+    assert!(
+        err.contains(s(fifo)) && err.contains("FIFO"),
+        "{tls:?}: {err}"
+    );
     assert!(!state.exists(), "a refused start made {}", state.display());
 }
 
@@ -85,6 +91,10 @@ fn a_fifo_at_the_psk_file_or_a_certificate_file_is_refused_at_start() {
                 std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).unwrap();
             }
         }
-        refused_at_start(dir.path(), &["--nbd-tls-certs", s(&certs)], &certs.join(fifo));
+        refused_at_start(
+            dir.path(),
+            &["--nbd-tls-certs", s(&certs)],
+            &certs.join(fifo),
+        );
     }
 }

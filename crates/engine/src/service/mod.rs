@@ -42,8 +42,8 @@ pub use volumes::{VolumeError, VolumeOptions, VolumeView, MAX_VOLUME_NAME};
 
 use crate::gate::{Gate, GateState, SealedIo};
 use crate::jobs::Progress;
-use crate::store::file::default_record_path;
 use crate::registry::{Container, ContainerState, Disk, DiskState, Origin, Registry, VolumeMounts};
+use crate::store::file::default_record_path;
 
 type Result<T, E = ServiceError> = std::result::Result<T, E>;
 

@@ -68,7 +68,9 @@ impl Service {
         let (path, name, id) = (export.path.clone(), export.name.clone(), export.identity);
         let opened = tokio::task::spawn_blocking(move || open_export(&path, &name, id))
             .await
-            .map_err(|e| ServiceError::Invalid(format!("the open of the disk's file failed: {e}")))?;
+            .map_err(|e| {
+                ServiceError::Invalid(format!("the open of the disk's file failed: {e}"))
+            })?;
         match opened {
             Ok(f) => Ok(f),
             Err(source @ StoreError::Replaced(_)) => {

@@ -377,8 +377,12 @@ fn seal_offline(path: &Path) {
         crate::store::file::default_record_path(path),
         None,
     );
-    crate::jobs::seal(&storage, &crate::jobs::SealOptions::default(), &crate::jobs::NoProgress)
-        .unwrap();
+    crate::jobs::seal(
+        &storage,
+        &crate::jobs::SealOptions::default(),
+        &crate::jobs::NoProgress,
+    )
+    .unwrap();
 }
 
 fn plain_data() -> Vec<u8> {
@@ -418,21 +422,38 @@ async fn a_disk_sealed_outside_the_daemon_is_unsealed_before_any_use() {
             seal_offline(&path);
         } else {
             assert_eq!(adopted, DiskState::Sealed, "{when}");
-            assert_eq!(e.svc.gate(&name).state(), GateState::Sealed(SealedIo::ReadOnly));
+            assert_eq!(
+                e.svc.gate(&name).state(),
+                GateState::Sealed(SealedIo::ReadOnly)
+            );
         }
-        assert!(std::fs::read(&path).unwrap() != plain_data(), "{when}: not sealed");
-        let up = e.svc.container_up(&format!("c{i}"), &[name.clone()]).await;
+        assert!(
+            std::fs::read(&path).unwrap() != plain_data(),
+            "{when}: not sealed"
+        );
+        let up = e
+            .svc
+            .container_up(&format!("c{i}"), std::slice::from_ref(&name))
+            .await;
         if when == "tampered" {
             let err = up.unwrap_err();
             assert_eq!(err.code(), "verification_failed", "{err}");
             assert_eq!(state(&e.svc, &name).await, DiskState::Failed);
             assert_eq!(e.svc.gate(&name).state(), GateState::Blocked);
-            assert!(e.svc.containers().await.iter().all(|c| c.container.id != "c2"));
+            assert!(e
+                .svc
+                .containers()
+                .await
+                .iter()
+                .all(|c| c.container.id != "c2"));
             continue;
         }
         up.unwrap();
         assert_eq!(state(&e.svc, &name).await, DiskState::Attached, "{when}");
-        assert!(std::fs::read(&path).unwrap() == plain_data(), "{when}: not plaintext");
+        assert!(
+            std::fs::read(&path).unwrap() == plain_data(),
+            "{when}: not plaintext"
+        );
         assert!(!crate::store::file::default_record_path(&path).exists());
         assert_eq!(e.svc.gate(&name).state(), GateState::Open);
     }
@@ -478,7 +499,10 @@ async fn a_fifo_key_slot_fails_the_daemons_unseal_at_once() {
     let err = svc.unseal_disk("k").await.unwrap_err();
     assert!(t.elapsed() < Duration::from_secs(1), "{:?}", t.elapsed());
     let text = crate::error_chain(&err);
-    assert!(text.contains("FIFO") && text.contains(&slot.display().to_string()), "{text}");
+    assert!(
+        text.contains("FIFO") && text.contains(&slot.display().to_string()),
+        "{text}"
+    );
     let v = svc.disk("k").await.unwrap();
     assert_eq!(v.disk.state, DiskState::Failed);
     assert!(v.disk.error.unwrap_or_default().contains("FIFO"));

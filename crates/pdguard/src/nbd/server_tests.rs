@@ -423,7 +423,10 @@ async fn a_file_swapped_in_at_an_adopted_disks_path_is_never_served() {
         let v = svc.disk(&name).await.unwrap();
         assert_eq!(v.disk.state.name(), "failed", "{how}: {v:?}");
         let error = v.disk.error.clone().unwrap_or_default();
-        assert!(error.contains("not the file pdguard took it for"), "{error}");
+        assert!(
+            error.contains("not the file pdguard took it for"),
+            "{error}"
+        );
         assert!(error.contains(&recorded.to_string()), "{how}: {error}");
         assert_eq!(error.matches("inode").count(), 2, "{how}: {error}");
         assert!(v.containers.is_empty(), "{how}: {v:?}");

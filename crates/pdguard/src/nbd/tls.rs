@@ -23,9 +23,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use openssl::error::ErrorStack;
+use openssl::ssl::{Ssl, SslContext, SslContextBuilder, SslMethod, SslVerifyMode};
 use openssl::x509::X509;
 use pdguard_engine::store::safe_open::{self, How, SafeOpenError};
-use openssl::ssl::{Ssl, SslContext, SslContextBuilder, SslMethod, SslVerifyMode};
 use thiserror::Error;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, BufReader};
 use zeroize::Zeroizing;
@@ -394,7 +394,10 @@ mod tests {
         let e = Tls::psk(&psk, TlsMode::Require).unwrap_err();
         assert!(t.elapsed() < Duration::from_secs(1));
         let text = e.to_string();
-        assert!(text.contains("FIFO") && text.contains(&psk.display().to_string()), "{text}");
+        assert!(
+            text.contains("FIFO") && text.contains(&psk.display().to_string()),
+            "{text}"
+        );
         // X.509: each of the three files in turn is the FIFO, the others real.
         let (cert_pem, key_pem) = self_signed();
         for fifo in ["ca-cert.pem", "server-cert.pem", "server-key.pem"] {
@@ -410,8 +413,7 @@ mod tests {
                     mkfifo(&p);
                 } else {
                     std::fs::write(&p, pem).unwrap();
-                    std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600))
-                        .unwrap();
+                    std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).unwrap();
                 }
             }
             let t = std::time::Instant::now();
@@ -422,7 +424,11 @@ mod tests {
             assert!(text.contains("FIFO") && text.contains(&path), "{text}");
             // The same files with the FIFO replaced by the real one load.
             std::fs::remove_file(&path).unwrap();
-            let pem = if fifo == "server-key.pem" { &key_pem } else { &cert_pem };
+            let pem = if fifo == "server-key.pem" {
+                &key_pem
+            } else {
+                &cert_pem
+            };
             std::fs::write(&path, pem).unwrap();
             std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
             Tls::x509(&certs, TlsMode::Require).unwrap();
