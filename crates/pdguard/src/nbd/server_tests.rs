@@ -470,13 +470,16 @@ async fn an_adopted_file_sealed_offline_is_unsealed_before_it_is_served() {
         assert_eq!(simple_reply(&mut c), (0, 1));
         let mut back = vec![0u8; 1 << 20];
         c.read_exact(&mut back).unwrap();
-        back
+        (back, c)
     })
     .await
     .unwrap();
+    let (back, c) = back;
     assert!(back == data, "the client read the sealed bytes");
     assert!(!default_record_path(&img).exists());
+    // Still connected (the close would start the grace period).
     assert_eq!(svc.disk("off").await.unwrap().disk.state.name(), "attached");
+    drop(c);
 }
 
 /// The STARTTLS injection (CVE-2021-3716's shape, nbdkit's fix): options pipelined behind
