@@ -5,8 +5,6 @@
 #![allow(clippy::unwrap_used)]
 
 mod common;
-#[path = "common/spawned.rs"]
-mod spawned;
 
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
@@ -17,8 +15,6 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::*;
-use serde_json::Value;
-use spawned::*;
 
 /// A Debian command the test needs, or a failure naming the package.
 fn tool(name: &str) -> PathBuf {
@@ -44,10 +40,9 @@ fn token_file(dir: &Path, name: &str, token: &str) -> PathBuf {
     p
 }
 
-/// One guarded host: a daemon on loopback TCP and the flags its clients need.
+/// One guarded host: a daemon on loopback TCP with a token file of our own.
 struct Host {
     daemon: Daemon,
-    token: PathBuf,
 }
 
 impl Host {
@@ -57,23 +52,16 @@ impl Host {
             &format!("{name}.token"),
             &format!("{name}-{}", "t".repeat(40)),
         );
-        let state = dir.join(name);
-        let daemon = Daemon::start(
-            &state,
-            &["--api", "tcp:127.0.0.1:0", "--api-token-file", s(&token)],
-        );
-        Self { daemon, token }
+        let daemon = Serve::new(&dir.join(name))
+            .profile("patent")
+            .api_tcp()
+            .api_token_file(&token)
+            .start();
+        Self { daemon }
     }
 
-    fn run(&self, args: &[&str]) -> Value {
-        let flags = [
-            "--api",
-            &self.daemon.api,
-            "--api-token-file",
-            s(&self.token),
-            "--json",
-        ];
-        json_of(&client(&[args, &flags[..]].concat(), &[]))
+    fn run(&self, args: &[&str]) -> serde_json::Value {
+        self.daemon.ok(args)
     }
 
     /// Disks by state, as `pdguard status --json` says.
@@ -88,7 +76,7 @@ impl Host {
 
     /// GET /metrics with the token.
     fn metrics(&self) -> String {
-        let token = std::fs::read_to_string(&self.token).unwrap();
+        let token = std::fs::read_to_string(self.daemon.token_file()).unwrap();
         let addr = self.daemon.addr();
         let req = format!(
             "GET /metrics HTTP/1.0\r\nhost: {addr}\r\nauthorization: Bearer {}\r\n\r\n",
@@ -202,7 +190,7 @@ impl Prometheus {
         );
         let (status, body) = http(&self.addr, &req);
         assert_eq!(status, 200, "{promql}: {body}");
-        let v: Value = serde_json::from_str(&body).unwrap();
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
         v["data"]["result"]
             .as_array()
             .unwrap()
@@ -285,7 +273,7 @@ fn prometheus_scrapes_two_daemons_and_agrees_with_their_status() {
     for (job, host) in [("pdguard-a", &a), ("pdguard-b", &b)] {
         config += &format!(
             "  - job_name: {job}\n    authorization:\n      type: Bearer\n      credentials_file: {}\n    static_configs:\n      - targets: ['{}']\n",
-            s(&host.token),
+            s(&host.daemon.token_file()),
             host.daemon.addr()
         );
     }
