@@ -13,6 +13,8 @@ declare -A provides=([losetup]=mount [mount]=mount [umount]=mount [setpriv]=util
 provides+=([qemu-io]=qemu-utils [qemu-img]=qemu-utils [qemu-nbd]=qemu-utils
   [nbdinfo]=libnbd-bin [nbdcopy]=libnbd-bin [nbdsh]=python3-libnbd [fio]=fio [nbdkit]=nbdkit
   [openssl]=openssl [pkg-config]=pkg-config)
+# A real Prometheus server and promtool for crates/pdguard/tests/prometheus.rs.
+provides+=([prometheus]=prometheus [promtool]=prometheus)
 missing=()
 for cmd in "${!provides[@]}"; do
   command -v "$cmd" >/dev/null 2>&1 || missing+=("${provides[$cmd]}")

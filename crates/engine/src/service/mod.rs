@@ -285,6 +285,9 @@ impl Service {
             self.persist(&changed)?;
             *d = changed;
             tracing::debug!(disk = %name, from = before.state().name(), to = after.state().name(), "life cycle");
+            if after.state() == DiskState::Failed && before.state() != DiskState::Failed {
+                self.s.metrics.disk_failed();
+            }
         }
         let d = d.clone();
         if matches!(after, Life::Unsealing { reclaim: false }) {
@@ -587,9 +590,14 @@ impl Service {
         for d in st.disks.values() {
             *by_state.entry(d.state).or_default() += 1;
         }
-        let dangling = st.disks.values().filter(|d| d.dangling).count() as u64;
-        let gate_waits: u64 = lock(&self.s.gates).values().map(|g| g.waits()).sum();
-        self.s.metrics.render(&by_state, dangling, gate_waits)
+        let snap = metrics::Snapshot {
+            by_state,
+            dangling: st.disks.values().filter(|d| d.dangling).count() as u64,
+            gate_waits: lock(&self.s.gates).values().map(|g| g.waits()).sum(),
+            docker_up: self.docker_status().map(|s| s.reachable),
+        };
+        drop(st);
+        self.s.metrics.render(&snap)
     }
 }
 

@@ -142,6 +142,77 @@ async fn an_unseal_that_fails_verification_says_so_typed() {
     assert_eq!(state(&e.svc, "d").await, DiskState::Failed);
     // The container did not come up.
     assert!(e.svc.containers().await.is_empty());
+    // Both failures are counted: the jobs, and the disk entering `failed` each time.
+    let m = e.svc.metrics_text().await;
+    for line in [
+        "pdguard_jobs_failed_total{kind=\"unseal\"} 2\n",
+        "pdguard_jobs_finished_total{kind=\"unseal\"} 2\n",
+        "pdguard_jobs_failed_total{kind=\"seal\"} 0\n",
+        "pdguard_disk_failures_total 2\n",
+        "pdguard_disks{state=\"failed\"} 1\n",
+    ] {
+        assert!(m.contains(line), "{line:?} missing:\n{m}");
+    }
+}
+
+/// With one job slot, a second unseal waits in the queue while the first runs: the backlog
+/// gauges say so, and both end in the duration histogram.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_backlog_is_counted_queued_then_running() {
+    let e = env(Duration::from_secs(3600)).await;
+    sealed_disk(&e.svc, "a").await;
+    sealed_disk(&e.svc, "b").await;
+    e.hold.arm();
+    // A failed assertion must not leave the job held: the runtime waits for it at its end.
+    struct Release(Arc<HoldUnseal>);
+    impl Drop for Release {
+        fn drop(&mut self) {
+            self.0.release();
+        }
+    }
+    let release = Release(e.hold.clone());
+    let (s1, s2) = (e.svc.clone(), e.svc.clone());
+    let first = tokio::spawn(async move { s1.unseal_disk("a").await });
+    while !e.hold.reached.load(Ordering::SeqCst) {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let second = tokio::spawn(async move { s2.unseal_disk("b").await });
+    let want = [
+        "pdguard_jobs{kind=\"unseal\",state=\"running\"} 1\n",
+        "pdguard_jobs{kind=\"unseal\",state=\"queued\"} 1\n",
+        "pdguard_disks{state=\"unsealing\"} 2\n",
+    ];
+    let mut m = String::new();
+    for _ in 0..200 {
+        m = e.svc.metrics_text().await;
+        if want.iter().all(|l| m.contains(l)) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    for line in want {
+        assert!(m.contains(line), "{line:?} missing:\n{m}");
+    }
+    assert!(m.contains("pdguard_oldest_job_start_time_seconds "), "{m}");
+    drop(release);
+    first.await.unwrap().unwrap();
+    second.await.unwrap().unwrap();
+    let m = e.svc.metrics_text().await;
+    for line in [
+        "pdguard_jobs{kind=\"unseal\",state=\"running\"} 0\n",
+        "pdguard_jobs{kind=\"unseal\",state=\"queued\"} 0\n",
+        "pdguard_job_duration_seconds_count{kind=\"unseal\"} 2\n",
+        "pdguard_job_duration_seconds_count{kind=\"seal\"} 2\n",
+        "pdguard_jobs_started_total{kind=\"unseal\"} 2\n",
+        "pdguard_disks{state=\"available\"} 2\n",
+    ] {
+        assert!(m.contains(line), "{line:?} missing:\n{m}");
+    }
+    assert!(!m.contains("pdguard_oldest_job"), "{m}");
+    assert!(
+        !m.contains("pdguard_moved_bytes_total{kind=\"unseal\"} 0\n"),
+        "{m}"
+    );
 }
 
 /// `container up` whose client gives up while the unseal runs: once the unseal ends, the

@@ -352,6 +352,8 @@ async fn an_unreachable_dockerd_is_reported_and_nothing_is_sealed() {
     }
     tokio::time::sleep(Duration::from_millis(100)).await;
     assert_eq!(state(&e.svc, "v").await, DiskState::Attached);
+    let m = e.svc.metrics_text().await;
+    assert!(m.contains("pdguard_docker_up 0\n"), "{m}");
     stop_tx.send(true).unwrap();
     tokio::time::timeout(Duration::from_secs(5), task)
         .await
