@@ -9,6 +9,8 @@ cd "$(dirname "$0")/.."
 declare -A provides=([losetup]=mount [mount]=mount [umount]=mount [setpriv]=util-linux [flock]=util-linux
   [mkfs.ext4]=e2fsprogs [groff]=groff-base [docker]=docker.io [dockerd]=docker.io
   [docker-compose]=docker-compose)
+# The Docker node harness (crates/pdguard/tests/nodes): namespaces, veths, nsenter.
+provides+=([ip]=iproute2 [nsenter]=util-linux [unshare]=util-linux [tar]=tar [timeout]=coreutils)
 # NBD clients of crates/pdguard/tests/nbd.rs, and nbdkit for bench/nbd.sh.
 provides+=([qemu-io]=qemu-utils [qemu-img]=qemu-utils [qemu-nbd]=qemu-utils
   [nbdinfo]=libnbd-bin [nbdcopy]=libnbd-bin [nbdsh]=python3-libnbd [fio]=fio [nbdkit]=nbdkit
