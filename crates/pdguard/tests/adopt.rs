@@ -4,8 +4,6 @@
 #![allow(clippy::unwrap_used)]
 
 mod common;
-#[path = "common/local.rs"]
-mod local;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -13,8 +11,6 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use rand::{Rng, SeedableRng};
-
-use local::Daemon;
 
 /// How these tests run the daemon: no grace, no key.
 const SERVE: &[&str] = &["--grace", "0s", "--profile", "patent"];

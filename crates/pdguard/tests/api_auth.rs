@@ -3,8 +3,6 @@
 #![allow(clippy::unwrap_used)]
 
 mod common;
-#[path = "common/spawned.rs"]
-mod spawned;
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
@@ -15,7 +13,6 @@ use std::time::Duration;
 
 use common::*;
 use serde_json::Value;
-use spawned::*;
 
 /// Send raw bytes, read the whole answer: (status, JSON body or Null).
 fn exchange(mut s: impl Read + Write, request: &[u8]) -> (u16, Value) {
@@ -83,7 +80,7 @@ fn disk_names(addr: &str, token: &str) -> Vec<String> {
 fn tcp_api_needs_the_token_a_loopback_host_and_json() {
     let dir = tempfile::tempdir().unwrap();
     let state = dir.path().join("state");
-    let d = Daemon::start(&state, &["--api", "tcp:127.0.0.1:0"]);
+    let d = Serve::new(&state).profile("patent").api_tcp().start();
     let addr = d.addr().to_string();
     let token_file = state.join("api-token");
     // Made on first start: owner-only, 32 random bytes in hex.
@@ -198,15 +195,11 @@ fn cli_clients_work_on_tcp_given_the_token_by_flag_or_environment() {
     let state = dir.path().join("state");
     let token_file = dir.path().join("elsewhere").join("my-token");
     std::fs::create_dir_all(token_file.parent().unwrap()).unwrap();
-    let d = Daemon::start(
-        &state,
-        &[
-            "--api",
-            "tcp:127.0.0.1:0",
-            "--api-token-file",
-            s(&token_file),
-        ],
-    );
+    let d = Serve::new(&state)
+        .profile("patent")
+        .api_tcp()
+        .api_token_file(&token_file)
+        .start();
     assert_eq!(
         std::fs::metadata(&token_file).unwrap().mode() & 0o777,
         0o600
@@ -215,7 +208,7 @@ fn cli_clients_work_on_tcp_given_the_token_by_flag_or_environment() {
         !state.join("api-token").exists(),
         "the default token file was made although --api-token-file was given"
     );
-    let api = d.api.clone();
+    let api = d.api().to_string();
     let none: &[(&str, &Path)] = &[];
     // By flag.
     let flag = ["--api", &api, "--api-token-file", s(&token_file), "--json"];
@@ -308,7 +301,7 @@ fn daemon_refuses_an_exposed_or_foreign_token_file() {
     let token = "cd".repeat(32);
     std::fs::write(&token_file, format!("{token}\n")).unwrap();
     std::fs::set_permissions(&token_file, std::fs::Permissions::from_mode(0o640)).unwrap();
-    let o = refused_start(&state, &["--api", "tcp:127.0.0.1:0"]);
+    let o = Serve::new(&state).profile("patent").api_tcp().refused();
     assert_eq!(code(&o), 1, "{}", stderr(&o));
     assert!(stderr(&o).contains("chmod 600"), "{}", stderr(&o));
     assert_eq!(token_of(&token_file), token, "the token file was changed");
@@ -317,7 +310,7 @@ fn daemon_refuses_an_exposed_or_foreign_token_file() {
     std::fs::set_permissions(&token_file, std::fs::Permissions::from_mode(0o600)).unwrap();
     assert_eq!(euid(), 0, "this test needs root to chown the token file");
     std::os::unix::fs::chown(&token_file, Some(65534), Some(65534)).unwrap();
-    let o = refused_start(&state, &["--api", "tcp:127.0.0.1:0"]);
+    let o = Serve::new(&state).profile("patent").api_tcp().refused();
     assert_eq!(code(&o), 1, "{}", stderr(&o));
     assert!(stderr(&o).contains("chown"), "{}", stderr(&o));
     assert_eq!(token_of(&token_file), token, "the token file was changed");
@@ -328,7 +321,7 @@ fn daemon_refuses_an_exposed_or_foreign_token_file() {
     std::fs::write(&target, format!("{token}\n")).unwrap();
     std::fs::set_permissions(&target, std::fs::Permissions::from_mode(0o600)).unwrap();
     std::os::unix::fs::symlink(&target, &token_file).unwrap();
-    let o = refused_start(&state, &["--api", "tcp:127.0.0.1:0"]);
+    let o = Serve::new(&state).profile("patent").api_tcp().refused();
     assert_eq!(code(&o), 1, "{}", stderr(&o));
     assert!(stderr(&o).contains("is a symbolic link"), "{}", stderr(&o));
 }
@@ -337,7 +330,7 @@ fn daemon_refuses_an_exposed_or_foreign_token_file() {
 fn unix_socket_needs_no_token_but_json_and_stays_owner_only() {
     let dir = tempfile::tempdir().unwrap();
     let state: PathBuf = dir.path().join("state");
-    let _d = Daemon::start(&state, &[]);
+    let _d = Serve::new(&state).profile("patent").start();
     let sock = state.join("pdguard.sock");
     assert_eq!(
         std::fs::metadata(&sock).unwrap().mode() & 0o777,

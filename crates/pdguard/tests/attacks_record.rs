@@ -5,8 +5,6 @@
 #![allow(clippy::unwrap_used)]
 
 mod common;
-#[path = "common/local.rs"]
-mod local;
 
 use std::path::{Path, PathBuf};
 
@@ -215,8 +213,6 @@ fn planted_symlinks_are_not_followed() {
     victim.assert_untouched("secure seal with a linked key slot");
     assert!(std::fs::read(&img).unwrap() == plain);
 }
-
-use local::Daemon;
 
 /// Through the daemon: a disk adopted with `--path` is sealed by the daemon, its record
 /// edited to name the victim; the unseal the daemon then runs (`disk unseal` or a reclaim

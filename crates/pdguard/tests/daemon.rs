@@ -3,8 +3,6 @@
 #![allow(clippy::unwrap_used)]
 
 mod common;
-#[path = "common/local.rs"]
-mod local;
 
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
@@ -15,8 +13,6 @@ use std::time::{Duration, Instant};
 use common::*;
 use rand::{Rng, SeedableRng};
 use serde_json::Value;
-
-use local::Daemon;
 
 /// The daemon's admin socket.
 fn socket(d: &Daemon) -> PathBuf {
@@ -118,7 +114,7 @@ fn dangling_disk_is_sealed_and_reclaimed_bit_exact() {
 fn restart_inside_the_grace_keeps_the_disk_unsealed() {
     let dir = tempfile::tempdir().unwrap();
     let state = dir.path().join("state");
-    let d = Daemon::start(&state, &["--grace", "2s", "--profile", "patent"]);
+    let mut d = Daemon::start(&state, &["--grace", "2s", "--profile", "patent"]);
     d.ok(&["disk", "create", "d1", "--size", "8M"]);
     d.ok(&["container", "up", "c1", "--disk", "d1"]);
     let path = path_of(&d.disk("d1"));
@@ -131,7 +127,7 @@ fn restart_inside_the_grace_keeps_the_disk_unsealed() {
 
     // The container crashes; the daemon restarts inside the grace; the container returns.
     d.ok(&["container", "down", "c1", "--crashed"]);
-    d.sigkill();
+    d.kill9();
     let d = Daemon::start(&state, &["--grace", "2s", "--profile", "patent"]);
     assert_eq!(d.disk("d1")["state"], "grace");
     d.ok(&["container", "up", "c1", "--disk", "d1"]);
@@ -152,7 +148,7 @@ fn restart_inside_the_grace_keeps_the_disk_unsealed() {
 fn daemon_killed_during_a_seal_resumes_it() {
     let dir = tempfile::tempdir().unwrap();
     let state = dir.path().join("state");
-    let d = Daemon::start(&state, &["--grace", "0s"]);
+    let mut d = Daemon::start(&state, &["--grace", "0s"]);
     d.ok(&["disk", "create", "big", "--size", "256M"]);
     d.ok(&["container", "up", "c1", "--disk", "big"]);
     let path = path_of(&d.disk("big"));
@@ -171,7 +167,7 @@ fn daemon_killed_during_a_seal_resumes_it() {
         assert!(Instant::now() < deadline, "the seal never started");
         std::thread::sleep(Duration::from_millis(5));
     };
-    d.sigkill();
+    d.kill9();
     let rec = std::fs::read_to_string(record_of(&path)).unwrap();
     assert!(
         !rec.contains("\"phase\": \"sealed\""),
@@ -402,7 +398,7 @@ fn bad_requests_get_stable_errors_and_change_nothing() {
 fn a_thousand_random_calls_leave_the_daemon_consistent() {
     let dir = tempfile::tempdir().unwrap();
     let state = dir.path().join("state");
-    let d = Daemon::start(
+    let mut d = Daemon::start(
         &state,
         &["--grace", "50ms", "--profile", "patent", "--jobs", "2"],
     );
@@ -525,7 +521,7 @@ fn a_thousand_random_calls_leave_the_daemon_consistent() {
         std::thread::sleep(Duration::from_millis(50));
     }
     let a = check(&d);
-    d.sigkill();
+    d.kill9();
     let d = Daemon::start(&state, &["--grace", "50ms", "--profile", "patent"]);
     let b = check(&d);
     assert_eq!(a["containers"], b["containers"]);

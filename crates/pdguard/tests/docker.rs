@@ -15,7 +15,7 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -96,7 +96,9 @@ struct Env {
     dir: tempfile::TempDir,
     tag: String,
     driver: String,
-    daemon: Option<Child>,
+    /// How the daemon runs unless a test says otherwise; the cleanup starts it this way.
+    serve: Serve,
+    daemon: Option<Daemon>,
     containers: Vec<String>,
     volumes: Vec<String>,
     compose: Option<(PathBuf, String)>,
@@ -109,18 +111,26 @@ impl Env {
         let turn = turn();
         let n = NEXT.fetch_add(1, Ordering::SeqCst);
         let id = format!("{}-{n}", std::process::id());
+        let dir = tempfile::tempdir().unwrap();
+        let serve = Serve::new(&dir.path().join("state"))
+            .args(&["--grace", GRACE])
+            .args(&["--docker", "--docker-driver", DRIVER])
+            .args(&["--docker-resync", RESYNC])
+            .args(extra)
+            .env("PDGUARD_LOG", "info");
         let mut e = Self {
             _turn: turn,
-            dir: tempfile::tempdir().unwrap(),
+            dir,
             tag: format!("pdguard-test-{id}:1"),
             driver: DRIVER.into(),
+            serve,
             daemon: None,
             containers: Vec::new(),
             volumes: Vec::new(),
             compose: None,
         };
         e.build_image();
-        e.start(extra);
+        e.start();
         e
     }
 
@@ -146,82 +156,54 @@ impl Env {
         docker_ok(&["build", "-q", "-t", &self.tag, s(&ctx)]);
     }
 
-    fn start(&mut self, extra: &[&str]) {
-        let state = self.state();
-        let child = Command::new(bin())
-            .args(["serve", "--state-dir", s(&state), "--grace", GRACE])
-            .args(["--docker", "--docker-driver", &self.driver])
-            .args(["--docker-resync", RESYNC])
-            .args(extra)
-            .env_remove("PDGUARD_KEY_FILE")
-            .env("PDGUARD_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(self.dir.path().join("daemon.log")).unwrap())
-            .spawn()
-            .unwrap();
-        self.daemon = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while code(&self.cli(&["status"])) != 0 {
-            assert!(Instant::now() < deadline, "daemon did not come up");
-            std::thread::sleep(Duration::from_millis(50));
+    /// Start the daemon (again) the usual way.
+    fn start(&mut self) {
+        self.start_as(self.serve.clone());
+    }
+
+    /// Start the daemon (again) another way.
+    fn start_as(&mut self, serve: Serve) {
+        match &mut self.daemon {
+            Some(d) => d.restart_as(serve),
+            None => self.daemon = Some(serve.start()),
         }
+    }
+
+    fn running(&self) -> bool {
+        self.daemon.as_ref().is_some_and(Daemon::is_running)
+    }
+
+    fn d(&self) -> &Daemon {
+        self.daemon.as_ref().unwrap()
     }
 
     /// SIGTERM, and wait (bounded) for the daemon to exit.
     fn terminate(&mut self) {
-        let Some(mut c) = self.daemon.take() else {
-            return;
-        };
-        let pid = c.id().to_string();
-        let _ = Command::new("kill").args(["-TERM", &pid]).output();
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while c.try_wait().unwrap().is_none() {
-            if Instant::now() > deadline {
-                let _ = c.kill();
-                panic!("the daemon did not exit within 30 s of SIGTERM");
-            }
-            std::thread::sleep(Duration::from_millis(50));
+        if self.running() {
+            self.daemon.as_mut().unwrap().terminate();
         }
     }
 
     fn kill9(&mut self) {
-        if let Some(mut c) = self.daemon.take() {
-            c.kill().unwrap();
-            c.wait().unwrap();
+        if self.running() {
+            self.daemon.as_mut().unwrap().kill9();
         }
     }
 
     fn cli(&self, args: &[&str]) -> Output {
-        let mut a = args.to_vec();
-        let st = self.state();
-        a.extend_from_slice(&["--state-dir", s(&st)]);
-        pdguard(&a)
+        self.d().cli(args)
     }
 
     fn disk(&self, name: &str) -> Value {
-        let o = self.cli(&["disk", "show", name, "--json"]);
-        assert_eq!(code(&o), 0, "disk show {name}: {}", stderr(&o));
-        serde_json::from_slice(&o.stdout).unwrap()
+        self.d().disk(name)
     }
 
     fn wait_state(&self, name: &str, state: &str, secs: u64) -> Value {
-        let deadline = Instant::now() + Duration::from_secs(secs);
-        loop {
-            let d = self.disk(name);
-            if d["state"] == state {
-                return d;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "{name} never reached {state}: {d}\n{}",
-                self.log()
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        self.d().wait_state(name, state, secs)
     }
 
     fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.path().join("daemon.log")).unwrap_or_default()
+        self.daemon.as_ref().map(Daemon::log).unwrap_or_default()
     }
 
     /// A volume of this test's driver, removed on drop.
@@ -286,8 +268,8 @@ impl Drop for Env {
         for c in &self.containers {
             let _ = run(60, "docker", &["rm", "-f", c]);
         }
-        if self.daemon.is_none() {
-            self.start(&[]);
+        if !self.running() {
+            self.start();
         }
         // Only volumes that still exist: removing an unknown name makes dockerd ask every
         // driver it knows.
@@ -493,7 +475,7 @@ fn a_container_removed_while_pdguard_is_down_still_seals_its_volume() {
     e.kill9();
     let o = run(120, "docker", &["rm", "-f", &c]);
     assert!(o.status.success(), "{}", stderr(&o));
-    e.start(&[]);
+    e.start();
     assert_sealed_without(&e, &v, &sec);
     // Several resyncs later the running container's volume is still mounted and attached.
     std::thread::sleep(Duration::from_secs(3));
@@ -737,28 +719,11 @@ fn the_plugin_answers_raw_requests() {
 /// another way: a symlink, a `..`), with `env` added, as `Env::start` does.
 fn restart_with_state_dir(e: &mut Env, given: &Path, env: &[(&str, &Path)]) {
     e.terminate();
-    let log = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(e.dir.path().join("daemon.log"))
-        .unwrap();
-    let child = Command::new(bin())
-        .args(["serve", "--state-dir", s(given), "--grace", GRACE])
-        .args(["--docker", "--docker-driver", &e.driver])
-        .args(["--docker-resync", RESYNC])
-        .envs(env.iter().map(|(k, v)| (*k, v.as_os_str())))
-        .env_remove("PDGUARD_KEY_FILE")
-        .env("PDGUARD_LOG", "info")
-        .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()
-        .unwrap();
-    e.daemon = Some(child);
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while code(&e.cli(&["status"])) != 0 {
-        assert!(Instant::now() < deadline, "daemon did not come up");
-        std::thread::sleep(Duration::from_millis(50));
+    let mut serve = e.serve.clone().state_dir_as(given);
+    for (k, v) in env {
+        serve = serve.env(k, v);
     }
+    e.start_as(serve);
 }
 
 /// Neither mounted nor on a loop device: the kernel let go of the volume's file.
@@ -959,7 +924,7 @@ fn a_stale_mount_that_is_busy_is_sealed_once_free() {
         .current_dir(&dir)
         .spawn()
         .unwrap();
-    e.start(&[]);
+    e.start();
     let deadline = Instant::now() + Duration::from_secs(9);
     loop {
         let d = e.disk(&v);

@@ -4,8 +4,6 @@
 #![allow(clippy::unwrap_used)]
 
 mod common;
-#[path = "common/spawned.rs"]
-mod spawned;
 
 use std::io::{Read, Write};
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
@@ -17,7 +15,6 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use serde_json::Value;
-use spawned::*;
 
 /// POST a JSON body on the daemon's unix socket: (status, body).
 fn post(sock: &Path, path: &str, body: &str) -> (u16, Value) {
@@ -57,7 +54,7 @@ fn entries(dir: &Path) -> Vec<String> {
 fn disk_sizes_beyond_the_file_system_are_refused_and_leave_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let state = dir.path().join("state");
-    let d = Daemon::start(&state, &[]);
+    let d = Serve::new(&state).profile("patent").start();
     let sock = state.join("pdguard.sock");
     let none: &[(&str, &Path)] = &[];
     let cli = |args: &[&str]| {
@@ -194,33 +191,8 @@ fn the_daemon_is_not_dumpable() {
     let state = dir.path().join("state");
     std::fs::create_dir(&state).unwrap();
     std::os::unix::fs::chown(&state, Some(65534), Some(65534)).unwrap();
-    let mut child = Command::new(bin())
-        .args(["serve", "--profile", "patent", "--state-dir", s(&state)])
-        .env_remove("PDGUARD_KEY_FILE")
-        .uid(65534)
-        .gid(65534)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    struct Kill(std::process::Child);
-    impl Drop for Kill {
-        fn drop(&mut self) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
-    let pid = child.id();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !state.join("pdguard.sock").exists() {
-        assert!(
-            child.try_wait().unwrap().is_none(),
-            "the daemon exited as uid 65534"
-        );
-        assert!(Instant::now() < deadline, "the daemon did not come up");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let _guard = Kill(child);
+    let d = Serve::new(&state).profile("patent").uid(65534).start();
+    let pid = d.pid();
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
     let uid_line = status.lines().find(|l| l.starts_with("Uid:")).unwrap();
     assert!(
@@ -262,7 +234,10 @@ fn a_key_file_owned_by_another_user_is_refused() {
     );
     // The daemon refuses it too, before it starts serving.
     let st = dir.path().join("state");
-    let o = refused_start(&st, &["--key-file", s(&key)]);
+    let o = Serve::new(&st)
+        .profile("patent")
+        .args(&["--key-file", s(&key)])
+        .refused();
     assert_eq!(code(&o), 1, "{}", stderr(&o));
     assert!(stderr(&o).contains("chown"), "{}", stderr(&o));
     assert!(!st.join("pdguard.sock").exists());

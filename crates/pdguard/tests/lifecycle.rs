@@ -4,14 +4,11 @@
 #![allow(clippy::unwrap_used)]
 
 mod common;
-#[path = "common/local.rs"]
-mod local;
 
 use std::os::unix::fs::{FileExt, PermissionsExt};
 use std::path::PathBuf;
 
 use common::*;
-use local::Daemon;
 
 fn flip_a_byte(path: &std::path::Path, at: u64) {
     let f = std::fs::OpenOptions::new()
@@ -64,18 +61,7 @@ fn serve_refuses_a_state_dir_others_may_write() {
     let state = dir.path().join("state");
     std::fs::create_dir(&state).unwrap();
     std::fs::set_permissions(&state, std::fs::Permissions::from_mode(0o777)).unwrap();
-    let o = std::process::Command::new("timeout")
-        .args([
-            "20",
-            bin(),
-            "serve",
-            "--profile",
-            "patent",
-            "--state-dir",
-            s(&state),
-        ])
-        .output()
-        .unwrap();
+    let o = Serve::new(&state).profile("patent").refused();
     let err = stderr(&o);
     assert_eq!(code(&o), 2, "{err}");
     assert_eq!(err.trim().lines().count(), 1, "{err}");
@@ -92,19 +78,10 @@ fn serve_refuses_a_state_dir_others_may_write() {
 #[test]
 fn serve_refuses_a_grace_past_ten_years() {
     let dir = tempfile::tempdir().unwrap();
-    let o = std::process::Command::new("timeout")
-        .args([
-            "20",
-            bin(),
-            "serve",
-            "--profile",
-            "patent",
-            "--grace",
-            "20000days",
-        ])
-        .args(["--state-dir", s(&dir.path().join("st"))])
-        .output()
-        .unwrap();
+    let o = Serve::new(&dir.path().join("st"))
+        .profile("patent")
+        .args(&["--grace", "20000days"])
+        .refused();
     assert_eq!(code(&o), 2, "{}", stderr(&o));
     assert!(stderr(&o).contains("--grace"), "{}", stderr(&o));
 }

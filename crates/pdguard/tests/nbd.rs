@@ -9,60 +9,38 @@ mod common;
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use common::*;
 use rand::{Rng, SeedableRng};
 use serde_json::Value;
 
-/// A running `pdguard serve --nbd unix:…`; killed when dropped.
-struct Daemon {
-    child: Child,
-    state: PathBuf,
+/// A daemon serving NBD on STATE/nbd.sock (and wherever `extra` says), logging at info.
+struct Nbd {
+    d: Daemon,
     sock: PathBuf,
 }
 
-impl Daemon {
+impl std::ops::Deref for Nbd {
+    type Target = Daemon;
+
+    fn deref(&self) -> &Daemon {
+        &self.d
+    }
+}
+
+impl Nbd {
     fn start(state: &Path, extra: &[&str]) -> Self {
         let sock = state.join("nbd.sock");
-        let nbd = format!("unix:{}", sock.display());
+        // Made here with the umask's mode: the sockets' own modes keep others out.
         std::fs::create_dir_all(state).unwrap();
-        let log = std::fs::File::create(state.with_extension("log")).unwrap();
-        let child = Command::new(bin())
-            .args(["serve", "--state-dir", s(state), "--nbd", &nbd])
+        let d = Serve::new(state)
+            .args(&["--nbd", &format!("unix:{}", sock.display())])
             .args(extra)
-            .env_remove("PDGUARD_KEY_FILE")
             .env("PDGUARD_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap();
-        let d = Self {
-            child,
-            state: state.to_path_buf(),
-            sock,
-        };
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while code(&d.cli(&["status"])) != 0 {
-            assert!(Instant::now() < deadline, "daemon did not come up");
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        d
-    }
-
-    fn cli(&self, args: &[&str]) -> Output {
-        let mut a = args.to_vec();
-        a.extend_from_slice(&["--state-dir", s(&self.state)]);
-        pdguard(&a)
-    }
-
-    fn ok(&self, args: &[&str]) -> Value {
-        let mut a = args.to_vec();
-        a.push("--json");
-        let o = self.cli(&a);
-        assert_eq!(code(&o), 0, "{args:?}: {}", stderr(&o));
-        serde_json::from_slice(&o.stdout).unwrap()
+            .start();
+        Self { d, sock }
     }
 
     fn create(&self, name: &str, size: &str) -> PathBuf {
@@ -70,34 +48,8 @@ impl Daemon {
         PathBuf::from(v["path"].as_str().unwrap())
     }
 
-    fn disk(&self, name: &str) -> Value {
-        self.ok(&["disk", "show", name])
-    }
-
-    fn wait_state(&self, name: &str, state: &str, secs: u64) -> Value {
-        let deadline = Instant::now() + Duration::from_secs(secs);
-        loop {
-            let d = self.disk(name);
-            if d["state"] == state {
-                return d;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "{name} never reached {state}: {d}"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
     fn uri(&self, export: &str) -> String {
         format!("nbd+unix:///{export}?socket={}", self.sock.display())
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 
@@ -157,7 +109,7 @@ fn qemu_io_patterns_survive_a_daemon_restart() {
     let dir = tempfile::tempdir().unwrap();
     let state = dir.path().join("st");
     let args = ["--profile", "patent", "--grace", "1h"];
-    let d = Daemon::start(&state, &args);
+    let d = Nbd::start(&state, &args);
     d.create("vm1", "64M");
     let uri = d.uri("vm1");
     let mut rng = rand::rngs::StdRng::seed_from_u64(11);
@@ -215,7 +167,7 @@ fn qemu_io_patterns_survive_a_daemon_restart() {
     drop(d);
     let _ = idle.kill();
     let _ = idle.wait();
-    let d = Daemon::start(&state, &args);
+    let d = Nbd::start(&state, &args);
     let v = d.disk("vm1");
     assert_eq!(v["containers"], serde_json::json!([]), "{v}");
     assert_eq!(v["state"], "grace", "{v}");
@@ -229,7 +181,7 @@ fn qemu_io_patterns_survive_a_daemon_restart() {
 fn qemu_img_info_convert_and_compare() {
     let qemu_img = need("qemu-img", "qemu-utils");
     let dir = tempfile::tempdir().unwrap();
-    let d = Daemon::start(&dir.path().join("st"), &["--profile", "patent"]);
+    let d = Nbd::start(&dir.path().join("st"), &["--profile", "patent"]);
     let disk = d.create("img", "16M");
     let uri = d.uri("img");
     let o = run(qemu_img, &["info", "--output=json", &uri]);
@@ -266,7 +218,7 @@ fn nbdinfo_lists_exports_and_maps_holes() {
     let nbdinfo = need("nbdinfo", "libnbd-bin");
     let qemu_io = need("qemu-io", "qemu-utils");
     let dir = tempfile::tempdir().unwrap();
-    let d = Daemon::start(&dir.path().join("st"), &["--profile", "patent"]);
+    let d = Nbd::start(&dir.path().join("st"), &["--profile", "patent"]);
     d.create("alpha", "8M");
     d.create("beta", "4M");
     let list = format!("nbd+unix:///?socket={}", d.sock.display());
@@ -323,7 +275,7 @@ fn nbdinfo_lists_exports_and_maps_holes() {
 fn nbdcopy_round_trip_of_256_mib() {
     let nbdcopy = need("nbdcopy", "libnbd-bin");
     let dir = tempfile::tempdir().unwrap();
-    let d = Daemon::start(&dir.path().join("st"), &["--profile", "patent"]);
+    let d = Nbd::start(&dir.path().join("st"), &["--profile", "patent"]);
     let disk = d.create("big", "256M");
     let src = dir.path().join("src.img");
     let mut data = random_bytes(256 << 20, 5);
@@ -347,7 +299,7 @@ fn nbdcopy_round_trip_of_256_mib() {
 fn nbdsh_bad_requests_get_errors_and_every_command_works() {
     let py = python();
     let dir = tempfile::tempdir().unwrap();
-    let d = Daemon::start(&dir.path().join("st"), &["--profile", "patent"]);
+    let d = Nbd::start(&dir.path().join("st"), &["--profile", "patent"]);
     d.create("p", "32M");
     let o = run(
         py,
@@ -365,7 +317,7 @@ fn nbdsh_bad_requests_get_errors_and_every_command_works() {
 fn fio_random_writes_with_32_in_flight_verify() {
     let fio = need("fio", "fio");
     let dir = tempfile::tempdir().unwrap();
-    let d = Daemon::start(&dir.path().join("st"), &["--profile", "patent"]);
+    let d = Nbd::start(&dir.path().join("st"), &["--profile", "patent"]);
     d.create("fio", "64M");
     let uri = format!("--uri={}", d.uri("fio"));
     let o = run(
@@ -518,7 +470,7 @@ const ERR_UNKNOWN: u32 = (1 << 31) + 6;
 #[test]
 fn raw_bytes_options_and_malformed_requests() {
     let dir = tempfile::tempdir().unwrap();
-    let d = Daemon::start(&dir.path().join("st"), &["--profile", "patent"]);
+    let d = Nbd::start(&dir.path().join("st"), &["--profile", "patent"]);
     d.create("raw", "1M");
     let mut c = Raw::connect(&d.sock);
     // Unknown options, STARTTLS and EXTENDED_HEADERS: ERR_UNSUP, and haggling goes on.
@@ -697,7 +649,7 @@ fn writes_of(out: &Path) -> Vec<(u64, String, f64, f64)> {
 fn force_seal_holds_then_refuses_writes_and_loses_none() {
     let py = python();
     let dir = tempfile::tempdir().unwrap();
-    let d = Daemon::start(
+    let d = Nbd::start(
         &dir.path().join("st"),
         &["--sealed-io", "refuse", "--grace", "1h"],
     );
@@ -787,7 +739,7 @@ fn force_seal_holds_then_refuses_writes_and_loses_none() {
 fn sealed_read_only_and_hold_timeout() {
     let py = python();
     let dir = tempfile::tempdir().unwrap();
-    let d = Daemon::start(
+    let d = Nbd::start(
         &dir.path().join("st"),
         &[
             "--sealed-io",
@@ -858,7 +810,7 @@ fn disconnect_grace_seal_and_opt_go_reclaims_bit_exact() {
     let nbdcopy = need("nbdcopy", "libnbd-bin");
     let nbdinfo = need("nbdinfo", "libnbd-bin");
     let dir = tempfile::tempdir().unwrap();
-    let d = Daemon::start(&dir.path().join("st"), &["--grace", "1s"]);
+    let d = Nbd::start(&dir.path().join("st"), &["--grace", "1s"]);
     let disk = d.create("vm", "16M");
     let src = dir.path().join("src.img");
     let data = random_bytes(16 << 20, 21);
@@ -899,9 +851,7 @@ fn tcp_without_tls_needs_insecure_tcp_and_remote_needs_a_flag() {
     let dir = tempfile::tempdir().unwrap();
     let refuse = |args: &[&str], words: &[&str]| {
         let st = dir.path().join("st0");
-        let mut a = vec!["serve", "--state-dir", s(&st)];
-        a.extend_from_slice(args);
-        let o = pdguard(&a);
+        let o = Serve::new(&st).args(args).refused();
         assert_eq!(code(&o), 2, "{args:?}: {}", stderr(&o));
         assert_eq!(stderr(&o).trim().lines().count(), 1, "{}", stderr(&o));
         for w in words {
@@ -923,7 +873,7 @@ fn tcp_without_tls_needs_insecure_tcp_and_remote_needs_a_flag() {
     );
     refuse(&["--nbd-tls", "require"], &["--nbd-tls-psk"]);
     let state = dir.path().join("st");
-    let d = Daemon::start(
+    let d = Nbd::start(
         &state,
         &[
             "--profile",
@@ -934,18 +884,18 @@ fn tcp_without_tls_needs_insecure_tcp_and_remote_needs_a_flag() {
         ],
     );
     d.create("t", "4M");
-    let log = std::fs::read_to_string(state.with_extension("log")).unwrap();
+    let log = d.log();
     assert!(log.contains("without TLS"), "{log}");
-    let addr = tcp_addr(&state);
+    let addr = tcp_addr(&d);
     let uri = format!("nbd://{addr}/t");
     run(qemu_io, &["-f", "raw", "-c", "write -P 0x77 0 64k", &uri]);
     let o = run(qemu_io, &["-f", "raw", "-c", "read -P 0x77 0 64k", &uri]);
     assert!(!String::from_utf8_lossy(&o.stdout).contains("verification failed"));
 }
 
-/// The TCP address the daemon of `state` printed.
-fn tcp_addr(state: &Path) -> String {
-    let log = std::fs::read_to_string(state.with_extension("log")).unwrap();
+/// The TCP address the daemon printed.
+fn tcp_addr(d: &Daemon) -> String {
+    let log = d.log();
     log.lines()
         .find_map(|l| l.strip_prefix("pdguard: serving NBD on tcp:"))
         .unwrap_or_else(|| panic!("no TCP listener in the log: {log}"))

@@ -5,103 +5,24 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::*;
 
-/// A `pdguard serve` on STATE/pdguard.sock, its stderr in a file; killed when dropped.
-struct Daemon {
-    child: Child,
-    state: PathBuf,
-    log: PathBuf,
+/// A patent-profile daemon on STATE/pdguard.sock, with `extra` flags and `env`.
+fn start(state: &Path, extra: &[&str], env: &[(&str, &str)]) -> Daemon {
+    let mut serve = Serve::new(state).profile("patent").args(extra);
+    for (k, v) in env {
+        serve = serve.env(k, v);
+    }
+    serve.start()
 }
 
-impl Daemon {
-    fn start(state: &Path, extra: &[&str], env: &[(&str, &str)]) -> Self {
-        std::fs::create_dir_all(state).unwrap();
-        let log = state.with_extension(format!("log{}", rand::random::<u32>()));
-        let mut c = Command::new(bin());
-        c.args(["serve", "--profile", "patent", "--state-dir", s(state)])
-            .args(extra)
-            .env_remove("PDGUARD_KEY_FILE")
-            .env_remove("PDGUARD_TEST_PAUSE_AT")
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap());
-        for (k, v) in env {
-            c.env(k, v);
-        }
-        let mut d = Self {
-            child: c.spawn().unwrap(),
-            state: state.to_path_buf(),
-            log,
-        };
-        let t0 = Instant::now();
-        while !d.log_text().contains("serving the admin API") {
-            if let Some(st) = d.child.try_wait().unwrap() {
-                panic!("daemon exited ({st}): {}", d.log_text());
-            }
-            assert!(
-                t0.elapsed() < Duration::from_secs(30),
-                "daemon did not come up"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        d
-    }
-
-    fn log_text(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    fn cli(&self, args: &[&str]) -> Output {
-        Command::new(bin())
-            .args(args)
-            .args(["--state-dir", s(&self.state)])
-            .env_remove("PDGUARD_STATE_DIR")
-            .output()
-            .unwrap()
-    }
-
-    fn ok(&self, args: &[&str]) -> String {
-        let o = self.cli(args);
-        assert_eq!(code(&o), 0, "{args:?}: {}", stderr(&o));
-        String::from_utf8_lossy(&o.stdout).into_owned()
-    }
-
-    fn wait(&self, disk: &str, state: &str) {
-        self.ok(&["disk", "wait", disk, "--state", state, "--timeout", "60s"]);
-    }
-
-    /// SIGTERM, and the exit code once it is gone.
-    fn terminate(&mut self) -> i32 {
-        rustix::process::kill_process(
-            rustix::process::Pid::from_child(&self.child),
-            rustix::process::Signal::TERM,
-        )
-        .unwrap();
-        let t0 = Instant::now();
-        loop {
-            if let Some(st) = self.child.try_wait().unwrap() {
-                return st.code().unwrap_or(-1);
-            }
-            assert!(
-                t0.elapsed() < Duration::from_secs(30),
-                "the daemon did not stop on SIGTERM: {}",
-                self.log_text()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let _ = std::fs::remove_file(&self.log);
-    }
+/// `disk wait DISK --state STATE --timeout 60s`, which must succeed.
+fn wait(d: &Daemon, disk: &str, state: &str) {
+    d.ok_text(&["disk", "wait", disk, "--state", state, "--timeout", "60s"]);
 }
 
 fn random_file(path: &Path, bytes: usize) {
@@ -111,7 +32,7 @@ fn random_file(path: &Path, bytes: usize) {
     std::fs::write(path, v).unwrap();
 }
 
-// ---- item 1: refusals that hold, failures that change nothing ----
+// ---- refusals that hold, failures that change nothing ----
 
 #[test]
 fn a_bad_setting_stops_serve_at_start_with_one_line_and_exit_2() {
@@ -124,11 +45,7 @@ fn a_bad_setting_stops_serve_at_start_with_one_line_and_exit_2() {
         (&["--profile", "both"][..], "profile"),
         (&["--grace", "abc"][..], "--grace"),
     ] {
-        let o = Command::new(bin())
-            .args(["serve", "--profile", "patent", "--state-dir", s(&state)])
-            .args(args)
-            .output()
-            .unwrap();
+        let o = Serve::new(&state).profile("patent").args(args).refused();
         let err = stderr(&o);
         assert_eq!(code(&o), 2, "{args:?}: {err}");
         assert!(err.contains(names), "{args:?}: {err}");
@@ -139,11 +56,9 @@ fn a_bad_setting_stops_serve_at_start_with_one_line_and_exit_2() {
         assert!(!state.exists(), "{args:?} created the state directory");
     }
     // A secure daemon whose key file is missing: refused at start, not at the first seal.
-    let o = Command::new(bin())
-        .args(["serve", "--state-dir", s(&state), "--key-file"])
-        .arg(dir.path().join("no.key"))
-        .output()
-        .unwrap();
+    let o = Serve::new(&state)
+        .args(&["--key-file", s(&dir.path().join("no.key"))])
+        .refused();
     assert_eq!(code(&o), 1, "{}", stderr(&o));
     assert!(stderr(&o).contains("no.key"), "{}", stderr(&o));
 }
@@ -155,8 +70,8 @@ fn a_disk_that_failed_for_a_passing_reason_is_retried_on_restart() {
     let dir = tempfile::tempdir().unwrap();
     let state = dir.path().join("state");
     let img = dir.path().join("d1.img");
-    let mut d = Daemon::start(&state, &["--grace", "100ms"], &[]);
-    d.ok(&["disk", "create", "d1", "--size", "1M", "--path", s(&img)]);
+    let mut d = start(&state, &["--grace", "100ms"], &[]);
+    d.ok_text(&["disk", "create", "d1", "--size", "1M", "--path", s(&img)]);
     random_file(&img, 1 << 20);
     let plain = digest(&img);
     let mut holder = Command::new("flock")
@@ -172,8 +87,8 @@ fn a_disk_that_failed_for_a_passing_reason_is_retried_on_restart() {
     }
     let held = Kill(&mut holder);
     std::thread::sleep(Duration::from_millis(200));
-    d.ok(&["container", "up", "c1", "--disk", "d1"]);
-    d.ok(&["container", "down", "c1", "--removed"]);
+    d.ok_text(&["container", "up", "c1", "--disk", "d1"]);
+    d.ok_text(&["container", "down", "c1", "--removed"]);
     // disk wait: a failed disk is exit 1 when waiting for another state.
     let o = d.cli(&[
         "disk",
@@ -186,15 +101,15 @@ fn a_disk_that_failed_for_a_passing_reason_is_retried_on_restart() {
     ]);
     assert_eq!(code(&o), 1, "{}", stderr(&o));
     assert!(stderr(&o).contains("failed"), "{}", stderr(&o));
-    d.ok(&["disk", "wait", "d1", "--state", "failed", "--timeout", "1s"]);
+    d.ok_text(&["disk", "wait", "d1", "--state", "failed", "--timeout", "1s"]);
     assert_eq!(digest(&img), plain, "a failed seal changed the image");
     assert_eq!(d.terminate(), 0);
     drop(held);
-    let d = Daemon::start(&state, &[], &[]);
-    d.wait("d1", "sealed");
-    assert!(d.log_text().contains("retrying"), "{}", d.log_text());
+    let d = start(&state, &[], &[]);
+    wait(&d, "d1", "sealed");
+    assert!(d.log().contains("retrying"), "{}", d.log());
     assert_ne!(digest(&img), plain);
-    d.ok(&["disk", "unseal", "d1"]);
+    d.ok_text(&["disk", "unseal", "d1"]);
     assert_eq!(digest(&img), plain);
 }
 
@@ -291,43 +206,40 @@ fn verify_with_a_same_named_images_record_says_it_does_not_belong() {
 #[test]
 fn a_failed_container_up_leaves_no_container_running() {
     let dir = tempfile::tempdir().unwrap();
-    let d = Daemon::start(&dir.path().join("state"), &[], &[]);
+    let d = start(&dir.path().join("state"), &[], &[]);
     let img = dir.path().join("d1.img");
-    d.ok(&["disk", "create", "d1", "--size", "1M", "--path", s(&img)]);
+    d.ok_text(&["disk", "create", "d1", "--size", "1M", "--path", s(&img)]);
     random_file(&img, 1 << 20);
-    d.ok(&["disk", "seal", "d1"]);
+    d.ok_text(&["disk", "seal", "d1"]);
     let mut bytes = std::fs::read(&img).unwrap();
     bytes[300_000] ^= 0x40;
     std::fs::write(&img, &bytes).unwrap();
     let o = d.cli(&["container", "up", "c1", "--disk", "d1"]);
     assert_eq!(code(&o), 3, "{}", stderr(&o));
     assert!(stderr(&o).contains("failed verification"), "{}", stderr(&o));
-    let ls = d.ok(&["container", "ls", "--all"]);
+    let ls = d.ok_text(&["container", "ls", "--all"]);
     assert!(!ls.contains("c1"), "the failed container up left c1: {ls}");
 }
 
-// ---- item 3: the daemon explains itself ----
+// ---- the daemon explains itself ----
 
 #[test]
 fn the_daemon_says_where_it_is_and_a_second_one_names_the_first() {
     let dir = tempfile::tempdir().unwrap();
     let state = dir.path().join("state");
-    let mut d = Daemon::start(&state, &[], &[]);
-    let log = d.log_text();
+    let mut d = start(&state, &[], &[]);
+    let log = d.log();
     assert!(
         log.contains(&format!("export PDGUARD_STATE_DIR={}", s(&state))),
         "{log}"
     );
     assert!(log.contains("pdguard disk create"), "{log}");
     assert!(log.contains("patent profile"), "{log}");
-    let o = Command::new(bin())
-        .args(["serve", "--profile", "patent", "--state-dir", s(&state)])
-        .output()
-        .unwrap();
+    let o = Serve::new(&state).profile("patent").refused();
     assert_eq!(code(&o), 1);
     let want = format!(
         "another pdguard daemon (pid {}) serves {}",
-        d.child.id(),
+        d.pid(),
         s(&state)
     );
     assert!(stderr(&o).contains(&want), "{}", stderr(&o));
@@ -336,7 +248,7 @@ fn the_daemon_says_where_it_is_and_a_second_one_names_the_first() {
         state.join("pdguard.sock").exists(),
         "the second daemon took the socket"
     );
-    d.ok(&["status"]);
+    d.ok_text(&["status"]);
     assert_eq!(d.terminate(), 0);
     assert!(
         !state.join("pdguard.sock").exists(),
@@ -352,7 +264,7 @@ fn sigterm_with_a_job_in_flight_exits_0_and_the_job_resumes() {
     let state = dir.path().join("state");
     let img = dir.path().join("d1.img");
     let pause = dir.path().join("paused");
-    let mut d = Daemon::start(
+    let mut d = start(
         &state,
         &["--grace", "100ms"],
         &[
@@ -360,33 +272,33 @@ fn sigterm_with_a_job_in_flight_exits_0_and_the_job_resumes() {
             ("PDGUARD_TEST_PAUSE_FILE", s(&pause)),
         ],
     );
-    d.ok(&["disk", "create", "d1", "--size", "2M", "--path", s(&img)]);
+    d.ok_text(&["disk", "create", "d1", "--size", "2M", "--path", s(&img)]);
     random_file(&img, 2 << 20);
     let plain = digest(&img);
-    d.ok(&["container", "up", "c1", "--disk", "d1"]);
-    let down = d.ok(&["container", "down", "c1", "--removed"]);
+    d.ok_text(&["container", "up", "c1", "--disk", "d1"]);
+    let down = d.ok_text(&["container", "down", "c1", "--removed"]);
     assert!(down.contains("d1: grace until"), "{down}");
     let t0 = Instant::now();
     while !pause.exists() {
-        assert!(t0.elapsed() < Duration::from_secs(30), "{}", d.log_text());
+        assert!(t0.elapsed() < Duration::from_secs(30), "{}", d.log());
         std::thread::sleep(Duration::from_millis(20));
     }
-    assert_eq!(d.terminate(), 0, "{}", d.log_text());
-    let log = d.log_text();
+    assert_eq!(d.terminate(), 0, "{}", d.log());
+    let log = d.log();
     assert!(
         log.contains("seal (pass gather) of d1 did not finish"),
         "{log}"
     );
     assert!(!state.join("pdguard.sock").exists(), "socket left: {log}");
     drop(d);
-    let d = Daemon::start(&state, &[], &[]);
-    d.wait("d1", "sealed");
-    let log = d.log_text();
+    let d = start(&state, &[], &[]);
+    wait(&d, "d1", "sealed");
+    let log = d.log();
     assert!(
         log.contains("resuming seal of d1 from seal-gather"),
         "{log}"
     );
-    let up = d.ok(&["container", "up", "c2", "--disk", "d1"]);
+    let up = d.ok_text(&["container", "up", "c2", "--disk", "d1"]);
     assert!(up.contains("d1: unsealed and verified in"), "{up}");
     assert_eq!(digest(&img), plain);
 }
@@ -398,7 +310,7 @@ fn sigterm_with_a_client_waiting_for_a_job_still_stops() {
     let dir = tempfile::tempdir().unwrap();
     let state = dir.path().join("state");
     let pause = dir.path().join("paused");
-    let mut d = Daemon::start(
+    let mut d = start(
         &state,
         &[],
         &[
@@ -406,7 +318,7 @@ fn sigterm_with_a_client_waiting_for_a_job_still_stops() {
             ("PDGUARD_TEST_PAUSE_FILE", s(&pause)),
         ],
     );
-    d.ok(&["disk", "create", "d1", "--size", "1M"]);
+    d.ok_text(&["disk", "create", "d1", "--size", "1M"]);
     let mut client = Command::new(bin())
         .args(["disk", "seal", "d1", "--state-dir", s(&state)])
         .stdout(Stdio::null())
@@ -415,11 +327,11 @@ fn sigterm_with_a_client_waiting_for_a_job_still_stops() {
         .unwrap();
     let t0 = Instant::now();
     while !pause.exists() {
-        assert!(t0.elapsed() < Duration::from_secs(30), "{}", d.log_text());
+        assert!(t0.elapsed() < Duration::from_secs(30), "{}", d.log());
         std::thread::sleep(Duration::from_millis(20));
     }
     let t0 = Instant::now();
-    assert_eq!(d.terminate(), 0, "{}", d.log_text());
+    assert_eq!(d.terminate(), 0, "{}", d.log());
     assert!(
         t0.elapsed() < Duration::from_secs(20),
         "took {:?}",
@@ -433,38 +345,38 @@ fn sigterm_with_a_client_waiting_for_a_job_still_stops() {
 #[test]
 fn names_sort_naturally_and_removed_containers_leave_the_lists() {
     let dir = tempfile::tempdir().unwrap();
-    let d = Daemon::start(&dir.path().join("state"), &[], &[]);
+    let d = start(&dir.path().join("state"), &[], &[]);
     for n in ["d10", "d2", "d1"] {
-        d.ok(&["disk", "create", n, "--size", "64K"]);
+        d.ok_text(&["disk", "create", n, "--size", "64K"]);
     }
-    let ls = d.ok(&["disk", "ls"]);
+    let ls = d.ok_text(&["disk", "ls"]);
     let order: Vec<&str> = ls
         .lines()
         .skip(1)
         .filter_map(|l| l.split(' ').next())
         .collect();
     assert_eq!(order, ["d1", "d2", "d10"], "{ls}");
-    d.ok(&["container", "up", "c1", "--disk", "d1"]);
-    d.ok(&["container", "up", "c2", "--disk", "d2"]);
-    d.ok(&["container", "down", "c1", "--removed"]);
+    d.ok_text(&["container", "up", "c1", "--disk", "d1"]);
+    d.ok_text(&["container", "up", "c2", "--disk", "d2"]);
+    d.ok_text(&["container", "down", "c1", "--removed"]);
     for cmd in [&["container", "ls"][..], &["status"][..]] {
-        let out = d.ok(cmd);
+        let out = d.ok_text(cmd);
         assert!(!out.contains("c1 "), "{cmd:?}: {out}");
         assert!(out.contains("c2 "), "{cmd:?}: {out}");
         let mut all = cmd.to_vec();
         all.push("--all");
-        assert!(d.ok(&all).contains("c1 "), "{cmd:?} --all");
+        assert!(d.ok_text(&all).contains("c1 "), "{cmd:?} --all");
     }
 }
 
-// ---- item 4: scripts can wait ----
+// ---- scripts can wait ----
 
 #[test]
 fn disk_wait_times_out_with_124_and_rejects_a_bad_timeout() {
     let dir = tempfile::tempdir().unwrap();
-    let d = Daemon::start(&dir.path().join("state"), &[], &[]);
-    d.ok(&["disk", "create", "d1", "--size", "64K"]);
-    d.ok(&[
+    let d = start(&dir.path().join("state"), &[], &[]);
+    d.ok_text(&["disk", "create", "d1", "--size", "64K"]);
+    d.ok_text(&[
         "disk",
         "wait",
         "d1",
@@ -500,7 +412,7 @@ fn disk_wait_times_out_with_124_and_rejects_a_bad_timeout() {
     assert_eq!(code(&o), 1, "{}", stderr(&o));
 }
 
-// ---- item 7: recovery when a sealed image is damaged ----
+// ---- recovery when a sealed image is damaged ----
 
 fn force_case(profile: &str) {
     let dir = tempfile::tempdir().unwrap();

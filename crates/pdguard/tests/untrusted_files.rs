@@ -13,8 +13,6 @@
 #![allow(clippy::unwrap_used)]
 
 mod common;
-#[path = "common/local.rs"]
-mod local;
 
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
@@ -22,7 +20,6 @@ use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use common::*;
-use local::Daemon;
 
 /// How long a refusal may take.
 const REFUSED_WITHIN: Duration = Duration::from_secs(1);
@@ -67,8 +64,19 @@ fn bounded(args: &[&str]) -> (Output, Duration) {
 /// and containing `cause`.
 fn refused_quickly(args: &[&str], file: &Path, cause: &str) -> String {
     let (o, took) = bounded(args);
-    let err = stderr(&o);
-    assert_eq!(code(&o), 1, "{args:?} was not refused with exit 1: {err}");
+    refusal(args, &o, took, file, cause)
+}
+
+/// What [`refused_quickly`] checks, of a command that ran `args` and took `took`.
+fn refusal<A: std::fmt::Debug>(
+    args: A,
+    o: &Output,
+    took: Duration,
+    file: &Path,
+    cause: &str,
+) -> String {
+    let err = stderr(o);
+    assert_eq!(code(o), 1, "{args:?} was not refused with exit 1: {err}");
     assert!(
         took < REFUSED_WITHIN,
         "{args:?} took {took:?} to refuse: {err}"
@@ -172,19 +180,10 @@ fn a_fifo_api_token_file_is_refused_by_serve() {
     let token = dir.path().join("token");
     mkfifo(&token);
     let state = dir.path().join("state");
-    let err = refused_quickly(
-        &[
-            "serve",
-            "--state-dir",
-            s(&state),
-            "--api",
-            "tcp:127.0.0.1:0",
-            "--api-token-file",
-            s(&token),
-        ],
-        &token,
-        "FIFO",
-    );
+    let serve = Serve::new(&state).api_tcp().api_token_file(&token);
+    let t = Instant::now();
+    let o = serve.clone().refused();
+    let err = refusal(serve, &o, t.elapsed(), &token, "FIFO");
     assert!(err.contains("API token file"), "{err}");
     // Nor does a client wait on it.
     refused_quickly(
@@ -203,22 +202,8 @@ fn a_fifo_api_token_file_is_refused_by_serve() {
 /// Start a daemon and fail unless its API answers within `within`.
 fn start_within(state: &Path, extra: &[&str], within: Duration) -> (Daemon, Duration) {
     let t = Instant::now();
-    let child = std::thread::spawn({
-        let state = state.to_path_buf();
-        let extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
-        move || {
-            let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
-            Daemon::start(&state, &extra)
-        }
-    });
-    while !child.is_finished() {
-        assert!(
-            t.elapsed() < within,
-            "the daemon did not answer within {within:?}: it hangs before it binds its API"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    (child.join().unwrap(), t.elapsed())
+    let d = Serve::new(state).args(extra).ready_within(within).start();
+    (d, t.elapsed())
 }
 
 /// Whether a process holds an `flock` on the file, tested by taking one without waiting.
@@ -232,7 +217,7 @@ fn a_daemon_with_a_fifo_record_fails_that_disk_and_goes_on() {
     let dir = tempfile::tempdir().unwrap();
     let state = dir.path().join("state");
     let serve = ["--grace", "0s", "--profile", "patent", "--jobs", "1"];
-    let d = Daemon::start(&state, &serve);
+    let mut d = Daemon::start(&state, &serve);
     let a = dir.path().join("a.img");
     let b = dir.path().join("b.img");
     tagged_image(&a, 2048, 512, 3);
@@ -272,7 +257,7 @@ fn a_daemon_with_a_fifo_record_fails_that_disk_and_goes_on() {
     assert_eq!(d.disk("a")["state"], "failed");
 
     // A restart with the FIFO still there binds its API and keeps the disk failed.
-    d.sigkill();
+    d.kill9();
     let (d, took) = start_within(&state, &serve, Duration::from_secs(10));
     let v = d.disk("a");
     assert_eq!(v["state"], "failed", "{v}");

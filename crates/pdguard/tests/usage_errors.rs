@@ -4,11 +4,8 @@
 #![allow(clippy::unwrap_used)]
 
 mod common;
-#[path = "common/spawned.rs"]
-mod spawned;
 
-use common::{code, keygen, pdguard, s, state, stderr, tagged_image};
-use spawned::{client, json_of, Daemon};
+use common::{client, code, json_of, keygen, pdguard, s, state, stderr, tagged_image, Serve};
 
 fn stdout(o: &std::process::Output) -> String {
     String::from_utf8_lossy(&o.stdout).into_owned()
@@ -187,8 +184,8 @@ fn the_demo_says_what_its_count_means() {
 fn disk_create_reads_sizes_and_makes_path_absolute() {
     let dir = tempfile::tempdir().unwrap();
     let state = dir.path().join("state");
-    let d = Daemon::start(&state, &[]);
-    let api = d.api.clone();
+    let d = Serve::new(&state).profile("patent").start();
+    let api = d.api().to_string();
     let v = json_of(&client(
         &[
             "disk", "create", "a", "--size", "1.5M", "--api", &api, "--json",

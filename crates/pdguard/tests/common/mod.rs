@@ -5,6 +5,11 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 use rand::{Rng, SeedableRng};
+use serde_json::Value;
+
+pub mod daemon;
+#[allow(unused_imports)]
+pub use daemon::{Daemon, Serve};
 
 pub fn bin() -> &'static str {
     env!("CARGO_BIN_EXE_pdguard")
@@ -26,6 +31,26 @@ pub fn keygen(dir: &Path, name: &str) -> PathBuf {
     let o = pdguard(&["keygen", s(&p)]);
     assert_eq!(code(&o), 0, "keygen: {}", stderr(&o));
     p
+}
+
+/// A client command in a controlled environment: the key file, API token file and state
+/// directory of the tests' own environment are not inherited; `env` adds variables.
+pub fn client(args: &[&str], env: &[(&str, &Path)]) -> Output {
+    let mut c = Command::new(bin());
+    c.args(args)
+        .env_remove("PDGUARD_KEY_FILE")
+        .env_remove("PDGUARD_API_TOKEN_FILE")
+        .env_remove("PDGUARD_STATE_DIR");
+    for (k, v) in env {
+        c.env(k, v);
+    }
+    c.output().unwrap()
+}
+
+/// The JSON answer of a command that must have succeeded.
+pub fn json_of(o: &Output) -> Value {
+    assert_eq!(code(o), 0, "{}", stderr(o));
+    serde_json::from_slice(&o.stdout).unwrap()
 }
 
 pub fn code(o: &Output) -> i32 {

@@ -154,7 +154,7 @@ fn qemu_opts(addr: &str, export: &str) -> String {
 
 /// qemu-img info, qemu-io write and read -P, nbdinfo and nbdcopy with `creds` (qemu's
 /// --object) and `query` (the nbds:// URI's TLS part).
-fn tls_clients(d: &Daemon, dir: &Path, addr: &str, object: &str, uri_user: &str, query: &str) {
+fn tls_clients(d: &Nbd, dir: &Path, addr: &str, object: &str, uri_user: &str, query: &str) {
     let (qemu_img, qemu_io) = (
         need("qemu-img", "qemu-utils"),
         need("qemu-io", "qemu-utils"),
@@ -224,7 +224,7 @@ fn x509_with_qemu_and_libnbd_and_untrusted_certificates_fail() {
     let dir = tempfile::tempdir().unwrap();
     let c = certs(dir.path());
     let state = dir.path().join("st");
-    let d = Daemon::start(
+    let d = Nbd::start(
         &state,
         &[
             "--profile",
@@ -236,7 +236,7 @@ fn x509_with_qemu_and_libnbd_and_untrusted_certificates_fail() {
         ],
     );
     d.create("t", "8M");
-    let addr = tcp_addr(&state);
+    let addr = tcp_addr(&d);
     let obj = |dir: &Path| {
         format!(
             "tls-creds-x509,id=tls0,endpoint=client,dir={}",
@@ -267,7 +267,7 @@ fn x509_with_qemu_and_libnbd_and_untrusted_certificates_fail() {
     std::fs::create_dir_all(&ca_only).unwrap();
     std::fs::copy(c.client.join("ca-cert.pem"), ca_only.join("ca-cert.pem")).unwrap();
     fails(nbdinfo, &[&uri(&ca_only)]);
-    let log = std::fs::read_to_string(state.with_extension("log")).unwrap();
+    let log = d.log();
     assert!(log.contains("TLS handshake failed"), "{log}");
     assert_eq!(d.disk("t")["containers"], serde_json::json!([]));
 }
@@ -278,7 +278,7 @@ fn psk_with_qemu_and_libnbd_and_a_wrong_key_fails() {
     let keys = psk(dir.path(), "psk", "alice", 1);
     let wrong = psk(dir.path(), "wrong", "alice", 2);
     let state = dir.path().join("st");
-    let d = Daemon::start(
+    let d = Nbd::start(
         &state,
         &[
             "--profile",
@@ -290,7 +290,7 @@ fn psk_with_qemu_and_libnbd_and_a_wrong_key_fails() {
         ],
     );
     d.create("t", "8M");
-    let addr = tcp_addr(&state);
+    let addr = tcp_addr(&d);
     let obj = |p: &Path, user: &str| {
         format!(
             "tls-creds-psk,id=tls0,endpoint=client,username={user},dir={}",
@@ -341,30 +341,23 @@ fn psk_with_qemu_and_libnbd_and_a_wrong_key_fails() {
     );
     assert_eq!(d.disk("t")["containers"], serde_json::json!([]));
     // TLS offered but not required leaves TCP in clear text: it needs --nbd-insecure-tcp.
-    let o = pdguard(&[
-        "serve",
-        "--state-dir",
-        s(&dir.path().join("st2")),
-        "--nbd",
-        "tcp:127.0.0.1:0",
-        "--nbd-tls-psk",
-        s(&keys),
-        "--nbd-tls",
-        "on",
-    ]);
+    let o = Serve::new(&dir.path().join("st2"))
+        .args(&[
+            "--nbd",
+            "tcp:127.0.0.1:0",
+            "--nbd-tls-psk",
+            s(&keys),
+            "--nbd-tls",
+            "on",
+        ])
+        .refused();
     assert_eq!(code(&o), 2, "{}", stderr(&o));
     assert!(stderr(&o).contains("--nbd-insecure-tcp"), "{}", stderr(&o));
     // A PSK file every user can read is refused at start.
     chmod(&keys, 0o644);
-    let o = pdguard(&[
-        "serve",
-        "--state-dir",
-        s(&dir.path().join("st2")),
-        "--nbd",
-        "tcp:127.0.0.1:0",
-        "--nbd-tls-psk",
-        s(&keys),
-    ]);
+    let o = Serve::new(&dir.path().join("st2"))
+        .args(&["--nbd", "tcp:127.0.0.1:0", "--nbd-tls-psk", s(&keys)])
+        .refused();
     assert_eq!(code(&o), 2, "{}", stderr(&o));
     assert!(stderr(&o).contains("chmod o-rwx"), "{}", stderr(&o));
 }
@@ -408,7 +401,7 @@ fn plain_client_on_a_tls_listener_lists_and_reads_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let keys = psk(dir.path(), "psk", "alice", 3);
     let state = dir.path().join("st");
-    let d = Daemon::start(
+    let d = Nbd::start(
         &state,
         &[
             "--profile",
@@ -420,7 +413,7 @@ fn plain_client_on_a_tls_listener_lists_and_reads_nothing() {
         ],
     );
     d.create("secret", "1M");
-    let addr = tcp_addr(&state);
+    let addr = tcp_addr(&d);
     let mut c = tcp_greet(&addr);
     for (code, data) in [
         (3u32, vec![]),
@@ -488,7 +481,7 @@ fn socket_group_lets_its_members_in_and_no_one_else() {
     std::fs::create_dir_all(&public).unwrap();
     chmod(&public, 0o755);
     let sock = public.join("nbd.sock");
-    let d = Daemon::start(
+    let d = Nbd::start(
         &dir.path().join("st"),
         &[
             "--profile",
@@ -516,15 +509,14 @@ fn socket_group_lets_its_members_in_and_no_one_else() {
     let refused = as_user(OUTSIDER_UID, OUTSIDER_UID, None, &sock);
     assert_eq!(refused, "refused EACCES");
     // A name that is no group is a usage error.
-    let o = pdguard(&[
-        "serve",
-        "--state-dir",
-        s(&dir.path().join("st2")),
-        "--nbd",
-        "unix:/tmp/x.sock",
-        "--nbd-socket-group",
-        "no-such-group-here",
-    ]);
+    let o = Serve::new(&dir.path().join("st2"))
+        .args(&[
+            "--nbd",
+            "unix:/tmp/x.sock",
+            "--nbd-socket-group",
+            "no-such-group-here",
+        ])
+        .refused();
     assert_eq!(code(&o), 2, "{}", stderr(&o));
     assert!(stderr(&o).contains("no-such-group-here"), "{}", stderr(&o));
 }
@@ -544,7 +536,7 @@ fn another_local_user_reaches_no_disk_over_any_listener() {
     let c = certs(dir.path());
     let (sa, sb) = (dir.path().join("sa"), dir.path().join("sb"));
     let group_sock = public.join("group.sock");
-    let a = Daemon::start(
+    let a = Nbd::start(
         &sa,
         &[
             "--nbd",
@@ -560,7 +552,7 @@ fn another_local_user_reaches_no_disk_over_any_listener() {
         ],
     );
     let default_sock = public.join("default.sock");
-    let b = Daemon::start(
+    let b = Nbd::start(
         &sb,
         &[
             "--nbd",
@@ -589,7 +581,7 @@ fn another_local_user_reaches_no_disk_over_any_listener() {
     let script_copy = script_dir.join("outsider.py");
     std::fs::copy(script("outsider.py"), &script_copy).unwrap();
     chmod(&script_copy, 0o644);
-    let (ta, tb) = (tcp_addr(&sa), tcp_addr(&sb));
+    let (ta, tb) = (tcp_addr(&a), tcp_addr(&b));
     need("setpriv", "util-linux");
     let o = Command::new("setpriv")
         .args([
@@ -653,8 +645,8 @@ fn another_local_user_reaches_no_disk_over_any_listener() {
     ]);
     assert!(!o.status.success(), "a stranger's certificate was accepted");
     // Both attempts got as far as the TLS handshake, which the daemons refused.
-    for st in [&sa, &sb] {
-        let log = std::fs::read_to_string(st.with_extension("log")).unwrap();
+    for (st, d) in [(&sa, &a), (&sb, &b)] {
+        let log = d.log();
         assert!(
             log.contains("TLS handshake failed"),
             "{}: {log}",
@@ -683,9 +675,9 @@ fn status_kib(pid: u32, field: &str) -> u64 {
 #[test]
 fn memory_stays_bounded_with_32_mib_reads_in_flight() {
     let dir = tempfile::tempdir().unwrap();
-    let d = Daemon::start(&dir.path().join("st"), &["--profile", "patent"]);
+    let d = Nbd::start(&dir.path().join("st"), &["--profile", "patent"]);
     d.create("m", "64M");
-    let pid = d.child.id();
+    let pid = d.pid();
     let idle = status_kib(pid, "VmRSS:");
     let sock = d.sock.clone();
     let clients: Vec<_> = (0..4)
@@ -724,7 +716,7 @@ fn memory_stays_bounded_with_32_mib_reads_in_flight() {
 fn connection_limit_holds_against_500_connect_and_hold() {
     let dir = tempfile::tempdir().unwrap();
     let state = dir.path().join("st");
-    let d = Daemon::start(
+    let d = Nbd::start(
         &state,
         &["--profile", "patent", "--nbd-max-connections", "8"],
     );
@@ -743,7 +735,7 @@ fn connection_limit_holds_against_500_connect_and_hold() {
         }
     }
     assert_eq!(served, 8, "{served} of 500 connections were served");
-    let log = std::fs::read_to_string(state.with_extension("log")).unwrap();
+    let log = d.log();
     assert!(
         log.matches("limit of connections is reached").count() >= 492,
         "no log line for each refused connection"
@@ -781,9 +773,9 @@ fn pattern_at(off: u64, n: usize, salt: u8) -> Vec<u8> {
 #[test]
 fn large_requests_from_a_client_that_negotiated_no_block_size() {
     let dir = tempfile::tempdir().unwrap();
-    let d = Daemon::start(&dir.path().join("st"), &["--profile", "patent"]);
+    let d = Nbd::start(&dir.path().join("st"), &["--profile", "patent"]);
     let disk = d.create("big", "320M");
-    let pid = d.child.id();
+    let pid = d.pid();
     let idle = status_kib(pid, "VmRSS:");
     let mut c = Raw::connect(&d.sock);
     c.option(1, b"big");
