@@ -28,16 +28,8 @@ if ((${#missing[@]})); then
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}"
 fi
 
-# The Docker volume plugin's tests need a running dockerd: start one if none answers.
-if ! docker info >/dev/null 2>&1; then
-  echo "test.sh: no dockerd answers; starting one (log in /var/log/dockerd.log)" >&2
-  nohup dockerd >>/var/log/dockerd.log 2>&1 &
-  for _ in $(seq 1 60); do
-    docker info >/dev/null 2>&1 && break
-    sleep 1
-  done
-  docker info >/dev/null 2>&1 || { echo "test.sh: dockerd did not come up; see /var/log/dockerd.log" >&2; exit 1; }
-fi
+# The Docker tests start their own dockerds in namespaces of their own
+# (crates/pdguard/tests/nodes): the machine's dockerd, if any, is neither needed nor used.
 
 start=$SECONDS
 cargo fmt --all -- --check

@@ -24,7 +24,11 @@ struct Host {
 }
 
 fn host() -> Host {
-    let o = nodes::run(60, "docker", &["info", "--format", "{{.Swarm.LocalNodeState}}"]);
+    let o = nodes::run(
+        60,
+        "docker",
+        &["info", "--format", "{{.Swarm.LocalNodeState}}"],
+    );
     let mut plugins: Vec<String> = std::fs::read_dir("/run/docker/plugins")
         .map(|d| {
             d.filter_map(|e| e.ok())
@@ -43,7 +47,10 @@ fn host() -> Host {
 /// machine's dockerd stays out of (or in) swarm mode as it was.
 fn check_host_untouched(before: &Host) {
     let after = host();
-    assert_eq!(after.swarm, before.swarm, "the machine's dockerd swarm state changed");
+    assert_eq!(
+        after.swarm, before.swarm,
+        "the machine's dockerd swarm state changed"
+    );
     if !before.plugins.iter().any(|p| p == "pdguard.sock") {
         assert!(
             !after.plugins.iter().any(|p| p == "pdguard.sock"),
@@ -131,16 +138,14 @@ fn task_container(node: &Node, service: &str, secs: u64) -> String {
     }
 }
 
-
 /// The task writes the secret and 1 MiB of random bytes with their digest, once: a task
 /// that finds them (a reclaimed volume) leaves them as they are.
 fn create_service(manager: &Node, name: &str, secret: &str, constraint: &str) {
     let script = format!(
         "test -f /data/blob.md5 || {{ echo {secret} > /data/s; head -c 1048576 /dev/urandom > /data/blob; md5sum /data/blob > /data/blob.md5; }}; sync; exec sleep 100000"
     );
-    let mount = format!(
-        "type=volume,source={name},target=/data,volume-driver=pdguard,volume-opt=size=64M"
-    );
+    let mount =
+        format!("type=volume,source={name},target=/data,volume-driver=pdguard,volume-opt=size=64M");
     manager.docker_ok(&[
         "service",
         "create",
@@ -164,9 +169,7 @@ fn create_service(manager: &Node, name: &str, secret: &str, constraint: &str) {
 fn file_holds(node: &Node, name: &str, secret: &str) -> bool {
     let d = disk(node, name).unwrap();
     let bytes = std::fs::read(d["path"].as_str().unwrap()).unwrap();
-    bytes
-        .windows(secret.len())
-        .any(|w| w == secret.as_bytes())
+    bytes.windows(secret.len()).any(|w| w == secret.as_bytes())
 }
 
 /// The data the first task wrote is all there: the secret, and the blob against its digest.
@@ -304,7 +307,10 @@ fn a_node_whose_dockerd_dies_seals_nothing_until_it_returns() {
             assert!(v["docker"]["error"].is_string(), "{v}");
             break;
         }
-        assert!(Instant::now() < deadline, "status never said unreachable: {v}");
+        assert!(
+            Instant::now() < deadline,
+            "status never said unreachable: {v}"
+        );
         std::thread::sleep(Duration::from_millis(200));
     }
     let text = String::from_utf8_lossy(&n2.pdguard_cli(&["status"]).stdout).into_owned();

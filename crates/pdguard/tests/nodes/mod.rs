@@ -149,12 +149,19 @@ impl Node {
     /// `program` to be run in the node's mount namespace (and network namespace if `net`).
     pub fn command(&self, program: &str, net: bool) -> Command {
         let mut c = Command::new("nsenter");
-        c.arg(format!("--mount=/proc/{}/ns/mnt", self.holder.id()));
-        if net {
-            c.arg(format!("--net=/run/netns/{}", self.netns()));
-        }
-        c.arg("--").arg(program);
+        c.args(self.enter(net)).arg(program);
         c
+    }
+
+    /// The `nsenter` arguments (after `nsenter`) that run a program in the node's mount
+    /// namespace (and network namespace if `net`).
+    pub fn enter(&self, net: bool) -> Vec<String> {
+        let mut a = vec![format!("--mount=/proc/{}/ns/mnt", self.holder.id())];
+        if net {
+            a.push(format!("--net=/run/netns/{}", self.netns()));
+        }
+        a.push("--".into());
+        a
     }
 
     /// `docker -H <this node> ARGS`, bounded.
@@ -206,7 +213,11 @@ impl Node {
         self.dockerd = Some(c.process_group(0).spawn().unwrap());
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
-            if self.docker(&["info", "--format", "{{.ID}}"]).status.success() {
+            if self
+                .docker(&["info", "--format", "{{.ID}}"])
+                .status
+                .success()
+            {
                 return;
             }
             if let Some(Ok(Some(s))) = self.dockerd.as_mut().map(|c| c.try_wait()) {
@@ -365,19 +376,7 @@ impl Cluster {
         let rootfs = busybox_rootfs(&root);
         for node in &mut cluster.nodes {
             node.start_dockerd();
-            let tar = Command::new("tar")
-                .arg("-C")
-                .arg(&rootfs)
-                .args(["-c", "."])
-                .stdout(Stdio::piped())
-                .spawn()
-                .unwrap();
-            let o = Command::new("timeout")
-                .args(["60", "docker", "-H", &node.host(), "import", "-", IMAGE])
-                .stdin(tar.stdout.unwrap())
-                .output()
-                .unwrap();
-            assert!(o.status.success(), "docker import: {}", text(&o.stderr));
+            import(Some(&node.host()), &rootfs, IMAGE);
         }
         cluster
     }
@@ -409,7 +408,13 @@ impl Cluster {
         }
         for node in &self.nodes {
             let id = node.docker_ok(&["info", "--format", "{{.Swarm.NodeID}}"]);
-            m.docker_ok(&["node", "update", "--label-add", &format!("n={}", node.n), &id]);
+            m.docker_ok(&[
+                "node",
+                "update",
+                "--label-add",
+                &format!("n={}", node.n),
+                &id,
+            ]);
         }
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
@@ -459,7 +464,7 @@ fn holder(i: usize, root: &Path) -> Node {
     let r = std::io::Read::read_exact(&mut stdout, &mut buf);
     assert!(
         r.is_ok() && &buf == b"ready\n",
-        "node {i}: cannot make a mount namespace with a tmpfs on /run/docker/plugins (unshare -m)"
+        "node {i}: cannot make a mount namespace with a tmpfs on /run/docker/plugins (unshare -m); on a machine without namespaces, PDGUARD_DOCKER_TESTS_ON_HOST=1 runs tests/docker.rs against the machine's dockerd (see its header)"
     );
     let stdin = c.stdin.take().unwrap();
     Node {
@@ -477,7 +482,11 @@ fn holder(i: usize, root: &Path) -> Node {
 fn network(n: usize) {
     let hub = format!("{PREFIX}-hub");
     ok(10, "ip", &["netns", "add", &hub]);
-    ok(10, "ip", &["-n", &hub, "link", "add", "br0", "type", "bridge"]);
+    ok(
+        10,
+        "ip",
+        &["-n", &hub, "link", "add", "br0", "type", "bridge"],
+    );
     ok(10, "ip", &["-n", &hub, "link", "set", "br0", "up"]);
     for i in 1..=n {
         let ns = format!("{PREFIX}-{i}");
@@ -486,29 +495,76 @@ fn network(n: usize) {
         ok(
             10,
             "ip",
-            &["link", "add", &a, "netns", &ns, "type", "veth", "peer", "name", &b, "netns", &hub],
+            &[
+                "link", "add", &a, "netns", &ns, "type", "veth", "peer", "name", &b, "netns", &hub,
+            ],
         );
-        ok(10, "ip", &["-n", &hub, "link", "set", &b, "master", "br0", "up"]);
-        ok(10, "ip", &["-n", &ns, "addr", "add", &format!("{NET}.{i}/24"), "dev", &a]);
+        ok(
+            10,
+            "ip",
+            &["-n", &hub, "link", "set", &b, "master", "br0", "up"],
+        );
+        ok(
+            10,
+            "ip",
+            &[
+                "-n",
+                &ns,
+                "addr",
+                "add",
+                &format!("{NET}.{i}/24"),
+                "dev",
+                &a,
+            ],
+        );
         ok(10, "ip", &["-n", &ns, "link", "set", &a, "up"]);
         ok(10, "ip", &["-n", &ns, "link", "set", "lo", "up"]);
     }
 }
 
-/// A root file system of Debian's static busybox (its applets as symlinks).
-fn busybox_rootfs(root: &Path) -> PathBuf {
-    let fs = root.join("rootfs");
+/// A root file system of Debian's static busybox, every applet a symlink, in `dir/rootfs`.
+pub fn busybox_rootfs(dir: &Path) -> PathBuf {
+    let fs = dir.join("rootfs");
     let bin = fs.join("bin");
     std::fs::create_dir_all(&bin).unwrap();
     std::fs::copy("/bin/busybox", bin.join("busybox")).unwrap();
-    for applet in [
-        "sh", "cat", "echo", "sleep", "sync", "head", "md5sum", "ls", "test", "grep", "dd",
-    ] {
+    let list = ok(10, "/bin/busybox", &["--list"]);
+    for applet in list.lines().filter(|a| *a != "busybox" && !a.contains('/')) {
         std::os::unix::fs::symlink("busybox", bin.join(applet)).unwrap();
     }
-    std::fs::create_dir_all(fs.join("dev")).unwrap();
-    std::fs::create_dir_all(fs.join("data")).unwrap();
+    for d in ["dev", "proc", "sys", "data", "tmp"] {
+        std::fs::create_dir_all(fs.join(d)).unwrap();
+    }
     fs
+}
+
+/// `docker import` a root file system as `tag` into the dockerd at `host` (None: the
+/// machine's own): an image without a registry or a build.
+pub fn import(host: Option<&str>, rootfs: &Path, tag: &str) {
+    let mut tar = Command::new("tar")
+        .arg("-C")
+        .arg(rootfs)
+        .args(["-c", "."])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let tar_out = tar.stdout.take().unwrap();
+    let mut c = Command::new("timeout");
+    c.args(["60", "docker"]);
+    if let Some(h) = host {
+        c.args(["-H", h]);
+    }
+    let o = c
+        .args(["import", "-", tag])
+        .stdin(tar_out)
+        .output()
+        .unwrap();
+    let tarred = tar.wait().unwrap();
+    assert!(
+        o.status.success() && tarred.success(),
+        "docker import ({tarred} from tar): {}",
+        text(&o.stderr)
+    );
 }
 
 /// Remove whatever a run of the harness left (processes, container cgroups, loop devices,
@@ -525,7 +581,9 @@ pub fn sweep() {
             break;
         }
         for p in pids {
-            let _ = Command::new("kill").args(["-KILL", &p.to_string()]).status();
+            let _ = Command::new("kill")
+                .args(["-KILL", &p.to_string()])
+                .status();
         }
         std::thread::sleep(Duration::from_millis(100));
     }
@@ -593,7 +651,10 @@ fn cgroup_dirs() -> Vec<PathBuf> {
     for b in bases {
         if let Ok(d) = std::fs::read_dir(&b) {
             for e in d.filter_map(|e| e.ok()) {
-                if e.file_name().to_string_lossy().starts_with(&format!("{PREFIX}-")) {
+                if e.file_name()
+                    .to_string_lossy()
+                    .starts_with(&format!("{PREFIX}-"))
+                {
                     out.push(e.path());
                 }
             }
