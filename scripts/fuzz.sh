@@ -3,11 +3,11 @@
 # nightly, and fails on any crash, i.e. any input where a parser and its reference check
 # disagree. The committed corpora and seeds are the starting point and are not changed:
 # new inputs go to a scratch directory (run `cargo fuzz cmin` by hand to keep them).
-# PDGUARD_FUZZ_SECONDS sets the time per target (default 10). Called by scripts/test.sh;
+# PDGUARD_FUZZ_SECONDS sets the time per target (default 7: a minute in all for the eight targets). Called by scripts/test.sh;
 # installs the nightly toolchain and cargo-fuzz when they are missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-secs=${PDGUARD_FUZZ_SECONDS:-10}
+secs=${PDGUARD_FUZZ_SECONDS:-7}
 
 command -v rustup >/dev/null 2>&1 || { echo "fuzz.sh: needs rustup (for the nightly toolchain cargo-fuzz builds with)" >&2; exit 1; }
 rustup run nightly rustc --version >/dev/null 2>&1 || rustup toolchain install nightly --profile minimal

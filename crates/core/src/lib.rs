@@ -1,8 +1,10 @@
 //! pdguard-core: the pure part of pdguard — no I/O, no threads, no clocks.
 //!
 //! Geometry, the patent's seed ([040]), placements ([038]-[039]), the seal record format
-//! and the sector maps of the seal and unseal passes. Everything that touches a file lives
-//! in `pdguard-engine`.
+//! and the sector maps of the seal and unseal passes; for instant reclaim (designed in
+//! `docs/instant-reclaim.md`), the region digest tree, the region states and moved map, and
+//! the read path's sealed addresses. Everything that touches a file lives in
+//! `pdguard-engine`.
 
 pub mod cipher;
 pub mod dense;
@@ -10,7 +12,10 @@ pub mod digest;
 pub mod geometry;
 pub mod keys;
 pub mod keyslot;
+pub mod moved_map;
 pub mod placement;
+pub mod region_tree;
+pub mod sealed_address;
 pub mod seed;
 
 pub use geometry::{Geometry, GeometryError};

@@ -8,14 +8,17 @@
 //! (lengths, offsets within bounds). A failed check panics with what differed: libFuzzer
 //! reports it as a crash, the replay test as a failure.
 //!
-//! Parsers behind a checksum (the seal record, the key slot) are also fed with the
-//! checksum fixed up by the check, so that the fuzzer reaches what lies behind it.
+//! Parsers behind a checksum (the seal record, the key slot, the region digest tree, the
+//! moved map) are also fed with the checksum fixed up by the check, so that the fuzzer
+//! reaches what lies behind it.
 
 pub mod duration;
 pub mod keyslot;
+pub mod moved_map;
 pub mod nbd;
 pub mod plugin;
 pub mod record;
+pub mod region_tree;
 pub mod size;
 
 /// A check: panics when the parser and its reference disagree on `data`.
@@ -30,6 +33,8 @@ pub const TARGETS: &[(&str, Check)] = &[
     ("key_slot", keyslot::check),
     ("size", size::check),
     ("duration", duration::check),
+    ("region_tree", region_tree::check),
+    ("moved_map", moved_map::check),
 ];
 
 /// The first byte of an input chooses what the rest is fed to; an empty input is mode 0.
