@@ -9,10 +9,14 @@ cd "$(dirname "$0")/.."
 declare -A provides=([losetup]=mount [mount]=mount [umount]=mount [setpriv]=util-linux [flock]=util-linux
   [mkfs.ext4]=e2fsprogs [groff]=groff-base [docker]=docker.io [dockerd]=docker.io
   [docker-compose]=docker-compose)
+# The Docker node harness (crates/pdguard/tests/nodes): namespaces, veths, nsenter.
+provides+=([ip]=iproute2 [nsenter]=util-linux [unshare]=util-linux [tar]=tar [timeout]=coreutils)
 # NBD clients of crates/pdguard/tests/nbd.rs, and nbdkit for bench/nbd.sh.
 provides+=([qemu-io]=qemu-utils [qemu-img]=qemu-utils [qemu-nbd]=qemu-utils
   [nbdinfo]=libnbd-bin [nbdcopy]=libnbd-bin [nbdsh]=python3-libnbd [fio]=fio [nbdkit]=nbdkit
   [openssl]=openssl [pkg-config]=pkg-config)
+# A real Prometheus server and promtool for crates/pdguard/tests/prometheus.rs.
+provides+=([prometheus]=prometheus [promtool]=prometheus)
 missing=()
 for cmd in "${!provides[@]}"; do
   command -v "$cmd" >/dev/null 2>&1 || missing+=("${provides[$cmd]}")
@@ -26,16 +30,8 @@ if ((${#missing[@]})); then
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}"
 fi
 
-# The Docker volume plugin's tests need a running dockerd: start one if none answers.
-if ! docker info >/dev/null 2>&1; then
-  echo "test.sh: no dockerd answers; starting one (log in /var/log/dockerd.log)" >&2
-  nohup dockerd >>/var/log/dockerd.log 2>&1 &
-  for _ in $(seq 1 60); do
-    docker info >/dev/null 2>&1 && break
-    sleep 1
-  done
-  docker info >/dev/null 2>&1 || { echo "test.sh: dockerd did not come up; see /var/log/dockerd.log" >&2; exit 1; }
-fi
+# The Docker tests start their own dockerds in namespaces of their own
+# (crates/pdguard/tests/nodes): the machine's dockerd, if any, is neither needed nor used.
 
 start=$SECONDS
 cargo fmt --all -- --check

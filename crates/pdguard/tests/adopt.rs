@@ -275,3 +275,64 @@ fn a_daemon_job_and_an_image_cli_job_never_run_on_one_file_together() {
     assert_eq!(v["state"], "available", "{v}");
     assert_eq!(digest(&img), plain);
 }
+
+/// A file sealed offline (`pdguard image seal`, its record beside it) and then adopted is
+/// `sealed`; `container up` unseals and verifies it before the container comes up, and the
+/// file holds the plaintext again. Sealed offline after adoption: the same at the reclaim.
+/// Tampered: `container up` exits 3 naming the digest, the disk `failed`, no container up.
+#[test]
+fn a_file_sealed_offline_is_unsealed_by_the_reclaim_never_served_scrambled() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = Daemon::start(
+        &dir.path().join("state"),
+        &["--grace", "1h", "--profile", "patent"],
+    );
+    let seal = |img: &Path| {
+        let o = pdguard(&["image", "seal", s(img), "--profile", "patent", "--quiet"]);
+        assert_eq!(code(&o), 0, "{}", stderr(&o));
+    };
+    for (i, when) in ["before adoption", "after adoption", "tampered"]
+        .into_iter()
+        .enumerate()
+    {
+        let name = format!("s{i}");
+        let img = dir.path().join(format!("{name}.img"));
+        let plain = random_file(&img, 1 << 20, 40 + i as u64);
+        if when != "after adoption" {
+            seal(&img);
+        }
+        if when == "tampered" {
+            let mut bytes = std::fs::read(&img).unwrap();
+            bytes[300_000] ^= 0x40;
+            std::fs::write(&img, &bytes).unwrap();
+        }
+        d.ok(&["disk", "create", &name, "--size", "1M", "--path", s(&img)]);
+        let want = if when == "after adoption" {
+            "available"
+        } else {
+            "sealed"
+        };
+        assert_eq!(d.disk(&name)["state"], want, "{when}");
+        if when == "after adoption" {
+            seal(&img);
+        }
+        assert_ne!(digest(&img), plain, "{when}: not sealed");
+        let c = format!("c{i}");
+        let o = d.cli(&["container", "up", &c, "--disk", &name]);
+        if when == "tampered" {
+            assert_eq!(code(&o), 3, "{}", stderr(&o));
+            assert!(stderr(&o).contains("digest"), "{}", stderr(&o));
+            assert_eq!(d.disk(&name)["state"], "failed");
+            assert_eq!(d.disk(&name)["containers"], serde_json::json!([]));
+            continue;
+        }
+        assert_eq!(code(&o), 0, "{when}: {}", stderr(&o));
+        assert_eq!(d.disk(&name)["state"], "attached", "{when}");
+        assert_eq!(
+            digest(&img),
+            plain,
+            "{when}: the container got scrambled data"
+        );
+        assert!(!record_of(&img).exists(), "{when}");
+    }
+}

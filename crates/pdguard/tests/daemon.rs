@@ -101,8 +101,11 @@ fn dangling_disk_is_sealed_and_reclaimed_bit_exact() {
     let m = http(&socket(&d), "GET", "/metrics", b"").1;
     for line in [
         "pdguard_disks{state=\"attached\"} 1",
-        "pdguard_seals_finished_total 1",
-        "pdguard_unseals_finished_total 1",
+        "pdguard_jobs_finished_total{kind=\"seal\"} 1",
+        "pdguard_jobs_finished_total{kind=\"unseal\"} 1",
+        "pdguard_jobs_failed_total{kind=\"seal\"} 0",
+        "pdguard_job_duration_seconds_count{kind=\"unseal\"} 1",
+        "pdguard_jobs{kind=\"seal\",state=\"running\"} 0",
     ] {
         assert!(m.contains(line), "metrics lack {line:?}:\n{m}");
     }

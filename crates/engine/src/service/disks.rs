@@ -7,7 +7,6 @@ use std::sync::Arc;
 
 use super::runner::storage_of;
 use super::{adopt, lock, now_ms, valid_name, DiskView, Result, Service, ServiceError};
-use crate::gate::GateState;
 use crate::jobs;
 use crate::registry::{Disk, DiskState};
 use crate::store::file::default_record_path;
@@ -79,14 +78,21 @@ impl Service {
                 return Err(e);
             }
         };
+        // A file sealed offline (its record beside it) is adopted as what it is: sealed.
+        // Its first reclaim unseals it and checks its digests; nothing scrambled is served.
         let record_expected = default_record_path(&path).exists();
+        let state = if record_expected {
+            DiskState::Sealed
+        } else {
+            DiskState::Available
+        };
         let d = Disk {
             name: name.into(),
             id: hex::encode(rand::random::<[u8; 16]>()),
             path,
             size,
             sector_size: self.s.cfg.sector_size,
-            state: DiskState::Available,
+            state,
             dangling: false,
             managed,
             grace_until_ms: None,
@@ -102,7 +108,7 @@ impl Service {
             }
             return Err(e);
         }
-        self.gate(name).set(GateState::Open);
+        self.gate(name).set(self.gate_state_for(state));
         st.disks.insert(name.into(), d.clone());
         Ok(self.view(&st, &d))
     }

@@ -84,6 +84,9 @@ pub struct DockerContainer {
     pub restarts: bool,
     /// Names of the volumes of our driver it uses.
     pub volumes: Vec<String>,
+    /// A Swarm task's container (label `com.docker.swarm.task.id`): Swarm never starts it
+    /// again once it stops; it replaces the task with a new container.
+    pub task: bool,
 }
 
 /// A container as dockerd's list shows it (no exit code, no restart policy): enough to
@@ -105,8 +108,12 @@ pub enum DockerEvent {
     },
     /// `container kill`: someone sent it a signal (`docker stop`, `docker kill`).
     Kill { container: String },
-    /// `container die` with its exit code.
-    Die { container: String, exit_code: i64 },
+    /// `container die` with its exit code; `task`: the container is a Swarm task's.
+    Die {
+        container: String,
+        exit_code: i64,
+        task: bool,
+    },
     /// `container destroy`: removed.
     Destroy { container: String },
     /// `container start`: looked at again at the next resync.
@@ -132,6 +139,9 @@ pub trait DockerApi: Send + Sync + 'static {
         id: &str,
         driver: &str,
     ) -> impl Future<Output = Result<Option<DockerContainer>, DockerError>> + Send;
+    /// Make dockerd activate the legacy plugin `driver` (it lists a legacy plugin, and Swarm
+    /// schedules a task using it on this node, only once something has used it).
+    fn activate(&self, driver: &str) -> impl Future<Output = Result<(), DockerError>> + Send;
     /// Send events to `tx` until the stream ends (Ok) or fails.
     fn events(
         &self,
@@ -156,9 +166,14 @@ pub struct DockerStatus {
 }
 
 /// How a container that died counts: the patent's "crashed" only when it died on its own
-/// with a non-zero exit code and will not be restarted.
-fn down_kind(killed: bool, exit_code: i64, restarts: bool) -> Option<ContainerState> {
-    if killed || exit_code == 0 {
+/// with a non-zero exit code and will not be restarted. A Swarm task's container is retired
+/// however it stopped (a service moved off this node, a drained node, a failed task): Swarm
+/// replaces the task and never starts that container again, keeping it only as the task's
+/// history, so it counts as removed ([028]: "deleted").
+fn down_kind(killed: bool, exit_code: i64, restarts: bool, task: bool) -> Option<ContainerState> {
+    if task {
+        Some(ContainerState::Removed)
+    } else if killed || exit_code == 0 {
         Some(ContainerState::Stopped)
     } else if restarts {
         None
@@ -169,8 +184,8 @@ fn down_kind(killed: bool, exit_code: i64, restarts: bool) -> Option<ContainerSt
 
 /// A container found exited by a resync (its `die` event was missed): 128+SIGTERM and
 /// 128+SIGKILL are what `docker stop` and `docker kill` leave, so they count as stopped.
-fn exited_kind(exit_code: i64, restarts: bool) -> Option<ContainerState> {
-    down_kind(matches!(exit_code, 137 | 143), exit_code, restarts)
+fn exited_kind(exit_code: i64, restarts: bool, task: bool) -> Option<ContainerState> {
+    down_kind(matches!(exit_code, 137 | 143), exit_code, restarts, task)
 }
 
 impl Service {
@@ -261,8 +276,13 @@ impl Service {
                     self.docker_container_removed(&c.id).await?;
                 }
                 Some(d) if d.state.may_mount() => {}
-                Some(d) if c.state == ContainerState::Running => {
-                    if let Some(how) = exited_kind(d.exit_code, d.restarts) {
+                // A Swarm task's container recorded as stopped (before this rule, or by a
+                // `die` read without its labels) is retired as well.
+                Some(d)
+                    if c.state == ContainerState::Running
+                        || (d.task && c.state == ContainerState::Stopped) =>
+                {
+                    if let Some(how) = exited_kind(d.exit_code, d.restarts, d.task) {
                         self.container_down(&c.id, how).await?;
                     }
                 }
@@ -322,6 +342,7 @@ impl Service {
             driver,
             kills: HashMap::new(),
             cache: cache::Cache::default(),
+            activated: false,
         };
         loop {
             let (tx, mut rx) = mpsc::channel(256);
@@ -350,6 +371,8 @@ impl Service {
             events.abort();
             // Events may be missed while dockerd is away: look at everything again.
             follower.cache.forget();
+            // dockerd may have restarted: it forgets the plugins it had activated.
+            follower.activated = false;
             let why = match failure {
                 Some(e) => crate::error_chain(&e),
                 None => match (&mut events).await {
@@ -386,12 +409,21 @@ struct Follower<D> {
     kills: HashMap<String, Instant>,
     /// What dockerd's containers were at the last resync.
     cache: cache::Cache,
+    /// dockerd has activated our plugin since it last answered after being unreachable.
+    activated: bool,
 }
 
 impl<D: DockerApi> Follower<D> {
     async fn resync(&mut self) -> Result<(), DockerError> {
         let t0 = Instant::now();
-        let (list, full) = self.cache.refresh(&*self.api, &self.driver).await?;
+        let (list, full) = match self.cache.refresh(&*self.api, &self.driver).await {
+            Ok(r) => r,
+            Err(e) => {
+                self.activated = false;
+                return Err(e);
+            }
+        };
+        self.activate().await?;
         if let Err(e) = self.svc.docker_resync(&list).await {
             tracing::error!(error = %crate::error_chain(&e), "resync with dockerd failed");
         }
@@ -411,6 +443,27 @@ impl<D: DockerApi> Follower<D> {
         Ok(())
     }
 
+    /// Once per (re)connection to dockerd: without it, a Swarm manager finds no node with
+    /// our driver ("missing plugin on N nodes") and leaves the task pending.
+    async fn activate(&mut self) -> Result<(), DockerError> {
+        if self.activated {
+            return Ok(());
+        }
+        match self.api.activate(&self.driver).await {
+            Ok(()) => {
+                self.activated = true;
+                tracing::info!(driver = %self.driver, "dockerd has activated the volume plugin");
+                Ok(())
+            }
+            Err(e @ DockerError::Unreachable { .. }) => Err(e),
+            Err(e) => {
+                // Tried again at the next resync.
+                tracing::warn!(error = %crate::error_chain(&e), "dockerd did not activate the volume plugin");
+                Ok(())
+            }
+        }
+    }
+
     async fn apply(&mut self, ev: DockerEvent) {
         self.cache.touch(&ev);
         let r = match ev {
@@ -427,7 +480,8 @@ impl<D: DockerApi> Follower<D> {
             DockerEvent::Die {
                 container,
                 exit_code,
-            } => self.died(&container, exit_code).await,
+                task,
+            } => self.died(&container, exit_code, task).await,
             DockerEvent::Destroy { container } => {
                 self.kills.remove(&container);
                 self.svc.docker_container_removed(&container).await
@@ -441,7 +495,7 @@ impl<D: DockerApi> Follower<D> {
         }
     }
 
-    async fn died(&mut self, id: &str, exit_code: i64) -> Result<()> {
+    async fn died(&mut self, id: &str, exit_code: i64, task: bool) -> Result<()> {
         if !Service::knows(&*self.svc.s.state.lock().await, id) {
             return Ok(());
         }
@@ -449,7 +503,7 @@ impl<D: DockerApi> Follower<D> {
             .kills
             .remove(id)
             .is_some_and(|t| t.elapsed() < Duration::from_secs(120));
-        let restarts = if killed || exit_code == 0 {
+        let restarts = if task || killed || exit_code == 0 {
             false
         } else {
             match self.api.inspect(id, &self.driver).await {
@@ -459,7 +513,7 @@ impl<D: DockerApi> Follower<D> {
                 Err(_) => true,
             }
         };
-        match down_kind(killed, exit_code, restarts) {
+        match down_kind(killed, exit_code, restarts, task) {
             Some(how) => self.svc.docker_container_down(id, how).await,
             None => Ok(()),
         }

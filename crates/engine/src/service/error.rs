@@ -37,6 +37,13 @@ pub enum ServiceError {
     /// The disk's life cycle does not allow it now.
     #[error("disk {disk:?} {why}")]
     Life { disk: String, why: LifeError },
+    /// A disk's file cannot be opened (or is not the file recorded for it).
+    #[error("disk {disk:?} cannot be opened")]
+    Store {
+        disk: String,
+        #[source]
+        source: crate::store::StoreError,
+    },
     #[error("the daemon is shutting down")]
     ShuttingDown,
 }
@@ -59,6 +66,11 @@ impl ServiceError {
                 ..
             } => "invalid_request",
             Self::Life { .. } => "conflict",
+            Self::Store {
+                source: crate::store::StoreError::Replaced(_),
+                ..
+            } => "disk_replaced",
+            Self::Store { .. } => "io_error",
             Self::ShuttingDown => "shutting_down",
         }
     }
@@ -77,7 +89,11 @@ impl ServiceError {
             // The request was understood and the job ran: the data did not verify.
             Self::Job { source, .. } if source.is_verification() => 422,
             Self::ShuttingDown => 503,
-            Self::Job { .. } | Self::Registry(_) | Self::Io { .. } => 500,
+            Self::Store {
+                source: crate::store::StoreError::Replaced(_),
+                ..
+            } => 409,
+            Self::Job { .. } | Self::Registry(_) | Self::Io { .. } | Self::Store { .. } => 500,
         }
     }
 }

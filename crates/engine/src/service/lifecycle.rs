@@ -79,6 +79,10 @@ pub enum Event {
     /// The disk cannot be used as it is (a mountpoint planted by someone else): `failed`
     /// with the reason, until a later reclaim finds it fixed.
     Refused { why: String },
+    /// A disk the registry holds as plaintext has a seal record beside it (a file sealed
+    /// offline, then adopted, or sealed offline while the daemon held it unused): its data
+    /// is sealed, and only an unseal that verifies it may serve it.
+    RecordFound,
 }
 
 #[derive(Debug, Clone, Error, PartialEq, Eq)]
@@ -204,6 +208,7 @@ fn event_name(e: &Event) -> &'static str {
         Event::Retry { .. } => "retry",
         Event::RecordLost { .. } => "record-lost",
         Event::Refused { .. } => "refused",
+        Event::RecordFound => "record-found",
     }
 }
 
@@ -307,6 +312,15 @@ pub fn next(life: &Life, event: &Event) -> Result<Life, LifeError> {
             error: why.clone(),
             dangling: life.dangling(),
         },
+
+        (L::Available | L::Attached | L::Grace { .. }, Event::RecordFound) => {
+            L::Sealed { dangling: false }
+        }
+        // Sealed data is what these states expect: nothing changes.
+        (L::Sealed { .. } | L::Failed { .. }, Event::RecordFound) => life.clone(),
+        (L::Sealing { .. } | L::Unsealing { .. }, Event::RecordFound) => {
+            return Err(LifeError::JobRunning(life.state().name()))
+        }
     })
 }
 
@@ -378,6 +392,7 @@ mod tests {
             (Event::Retry { seal: false }, [None, None, None, None, None, None, None, Some(L::Unsealing { reclaim: true })]),
             (Event::RecordLost { why: "gone".into() }, [None, None, None, None, Some(L::Failed { error: "gone".into(), dangling: true }), None, None, None]),
             (Event::Refused { why: "r".into() }, [Some(rf(false)), Some(rf(false)), Some(rf(false)), None, Some(rf(true)), None, None, Some(rf(true))]),
+            (Event::RecordFound, [Some(L::Sealed { dangling: false }), Some(L::Sealed { dangling: false }), Some(L::Sealed { dangling: false }), None, Some(L::Sealed { dangling: true }), None, None, Some(failed())]),
         ];
         for (event, row) in &table {
             for (state, want) in states.iter().zip(row) {

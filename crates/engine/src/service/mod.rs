@@ -44,6 +44,7 @@ pub use volumes::{VolumeError, VolumeOptions, VolumeView, MAX_VOLUME_NAME};
 use crate::gate::{Gate, GateState, SealedIo};
 use crate::jobs::Progress;
 use crate::registry::{Container, ContainerState, Disk, DiskState, Origin, Registry, VolumeMounts};
+use crate::store::file::default_record_path;
 
 type Result<T, E = ServiceError> = std::result::Result<T, E>;
 
@@ -299,6 +300,9 @@ impl Service {
             self.persist(&changed)?;
             *d = changed;
             tracing::debug!(disk = %name, from = before.state().name(), to = after.state().name(), "life cycle");
+            if after.state() == DiskState::Failed && before.state() != DiskState::Failed {
+                self.s.metrics.disk_failed();
+            }
         }
         let d = d.clone();
         if matches!(after, Life::Unsealing { reclaim: false }) {
@@ -538,6 +542,7 @@ impl Service {
         loop {
             let (kind, rx) = {
                 let mut st = self.s.state.lock().await;
+                self.find_record(&mut st, name)?;
                 let life = self.apply(&mut st, name, Event::Claimed)?;
                 match life.job() {
                     None => return Ok(()),
@@ -553,6 +558,25 @@ impl Service {
                 Err(e) => return Err(e),
             }
         }
+    }
+
+    /// A disk held as plaintext (available, attached, in grace) whose file has a seal
+    /// record beside it holds sealed data: it is `sealed` from now on, so that the reclaim
+    /// unseals it and checks its digests before anything is served, never the scrambled
+    /// bytes (DESIGN.md §6: what is on disk is untrusted; a record that is not a seal
+    /// record of this file fails the unseal, and the disk with it).
+    fn find_record(&self, st: &mut State, name: &str) -> Result<()> {
+        let plain = matches!(
+            st.life(name)?,
+            Life::Available | Life::Attached | Life::Grace { .. }
+        );
+        let d = st.disk_mut(name)?;
+        // `exists` follows a link: a dangling one cannot be a record, any file can.
+        if plain && default_record_path(&d.path).exists() {
+            tracing::warn!(disk = %name, record = %default_record_path(&d.path).display(), "the disk's file has a seal record: its data is sealed; unsealing it before use");
+            self.apply(st, name, Event::RecordFound)?;
+        }
+        Ok(())
     }
 
     /// A container stops, crashes or is removed. A removed container's associations are
@@ -594,9 +618,14 @@ impl Service {
         for d in st.disks.values() {
             *by_state.entry(d.state).or_default() += 1;
         }
-        let dangling = st.disks.values().filter(|d| d.dangling).count() as u64;
-        let gate_waits: u64 = lock(&self.s.gates).values().map(|g| g.waits()).sum();
-        self.s.metrics.render(&by_state, dangling, gate_waits)
+        let snap = metrics::Snapshot {
+            by_state,
+            dangling: st.disks.values().filter(|d| d.dangling).count() as u64,
+            gate_waits: lock(&self.s.gates).values().map(|g| g.waits()).sum(),
+            docker_up: self.docker_status().map(|s| s.reachable),
+        };
+        drop(st);
+        self.s.metrics.render(&snap)
     }
 }
 

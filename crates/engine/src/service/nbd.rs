@@ -6,10 +6,14 @@
 //! reclaim ([030]): it returns only when the disk is unsealed, its digest checked and its
 //! gate open.
 
-use std::path::PathBuf;
+use std::fs::File;
+use std::path::{Path, PathBuf};
 
+use super::lifecycle::Event;
 use super::{now_ms, Result, Service, ServiceError};
-use crate::registry::{Container, ContainerState, DiskState, Origin};
+use crate::registry::{Container, ContainerState, Disk, DiskState, Origin};
+use crate::store::file::open_identified;
+use crate::store::{FileIdentity, StoreError};
 
 /// Containers whose id starts with this are NBD connections.
 pub const NBD_CONTAINER_PREFIX: &str = "nbd:";
@@ -21,21 +25,27 @@ pub struct NbdExport {
     pub path: PathBuf,
     pub size: u64,
     pub state: DiskState,
+    /// What the disk's file is (recorded at adoption): the export opens only that file.
+    pub identity: Option<FileIdentity>,
+}
+
+impl NbdExport {
+    fn of(d: &Disk) -> Self {
+        Self {
+            name: d.name.clone(),
+            path: d.path.clone(),
+            size: d.size,
+            state: d.state,
+            identity: d.identity,
+        }
+    }
 }
 
 impl Service {
     /// Every disk, as an export.
     pub async fn nbd_exports(&self) -> Vec<NbdExport> {
         let st = self.s.state.lock().await;
-        st.disks
-            .values()
-            .map(|d| NbdExport {
-                name: d.name.clone(),
-                path: d.path.clone(),
-                size: d.size,
-                state: d.state,
-            })
-            .collect()
+        st.disks.values().map(NbdExport::of).collect()
     }
 
     /// One disk, as an export.
@@ -45,12 +55,41 @@ impl Service {
             kind: "disk",
             name: name.into(),
         })?;
-        Ok(NbdExport {
-            name: d.name.clone(),
-            path: d.path.clone(),
-            size: d.size,
-            state: d.state,
-        })
+        Ok(NbdExport::of(d))
+    }
+
+    /// Open an attached export's file for the connection's I/O, as every job opens it
+    /// ([`open_identified`]): never through a symbolic link, never waiting on a FIFO, and
+    /// only if it is the file recorded at adoption. A file swapped in at the disk's path
+    /// (a link, another file renamed over it) is refused before a byte is read or written,
+    /// and the disk is marked `failed` with both identities, so that no other front-end or
+    /// job uses it either until the operator puts the right file back.
+    pub async fn nbd_open(&self, export: &NbdExport) -> Result<File> {
+        let (path, name, id) = (export.path.clone(), export.name.clone(), export.identity);
+        let opened = tokio::task::spawn_blocking(move || open_export(&path, &name, id))
+            .await
+            .map_err(|e| {
+                ServiceError::Invalid(format!("the open of the disk's file failed: {e}"))
+            })?;
+        match opened {
+            Ok(f) => Ok(f),
+            Err(source @ StoreError::Replaced(_)) => {
+                let why = crate::error_chain(&source);
+                tracing::error!(disk = %export.name, error = %why, "NBD export refused");
+                let mut st = self.s.state.lock().await;
+                if let Err(e) = self.apply(&mut st, &export.name, Event::Refused { why }) {
+                    tracing::error!(disk = %export.name, error = %crate::error_chain(&e), "cannot mark the disk failed");
+                }
+                Err(ServiceError::Store {
+                    disk: export.name.clone(),
+                    source,
+                })
+            }
+            Err(source) => Err(ServiceError::Store {
+                disk: export.name.clone(),
+                source,
+            }),
+        }
     }
 
     /// A connection (`id`, which starts with `nbd:`) enters transmission on `disk`: record
@@ -117,6 +156,31 @@ impl Service {
             self.nbd_detach(&id).await;
         }
     }
+}
+
+/// The export's file, opened for reading and writing: the recorded file, or (an entry older
+/// than identities, which the start could not give one) whatever regular file or block
+/// device is there, never through a symbolic link.
+fn open_export(
+    path: &Path,
+    name: &str,
+    id: Option<FileIdentity>,
+) -> std::result::Result<File, StoreError> {
+    use crate::store::safe_open::{self, Accept, How, Parents};
+    if let Some(id) = id {
+        return open_identified(path, name, true, id);
+    }
+    let how = How::READ
+        .write(true)
+        .accept(Accept::RegularOrBlock)
+        .parents(Parents::NoSymlinks);
+    safe_open::open(path, "disk file", how)?.ok_or_else(|| {
+        StoreError::io(
+            "open",
+            format!("image {name}"),
+            std::io::ErrorKind::NotFound.into(),
+        )
+    })
 }
 
 /// Flush a disk's file before a job reads it: with the gate blocked and I/O in flight

@@ -10,6 +10,7 @@
 //! as after a crash (the kill tests cut jobs at every step).
 
 use std::sync::{Arc, Mutex as StdMutex};
+use std::time::Duration;
 
 use thiserror::Error;
 use tokio::sync::watch;
@@ -56,6 +57,7 @@ impl Service {
         // Queued now, under the lock that makes one job per disk: the order of the asks is
         // the order of the starts.
         let turn = self.s.queue.enqueue(&d.name, kind);
+        self.s.metrics.queued(&d.name, kind);
         drop(running);
         let svc = self.clone();
         let disk = d.clone();
@@ -69,7 +71,7 @@ impl Service {
             }
             // The queue outlives every job (the service holds it): the turn always comes.
             let permit = turn.await.ok();
-            svc.s.metrics.started(kind == JobKind::Seal);
+            svc.s.metrics.started(&disk.name, kind);
             let t0 = std::time::Instant::now();
             let runner = svc.clone();
             let d2 = disk.clone();
@@ -78,8 +80,8 @@ impl Service {
                 .unwrap_or_else(|e| Err(RunError::Panicked(e.to_string())))
                 .map_err(Arc::new);
             drop(permit);
-            svc.s.metrics.job_seconds(t0.elapsed());
-            svc.finish_job(&disk.name, kind, &result).await;
+            svc.finish_job(&disk.name, kind, &result, t0.elapsed())
+                .await;
             let _ = tx.send(Some(result));
         });
     }
@@ -125,7 +127,7 @@ impl Service {
         let progress = DiskProgress {
             svc: self.clone(),
             disk: d.name.clone(),
-            job: kind.name(),
+            kind,
         };
         match kind {
             JobKind::Seal => {
@@ -159,13 +161,11 @@ impl Service {
 
     /// The job ended: its disk's life goes on (under the state lock, and the job leaves
     /// the running set there, so that the next event sees no job and can start one).
-    async fn finish_job(&self, name: &str, kind: JobKind, result: &Outcome) {
+    async fn finish_job(&self, name: &str, kind: JobKind, result: &Outcome, took: Duration) {
         let mut st = self.s.state.lock().await;
         lock(&self.s.running).remove(name);
         lock(&self.s.progress).remove(name);
-        self.s
-            .metrics
-            .finished(kind == JobKind::Seal, result.is_ok());
+        self.s.metrics.finished(name, kind, result.is_ok(), took);
         let Some(d) = st.disks.get(name) else {
             return;
         };
@@ -290,7 +290,7 @@ impl RecordWatch for RecordFlag {
 struct DiskProgress {
     svc: Service,
     disk: String,
-    job: &'static str,
+    kind: JobKind,
 }
 
 impl Progress for DiskProgress {
@@ -298,7 +298,7 @@ impl Progress for DiskProgress {
         lock(&self.svc.s.progress).insert(
             self.disk.clone(),
             super::JobProgress {
-                job: self.job,
+                job: self.kind.name(),
                 pass: name,
                 done_bytes: 0,
                 total_bytes,
@@ -313,7 +313,7 @@ impl Progress for DiskProgress {
         if let Some(o) = &self.svc.s.cfg.observer {
             o.0.advance(bytes);
         }
-        self.svc.s.metrics.moved(bytes);
+        self.svc.s.metrics.moved(self.kind, bytes);
         if let Some(p) = lock(&self.svc.s.progress).get_mut(&self.disk) {
             p.done_bytes = p.done_bytes.saturating_add(bytes);
         }

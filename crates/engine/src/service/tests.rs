@@ -142,6 +142,77 @@ async fn an_unseal_that_fails_verification_says_so_typed() {
     assert_eq!(state(&e.svc, "d").await, DiskState::Failed);
     // The container did not come up.
     assert!(e.svc.containers().await.is_empty());
+    // Both failures are counted: the jobs, and the disk entering `failed` each time.
+    let m = e.svc.metrics_text().await;
+    for line in [
+        "pdguard_jobs_failed_total{kind=\"unseal\"} 2\n",
+        "pdguard_jobs_finished_total{kind=\"unseal\"} 2\n",
+        "pdguard_jobs_failed_total{kind=\"seal\"} 0\n",
+        "pdguard_disk_failures_total 2\n",
+        "pdguard_disks{state=\"failed\"} 1\n",
+    ] {
+        assert!(m.contains(line), "{line:?} missing:\n{m}");
+    }
+}
+
+/// With one job slot, a second unseal waits in the queue while the first runs: the backlog
+/// gauges say so, and both end in the duration histogram.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_backlog_is_counted_queued_then_running() {
+    let e = env(Duration::from_secs(3600)).await;
+    sealed_disk(&e.svc, "a").await;
+    sealed_disk(&e.svc, "b").await;
+    e.hold.arm();
+    // A failed assertion must not leave the job held: the runtime waits for it at its end.
+    struct Release(Arc<HoldUnseal>);
+    impl Drop for Release {
+        fn drop(&mut self) {
+            self.0.release();
+        }
+    }
+    let release = Release(e.hold.clone());
+    let (s1, s2) = (e.svc.clone(), e.svc.clone());
+    let first = tokio::spawn(async move { s1.unseal_disk("a").await });
+    while !e.hold.reached.load(Ordering::SeqCst) {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let second = tokio::spawn(async move { s2.unseal_disk("b").await });
+    let want = [
+        "pdguard_jobs{kind=\"unseal\",state=\"running\"} 1\n",
+        "pdguard_jobs{kind=\"unseal\",state=\"queued\"} 1\n",
+        "pdguard_disks{state=\"unsealing\"} 2\n",
+    ];
+    let mut m = String::new();
+    for _ in 0..200 {
+        m = e.svc.metrics_text().await;
+        if want.iter().all(|l| m.contains(l)) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    for line in want {
+        assert!(m.contains(line), "{line:?} missing:\n{m}");
+    }
+    assert!(m.contains("pdguard_oldest_job_start_time_seconds "), "{m}");
+    drop(release);
+    first.await.unwrap().unwrap();
+    second.await.unwrap().unwrap();
+    let m = e.svc.metrics_text().await;
+    for line in [
+        "pdguard_jobs{kind=\"unseal\",state=\"running\"} 0\n",
+        "pdguard_jobs{kind=\"unseal\",state=\"queued\"} 0\n",
+        "pdguard_job_duration_seconds_count{kind=\"unseal\"} 2\n",
+        "pdguard_job_duration_seconds_count{kind=\"seal\"} 2\n",
+        "pdguard_jobs_started_total{kind=\"unseal\"} 2\n",
+        "pdguard_disks{state=\"available\"} 2\n",
+    ] {
+        assert!(m.contains(line), "{line:?} missing:\n{m}");
+    }
+    assert!(!m.contains("pdguard_oldest_job"), "{m}");
+    assert!(
+        !m.contains("pdguard_moved_bytes_total{kind=\"unseal\"} 0\n"),
+        "{m}"
+    );
 }
 
 /// `container up` whose client gives up while the unseal runs: once the unseal ends, the
@@ -368,4 +439,149 @@ async fn a_leftover_mount_is_unmounted_and_the_volume_sealed() {
     settle(&e.svc, name, DiskState::Sealed).await;
     assert!(!crate::store::loopfs::is_mountpoint(&dir).unwrap());
     assert!(!e.svc.disk(name).await.unwrap().unmount_pending);
+}
+
+/// Seal `path` offline, as `pdguard image seal` does (patent profile: no key needed).
+fn seal_offline(path: &Path) {
+    let storage = crate::store::file::ImageStorage::new(
+        path.to_path_buf(),
+        crate::store::file::default_record_path(path),
+        None,
+    );
+    crate::jobs::seal(
+        &storage,
+        &crate::jobs::SealOptions::default(),
+        &crate::jobs::NoProgress,
+    )
+    .unwrap();
+}
+
+fn plain_data() -> Vec<u8> {
+    (0..64 * 1024u32).map(|i| (i * 13 % 253) as u8).collect()
+}
+
+/// A file sealed offline and then adopted (its record beside it), or sealed offline while
+/// the daemon held it unused, holds sealed data: a reclaim unseals it and checks its
+/// digests before the container comes up, and the container gets the plaintext, never the
+/// scrambled bytes. A tampered one fails the reclaim (verification failed), the disk
+/// `failed` and its gate closed, the container not up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_disk_sealed_outside_the_daemon_is_unsealed_before_any_use() {
+    let e = env(Duration::from_secs(3600)).await;
+    let outside = e._dir.path().join("outside");
+    std::fs::create_dir(&outside).unwrap();
+    for (i, when) in ["before adoption", "after adoption", "tampered"]
+        .into_iter()
+        .enumerate()
+    {
+        let name = format!("o{i}");
+        let path = outside.join(format!("{name}.img"));
+        std::fs::write(&path, plain_data()).unwrap();
+        if when != "after adoption" {
+            seal_offline(&path);
+        }
+        if when == "tampered" {
+            tamper(&path);
+        }
+        e.svc
+            .create_disk(&name, 64 * 1024, Some(path.clone()))
+            .await
+            .unwrap();
+        let adopted = state(&e.svc, &name).await;
+        if when == "after adoption" {
+            assert_eq!(adopted, DiskState::Available);
+            seal_offline(&path);
+        } else {
+            assert_eq!(adopted, DiskState::Sealed, "{when}");
+            assert_eq!(
+                e.svc.gate(&name).state(),
+                GateState::Sealed(SealedIo::ReadOnly)
+            );
+        }
+        assert!(
+            std::fs::read(&path).unwrap() != plain_data(),
+            "{when}: not sealed"
+        );
+        let up = e
+            .svc
+            .container_up(&format!("c{i}"), std::slice::from_ref(&name))
+            .await;
+        if when == "tampered" {
+            let err = up.unwrap_err();
+            assert_eq!(err.code(), "verification_failed", "{err}");
+            assert_eq!(state(&e.svc, &name).await, DiskState::Failed);
+            assert_eq!(e.svc.gate(&name).state(), GateState::Blocked);
+            assert!(e
+                .svc
+                .containers()
+                .await
+                .iter()
+                .all(|c| c.container.id != "c2"));
+            continue;
+        }
+        up.unwrap();
+        assert_eq!(state(&e.svc, &name).await, DiskState::Attached, "{when}");
+        assert!(
+            std::fs::read(&path).unwrap() == plain_data(),
+            "{when}: not plaintext"
+        );
+        assert!(!crate::store::file::default_record_path(&path).exists());
+        assert_eq!(e.svc.gate(&name).state(), GateState::Open);
+    }
+}
+
+/// A FIFO planted at a sealed disk's key slot (secure profile): `disk unseal` and a
+/// reclaim are refused within a second, naming the slot and the FIFO, the disk `failed`;
+/// no job slot or image lock is left held (another disk still seals).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fifo_key_slot_fails_the_daemons_unseal_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let svc = Service::start(Config {
+        state_dir: dir.path().join("state"),
+        grace: Duration::from_secs(3600),
+        profile: Profile::Secure,
+        master_key: Some(MasterKey::from_bytes([7; 32])),
+        sealed_io: SealedIo::ReadOnly,
+        jobs: 1,
+        sector_size: 512,
+        strategy: crate::jobs::SealOptions::default().strategy,
+        seal_stopped: false,
+        observer: None,
+    })
+    .await
+    .unwrap();
+    let path = sealed_disk(&svc, "k").await;
+    let slot = {
+        let mut s = crate::store::file::default_record_path(&path).into_os_string();
+        s.push(pdguard_core::keyslot::SLOT_SUFFIX);
+        PathBuf::from(s)
+    };
+    assert!(slot.is_file(), "a secure seal has a key slot");
+    std::fs::remove_file(&slot).unwrap();
+    rustix::fs::mknodat(
+        rustix::fs::CWD,
+        &slot,
+        rustix::fs::FileType::Fifo,
+        rustix::fs::Mode::from_raw_mode(0o600),
+        0,
+    )
+    .unwrap();
+    let t = std::time::Instant::now();
+    let err = svc.unseal_disk("k").await.unwrap_err();
+    assert!(t.elapsed() < Duration::from_secs(1), "{:?}", t.elapsed());
+    let text = crate::error_chain(&err);
+    assert!(
+        text.contains("FIFO") && text.contains(&slot.display().to_string()),
+        "{text}"
+    );
+    let v = svc.disk("k").await.unwrap();
+    assert_eq!(v.disk.state, DiskState::Failed);
+    assert!(v.disk.error.unwrap_or_default().contains("FIFO"));
+    let t = std::time::Instant::now();
+    let err = svc.container_up("c", &["k".to_string()]).await.unwrap_err();
+    assert!(t.elapsed() < Duration::from_secs(1), "{:?}", t.elapsed());
+    assert!(crate::error_chain(&err).contains("FIFO"), "{err}");
+    assert_eq!(state(&svc, "k").await, DiskState::Failed);
+    // The only job slot is free: another disk seals.
+    sealed_disk(&svc, "other").await;
 }

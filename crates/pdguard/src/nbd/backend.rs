@@ -6,7 +6,6 @@ use std::fs::File;
 use std::io;
 use std::num::NonZeroU64;
 use std::os::unix::fs::FileExt;
-use std::path::Path;
 
 use rustix::fs::{FallocateFlags, SeekFrom};
 
@@ -23,12 +22,12 @@ pub struct Backend {
 }
 
 impl Backend {
-    pub fn open(path: &Path, size: u64) -> io::Result<Self> {
-        let file = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(path)?;
-        Ok(Self { file, size })
+    /// The export's file, opened by the service ([`Service::nbd_open`]: only the file
+    /// recorded for the disk, never through a link).
+    ///
+    /// [`Service::nbd_open`]: pdguard_engine::service::Service::nbd_open
+    pub fn new(file: File, size: u64) -> Self {
+        Self { file, size }
     }
 
     pub fn size(&self) -> u64 {
@@ -163,7 +162,8 @@ mod tests {
         f.set_len(4 << 20).unwrap();
         f.write_all_at(&[1u8; 8192], 1 << 20).unwrap();
         f.sync_all().unwrap();
-        let b = Backend::open(&p, 4 << 20).unwrap();
+        let rw = std::fs::OpenOptions::new().read(true).write(true).open(&p);
+        let b = Backend::new(rw.unwrap(), 4 << 20);
         let e = b.extents(0, 4 << 20, MAX_EXTENTS).unwrap();
         assert_eq!(
             e,

@@ -305,11 +305,16 @@ impl<'a> Negotiation<'a> {
         // nbd_attach undoes the association itself when the reclaim fails.
         let export = self.svc.nbd_attach(self.id, name).await.map_err(chain)?;
         self.attached = true;
-        let (path, size) = (export.path.clone(), export.size);
-        let backend = tokio::task::spawn_blocking(move || Backend::open(&path, size))
-            .await
-            .map_err(|e| e.to_string())?
-            .map_err(|e| format!("cannot open {}: {e}", export.path.display()))?;
+        // Only the file recorded for the disk: a swapped one fails the disk, unserved.
+        let file = match self.svc.nbd_open(&export).await {
+            Ok(f) => f,
+            Err(e) => {
+                self.svc.nbd_detach(self.id).await;
+                self.attached = false;
+                return Err(chain(e));
+            }
+        };
+        let backend = Backend::new(file, export.size);
         Ok(Agreed {
             meta: self.meta_for.as_deref() == Some(name),
             export,

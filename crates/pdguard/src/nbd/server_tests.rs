@@ -376,3 +376,145 @@ async fn a_trickled_handshake_is_closed_when_its_allowance_is_spent() {
         "closed after {after:?}"
     );
 }
+
+/// The export opens only the file recorded when the disk was adopted, as every job does:
+/// a symbolic link or another file renamed over the disk's path is refused at `OPT_GO`
+/// (no byte read or written, in the swapped-in file or anywhere), and the disk is marked
+/// `failed` with a message naming both identities.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_file_swapped_in_at_an_adopted_disks_path_is_never_served() {
+    let dir = tempfile::tempdir().unwrap();
+    let svc = service(dir.path()).await;
+    let outside = dir.path().join("outside");
+    std::fs::create_dir(&outside).unwrap();
+    for (i, how) in ["symlink", "rename"].into_iter().enumerate() {
+        let name = format!("a{i}");
+        let img = outside.join(format!("{name}.img"));
+        std::fs::write(&img, pattern(1 << 20)).unwrap();
+        svc.create_disk(&name, 1 << 20, Some(img.clone()))
+            .await
+            .unwrap();
+        let recorded = svc.disk(&name).await.unwrap().disk.identity.unwrap();
+        // Another user's file of the same size, which root must not touch.
+        let target = outside.join(format!("{name}.target"));
+        let secret = vec![0x5au8; 1 << 20];
+        std::fs::write(&target, &secret).unwrap();
+        let before = std::fs::metadata(&target).unwrap().modified().unwrap();
+        let moved = outside.join(format!("{name}.moved"));
+        std::fs::rename(&img, &moved).unwrap();
+        match how {
+            "symlink" => std::os::unix::fs::symlink(&target, &img).unwrap(),
+            _ => std::fs::rename(&target, &img).unwrap(),
+        }
+        let (mut c, _stop) = connect(&svc, ConnConfig::new(Duration::from_secs(5)));
+        let n = name.clone();
+        let r = tokio::task::spawn_blocking(move || {
+            greet(&mut c);
+            let info = wire::encode_info_request(&InfoRequest {
+                name: n,
+                infos: vec![],
+            });
+            option(&mut c, opt::GO, &info)
+        })
+        .await
+        .unwrap();
+        assert_eq!(r.len(), 1, "{how}: {r:?}");
+        assert_eq!(r[0].0, rep::ERR_UNKNOWN, "{how}: {r:?}");
+        let v = svc.disk(&name).await.unwrap();
+        assert_eq!(v.disk.state.name(), "failed", "{how}: {v:?}");
+        let error = v.disk.error.clone().unwrap_or_default();
+        assert!(
+            error.contains("not the file pdguard took it for"),
+            "{error}"
+        );
+        assert!(error.contains(&recorded.to_string()), "{how}: {error}");
+        assert_eq!(error.matches("inode").count(), 2, "{how}: {error}");
+        assert!(v.containers.is_empty(), "{how}: {v:?}");
+        // Not a byte written to the file swapped in (nor read: it is never opened).
+        let now = if how == "symlink" { &target } else { &img };
+        assert_eq!(std::fs::read(now).unwrap(), secret, "{how}");
+        assert_eq!(std::fs::metadata(now).unwrap().modified().unwrap(), before);
+        assert_eq!(std::fs::read(&moved).unwrap(), pattern(1 << 20), "{how}");
+    }
+}
+
+/// A file sealed offline (`pdguard image seal`) and then adopted is `sealed`: `OPT_GO` on
+/// it is a reclaim that unseals it and checks its digests first, and the client reads the
+/// plaintext, never the scrambled bytes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_adopted_file_sealed_offline_is_unsealed_before_it_is_served() {
+    use pdguard_engine::jobs::{seal, NoProgress, SealOptions};
+    use pdguard_engine::store::file::{default_record_path, ImageStorage};
+    let dir = tempfile::tempdir().unwrap();
+    let svc = service(dir.path()).await;
+    let img = dir.path().join("offline.img");
+    let data = pattern(1 << 20);
+    std::fs::write(&img, &data).unwrap();
+    let storage = ImageStorage::new(img.clone(), default_record_path(&img), None);
+    seal(&storage, &SealOptions::default(), &NoProgress).unwrap();
+    assert!(std::fs::read(&img).unwrap() != data);
+    svc.create_disk("off", 1 << 20, Some(img.clone()))
+        .await
+        .unwrap();
+    assert_eq!(svc.disk("off").await.unwrap().disk.state.name(), "sealed");
+    let (mut c, _stop) = connect(&svc, ConnConfig::new(Duration::from_secs(20)));
+    let back = tokio::task::spawn_blocking(move || {
+        greet(&mut c);
+        let info = wire::encode_info_request(&InfoRequest {
+            name: "off".into(),
+            infos: vec![],
+        });
+        let r = option(&mut c, opt::GO, &info);
+        assert_eq!(r.last().unwrap().0, rep::ACK, "{r:?}");
+        request(&mut c, Command::Read, 1, 0, 1 << 20);
+        assert_eq!(simple_reply(&mut c), (0, 1));
+        let mut back = vec![0u8; 1 << 20];
+        c.read_exact(&mut back).unwrap();
+        (back, c)
+    })
+    .await
+    .unwrap();
+    let (back, c) = back;
+    assert!(back == data, "the client read the sealed bytes");
+    assert!(!default_record_path(&img).exists());
+    // Still connected (the close would start the grace period).
+    assert_eq!(svc.disk("off").await.unwrap().disk.state.name(), "attached");
+    drop(c);
+}
+
+/// The STARTTLS injection (CVE-2021-3716's shape, nbdkit's fix): options pipelined behind
+/// `NBD_OPT_STARTTLS` in the same write would be read as if they had come through TLS.
+/// The connection is closed instead, before the ack: nothing is listed, nothing attached.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn options_pipelined_behind_starttls_close_the_connection() {
+    let dir = tempfile::tempdir().unwrap();
+    let svc = service(dir.path()).await;
+    let psk = dir.path().join("keys.psk");
+    std::fs::write(&psk, "alice:000102030405060708090a0b0c0d0e0f\n").unwrap();
+    std::fs::set_permissions(&psk, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let mut cfg = ConnConfig::new(Duration::from_secs(5));
+    cfg.tls = Some(Arc::new(
+        Tls::psk(&psk, super::super::tls::TlsMode::Require).unwrap(),
+    ));
+    let (mut c, _stop) = connect(&svc, cfg);
+    let got = tokio::task::spawn_blocking(move || {
+        greet(&mut c);
+        let info = wire::encode_info_request(&InfoRequest {
+            name: "d".into(),
+            infos: vec![],
+        });
+        let mut b = wire::encode_option(opt::STARTTLS, &[]);
+        b.extend(wire::encode_option(opt::LIST, &[]));
+        b.extend(wire::encode_option(opt::GO, &info));
+        c.write_all(&b).unwrap();
+        let mut rest = Vec::new();
+        let _ = c.read_to_end(&mut rest);
+        rest
+    })
+    .await
+    .unwrap();
+    assert!(got.is_empty(), "the server answered {} bytes", got.len());
+    let v = svc.disk("d").await.unwrap();
+    assert!(v.containers.is_empty(), "{v:?}");
+    assert_eq!(v.disk.state.name(), "available");
+}

@@ -24,6 +24,8 @@ use std::time::Duration;
 
 use openssl::error::ErrorStack;
 use openssl::ssl::{Ssl, SslContext, SslContextBuilder, SslMethod, SslVerifyMode};
+use openssl::x509::X509;
+use pdguard_engine::store::safe_open::{self, How, SafeOpenError};
 use thiserror::Error;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, BufReader};
 use zeroize::Zeroizing;
@@ -47,8 +49,9 @@ pub enum TlsError {
     },
     #[error("{path} can be read by every user (mode {mode:o}); run `chmod o-rwx {path}`")]
     Readable { path: PathBuf, mode: u32 },
-    #[error("{0} is a symbolic link or not a regular file; name the file itself")]
-    NotAFile(PathBuf),
+    /// A symbolic link, a FIFO, a device: refused before a byte is read.
+    #[error(transparent)]
+    NotAFile(Box<SafeOpenError>),
     #[error("{path} line {line}: {why}; each line is username:hexkey (psktool's format)")]
     PskLine {
         path: PathBuf,
@@ -99,29 +102,33 @@ fn ossl(what: impl Into<String>) -> impl FnOnce(ErrorStack) -> TlsError {
     move |source| TlsError::Openssl { what, source }
 }
 
-/// Read a secret (a PSK file, a private key): a regular file, not through a symbolic link
-/// (`O_NOFOLLOW`), that not every user can read.
-fn read_secret(path: &Path) -> Result<Zeroizing<Vec<u8>>, TlsError> {
+/// Most bytes read from a credentials file (a PEM chain, a PSK file).
+const MAX_CREDENTIALS: u64 = 1 << 20;
+
+/// Open a credentials file as every file pdguard reads ([`safe_open`]): not through a
+/// symbolic link, and only a regular file, refused before a byte is read (a FIFO there
+/// would block the start for ever).
+fn open_credentials(path: &Path, what: &str) -> Result<std::fs::File, TlsError> {
+    match safe_open::open(path, what, How::READ) {
+        Ok(Some(f)) => Ok(f),
+        Ok(None) => Err(TlsError::Read {
+            path: path.into(),
+            source: std::io::ErrorKind::NotFound.into(),
+        }),
+        Err(e) => Err(TlsError::NotAFile(Box::new(e))),
+    }
+}
+
+/// Read a secret (a PSK file, a private key): as [`open_credentials`], and not readable by
+/// every user.
+fn read_secret(path: &Path, what: &str) -> Result<Zeroizing<Vec<u8>>, TlsError> {
     use std::io::Read;
-    use std::os::unix::fs::OpenOptionsExt;
     let read_err = |source| TlsError::Read {
         path: path.into(),
         source,
     };
-    let mut f = std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(rustix::fs::OFlags::NOFOLLOW.bits() as i32)
-        .open(path)
-        .map_err(|e| match e.raw_os_error() {
-            Some(c) if c == rustix::io::Errno::LOOP.raw_os_error() => {
-                TlsError::NotAFile(path.into())
-            }
-            _ => read_err(e),
-        })?;
+    let f = open_credentials(path, what)?;
     let meta = f.metadata().map_err(read_err)?;
-    if !meta.is_file() {
-        return Err(TlsError::NotAFile(path.into()));
-    }
     let mode = meta.permissions().mode() & 0o7777;
     if mode & 0o007 != 0 {
         return Err(TlsError::Readable {
@@ -130,17 +137,37 @@ fn read_secret(path: &Path) -> Result<Zeroizing<Vec<u8>>, TlsError> {
         });
     }
     let mut bytes = Zeroizing::new(Vec::new());
-    f.read_to_end(&mut bytes).map_err(read_err)?;
+    f.take(MAX_CREDENTIALS)
+        .read_to_end(&mut bytes)
+        .map_err(read_err)?;
     Ok(bytes)
 }
 
-fn exists(path: &Path) -> Result<(), TlsError> {
-    std::fs::metadata(path)
-        .map(|_| ())
+/// The bytes of a certificate file (not secret, but read the same careful way).
+fn read_public(path: &Path, what: &str) -> Result<Vec<u8>, TlsError> {
+    use std::io::Read;
+    let mut pem = Vec::new();
+    open_credentials(path, what)?
+        .take(MAX_CREDENTIALS)
+        .read_to_end(&mut pem)
         .map_err(|source| TlsError::Read {
             path: path.into(),
             source,
-        })
+        })?;
+    Ok(pem)
+}
+
+/// The certificates of a PEM file's bytes.
+fn certs(path: &Path, pem: &[u8]) -> Result<Vec<X509>, TlsError> {
+    let certs = X509::stack_from_pem(pem)
+        .map_err(ossl(format!("{} is not PEM certificates", path.display())))?;
+    if certs.is_empty() {
+        return Err(TlsError::Openssl {
+            what: format!("{} holds no certificate", path.display()),
+            source: ErrorStack::get(),
+        });
+    }
+    Ok(certs)
 }
 
 impl Tls {
@@ -152,17 +179,26 @@ impl Tls {
             dir.join("server-cert.pem"),
             dir.join("server-key.pem"),
         );
-        for p in [&ca, &cert] {
-            exists(p)?;
-        }
-        let pem = read_secret(&key)?;
+        // Every file is opened and read before any is parsed: whichever is a FIFO (or a
+        // link) is refused, whatever the others hold.
+        let ca_pem = read_public(&ca, "TLS CA certificate")?;
+        let cert_pem = read_public(&cert, "TLS server certificate")?;
+        let pem = read_secret(&key, "TLS server key")?;
+        let cas = certs(&ca, &ca_pem)?;
+        let chain = certs(&cert, &cert_pem)?;
         let pkey = openssl::pkey::PKey::private_key_from_pem(&pem)
             .map_err(ossl(format!("{} is not a PEM private key", key.display())))?;
         let mut b = SslContextBuilder::new(SslMethod::tls_server()).map_err(ossl("OpenSSL"))?;
         b.set_min_proto_version(Some(openssl::ssl::SslVersion::TLS1_2))
             .map_err(ossl("OpenSSL"))?;
-        b.set_certificate_chain_file(&cert)
-            .map_err(ossl(format!("cannot load {}", cert.display())))?;
+        let load = |e| ossl(format!("cannot load {}", cert.display()))(e);
+        let mut chain = chain.into_iter();
+        if let Some(leaf) = chain.next() {
+            b.set_certificate(&leaf).map_err(load)?;
+        }
+        for c in chain {
+            b.add_extra_chain_cert(c).map_err(load)?;
+        }
         b.set_private_key(&pkey)
             .map_err(ossl(format!("cannot load {}", key.display())))?;
         b.check_private_key().map_err(ossl(format!(
@@ -170,8 +206,11 @@ impl Tls {
             key.display(),
             cert.display()
         )))?;
-        b.set_ca_file(&ca)
-            .map_err(ossl(format!("cannot load {}", ca.display())))?;
+        for c in cas {
+            b.cert_store_mut()
+                .add_cert(c)
+                .map_err(ossl(format!("cannot load {}", ca.display())))?;
+        }
         b.set_verify(SslVerifyMode::PEER | SslVerifyMode::FAIL_IF_NO_PEER_CERT);
         Ok(Self {
             ctx: b.build(),
@@ -215,7 +254,7 @@ impl Tls {
 type PskKeys = Vec<(String, Zeroizing<Vec<u8>>)>;
 
 fn read_psk_file(path: &Path) -> Result<PskKeys, TlsError> {
-    let bytes = read_secret(path)?;
+    let bytes = read_secret(path, "TLS PSK file")?;
     let text = std::str::from_utf8(&bytes).map_err(|_| TlsError::PskLine {
         path: path.into(),
         line: 1,
@@ -337,5 +376,86 @@ mod tests {
         std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o644)).unwrap();
         let e = Tls::psk(&p, TlsMode::Require).unwrap_err().to_string();
         assert!(e.contains("chmod o-rwx"), "{e}");
+    }
+
+    fn mkfifo(p: &Path) {
+        use rustix::fs::{mknodat, FileType, Mode, CWD};
+        mknodat(CWD, p, FileType::Fifo, Mode::from_raw_mode(0o600), 0).unwrap();
+    }
+
+    /// A FIFO at any credentials file (nobody writes to it) is refused at once, naming
+    /// it, instead of blocking the daemon's start for ever.
+    #[test]
+    fn a_fifo_at_any_credentials_file_is_refused_at_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let psk = dir.path().join("keys.psk");
+        mkfifo(&psk);
+        let t = std::time::Instant::now();
+        let e = Tls::psk(&psk, TlsMode::Require).unwrap_err();
+        assert!(t.elapsed() < Duration::from_secs(1));
+        let text = e.to_string();
+        assert!(
+            text.contains("FIFO") && text.contains(&psk.display().to_string()),
+            "{text}"
+        );
+        // X.509: each of the three files in turn is the FIFO, the others real.
+        let (cert_pem, key_pem) = self_signed();
+        for fifo in ["ca-cert.pem", "server-cert.pem", "server-key.pem"] {
+            let certs = dir.path().join(fifo.replace('.', "-"));
+            std::fs::create_dir(&certs).unwrap();
+            for (f, pem) in [
+                ("ca-cert.pem", &cert_pem),
+                ("server-cert.pem", &cert_pem),
+                ("server-key.pem", &key_pem),
+            ] {
+                let p = certs.join(f);
+                if f == fifo {
+                    mkfifo(&p);
+                } else {
+                    std::fs::write(&p, pem).unwrap();
+                    std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).unwrap();
+                }
+            }
+            let t = std::time::Instant::now();
+            let e = Tls::x509(&certs, TlsMode::Require).unwrap_err();
+            assert!(t.elapsed() < Duration::from_secs(1), "{fifo}");
+            let text = e.to_string();
+            let path = certs.join(fifo).display().to_string();
+            assert!(text.contains("FIFO") && text.contains(&path), "{text}");
+            // The same files with the FIFO replaced by the real one load.
+            std::fs::remove_file(&path).unwrap();
+            let pem = if fifo == "server-key.pem" {
+                &key_pem
+            } else {
+                &cert_pem
+            };
+            std::fs::write(&path, pem).unwrap();
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+            Tls::x509(&certs, TlsMode::Require).unwrap();
+        }
+    }
+
+    /// A self-signed certificate and its key, PEM.
+    fn self_signed() -> (Vec<u8>, Vec<u8>) {
+        use openssl::{asn1, bn, ec, hash, nid, pkey, x509};
+        let group = ec::EcGroup::from_curve_name(nid::Nid::X9_62_PRIME256V1).unwrap();
+        let key = pkey::PKey::from_ec_key(ec::EcKey::generate(&group).unwrap()).unwrap();
+        let mut name = x509::X509NameBuilder::new().unwrap();
+        name.append_entry_by_text("CN", "pdguard-test").unwrap();
+        let name = name.build();
+        let mut b = x509::X509Builder::new().unwrap();
+        b.set_version(2).unwrap();
+        let serial = bn::BigNum::from_u32(1).unwrap().to_asn1_integer().unwrap();
+        b.set_serial_number(&serial).unwrap();
+        b.set_subject_name(&name).unwrap();
+        b.set_issuer_name(&name).unwrap();
+        b.set_pubkey(&key).unwrap();
+        b.set_not_before(&asn1::Asn1Time::days_from_now(0).unwrap())
+            .unwrap();
+        b.set_not_after(&asn1::Asn1Time::days_from_now(1).unwrap())
+            .unwrap();
+        b.sign(&key, hash::MessageDigest::sha256()).unwrap();
+        let cert = b.build().to_pem().unwrap();
+        (cert, key.private_key_to_pem_pkcs8().unwrap())
     }
 }

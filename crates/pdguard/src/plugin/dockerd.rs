@@ -1,6 +1,7 @@
 //! A small client of dockerd's Engine API (v1.41) over its unix socket, with hyper: the
-//! three calls the association policy needs (`/containers/json`, `/containers/{id}/json`,
-//! `/events`), behind the engine's `DockerApi` trait.
+//! calls the association policy needs (`/containers/json`, `/containers/{id}/json`,
+//! `/events`, and `/volumes` filtered by our driver to make dockerd activate the plugin),
+//! behind the engine's `DockerApi` trait.
 
 use std::path::PathBuf;
 
@@ -15,6 +16,8 @@ use serde_json::Value;
 use tokio::sync::mpsc;
 
 const API: &str = "/v1.41";
+/// The label Swarm puts on every task's container.
+const SWARM_TASK: &str = "com.docker.swarm.task.id";
 
 /// dockerd at a unix socket.
 #[derive(Debug, Clone)]
@@ -124,6 +127,7 @@ fn from_inspect(v: &Value, driver: &str) -> Option<DockerContainer> {
         exit_code: v["State"]["ExitCode"].as_i64().unwrap_or(0),
         restarts,
         volumes: volumes_of(&v["Mounts"], driver),
+        task: v["Config"]["Labels"][SWARM_TASK].is_string(),
     })
 }
 
@@ -142,6 +146,8 @@ fn event_of(v: &Value) -> Option<DockerEvent> {
         ("container", "die") => Some(DockerEvent::Die {
             container: id,
             exit_code: attr("exitCode")?.parse().ok()?,
+            // dockerd copies the container's labels into the event's attributes.
+            task: attr(SWARM_TASK).is_some(),
         }),
         ("container", "destroy") => Some(DockerEvent::Destroy { container: id }),
         ("container", "start") => Some(DockerEvent::Start { container: id }),
@@ -204,6 +210,13 @@ impl DockerApi for Dockerd {
             .get_json(&path)
             .await?
             .and_then(|v| from_inspect(&v, driver)))
+    }
+
+    async fn activate(&self, driver: &str) -> Result<(), DockerError> {
+        // filters={"driver":["NAME"]}: dockerd asks the plugin for its List, which activates
+        // it. NAME is 1-64 letters, digits, '.', '_' or '-' (checked by `serve`): no escaping.
+        let path = format!("/volumes?filters=%7B%22driver%22%3A%5B%22{driver}%22%5D%7D");
+        self.get_json(&path).await.map(|_| ())
     }
 
     async fn events(&self, tx: mpsc::Sender<DockerEvent>) -> Result<(), DockerError> {
@@ -276,7 +289,18 @@ mod tests {
             event_of(&d),
             Some(DockerEvent::Die {
                 container: "abc".into(),
-                exit_code: 3
+                exit_code: 3,
+                task: false,
+            })
+        );
+        let t = json!({"Type":"container","Action":"die","Actor":{"ID":"abc","Attributes":{
+            "exitCode":"137","com.docker.swarm.task.id":"t1","com.docker.swarm.service.name":"db"}}});
+        assert_eq!(
+            event_of(&t),
+            Some(DockerEvent::Die {
+                container: "abc".into(),
+                exit_code: 137,
+                task: true,
             })
         );
         let x = json!({"Type":"container","Action":"exec_start: sh","Actor":{"ID":"abc"}});
@@ -336,6 +360,10 @@ mod tests {
         assert_eq!(c.exit_code, 3);
         assert!(c.restarts);
         assert_eq!(c.volumes, vec!["v1".to_string()]);
+        assert!(!c.task);
+        let mut task = v.clone();
+        task["Config"] = json!({"Labels":{"com.docker.swarm.task.id":"t1"}});
+        assert!(from_inspect(&task, "pd").unwrap().task);
         let mut v2 = v.clone();
         v2["RestartCount"] = json!(2);
         assert!(!from_inspect(&v2, "pd").unwrap().restarts);

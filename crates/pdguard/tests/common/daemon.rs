@@ -47,6 +47,8 @@ pub struct Serve {
     token: Option<PathBuf>,
     uid: Option<u32>,
     ready_within: Duration,
+    /// A program and its arguments that run the daemon (e.g. `nsenter --mount=… --`).
+    via: Vec<OsString>,
 }
 
 impl Serve {
@@ -61,6 +63,7 @@ impl Serve {
             token: None,
             uid: None,
             ready_within: READY_WITHIN,
+            via: Vec::new(),
         }
     }
 
@@ -108,6 +111,15 @@ impl Serve {
         self
     }
 
+    /// Run the daemon through `program ARGS… pdguard serve …`, e.g. `nsenter` into the mount
+    /// namespace of a test's own dockerd (tests/nodes).
+    pub fn via<S: AsRef<std::ffi::OsStr>>(mut self, program: &str, args: &[S]) -> Self {
+        self.via = std::iter::once(OsString::from(program))
+            .chain(args.iter().map(|a| a.as_ref().to_os_string()))
+            .collect();
+        self
+    }
+
     /// Fail unless `pdguard status` answers within `within` (30 s unless said).
     pub fn ready_within(mut self, within: Duration) -> Self {
         self.ready_within = within;
@@ -125,7 +137,14 @@ impl Serve {
     }
 
     fn command(&self) -> Command {
-        let mut c = Command::new(bin());
+        let mut c = match self.via.split_first() {
+            Some((program, args)) => {
+                let mut c = Command::new(program);
+                c.args(args).arg(bin());
+                c
+            }
+            None => Command::new(bin()),
+        };
         c.arg("serve")
             .arg("--state-dir")
             .arg(self.given.as_deref().unwrap_or(&self.state));

@@ -1,7 +1,7 @@
 //! The association policy against a fake dockerd: which events and which resyncs make a
 //! volume dangling, and which must not.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Mutex as StdMutex;
 
 use pdguard_core::Profile;
@@ -26,14 +26,30 @@ impl Calls {
 
 #[derive(Default)]
 struct Fake {
-    up: bool,
+    up: AtomicBool,
     containers: StdMutex<Vec<DockerContainer>>,
     calls: Arc<Calls>,
+    /// Drivers dockerd was asked to activate, in order.
+    activated: StdMutex<Vec<String>>,
+    /// Fail this many activations with a protocol error first.
+    refuse_activations: AtomicUsize,
 }
 
 impl Fake {
+    fn up(containers: Vec<DockerContainer>) -> Self {
+        Self {
+            up: AtomicBool::new(true),
+            containers: StdMutex::new(containers),
+            ..Self::default()
+        }
+    }
+
+    fn activations(&self) -> usize {
+        self.activated.lock().unwrap().len()
+    }
+
     fn all(&self) -> Result<Vec<DockerContainer>, DockerError> {
-        if !self.up {
+        if !self.up.load(Ordering::SeqCst) {
             return Err(DockerError::Unreachable {
                 at: "fake".into(),
                 source: std::io::Error::from(std::io::ErrorKind::ConnectionRefused),
@@ -74,8 +90,28 @@ impl DockerApi for Fake {
         Ok(self.all()?.into_iter().find(|c| c.id == id))
     }
 
+    async fn activate(&self, driver: &str) -> Result<(), DockerError> {
+        if !self.up.load(Ordering::SeqCst) {
+            return Err(DockerError::Unreachable {
+                at: "fake".into(),
+                source: std::io::Error::from(std::io::ErrorKind::ConnectionRefused),
+            });
+        }
+        let refuse = self.refuse_activations.load(Ordering::SeqCst);
+        if refuse > 0 {
+            self.refuse_activations.store(refuse - 1, Ordering::SeqCst);
+            return Err(DockerError::Protocol {
+                at: "fake".into(),
+                path: "/volumes".into(),
+                why: "HTTP 500".into(),
+            });
+        }
+        self.activated.lock().unwrap().push(driver.into());
+        Ok(())
+    }
+
     async fn events(&self, _tx: mpsc::Sender<DockerEvent>) -> Result<(), DockerError> {
-        if !self.up {
+        if !self.up.load(Ordering::SeqCst) {
             return Err(DockerError::Unreachable {
                 at: "fake".into(),
                 source: std::io::Error::from(std::io::ErrorKind::ConnectionRefused),
@@ -137,6 +173,7 @@ fn follower(svc: &Service, fake: Fake) -> Follower<Fake> {
         driver: "pd".into(),
         kills: HashMap::new(),
         cache: cache::Cache::default(),
+        activated: false,
     }
 }
 
@@ -152,6 +189,16 @@ fn died(c: &str, exit_code: i64) -> DockerEvent {
     DockerEvent::Die {
         container: c.into(),
         exit_code,
+        task: false,
+    }
+}
+
+/// A Swarm task's container died.
+fn task_died(c: &str, exit_code: i64) -> DockerEvent {
+    DockerEvent::Die {
+        container: c.into(),
+        exit_code,
+        task: true,
     }
 }
 
@@ -174,18 +221,167 @@ fn exited(id: &str, exit_code: i64, restarts: bool, volumes: &[&str]) -> DockerC
         exit_code,
         restarts,
         volumes: volumes.iter().map(|v| v.to_string()).collect(),
+        task: false,
     }
 }
 
 #[test]
 fn how_a_dead_container_counts() {
-    assert_eq!(down_kind(true, 3, false), Some(ContainerState::Stopped));
-    assert_eq!(down_kind(false, 0, false), Some(ContainerState::Stopped));
-    assert_eq!(down_kind(false, 3, false), Some(ContainerState::Crashed));
-    assert_eq!(down_kind(false, 3, true), None);
-    assert_eq!(exited_kind(143, false), Some(ContainerState::Stopped));
-    assert_eq!(exited_kind(137, false), Some(ContainerState::Stopped));
-    assert_eq!(exited_kind(1, false), Some(ContainerState::Crashed));
+    assert_eq!(
+        down_kind(true, 3, false, false),
+        Some(ContainerState::Stopped)
+    );
+    assert_eq!(
+        down_kind(false, 0, false, false),
+        Some(ContainerState::Stopped)
+    );
+    assert_eq!(
+        down_kind(false, 3, false, false),
+        Some(ContainerState::Crashed)
+    );
+    assert_eq!(down_kind(false, 3, true, false), None);
+    assert_eq!(
+        exited_kind(143, false, false),
+        Some(ContainerState::Stopped)
+    );
+    assert_eq!(
+        exited_kind(137, false, false),
+        Some(ContainerState::Stopped)
+    );
+    assert_eq!(exited_kind(1, false, false), Some(ContainerState::Crashed));
+    // A Swarm task's container never runs again, however it stopped.
+    for (killed, code) in [(true, 137), (false, 0), (false, 3)] {
+        assert_eq!(
+            down_kind(killed, code, false, true),
+            Some(ContainerState::Removed)
+        );
+    }
+    assert_eq!(exited_kind(137, false, true), Some(ContainerState::Removed));
+    assert_eq!(exited_kind(0, false, true), Some(ContainerState::Removed));
+}
+
+/// `docker service update --constraint-add` (or a drain) stops the task's container with
+/// SIGTERM then SIGKILL and keeps it as the task's history: its volume is dangling at once,
+/// where a plain container stopped so keeps its volume.
+#[tokio::test]
+async fn a_stopped_swarm_task_leaves_its_volume_dangling() {
+    let e = env(false).await;
+    volume(&e.svc, "v").await;
+    volume(&e.svc, "w").await;
+    let mut f = follower(&e.svc, Fake::default());
+    f.apply(mount("v", "task1")).await;
+    f.apply(mount("w", "plain")).await;
+    for c in ["task1", "plain"] {
+        f.apply(kill(c)).await;
+    }
+    f.apply(task_died("task1", 137)).await;
+    f.apply(died("plain", 137)).await;
+    assert_eq!(state(&e.svc, "v").await, DiskState::Sealed);
+    assert_eq!(state(&e.svc, "w").await, DiskState::Attached);
+    // Swarm prunes the task history later: the destroy changes nothing more.
+    f.apply(destroy("task1")).await;
+    assert_eq!(state(&e.svc, "v").await, DiskState::Sealed);
+}
+
+/// The task's `die` was missed (pdguard down, or counted as a plain stop before): the
+/// resync finds the exited task container and retires it.
+#[tokio::test]
+async fn a_resync_retires_an_exited_swarm_task() {
+    let e = env(false).await;
+    volume(&e.svc, "v").await;
+    volume(&e.svc, "w").await;
+    volume(&e.svc, "x").await;
+    let mut f = follower(&e.svc, Fake::default());
+    for (v, c) in [("v", "t1"), ("w", "t2"), ("x", "plain")] {
+        f.apply(mount(v, c)).await;
+    }
+    // t2 was recorded as a plain stop (its die event read without its labels).
+    f.apply(kill("t2")).await;
+    f.apply(died("t2", 143)).await;
+    assert_eq!(state(&e.svc, "w").await, DiskState::Attached);
+    let task = |id: &str, code: i64, v: &str| DockerContainer {
+        task: true,
+        ..exited(id, code, false, &[v])
+    };
+    let docker = [
+        task("t1", 137, "v"),
+        task("t2", 143, "w"),
+        exited("plain", 137, false, &["x"]),
+    ];
+    e.svc.docker_resync(&docker).await.unwrap();
+    assert_eq!(state(&e.svc, "v").await, DiskState::Sealed);
+    assert_eq!(state(&e.svc, "w").await, DiskState::Sealed);
+    assert_eq!(state(&e.svc, "x").await, DiskState::Attached);
+}
+
+/// dockerd lists a legacy plugin (and Swarm places a task using it) only once something
+/// used it: the follower asks dockerd to activate it on the first answer and again after
+/// every time dockerd was unreachable (it may have restarted), not at every resync.
+#[tokio::test]
+async fn the_plugin_is_activated_on_start_and_after_dockerd_returns() {
+    let e = env(false).await;
+    let mut f = follower(&e.svc, Fake::up(Vec::new()));
+    f.resync().await.unwrap();
+    f.resync().await.unwrap();
+    assert_eq!(*f.api.activated.lock().unwrap(), vec!["pd".to_string()]);
+    f.api.up.store(false, Ordering::SeqCst);
+    assert!(f.resync().await.is_err());
+    f.api.up.store(true, Ordering::SeqCst);
+    f.resync().await.unwrap();
+    f.resync().await.unwrap();
+    assert_eq!(f.api.activations(), 2);
+    // A refused activation is tried again at the next resync.
+    f.activated = false;
+    f.api.refuse_activations.store(1, Ordering::SeqCst);
+    f.resync().await.unwrap();
+    assert_eq!(f.api.activations(), 2);
+    f.resync().await.unwrap();
+    assert_eq!(f.api.activations(), 3);
+}
+
+/// The whole loop: the event stream of a restarted dockerd ends, and the follower
+/// activates the plugin again once it answers.
+#[tokio::test]
+async fn follow_docker_activates_the_plugin_again_after_a_restart() {
+    let e = env(false).await;
+    let fake = Arc::new(Fake::up(Vec::new()));
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let svc = e.svc.clone();
+    let api = Arc::clone(&fake);
+    let task = tokio::spawn(async move {
+        svc.follow_docker(api, "pd".into(), Duration::from_millis(20), stop_rx)
+            .await
+    });
+    let wait_for = |n: usize| {
+        let fake = Arc::clone(&fake);
+        async move {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while fake.activations() < n {
+                assert!(
+                    Instant::now() < deadline,
+                    "{} activations",
+                    fake.activations()
+                );
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+    };
+    wait_for(1).await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(fake.activations(), 1, "activated again without a restart");
+    fake.up.store(false, Ordering::SeqCst);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while e.svc.docker_status().is_some_and(|s| s.reachable) {
+        assert!(Instant::now() < deadline);
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    fake.up.store(true, Ordering::SeqCst);
+    wait_for(2).await;
+    stop_tx.send(true).unwrap();
+    tokio::time::timeout(Duration::from_secs(5), task)
+        .await
+        .unwrap()
+        .unwrap();
 }
 
 #[tokio::test]
@@ -219,14 +415,10 @@ async fn a_crash_seals_unless_a_restart_is_coming() {
     let e = env(false).await;
     volume(&e.svc, "v").await;
     volume(&e.svc, "w").await;
-    let fake = Fake {
-        up: true,
-        containers: StdMutex::new(vec![
-            exited("c1", 3, false, &["v"]),
-            exited("c2", 3, true, &["w"]),
-        ]),
-        ..Fake::default()
-    };
+    let fake = Fake::up(vec![
+        exited("c1", 3, false, &["v"]),
+        exited("c2", 3, true, &["w"]),
+    ]);
     let mut f = follower(&e.svc, fake);
     f.apply(mount("v", "c1")).await;
     f.apply(mount("w", "c2")).await;
@@ -389,6 +581,8 @@ async fn an_unreachable_dockerd_is_reported_and_nothing_is_sealed() {
     }
     tokio::time::sleep(Duration::from_millis(100)).await;
     assert_eq!(state(&e.svc, "v").await, DiskState::Attached);
+    let m = e.svc.metrics_text().await;
+    assert!(m.contains("pdguard_docker_up 0\n"), "{m}");
     stop_tx.send(true).unwrap();
     tokio::time::timeout(Duration::from_secs(5), task)
         .await
@@ -443,6 +637,7 @@ fn running(id: &str, volumes: &[&str]) -> DockerContainer {
         exit_code: 0,
         restarts: false,
         volumes: volumes.iter().map(|v| v.to_string()).collect(),
+        task: false,
     }
 }
 
@@ -456,13 +651,11 @@ async fn a_resync_with_nothing_changed_is_one_call() {
     for i in 0..n {
         volume(&e.svc, &format!("v{i}")).await;
     }
-    let fake = Fake {
-        up: true,
-        ..Fake::default()
-    };
-    *fake.containers.lock().unwrap() = (0..n)
-        .map(|i| running(&format!("c{i}"), &[&format!("v{i}")]))
-        .collect();
+    let fake = Fake::up(
+        (0..n)
+            .map(|i| running(&format!("c{i}"), &[&format!("v{i}")]))
+            .collect(),
+    );
     let calls = Arc::clone(&fake.calls);
     let mut f = follower(&e.svc, fake);
     f.resync().await.unwrap();
