@@ -751,7 +751,9 @@ async fn a_hundred_dangling_volumes_are_sealed_in_turn_once_each() {
     );
     let m = e.svc.metrics_text().await;
     assert!(
-        m.contains(&format!("pdguard_jobs_started_total{{kind=\"seal\"}} {n}\n")),
+        m.contains(&format!(
+            "pdguard_jobs_started_total{{kind=\"seal\"}} {n}\n"
+        )),
         "sealed more than once: {m}"
     );
 }
