@@ -323,9 +323,11 @@ fn describe(e: &openssl::ssl::Error) -> String {
 
 /// Copy between the TLS session and the clear-text end until the server's side ends (then
 /// close_notify), or until the client's side ends and the server has answered (LINGER).
+/// The two directions are tasks of their own, so that decrypting requests and encrypting
+/// replies run on both of the runtime's threads (the session itself is locked per call).
 async fn pump<S>(ssl: tokio_openssl::SslStream<S>, inner: tokio::net::UnixStream)
 where
-    S: AsyncRead + AsyncWrite + Unpin,
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let (sr, mut sw) = tokio::io::split(ssl);
     let (ir, mut iw) = inner.into_split();
@@ -337,10 +339,15 @@ where
         let _ = tokio::io::copy_buf(&mut BufReader::with_capacity(PUMP_BUF, ir), &mut sw).await;
         let _ = sw.shutdown().await;
     };
-    tokio::pin!(up, down);
+    let mut up = tokio::spawn(up);
+    let mut down = tokio::spawn(down);
     tokio::select! {
-        _ = &mut up => { let _ = tokio::time::timeout(LINGER, down).await; }
-        _ = &mut down => {}
+        _ = &mut up => {
+            if tokio::time::timeout(LINGER, &mut down).await.is_err() {
+                down.abort();
+            }
+        }
+        _ = &mut down => up.abort(),
     }
 }
 
