@@ -9,8 +9,8 @@ mod common;
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
-use std::process::{Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Output;
+use std::time::Duration;
 
 use common::*;
 
@@ -30,25 +30,9 @@ fn mkfifo(p: &Path) {
 
 /// `pdguard serve ARGS`, killed (and the test failed) if it runs past [`HUNG_AFTER`].
 fn serve_bounded(args: &[&str]) -> (Output, Duration) {
-    let t = Instant::now();
-    let mut child = Command::new(bin())
-        .arg("serve")
-        .args(args)
-        .env_remove("PDGUARD_KEY_FILE")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    while child.try_wait().unwrap().is_none() {
-        if t.elapsed() > HUNG_AFTER {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("pdguard serve {args:?} hangs: still running after {HUNG_AFTER:?}");
-        }
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    (child.wait_with_output().unwrap(), t.elapsed())
+    let mut all = vec!["serve"];
+    all.extend_from_slice(args);
+    pdguard_within(HUNG_AFTER, &all)
 }
 
 fn refused_at_start(dir: &Path, tls: &[&str], fifo: &Path) {

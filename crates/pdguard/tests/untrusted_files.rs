@@ -16,7 +16,7 @@ mod common;
 
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::Output;
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -40,24 +40,7 @@ fn mkfifo(p: &Path) {
 /// Run `pdguard ARGS` and wait at most [`HUNG_AFTER`] for it; its output and how long it
 /// took. A command still running then is killed and the test fails.
 fn bounded(args: &[&str]) -> (Output, Duration) {
-    let t = Instant::now();
-    let mut child = Command::new(bin())
-        .args(args)
-        .env_remove("PDGUARD_KEY_FILE")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    while child.try_wait().unwrap().is_none() {
-        if t.elapsed() > HUNG_AFTER {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("pdguard {args:?} hangs: still running after {HUNG_AFTER:?}");
-        }
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    (child.wait_with_output().unwrap(), t.elapsed())
+    pdguard_within(HUNG_AFTER, args)
 }
 
 /// `args` must be refused (exit 1) within [`REFUSED_WITHIN`], on one line naming `file`

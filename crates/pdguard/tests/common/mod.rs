@@ -53,6 +53,29 @@ pub fn json_of(o: &Output) -> Value {
     serde_json::from_slice(&o.stdout).unwrap()
 }
 
+/// Run `pdguard ARGS` and wait at most `limit` for it: its output and how long it took. A
+/// command still running then is killed and the test fails ("hangs").
+pub fn pdguard_within(limit: std::time::Duration, args: &[&str]) -> (Output, std::time::Duration) {
+    let t = std::time::Instant::now();
+    let mut child = Command::new(bin())
+        .args(args)
+        .env_remove("PDGUARD_KEY_FILE")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    while child.try_wait().unwrap().is_none() {
+        if t.elapsed() > limit {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("pdguard {args:?} hangs: still running after {limit:?}");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    (child.wait_with_output().unwrap(), t.elapsed())
+}
+
 pub fn code(o: &Output) -> i32 {
     o.status.code().unwrap_or(-1)
 }
