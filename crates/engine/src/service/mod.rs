@@ -39,7 +39,10 @@ pub use metrics::Metrics;
 pub use nbd::{NbdExport, NBD_CONTAINER_PREFIX};
 pub use runner::RunError;
 pub use startup::{check_state_dir, lock_path, DAEMON_LOCK_FILE};
-pub use volumes::{VolumeError, VolumeOptions, VolumeView, MAX_VOLUME_NAME};
+pub use volumes::{
+    VolumeError, VolumeOptions, VolumeView, DOCKERD_MOUNT_TIMEOUT, DOCKER_MOUNT_TIMEOUT,
+    MAX_VOLUME_NAME,
+};
 
 use crate::gate::{Gate, GateState, SealedIo};
 use crate::jobs::Progress;
@@ -67,6 +70,10 @@ pub struct Config {
     pub seal_stopped: bool,
     /// Also told of every job's progress (the binary's test-only pause hook).
     pub observer: Option<Observer>,
+    /// How long a Docker `Mount` waits for its volume's reclaim before it answers an error
+    /// saying how far the unseal is (which goes on): below dockerd's own 120 s, after which
+    /// dockerd gives up on the Mount without a word ([`DOCKER_MOUNT_TIMEOUT`] by default).
+    pub docker_mount_timeout: Duration,
 }
 
 /// A [`Progress`] that sees every job of the daemon.

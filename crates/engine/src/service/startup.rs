@@ -55,6 +55,14 @@ impl Config {
                 "--jobs 0: at least one job must be able to run; pass --jobs 1 or more".into(),
             );
         }
+        let t = self.docker_mount_timeout;
+        if t.is_zero() || t >= super::DOCKERD_MOUNT_TIMEOUT {
+            return Err(format!(
+                "--docker-mount-timeout {}: a Mount must answer before dockerd gives up on it ({}); give a duration such as 90s or 30s",
+                crate::units::millis(u64::try_from(t.as_millis()).unwrap_or(u64::MAX)),
+                crate::units::millis(u64::try_from(super::DOCKERD_MOUNT_TIMEOUT.as_millis()).unwrap_or(u64::MAX)),
+            ));
+        }
         Ok(())
     }
 }
@@ -249,6 +257,7 @@ mod tests {
             strategy: "window".into(),
             seal_stopped: false,
             observer: None,
+            docker_mount_timeout: crate::service::DOCKER_MOUNT_TIMEOUT,
         }
     }
 
@@ -316,6 +325,14 @@ mod tests {
                 ..cfg()
             },
             Config { jobs: 0, ..cfg() },
+            Config {
+                docker_mount_timeout: std::time::Duration::ZERO,
+                ..cfg()
+            },
+            Config {
+                docker_mount_timeout: super::super::DOCKERD_MOUNT_TIMEOUT,
+                ..cfg()
+            },
         ];
         for c in bad {
             let e = c.check().expect_err("a bad setting passed");

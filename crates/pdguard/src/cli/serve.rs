@@ -79,6 +79,10 @@ pub struct ServeArgs {
     /// How often to reconcile with dockerd's containers and the kernel's mounts.
     #[arg(long, default_value = "30s")]
     pub docker_resync: String,
+    /// How long a Docker Mount waits for its volume's unseal before it fails with how far
+    /// the unseal is (which goes on; retry `docker run`); under dockerd's own 120 s limit.
+    #[arg(long, value_name = "DURATION", default_value = "90s", value_parser = check_duration)]
+    pub docker_mount_timeout: String,
     /// Export every disk over NBD on unix:PATH (mode 0600) or tcp:HOST:PORT (repeatable;
     /// TCP needs TLS: --nbd-tls-certs or --nbd-tls-psk).
     #[arg(long, value_name = "unix:PATH|tcp:HOST:PORT")]
@@ -265,6 +269,8 @@ pub fn run(a: &ServeArgs) -> Result<(), CliError> {
     })?;
     // The NBD listeners' settings and TLS credentials, the plugin's and the API's, before
     // anything is made: a refused start leaves no state directory and no key behind.
+    let docker_mount_timeout =
+        bounded_duration("--docker-mount-timeout", &a.docker_mount_timeout, false)?;
     let nbd = nbd_options(a)?;
     let docker = docker_args(a)?;
     let api = a
@@ -334,6 +340,7 @@ pub fn run(a: &ServeArgs) -> Result<(), CliError> {
         state_dir: state,
         observer: super::testhook::PauseAt::from_env()
             .map(|p| pdguard_engine::service::Observer(std::sync::Arc::new(p))),
+        docker_mount_timeout,
     };
     cfg.check().map_err(CliError::Usage)?;
     let key_text = match &key {
