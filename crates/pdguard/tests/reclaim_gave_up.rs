@@ -222,8 +222,26 @@ fn an_nbd_client_gone_during_a_slow_unseal_leaves_the_disk_sealed_again() {
     let client = opt_go(&sock, "d");
     d.wait_state("d", "unsealing", 10);
     std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(d.disk("d")["containers"].as_array().map(Vec::len), Some(1));
     drop(client); // the client gives up mid-handshake
     let gone = t0.elapsed();
+    // The server sees it go at once: the association is dropped while the unseal runs on.
+    let deadline = Instant::now() + Duration::from_secs(2);
+    loop {
+        let v = d.disk("d");
+        assert_eq!(
+            v["state"], "unsealing",
+            "the unseal ended too soon to tell: {v}"
+        );
+        if v["containers"] == serde_json::json!([]) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the connection that left is still associated: {v}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
     let seen = until_sealed_again(&d, "d", Duration::from_secs(45));
     let v = d.disk("d");
     assert_eq!(v["dangling"], true, "{v}");
