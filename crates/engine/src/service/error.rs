@@ -48,12 +48,8 @@ pub enum ServiceError {
     ShuttingDown,
     /// A Docker Mount waited its limit (`--docker-mount-timeout`) for the volume's reclaim,
     /// which goes on: the next Mount finds it further along or done.
-    #[error("volume {volume:?}: {how_far} after {waited}; it goes on in the background: retry `docker run` in a moment")]
-    StillReclaiming {
-        volume: String,
-        waited: String,
-        how_far: String,
-    },
+    #[error("volume {volume:?}: {how_far}; it goes on in the background: retry `docker run` in a moment")]
+    StillReclaiming { volume: String, how_far: String },
 }
 
 impl ServiceError {

@@ -278,8 +278,9 @@ async fn a_mount_that_outlasts_its_limit_fails_fast_and_the_volume_is_sealed_aga
     let text = err.to_string();
     assert!(
         text.contains("volume \"v\"")
-            && text.contains("the unseal is running (0.0 MiB of 0.1 MiB unsealed, 0 %)")
-            && text.contains("after 300 ms")
+            && text.contains(
+                "the unseal is still running after 300 ms (0.0 MiB of 0.1 MiB unsealed, 0 %)"
+            )
             && text.contains("retry `docker run` in a moment")
             && !text.contains('\n'),
         "{text}"
@@ -312,19 +313,20 @@ fn how_far_a_reclaim_is() {
         done_bytes,
         total_bytes: 64 << 20,
     };
-    let far =
-        |p: Option<&super::JobProgress>| super::volumes::how_far(Some(DiskState::Unsealing), p);
+    let far = |p: Option<&super::JobProgress>| {
+        super::volumes::how_far(Some(DiskState::Unsealing), p, "3 s")
+    };
     assert_eq!(
         far(Some(&p("unseal", "scatter", 32 << 20))),
-        "the unseal is running (16.0 MiB of 64.0 MiB unsealed, 25 %)"
+        "the unseal is still running after 3 s (16.0 MiB of 64.0 MiB unsealed, 25 %)"
     );
     assert_eq!(
         far(Some(&p("unseal", "gather", 32 << 20))),
-        "the unseal is running (48.0 MiB of 64.0 MiB unsealed, 75 %)"
+        "the unseal is still running after 3 s (48.0 MiB of 64.0 MiB unsealed, 75 %)"
     );
     assert_eq!(
         far(Some(&p("unseal", "gather", 1 << 40))),
-        "the unseal is running (64.0 MiB of 64.0 MiB unsealed, 100 %)"
+        "the unseal is still running after 3 s (64.0 MiB of 64.0 MiB unsealed, 100 %)"
     );
     let big = super::JobProgress {
         total_bytes: 4 << 30,
@@ -332,10 +334,15 @@ fn how_far_a_reclaim_is() {
     };
     assert_eq!(
         far(Some(&big)),
-        "the unseal is running (0.5 GiB of 4.0 GiB unsealed, 12 %)"
+        "the unseal is still running after 3 s (0.5 GiB of 4.0 GiB unsealed, 12 %)"
     );
-    assert!(far(Some(&p("seal", "gather", 1 << 20))).starts_with("a seal in flight"));
-    assert!(super::volumes::how_far(Some(DiskState::Sealing), None).starts_with("a seal in flight"));
+    assert_eq!(
+        far(Some(&p("seal", "gather", 1 << 20))),
+        "after 3 s, a seal in flight is still being completed before the unseal (pass gather: 1.0 MiB of 64.0 MiB)"
+    );
+    assert!(
+        super::volumes::how_far(Some(DiskState::Sealing), None, "3 s").contains("a seal in flight")
+    );
     assert!(far(None).contains("job queue"));
 }
 

@@ -497,10 +497,10 @@ impl Service {
     async fn still_reclaiming(&self, name: &str, waited: Duration) -> ServiceError {
         let state = self.s.state.lock().await.disks.get(name).map(|d| d.state);
         let progress = lock(&self.s.progress).get(name).cloned();
+        let waited = crate::units::millis(u64::try_from(waited.as_millis()).unwrap_or(u64::MAX));
         let e = ServiceError::StillReclaiming {
             volume: name.into(),
-            waited: crate::units::millis(u64::try_from(waited.as_millis()).unwrap_or(u64::MAX)),
-            how_far: how_far(state, progress.as_ref()),
+            how_far: how_far(state, progress.as_ref(), &waited),
         };
         tracing::warn!(volume = %name, "{e}");
         e
@@ -663,32 +663,39 @@ impl Service {
     }
 }
 
-/// How far a reclaim is, in a few words: `the unseal is running (12.5 of 64.0 MiB
-/// unsealed, 19 %)`. An unseal moves every byte twice (pass scatter, then gather); the
-/// bytes unsealed are the share of both passes done, over the volume's size.
-pub(super) fn how_far(state: Option<DiskState>, p: Option<&super::JobProgress>) -> String {
+/// How far a reclaim is after `waited`, in a few words: `the unseal is still running after
+/// 3 s (12.5 MiB of 64.0 MiB unsealed, 19 %)`. An unseal moves every byte twice (pass
+/// scatter, then gather); the bytes unsealed are the share of both passes done, over the
+/// volume's size.
+pub(super) fn how_far(
+    state: Option<DiskState>,
+    p: Option<&super::JobProgress>,
+    waited: &str,
+) -> String {
     match p {
         Some(p) if p.job == "unseal" => {
             let total = p.total_bytes.max(1);
             let before = if p.pass == "gather" { total } else { 0 };
             let done = before.saturating_add(p.done_bytes.min(total)) / 2;
             format!(
-                "the unseal is running ({} of {} unsealed, {} %)",
+                "the unseal is still running after {waited} ({} of {} unsealed, {} %)",
                 size_text(done, total),
                 size_text(total, total),
                 done.saturating_mul(100) / total
             )
         }
         Some(p) => format!(
-            "a seal in flight is being completed before the unseal (pass {}: {} of {})",
+            "after {waited}, a seal in flight is still being completed before the unseal (pass {}: {} of {})",
             p.pass,
             size_text(p.done_bytes, p.total_bytes),
             size_text(p.total_bytes, p.total_bytes)
         ),
         None if state == Some(DiskState::Sealing) => {
-            "a seal in flight is being completed before the unseal".into()
+            format!("after {waited}, a seal in flight is still being completed before the unseal")
         }
-        None => "the unseal is waiting for its turn in the job queue (`pdguard status`)".into(),
+        None => format!(
+            "after {waited}, the unseal is still waiting for its turn in the job queue (`pdguard status` shows it)"
+        ),
     }
 }
 
