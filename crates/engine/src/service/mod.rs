@@ -38,7 +38,7 @@ pub use lifecycle::{Event, JobKind, Life, LifeError, MAX_GRACE_MS};
 pub use metrics::Metrics;
 pub use nbd::{NbdExport, NBD_CONTAINER_PREFIX};
 pub use runner::RunError;
-pub use startup::{check_state_dir, lock_path, DAEMON_LOCK_FILE};
+pub use startup::{check_docker_mount_timeout, check_state_dir, lock_path, DAEMON_LOCK_FILE};
 pub use volumes::{
     VolumeError, VolumeOptions, VolumeView, DOCKERD_MOUNT_TIMEOUT, DOCKER_MOUNT_TIMEOUT,
     MAX_VOLUME_NAME,
