@@ -218,14 +218,12 @@ fn an_nbd_client_gone_during_a_slow_unseal_leaves_the_disk_sealed_again() {
     // 16 MiB at 2 MiB/s: the unseal's first pass alone takes about 8 s.
     cg.limit(2 << 20);
 
-    let t0 = Instant::now();
     let client = opt_go(&sock, "d");
     d.wait_state("d", "unsealing", 10);
     std::thread::sleep(Duration::from_millis(500));
     assert_eq!(d.disk("d")["containers"].as_array().map(Vec::len), Some(1));
     drop(client); // the client gives up mid-handshake
-    let gone = t0.elapsed();
-    // The server sees it go at once: the association is dropped while the unseal runs on.
+                  // The server sees it go at once: the association is dropped while the unseal runs on.
     let deadline = Instant::now() + Duration::from_secs(2);
     loop {
         let v = d.disk("d");
@@ -251,10 +249,6 @@ fn an_nbd_client_gone_during_a_slow_unseal_leaves_the_disk_sealed_again() {
         seen.first().map(String::as_str),
         Some("unsealing"),
         "{seen:?}"
-    );
-    assert!(
-        gone < Duration::from_secs(3),
-        "the client left {gone:?} after OPT_GO; the throttle did not make the unseal slow"
     );
 
     // The data is still there: unsealed by hand (no throttle now), bit-exact.
