@@ -26,6 +26,7 @@ async fn service(dir: &Path) -> Service {
         strategy: pdguard_engine::jobs::SealOptions::default().strategy,
         seal_stopped: false,
         observer: None,
+        docker_mount_timeout: pdguard_engine::service::DOCKER_MOUNT_TIMEOUT,
     })
     .await
     .unwrap();
