@@ -7,12 +7,14 @@
 //! - `handshake`: option haggling, one method per option of a `Negotiation`.
 //! - `tls`: `NBD_OPT_STARTTLS`: X.509 or PSK credentials, the TLS session.
 //! - `transmit`: the worker threads, the memory budget, each request through the gate.
+//! - `sender`: replies out whole and in order; a busy socket queues them (no worker waits).
 //! - `wire`: the protocol's bytes, pure (parse and encode; no I/O), with its fuzz target.
 //! - `backend`: positional I/O on the disk's file.
 
 mod backend;
 pub mod connection;
 pub mod handshake;
+mod sender;
 pub mod server;
 pub mod tls;
 pub mod transmit;

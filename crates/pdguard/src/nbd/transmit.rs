@@ -10,7 +10,7 @@
 //! did not negotiate block sizes may send one up to the export's size) is streamed in
 //! pieces of [`PIECE`] bytes, each through the gate.
 
-use std::io::{self, Write};
+use std::io;
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
@@ -20,6 +20,7 @@ use tokio::sync::watch;
 use super::backend::{nbd_errno, Backend, MAX_EXTENTS};
 use super::connection::{ConnError, Inbox, StdSock};
 use super::handshake::{Agreed, BASE_ALLOCATION_ID, MAX_PAYLOAD};
+use super::sender::Sender;
 use super::wire::{
     self, cmdflag, errno, reply, Command, Frame, Refusal, Request, OFFSET_DATA_HEADER_LEN,
     SIMPLE_REPLY_LEN,
@@ -98,7 +99,7 @@ struct Shared {
     /// The receiving side: the worker that holds it reads the next request, as in nbdkit
     /// (no hand-off between a reader and a worker).
     rx: Mutex<Receiver>,
-    tx: Mutex<StdSock>,
+    tx: Sender,
     session: wire::Session,
     hold: Duration,
     disk: String,
@@ -134,7 +135,7 @@ pub async fn run(
     let closer = sock.try_clone()?;
     let shared = Arc::new(Shared {
         gate,
-        tx: Mutex::new(sock.try_clone()?),
+        tx: Sender::new(sock.try_clone()?),
         rx: Mutex::new(Receiver {
             inbox,
             sock,
@@ -285,7 +286,7 @@ fn refuse(req: &Request, s: &wire::Session) -> Result<(), Refusal> {
 }
 
 fn send(ctx: &Shared, bytes: &[u8]) -> io::Result<()> {
-    lock(&ctx.tx).write_all(bytes)
+    ctx.tx.send(bytes)
 }
 
 fn reply_error(ctx: &Shared, req: &Request, r: &Refusal) -> io::Result<()> {
@@ -370,7 +371,7 @@ fn stream_read(ctx: &Shared, req: &Request) -> io::Result<()> {
             let flags = if last { reply::FLAG_DONE } else { 0 };
             let h = wire::offset_data_chunk(flags, req.cookie, at, n as u32);
             {
-                let mut w = lock(&ctx.tx);
+                let mut w = ctx.tx.exclusive()?;
                 w.write_all(&h)?;
                 w.write_all(&buf[..n])?;
             }
@@ -383,7 +384,7 @@ fn stream_read(ctx: &Shared, req: &Request) -> io::Result<()> {
             }
         }
     }
-    let mut w = lock(&ctx.tx);
+    let mut w = ctx.tx.exclusive()?;
     w.write_all(&wire::simple_reply(req.cookie, 0))?;
     loop {
         let n = piece(at);
@@ -394,7 +395,7 @@ fn stream_read(ctx: &Shared, req: &Request) -> io::Result<()> {
         }
         if let Err(r) = read_piece(ctx, &mut buf[..piece(at)], at) {
             tracing::warn!(conn = %ctx.id, why = %r.why, error = %ConnError::ReplyCut, "NBD connection closed");
-            w.shutdown(std::net::Shutdown::Both);
+            w.shutdown();
             return Ok(());
         }
     }
