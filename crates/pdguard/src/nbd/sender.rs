@@ -5,8 +5,9 @@
 //! combining"). Under load several replies leave in one write(2) (one TLS write of a few
 //! records), instead of each worker waking in turn to make its own.
 //!
-//! A reply larger than [`QUEUE_AT_MOST`] is not copied: its worker waits for the socket
-//! (as does a streamed READ, which holds it for all its pieces, [`Sender::exclusive`]).
+//! A reply larger than [`QUEUE_AT_MOST`], or one that would make the queue pass
+//! [`QUEUE_BYTES`], is not queued: its worker waits for the socket (as does a streamed
+//! READ, which holds it for all its pieces, [`Sender::exclusive`]).
 
 use std::io::{self, Write};
 use std::sync::{Condvar, Mutex, MutexGuard};
@@ -15,6 +16,10 @@ use super::connection::StdSock;
 
 /// Largest reply copied into the queue; a longer one waits for the socket.
 pub const QUEUE_AT_MOST: usize = 256 << 10;
+/// Most bytes queued at once: a reply that would pass it waits for the socket, keeping its
+/// request's budget, so a client that stops reading replies stops the reader (the
+/// connection's memory stays its budget plus twice this).
+pub const QUEUE_BYTES: usize = 4 << 20;
 
 pub struct Sender {
     state: Mutex<State>,
@@ -55,7 +60,7 @@ impl Sender {
         if let Some(k) = st.failed {
             return Err(k.into());
         }
-        if st.busy && reply.len() <= QUEUE_AT_MOST {
+        if st.busy && reply.len() <= QUEUE_AT_MOST && st.queue.len() + reply.len() <= QUEUE_BYTES {
             st.queue.extend_from_slice(reply);
             return Ok(());
         }
@@ -224,6 +229,42 @@ mod tests {
         }
         assert_eq!(reader.join().unwrap(), (THREADS * EACH) as usize);
         assert!(!lock(&s.state).busy);
+    }
+
+    /// A client that reads no reply: the queue stops at its bound and the next sender
+    /// waits (holding its request's budget), so memory does not grow with the replies.
+    #[test]
+    fn the_queue_is_bounded_when_the_client_reads_nothing() {
+        let (a, mut b) = UnixStream::pair().unwrap();
+        let s = Arc::new(Sender::new(StdSock::Plain(Plain::Unix(a))));
+        // One worker's large reply fills the socket: it stays the writer, stuck.
+        let s1 = Arc::clone(&s);
+        std::thread::spawn(move || s1.send(&vec![7u8; 4 << 20]).unwrap());
+        while !lock(&s.state).busy {
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        // Another worker's 400 replies of 64 KiB (25 MiB) cannot all be handed over.
+        let (tx, rx) = std::sync::mpsc::channel();
+        let s2 = Arc::clone(&s);
+        std::thread::spawn(move || {
+            for _ in 0..400 {
+                s2.send(&[7u8; 64 << 10]).unwrap();
+                tx.send(()).unwrap();
+            }
+        });
+        let mut sent = 0;
+        while rx
+            .recv_timeout(std::time::Duration::from_millis(500))
+            .is_ok()
+        {
+            sent += 1;
+        }
+        assert!(sent < 400, "every reply was taken while nobody read");
+        assert!(lock(&s.state).queue.len() <= QUEUE_BYTES);
+        // Reading lets every reply through.
+        let mut all = vec![0u8; (4 << 20) + 400 * (64 << 10)];
+        b.read_exact(&mut all).unwrap();
+        assert!(all.iter().all(|&x| x == 7));
     }
 
     /// A failed write fails that reply and every later one, at once, never blocking.
