@@ -11,7 +11,9 @@ use pdguard_core::keyslot::{MAX_SLOT_BYTES, SLOT_SUFFIX};
 use rand::RngCore;
 
 use super::safe_open::{self, Accept, FileIdentity, How, Parents, SafeOpenError};
-use super::{check_seal_id, DataMap, Disk, ImageLock, LockMode, Result, Storage, StoreError};
+use super::{
+    check_seal_id, DataMap, Disk, ImageLock, LockMode, MigrationFile, Result, Storage, StoreError,
+};
 
 /// `O_NOFOLLOW` for [`OpenOptionsExt::custom_flags`]: a symbolic link as the last component
 /// fails with `ELOOP` instead of being followed.
@@ -380,6 +382,13 @@ impl ImageStorage {
         PathBuf::from(s)
     }
 
+    /// A migration's file beside the record: `PATH.pdguard.evacuation`, `PATH.pdguard.moved`.
+    fn migration_path(&self, which: MigrationFile) -> PathBuf {
+        let mut s = self.record.as_os_str().to_owned();
+        s.push(which.suffix());
+        PathBuf::from(s)
+    }
+
     /// `THIN_DIR/<image file name>.<first 8 digits of the seal id>.pdguard-thin` (the name
     /// versions 1 and 2 used, so their interrupted jobs still resume).
     fn thin_path(&self, seal_id: &str) -> Result<PathBuf> {
@@ -529,6 +538,38 @@ impl Storage for ImageStorage {
 
     fn key_slot_name(&self) -> String {
         self.key_slot_path().display().to_string()
+    }
+
+    fn migration_file_name(&self, which: MigrationFile) -> String {
+        self.migration_path(which).display().to_string()
+    }
+
+    fn create_migration_file(&self, which: MigrationFile, bytes: u64) -> Result<Box<dyn Disk>> {
+        let path = self.migration_path(which);
+        let what = format!("{} {}", which.what(), path.display());
+        remove_own(&path, &what)?;
+        let file = create_own(&path, &what)?;
+        file.set_len(bytes)
+            .map_err(|e| StoreError::io("size", &what, e))?;
+        file.sync_all()
+            .map_err(|e| StoreError::io("fsync", &what, e))?;
+        sync_dir(&parent_of(&path))
+            .map_err(|e| StoreError::io("fsync the directory of", &what, e))?;
+        Ok(Box::new(FileDisk::new(file, what)?))
+    }
+
+    fn open_migration_file(&self, which: MigrationFile) -> Result<Option<Box<dyn Disk>>> {
+        let path = self.migration_path(which);
+        let what = format!("{} {}", which.what(), path.display());
+        match open_own(&path, true, which.what(), self.parents())? {
+            Some(f) => Ok(Some(Box::new(FileDisk::new(f, what)?))),
+            None => Ok(None),
+        }
+    }
+
+    fn remove_migration_file(&self, which: MigrationFile) -> Result<()> {
+        let path = self.migration_path(which);
+        remove_own(&path, &format!("{} {}", which.what(), path.display()))
     }
 
     fn create_key_slot(&self, bytes: &[u8]) -> Result<()> {
