@@ -119,8 +119,7 @@ impl Migration {
             while end < wants.len() {
                 let j = wants[end].sealed_sector;
                 let gap = (j - wants[end - 1].sealed_sector - 1) * s;
-                if self.store_of(j) != store || gap > GAP_BYTES || (j + 1 - first) * s > RUN_BYTES
-                {
+                if self.store_of(j) != store || gap > GAP_BYTES || (j + 1 - first) * s > RUN_BYTES {
                     break;
                 }
                 end += 1;

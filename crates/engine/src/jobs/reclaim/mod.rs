@@ -135,13 +135,14 @@ impl Migration {
             if g.committed >= upto {
                 return Ok(());
             }
-            let commit = g.map.next_commit(self.moved.key()).map_err(|source| {
-                ReclaimError::Map {
+            let commit = g
+                .map
+                .next_commit(self.moved.key())
+                .map_err(|source| ReclaimError::Map {
                     image: self.image_name.clone(),
                     file: self.moved.name().into(),
                     source,
-                }
-            });
+                });
             (commit, g.changes)
         };
         let commit = commit.map_err(|e| self.fail(e))?;

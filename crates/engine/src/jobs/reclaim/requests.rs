@@ -69,9 +69,8 @@ impl Migration {
     /// Take (mark busy) the first run of up to `window_regions` consecutive regions in
     /// state `want` that nobody holds.
     fn claim(&self, g: &mut super::Shared, want: RegionState) -> Option<Range<u64>> {
-        let free = |g: &super::Shared, r: u64| {
-            !g.busy[r as usize] && g.map.state(r).ok() == Some(want)
-        };
+        let free =
+            |g: &super::Shared, r: u64| !g.busy[r as usize] && g.map.state(r).ok() == Some(want);
         let regions = self.layout.regions();
         let first = (0..regions).find(|&r| free(g, r))?;
         let mut end = first + 1;

@@ -124,7 +124,8 @@ impl Migration {
         let (left, dirty) = {
             let g = self.lock();
             self.refuse_if_failed(&g)?;
-            let left = g.map.regions() - g.map.count(RegionState::Plain) - g.map.count(RegionState::Dirty);
+            let left =
+                g.map.regions() - g.map.count(RegionState::Plain) - g.map.count(RegionState::Dirty);
             (left, g.map.count(RegionState::Dirty))
         };
         if left > 0 {
