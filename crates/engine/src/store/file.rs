@@ -756,6 +756,45 @@ mod tests {
         assert_eq!(fs::read(&victim).unwrap(), b"precious");
     }
 
+    /// An instant reclaim's files are beside the record, made exclusively (a stale file or a
+    /// planted link in their place is removed, never followed), sparse, and removable.
+    #[test]
+    fn migration_files_are_derived_made_anew_and_never_followed() {
+        use std::os::unix::fs::symlink;
+        let (dir, st, victim) = setup();
+        for which in [MigrationFile::EvacuationCopy, MigrationFile::MovedMap] {
+            let path = PathBuf::from(st.migration_file_name(which));
+            assert_eq!(path.parent(), Some(dir.path()));
+            assert!(path
+                .to_string_lossy()
+                .ends_with(&format!("v.img.pdguard{}", which.suffix())));
+            assert!(st.open_migration_file(which).unwrap().is_none());
+            symlink(&victim, &path).unwrap();
+            assert!(
+                st.open_migration_file(which).is_err(),
+                "{which:?} opened through a link"
+            );
+            let d = st.create_migration_file(which, 1 << 20).unwrap();
+            assert_eq!(d.len(), 1 << 20);
+            d.write_at(&[7; 512], 4096).unwrap();
+            d.sync().unwrap();
+            assert!(!fs::symlink_metadata(&path)
+                .unwrap()
+                .file_type()
+                .is_symlink());
+            let again = st.open_migration_file(which).unwrap().unwrap();
+            let mut back = [0u8; 512];
+            again.read_at(&mut back, 4096).unwrap();
+            assert_eq!(back, [7; 512]);
+            // Sparse: a 1 MiB file holding one written page.
+            assert!(fs::metadata(&path).unwrap().blocks() * 512 < 1 << 20);
+            st.remove_migration_file(which).unwrap();
+            assert!(!path.exists());
+            st.remove_migration_file(which).unwrap();
+        }
+        assert_eq!(fs::read(&victim).unwrap(), b"precious");
+    }
+
     /// The first open pins the image; a file renamed over it, or a symbolic link swapped in
     /// for it, is refused at the next open, naming both identities, and its target is never
     /// opened for writing.
