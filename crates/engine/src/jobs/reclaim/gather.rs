@@ -16,7 +16,7 @@ use super::{Migration, Result};
 use crate::store::Disk;
 
 /// Unwanted bytes a run reads through instead of starting a new read.
-const GAP_BYTES: u64 = 32 << 10;
+const GAP_BYTES: u64 = 4 << 10;
 /// Most bytes one read of a run takes.
 const RUN_BYTES: u64 = 1 << 20;
 

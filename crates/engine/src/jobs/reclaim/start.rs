@@ -30,7 +30,9 @@ use crate::store::{Disk, MigrationFile, Storage};
 pub struct MigrationOptions {
     /// Region size when no region digest tree is given (with one, the tree's).
     pub region_bytes: u32,
-    /// Bytes of one background window (at least one region).
+    /// Bytes of one background window (at least one region): the move pass holds a
+    /// window of plaintext in memory, and the larger it is, the more of the sealed sectors
+    /// each read of the evacuation copy finds together.
     pub window_bytes: u64,
 }
 
@@ -38,7 +40,7 @@ impl Default for MigrationOptions {
     fn default() -> Self {
         Self {
             region_bytes: REGION_BYTES,
-            window_bytes: 8 << 20,
+            window_bytes: 64 << 20,
         }
     }
 }
