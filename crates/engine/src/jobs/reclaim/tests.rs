@@ -20,7 +20,7 @@ use super::*;
 use crate::jobs::job::open_for_reclaim;
 use crate::jobs::{seal, unseal, JobError, NoProgress, SealOptions};
 use crate::store::sim::{Fault, SimStorage};
-use crate::store::MigrationFile;
+use crate::store::{MigrationFile, Storage};
 
 const SECTOR: usize = 512;
 const REGION: u32 = 4096;
@@ -578,4 +578,49 @@ mod property {
             prop_assert!(s.image() == model.now);
         }
     }
+}
+
+#[test]
+fn a_resume_without_its_files_or_with_a_damaged_moved_map_touches_nothing() {
+    let mut rng = StdRng::seed_from_u64(10);
+    let plain = plaintext(&mut rng);
+    let (s, tree) = sealed(SECURE, &plain);
+    let m = start(&s, SECURE, &tree).unwrap();
+    m.step().unwrap();
+    drop(m);
+    let saved = s.power_loss(&mut rng);
+    let image = saved.image();
+    // Both slots damaged: neither is trusted, and the error names the file.
+    let map = saved.migration_file(MigrationFile::MovedMap).unwrap();
+    let moved = saved
+        .create_migration_file(MigrationFile::MovedMap, map.len() as u64)
+        .unwrap();
+    let mut bad = map.clone();
+    bad[0] ^= 1;
+    bad[map.len() / 2] ^= 1;
+    moved.write_at(&bad, 0).unwrap();
+    let e = start(&saved, SECURE, &tree).err().unwrap();
+    assert!(matches!(e, ReclaimError::Map { .. }), "{e}");
+    assert!(e.to_string().contains("sim.img.pdguard.moved"), "{e}");
+    // Only the newer slot damaged: the older one is loaded, and the migration goes on.
+    // The start committed generation 1 (slot 1), the step generation 2 (slot 0).
+    let newer = 0;
+    assert!(map[map.len() / 2..].starts_with(b"PDGUARD-MOVEDMP1"));
+    assert!(map.starts_with(b"PDGUARD-MOVEDMP1"));
+    let mut torn = map.clone();
+    torn[newer + 70] ^= 1;
+    moved.write_at(&torn, 0).unwrap();
+    run_to_end(start(&saved, SECURE, &tree).unwrap(), &saved).unwrap();
+    assert!(saved.image() == plain);
+    // No evacuation copy: refused, naming it.
+    let saved = s.power_loss(&mut rng);
+    saved
+        .remove_migration_file(MigrationFile::EvacuationCopy)
+        .unwrap();
+    let e = start(&saved, SECURE, &tree).err().unwrap();
+    assert!(
+        matches!(e, ReclaimError::Missing { .. }) && e.to_string().contains(".evacuation"),
+        "{e}"
+    );
+    assert!(saved.image() == image, "the image was touched");
 }
