@@ -85,6 +85,8 @@ struct Shared {
     committed: u64,
     /// The first failure: every request after it is refused.
     failed: Option<String>,
+    /// Where the evacuation pass (0) and the move pass (1) look for their next window.
+    pass_from: [u64; 2],
 }
 
 impl Migration {

@@ -67,12 +67,15 @@ impl Migration {
     }
 
     /// Take (mark busy) the first run of up to `window_regions` consecutive regions in
-    /// state `want` that nobody holds.
+    /// state `want` that nobody holds, looking from where this pass last took one (then
+    /// from the start, for a region that was busy then), so a pass costs O(regions) in all.
     fn claim(&self, g: &mut super::Shared, want: RegionState) -> Option<Range<u64>> {
         let free =
             |g: &super::Shared, r: u64| !g.busy[r as usize] && g.map.state(r).ok() == Some(want);
+        let pass = usize::from(want != RegionState::Sealed);
         let regions = self.layout.regions();
-        let first = (0..regions).find(|&r| free(g, r))?;
+        let hint = g.pass_from[pass].min(regions);
+        let first = (hint..regions).chain(0..hint).find(|&r| free(g, r))?;
         let mut end = first + 1;
         while end < regions && end - first < self.window_regions && free(g, end) {
             end += 1;
@@ -80,6 +83,7 @@ impl Migration {
         for r in first..end {
             g.busy[r as usize] = true;
         }
+        g.pass_from[pass] = end;
         Some(first..end)
     }
 

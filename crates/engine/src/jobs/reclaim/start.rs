@@ -114,6 +114,7 @@ impl Migration {
                 changes: 0,
                 committed: 0,
                 failed: None,
+                pass_from: [0; 2],
             }),
             changed: Condvar::new(),
             resumed,
