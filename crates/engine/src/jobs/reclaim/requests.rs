@@ -191,22 +191,23 @@ impl Migration {
             }
             g = self.wait(g);
         }
-        let state = g.map.state(r).map_err(|source| ReclaimError::Map {
+        let map_error = |source| ReclaimError::Map {
             image: self.image_name.clone(),
             file: self.moved.name().into(),
             source,
-        })?;
-        let need = match state {
+        };
+        let need = match g.map.state(r).map_err(map_error)? {
             RegionState::Dirty => Need::Served,
             RegionState::Plain if !write => Need::Served,
             RegionState::Plain => {
-                let _ = g.map.apply(r, RegionEvent::Write);
+                g.map.apply(r, RegionEvent::Write).map_err(map_error)?;
                 g.changes += 1;
                 Need::MarkDirty(g.changes)
             }
             RegionState::Sealed => Need::Evacuate,
+            // `moving` is never found unheld: the transition table refuses it as a bug.
             RegionState::Evacuated | RegionState::Moving => {
-                let _ = g.map.apply(r, RegionEvent::StartMove);
+                g.map.apply(r, RegionEvent::StartMove).map_err(map_error)?;
                 Need::Move
             }
         };

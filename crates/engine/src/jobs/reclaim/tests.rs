@@ -624,3 +624,37 @@ fn a_resume_without_its_files_or_with_a_damaged_moved_map_touches_nothing() {
     );
     assert!(saved.image() == image, "the image was touched");
 }
+
+/// A move does not overwrite a region while a gather still reads its sealed store from the
+/// image: the reads are drained first.
+#[test]
+fn a_move_waits_for_the_image_reads_of_its_sealed_store() {
+    let mut rng = StdRng::seed_from_u64(11);
+    let plain = plaintext(&mut rng);
+    let (s, tree) = sealed(SECURE, &plain);
+    let sealed_image = s.image();
+    let m = start(&s, SECURE, &tree).unwrap();
+    let r = 6usize;
+    let bytes = r * REGION as usize..(r + 1) * REGION as usize;
+    // A gather elsewhere is reading sealed store 6 from the image.
+    m.lock().image_readers[r] += 1;
+    std::thread::scope(|scope| {
+        let reader = scope.spawn(|| {
+            let mut buf = vec![0u8; 64];
+            m.read(bytes.start as u64, &mut buf).unwrap();
+            buf
+        });
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        assert!(
+            !reader.is_finished(),
+            "the move did not wait for the image reads"
+        );
+        assert!(
+            s.image()[bytes.clone()] == sealed_image[bytes.clone()],
+            "region overwritten under a reader"
+        );
+        m.lock().image_readers[r] -= 1;
+        m.changed.notify_all();
+        assert_eq!(reader.join().unwrap(), plain[bytes.start..][..64]);
+    });
+}
