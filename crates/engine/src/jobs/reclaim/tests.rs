@@ -275,6 +275,12 @@ fn run_script(
     model: &mut Model,
 ) -> Result<Finished> {
     let m = start(s, case, tree)?;
+    drive(&m, case, ops, model)?;
+    run_to_end(m, s)
+}
+
+/// Run `ops` on `m`, checking each read against the model; stop at the first error.
+fn drive(m: &Migration, case: Case, ops: &[Op], model: &mut Model) -> Result<()> {
     for op in ops {
         match op {
             Op::Read(off, len) => {
@@ -302,7 +308,8 @@ fn run_script(
             }
         }
     }
-    run_to_end(m, s)
+    while m.step()? != StepDone::Complete {}
+    Ok(())
 }
 
 #[test]
@@ -390,11 +397,34 @@ fn an_io_error_at_every_step_refuses_further_requests_and_loses_nothing() {
         s.arm(k, Fault::Eio);
         let mut model = Model::new(&plain);
         let what = format!("EIO at step {k} of {total}");
-        if run_script(&s, case, &tree, &ops, &mut model).is_ok() {
-            // The fault hit a step whose failure the script does not see (none should).
-            panic!("{what}: the error was swallowed");
-        }
-        // The process goes on (no power loss): restart the reclaim over what is on disk.
+        // An error in the start or the end leaves no handle; in between, the handle
+        // refuses every request after the first error.
+        let driven = start(&s, case, &tree).map(|m| {
+            let r = drive(&m, case, &ops, &mut model);
+            (m, r)
+        });
+        let finished = match driven {
+            Err(_) => false,
+            Ok((m, Ok(()))) => m.finish(&s).is_ok(),
+            Ok((m, Err(_))) => {
+                let mut buf = [0u8; 8];
+                let refused = |r: Result<()>| matches!(r, Err(ReclaimError::Failed { .. }));
+                assert!(
+                    refused(m.read(0, &mut buf)),
+                    "{what}: read served after an error"
+                );
+                assert!(
+                    refused(m.write(0, &buf)),
+                    "{what}: write served after an error"
+                );
+                assert!(refused(m.flush()), "{what}: flush served after an error");
+                assert!(refused(m.step().map(drop)), "{what}: step after an error");
+                false
+            }
+        };
+        assert!(!finished, "{what}: the error was swallowed");
+        // Restart the reclaim over what a power loss now would leave (the harder case:
+        // unsynced writes may be lost too).
         let after = s.power_loss(&mut rng);
         recover(&after, case, &tree);
         model.check_after_power_loss(&after.image(), &what);
