@@ -382,13 +382,6 @@ impl ImageStorage {
         PathBuf::from(s)
     }
 
-    /// A migration's file beside the record: `PATH.pdguard.evacuation`, `PATH.pdguard.moved`.
-    fn migration_path(&self, which: MigrationFile) -> PathBuf {
-        let mut s = self.record.as_os_str().to_owned();
-        s.push(which.suffix());
-        PathBuf::from(s)
-    }
-
     /// `THIN_DIR/<image file name>.<first 8 digits of the seal id>.pdguard-thin` (the name
     /// versions 1 and 2 used, so their interrupted jobs still resume).
     fn thin_path(&self, seal_id: &str) -> Result<PathBuf> {
@@ -406,6 +399,13 @@ impl ImageStorage {
     fn tmp_record(&self) -> PathBuf {
         let mut s = self.record.as_os_str().to_owned();
         s.push(".tmp");
+        PathBuf::from(s)
+    }
+
+    /// A migration's file beside the record: `PATH.pdguard.evacuation`, `PATH.pdguard.moved`.
+    fn migration_path(&self, which: MigrationFile) -> PathBuf {
+        let mut s = self.record.as_os_str().to_owned();
+        s.push(which.suffix());
         PathBuf::from(s)
     }
 }
