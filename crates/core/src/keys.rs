@@ -161,9 +161,16 @@ impl SealKeys {
 
 /// The associated data of the key wrap: record version and disk identity.
 pub fn wrap_aad(rec: &SealRecord) -> Vec<u8> {
+    // A record in phase `migrating` (version 5) is a version 4 record during an instant
+    // reclaim: its key was wrapped under version 4.
+    let version = if rec.version == crate::record::MIGRATING_VERSION {
+        crate::record::RECORD_VERSION
+    } else {
+        rec.version
+    };
     let mut aad = format!(
         "pdguard seal record v{}|seal {}|profile {}|placement {}|bytes {}|sector {}|word {}|sectors {}|slots {}",
-        rec.version,
+        version,
         rec.seal_id,
         rec.profile.name(),
         rec.placement,

@@ -34,6 +34,11 @@ pub const RECORD_MAGIC: &str = "PDGUARD-SEAL-RECORD";
 /// and the `shredding` phase. Version 4 added `dense` (dense placement of a `keep_holes`
 /// seal: the sealed data is `[0, D)`, the original's data map encrypted in the record).
 pub const RECORD_VERSION: u32 = 4;
+/// The version of a record in phase `migrating` (an instant reclaim under way,
+/// `docs/instant-reclaim.md`): a pdguard that reads up to version 4 refuses it as written by
+/// a newer pdguard instead of acting on a phase it does not know. Only that phase is
+/// written so; the record goes back to [`RECORD_VERSION`] when the migration ends.
+pub const MIGRATING_VERSION: u32 = 5;
 /// The first version with dense placement.
 pub const DENSE_VERSION: u32 = 4;
 /// The first version with a MAC word and a key-slot file.
@@ -49,7 +54,7 @@ pub const MAX_RECORD_BYTES: usize = 16 << 20;
 pub enum RecordError {
     #[error("it is not a pdguard seal record (first line does not start with {RECORD_MAGIC})")]
     NotARecord,
-    #[error("it was written by a newer pdguard (record version {0}, this build reads up to {RECORD_VERSION}); upgrade pdguard")]
+    #[error("it was written by a newer pdguard (record version {0}, this build reads up to {MIGRATING_VERSION}); upgrade pdguard")]
     NewerVersion(u32),
     #[error("it is corrupt: {0}")]
     Corrupt(String),
@@ -90,6 +95,7 @@ impl Profile {
 /// | `unsealed`       | the image (plaintext, verified)    | remove thin disk and record   |
 /// | `shredding`      | none: the key slot is being erased | `shred` again finishes it     |
 /// | `shredded`       | none: the key was destroyed        | nothing; the data is gone     |
+/// | `migrating`      | per region, the moved map `RECORD.moved` says | the migration resumes from the moved map |
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Phase {
@@ -103,6 +109,9 @@ pub enum Phase {
     Shredding,
     /// Crypto-erased by `image shred`: the wrapped key was overwritten and removed.
     Shredded,
+    /// An instant reclaim under way (record version [`MIGRATING_VERSION`]): each region's
+    /// data is at its plain or its sealed place, as the moved map says.
+    Migrating,
 }
 
 impl Phase {
@@ -116,6 +125,7 @@ impl Phase {
             Self::Unsealed => "unsealed",
             Self::Shredding => "shredding",
             Self::Shredded => "shredded",
+            Self::Migrating => "migrating",
         }
     }
 
@@ -315,7 +325,7 @@ impl SealRecord {
             .next()
             .and_then(|v| v.parse().ok())
             .ok_or_else(|| RecordError::Corrupt("header has no version number".into()))?;
-        if version > RECORD_VERSION {
+        if version > RECORD_VERSION && version != MIGRATING_VERSION {
             return Err(RecordError::NewerVersion(version));
         }
         let sum = words
@@ -361,6 +371,13 @@ impl SealRecord {
             return bad(
                 "a version 3 record holds a wrapped key (it belongs in the key slot)".into(),
             );
+        }
+        if (self.version == MIGRATING_VERSION) != (self.phase == Phase::Migrating) {
+            return bad(format!(
+                "phase {} in a version {} record (phase migrating is written as version {MIGRATING_VERSION}, and only it)",
+                self.phase.name(),
+                self.version
+            ));
         }
         if self.version < KEY_SLOT_VERSION && self.key_slot.is_some() {
             return bad(format!(
@@ -424,7 +441,10 @@ impl SealRecord {
         }
         // An unseal gather may also come from rolling back a seal gather, before any
         // sealed digest existed; only these two phases need one.
-        let sealed_once = matches!(self.phase, Phase::Sealed | Phase::UnsealScatter);
+        let sealed_once = matches!(
+            self.phase,
+            Phase::Sealed | Phase::UnsealScatter | Phase::Migrating
+        );
         if sealed_once && self.sealed_digest.is_none() {
             return bad(format!("phase {} without sealed_digest", self.phase.name()));
         }
@@ -537,11 +557,32 @@ mod tests {
     #[test]
     fn newer_version_is_named() {
         let mut r = sample();
-        r.version = RECORD_VERSION + 1;
+        r.version = MIGRATING_VERSION + 1;
         assert_eq!(
             SealRecord::decode(&r.encode()),
-            Err(RecordError::NewerVersion(RECORD_VERSION + 1))
+            Err(RecordError::NewerVersion(MIGRATING_VERSION + 1))
         );
+    }
+
+    /// Phase `migrating` is written as version 5, and version 5 holds only that phase: a
+    /// pdguard reading up to version 4 refuses it as newer instead of acting on it.
+    #[test]
+    fn migrating_is_version_5_and_only_it() {
+        let mut r = sample();
+        r.phase = Phase::Migrating;
+        r.version = MIGRATING_VERSION;
+        assert_eq!(SealRecord::decode(&r.encode()), Ok(r.clone()));
+        r.version = RECORD_VERSION;
+        assert!(matches!(
+            SealRecord::decode(&r.encode()),
+            Err(RecordError::Inconsistent(_))
+        ));
+        let mut sealed = sample();
+        sealed.version = MIGRATING_VERSION;
+        assert!(matches!(
+            SealRecord::decode(&sealed.encode()),
+            Err(RecordError::Inconsistent(_))
+        ));
     }
 
     /// A version 1 record (no `digest`, no `keep_holes`) reads as the whole-image BLAKE3

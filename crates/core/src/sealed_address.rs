@@ -103,9 +103,25 @@ pub struct Located {
     pub slot: u64,
 }
 
+/// A placement borrowed (a pass, a test) or owned (a migration that keeps its map for its
+/// whole life).
+enum PlacementRef<'a> {
+    Borrowed(&'a dyn Placement),
+    Owned(Box<dyn Placement>),
+}
+
+impl PlacementRef<'_> {
+    fn get(&self) -> &dyn Placement {
+        match self {
+            Self::Borrowed(p) => *p,
+            Self::Owned(p) => &**p,
+        }
+    }
+}
+
 /// The read path's map from plaintext sectors to sealed sectors.
 pub struct SealedAddress<'a> {
-    placement: &'a dyn Placement,
+    placement: PlacementRef<'a>,
     /// `None` when every slot is used (no slack): `rank` is the identity.
     rank: Option<RankDirectory>,
     /// Dense placement: the original's data extents in sectors, and the compacted index
@@ -124,8 +140,39 @@ impl<'a> SealedAddress<'a> {
         image_sectors: u64,
         sector_size: u64,
     ) -> Self {
-        let rank =
-            (placement.slots() != placement.sectors()).then(|| RankDirectory::build(placement));
+        Self::build(
+            PlacementRef::Borrowed(placement),
+            dense,
+            image_sectors,
+            sector_size,
+        )
+    }
+
+    /// [`Self::new`], keeping `placement`.
+    pub fn owning(
+        placement: Box<dyn Placement>,
+        dense: Option<&DataRanges>,
+        image_sectors: u64,
+        sector_size: u64,
+    ) -> SealedAddress<'static> {
+        SealedAddress::build(
+            PlacementRef::Owned(placement),
+            dense,
+            image_sectors,
+            sector_size,
+        )
+    }
+
+    fn build(
+        placement: PlacementRef<'a>,
+        dense: Option<&DataRanges>,
+        image_sectors: u64,
+        sector_size: u64,
+    ) -> Self {
+        let rank = {
+            let placement = placement.get();
+            (placement.slots() != placement.sectors()).then(|| RankDirectory::build(placement))
+        };
         let dense = dense.map(|d| {
             let mut at = 0u64;
             d.sector_extents(sector_size)
@@ -169,10 +216,11 @@ impl<'a> SealedAddress<'a> {
                 first + (sector - r.start)
             }
         };
-        if c >= self.placement.sectors() {
+        let placement = self.placement.get();
+        if c >= placement.sectors() {
             return None;
         }
-        let slot = self.placement.slot_of(c);
+        let slot = placement.slot_of(c);
         let sealed_sector = self.rank.as_ref().map_or(slot, |r| r.rank(slot));
         Some(Located {
             sealed_sector,

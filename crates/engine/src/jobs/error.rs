@@ -120,6 +120,9 @@ pub enum JobError {
     #[error("{image} was crypto-erased (tombstone record {record}), and a shred is final: it is not sealed over. To reuse the image for new data on purpose, delete the tombstone (`rm {record}`), then seal again")]
     SealOverShred { image: String, record: String },
 
+    #[error("{image} is being reclaimed while served (phase migrating): the instant reclaim that serves it finishes the migration; no `pdguard image` command acts on it before then (wait for it, or start the reclaim again to resume it)")]
+    Reclaiming { image: String },
+
     #[error("{0}")]
     Unsupported(String),
 

@@ -15,6 +15,7 @@
 //! | `shred.rs`      | crypto-erase                                                      |
 //! | `migrate.rs`    | old record versions to the current one                            |
 //! | `rescue.rs`     | `unseal --force --output`                                         |
+//! | `reclaim_open.rs` | open a seal for an instant reclaim (`jobs/reclaim/`)            |
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -35,12 +36,15 @@ use super::dense::{self, Dense};
 use super::error::{JobError, Result};
 use super::strategy::{self, PassCtx, Strategy};
 use super::Progress;
-use crate::store::{Disk, ExtentView, ImageLock, LockMode, Sparse, Storage, StoreError};
+use crate::store::{
+    Disk, ExtentView, ImageLock, LockMode, MigrationFile, Sparse, Storage, StoreError,
+};
 
 mod fresh;
 mod keyring;
 mod migrate;
 mod passes;
+mod reclaim_open;
 mod record_io;
 mod recover;
 mod rescue;
@@ -50,6 +54,7 @@ mod verify;
 use fresh::*;
 use keyring::*;
 pub use migrate::{migrate, MigrateReport};
+pub(crate) use reclaim_open::{drop_unsealed, open_for_reclaim, plain_digest, SealOpened};
 pub use record_io::inspect;
 use record_io::*;
 use recover::*;

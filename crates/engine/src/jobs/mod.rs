@@ -9,6 +9,7 @@
 mod dense;
 mod error;
 mod job;
+pub mod reclaim;
 pub mod strategy;
 
 pub use error::{JobError, Result};

@@ -11,7 +11,9 @@ use pdguard_core::keyslot::{MAX_SLOT_BYTES, SLOT_SUFFIX};
 use rand::RngCore;
 
 use super::safe_open::{self, Accept, FileIdentity, How, Parents, SafeOpenError};
-use super::{check_seal_id, DataMap, Disk, ImageLock, LockMode, Result, Storage, StoreError};
+use super::{
+    check_seal_id, DataMap, Disk, ImageLock, LockMode, MigrationFile, Result, Storage, StoreError,
+};
 
 /// `O_NOFOLLOW` for [`OpenOptionsExt::custom_flags`]: a symbolic link as the last component
 /// fails with `ELOOP` instead of being followed.
@@ -399,6 +401,13 @@ impl ImageStorage {
         s.push(".tmp");
         PathBuf::from(s)
     }
+
+    /// A migration's file beside the record: `PATH.pdguard.evacuation`, `PATH.pdguard.moved`.
+    fn migration_path(&self, which: MigrationFile) -> PathBuf {
+        let mut s = self.record.as_os_str().to_owned();
+        s.push(which.suffix());
+        PathBuf::from(s)
+    }
 }
 
 /// Open the disk file at `path` (`name` in messages) for I/O, only if it is the file
@@ -529,6 +538,38 @@ impl Storage for ImageStorage {
 
     fn key_slot_name(&self) -> String {
         self.key_slot_path().display().to_string()
+    }
+
+    fn migration_file_name(&self, which: MigrationFile) -> String {
+        self.migration_path(which).display().to_string()
+    }
+
+    fn create_migration_file(&self, which: MigrationFile, bytes: u64) -> Result<Box<dyn Disk>> {
+        let path = self.migration_path(which);
+        let what = format!("{} {}", which.what(), path.display());
+        remove_own(&path, &what)?;
+        let file = create_own(&path, &what)?;
+        file.set_len(bytes)
+            .map_err(|e| StoreError::io("size", &what, e))?;
+        file.sync_all()
+            .map_err(|e| StoreError::io("fsync", &what, e))?;
+        sync_dir(&parent_of(&path))
+            .map_err(|e| StoreError::io("fsync the directory of", &what, e))?;
+        Ok(Box::new(FileDisk::new(file, what)?))
+    }
+
+    fn open_migration_file(&self, which: MigrationFile) -> Result<Option<Box<dyn Disk>>> {
+        let path = self.migration_path(which);
+        let what = format!("{} {}", which.what(), path.display());
+        match open_own(&path, true, which.what(), self.parents())? {
+            Some(f) => Ok(Some(Box::new(FileDisk::new(f, what)?))),
+            None => Ok(None),
+        }
+    }
+
+    fn remove_migration_file(&self, which: MigrationFile) -> Result<()> {
+        let path = self.migration_path(which);
+        remove_own(&path, &format!("{} {}", which.what(), path.display()))
     }
 
     fn create_key_slot(&self, bytes: &[u8]) -> Result<()> {
@@ -712,6 +753,45 @@ mod tests {
         symlink(&victim, st.tmp_record()).unwrap();
         st.write_record(b"record").unwrap();
         assert_eq!(fs::read(st.record_path()).unwrap(), b"record");
+        assert_eq!(fs::read(&victim).unwrap(), b"precious");
+    }
+
+    /// An instant reclaim's files are beside the record, made exclusively (a stale file or a
+    /// planted link in their place is removed, never followed), sparse, and removable.
+    #[test]
+    fn migration_files_are_derived_made_anew_and_never_followed() {
+        use std::os::unix::fs::symlink;
+        let (dir, st, victim) = setup();
+        for which in [MigrationFile::EvacuationCopy, MigrationFile::MovedMap] {
+            let path = PathBuf::from(st.migration_file_name(which));
+            assert_eq!(path.parent(), Some(dir.path()));
+            assert!(path
+                .to_string_lossy()
+                .ends_with(&format!("v.img.pdguard{}", which.suffix())));
+            assert!(st.open_migration_file(which).unwrap().is_none());
+            symlink(&victim, &path).unwrap();
+            assert!(
+                st.open_migration_file(which).is_err(),
+                "{which:?} opened through a link"
+            );
+            let d = st.create_migration_file(which, 1 << 20).unwrap();
+            assert_eq!(d.len(), 1 << 20);
+            d.write_at(&[7; 512], 4096).unwrap();
+            d.sync().unwrap();
+            assert!(!fs::symlink_metadata(&path)
+                .unwrap()
+                .file_type()
+                .is_symlink());
+            let again = st.open_migration_file(which).unwrap().unwrap();
+            let mut back = [0u8; 512];
+            again.read_at(&mut back, 4096).unwrap();
+            assert_eq!(back, [7; 512]);
+            // Sparse: a 1 MiB file holding one written page.
+            assert!(fs::metadata(&path).unwrap().blocks() * 512 < 1 << 20);
+            st.remove_migration_file(which).unwrap();
+            assert!(!path.exists());
+            st.remove_migration_file(which).unwrap();
+        }
         assert_eq!(fs::read(&victim).unwrap(), b"precious");
     }
 

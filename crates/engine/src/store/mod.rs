@@ -197,6 +197,47 @@ pub trait Storage {
     fn write_record(&self, bytes: &[u8]) -> Result<()>;
     /// Delete the record durably.
     fn remove_record(&self) -> Result<()>;
+
+    // An instant reclaim's files beside the record (`docs/instant-reclaim.md`, section 4).
+    /// The path of a migration's file, for messages: the record's path and the file's
+    /// suffix, derived from what the storage was built with, never from a record.
+    fn migration_file_name(&self, which: MigrationFile) -> String;
+    /// Create a migration's file of `bytes` (sparse): a stale file of that name is removed
+    /// first, then the new one is created exclusively (`O_EXCL`, never through a symbolic
+    /// link), fsynced, and its directory fsynced.
+    fn create_migration_file(&self, which: MigrationFile, bytes: u64) -> Result<Box<dyn Disk>>;
+    /// Open a migration's existing file (never through a symbolic link), `None` if absent.
+    fn open_migration_file(&self, which: MigrationFile) -> Result<Option<Box<dyn Disk>>>;
+    /// Delete a migration's file if it exists (a symbolic link in its place is removed,
+    /// never followed), and fsync its directory.
+    fn remove_migration_file(&self, which: MigrationFile) -> Result<()>;
+}
+
+/// The files of an instant reclaim, beside the record (`docs/instant-reclaim.md`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum MigrationFile {
+    /// **E**, the evacuation copy: the sealed image copied region by region, same offsets.
+    EvacuationCopy,
+    /// **M**, the moved map: two slots, committed in turn (`pdguard_core::moved_map`).
+    MovedMap,
+}
+
+impl MigrationFile {
+    /// What follows the record's path: `disk.img.pdguard.evacuation`, `disk.img.pdguard.moved`.
+    pub fn suffix(self) -> &'static str {
+        match self {
+            Self::EvacuationCopy => ".evacuation",
+            Self::MovedMap => pdguard_core::moved_map::MAP_SUFFIX,
+        }
+    }
+
+    /// What the file is, for messages.
+    pub fn what(self) -> &'static str {
+        match self {
+            Self::EvacuationCopy => "evacuation copy",
+            Self::MovedMap => "moved map",
+        }
+    }
 }
 
 /// Refuse a seal id that could be anything but 32 lowercase hex digits before it becomes

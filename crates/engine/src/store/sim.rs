@@ -15,7 +15,9 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use rand::Rng;
 
-use super::{check_seal_id, DataMap, Disk, ImageLock, LockMode, Result, Storage, StoreError};
+use super::{
+    check_seal_id, DataMap, Disk, ImageLock, LockMode, MigrationFile, Result, Storage, StoreError,
+};
 
 /// The sim reports holes by content: any 4 KiB block of zeros, as a file system would after
 /// `fallocate(PUNCH_HOLE)` of every zero block. Sound: a reported hole reads as zeros.
@@ -206,6 +208,20 @@ impl SimStorage {
     /// Bytes written to the image (not thin disks) since this storage was made.
     pub fn image_written_bytes(&self) -> u64 {
         lock(&self.inner).image_written_bytes
+    }
+
+    /// Flip one byte of the image now and durably, as a media error or a tamper would
+    /// (not a step: nobody's I/O).
+    pub fn corrupt_image(&self, offset: usize) {
+        let mut g = lock(&self.inner);
+        g.image.data[offset] ^= 0x5a;
+        g.image.durable[offset] ^= 0x5a;
+    }
+
+    /// A migration's file's bytes now, `None` if absent.
+    pub fn migration_file(&self, which: MigrationFile) -> Option<Vec<u8>> {
+        let name = self.migration_file_name(which);
+        lock(&self.inner).thins.get(&name).map(|f| f.data.clone())
     }
 
     /// How many thin disks exist now.
@@ -507,6 +523,40 @@ impl Storage for SimStorage {
         let mut g = lock(&self.inner);
         g.step("record")?;
         g.record = None;
+        Ok(())
+    }
+
+    fn migration_file_name(&self, which: MigrationFile) -> String {
+        format!("sim.img.pdguard{}", which.suffix())
+    }
+
+    /// One step, atomic and durable, as a create that fsyncs the file and its directory.
+    fn create_migration_file(&self, which: MigrationFile, bytes: u64) -> Result<Box<dyn Disk>> {
+        let name = self.migration_file_name(which);
+        {
+            let mut g = lock(&self.inner);
+            g.step(&name)?;
+            g.thins
+                .insert(name.clone(), MemFile::new(vec![0; bytes as usize]));
+        }
+        Ok(self.disk(Which::Thin(name), bytes))
+    }
+
+    fn open_migration_file(&self, which: MigrationFile) -> Result<Option<Box<dyn Disk>>> {
+        let name = self.migration_file_name(which);
+        let len = {
+            let mut g = lock(&self.inner);
+            g.step(&name)?;
+            g.thins.get(&name).map(|f| f.data.len() as u64)
+        };
+        Ok(len.map(|len| self.disk(Which::Thin(name), len)))
+    }
+
+    fn remove_migration_file(&self, which: MigrationFile) -> Result<()> {
+        let name = self.migration_file_name(which);
+        let mut g = lock(&self.inner);
+        g.step(&name)?;
+        g.thins.remove(&name);
         Ok(())
     }
 }

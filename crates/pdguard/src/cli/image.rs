@@ -440,6 +440,7 @@ fn shreddable(image: &str, rec: &SealRecord) -> Result<(), CliError> {
     match rec.phase {
         Phase::Sealed | Phase::Shredding => Ok(()),
         Phase::Shredded => Err(jobs::JobError::Shredded { image }.into()),
+        Phase::Migrating => Err(jobs::JobError::Reclaiming { image }.into()),
         phase => Err(jobs::JobError::InProgress {
             image,
             phase: phase.name(),

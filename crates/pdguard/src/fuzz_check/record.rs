@@ -11,7 +11,8 @@
 //!   behind the checksum.
 
 use pdguard_core::record::{authenticate, RecordError, RECORD_MAGIC};
-use pdguard_core::record::{KEY_SLOT_VERSION, RECORD_VERSION};
+use pdguard_core::record::{KEY_SLOT_VERSION, MIGRATING_VERSION};
+use pdguard_core::Phase;
 use pdguard_core::SealRecord;
 
 /// The MAC key of the records the check writes.
@@ -27,8 +28,8 @@ pub fn check(data: &[u8]) {
         return;
     }
     let ([version, mac], body) = super::take::<2>(rest);
-    // Versions 0 to one past the newest.
-    let version = u32::from(version) % (RECORD_VERSION + 2);
+    // Versions 0 to one past the newest (5, phase `migrating` only).
+    let version = u32::from(version) % (MIGRATING_VERSION + 2);
     let sum = blake3::hash(body).to_hex();
     let (word, key) = match mac % 4 {
         0 => (String::new(), Mac::None),
@@ -45,7 +46,7 @@ pub fn check(data: &[u8]) {
     let mut bytes = format!("{RECORD_MAGIC} {version} {sum}{word}\n").into_bytes();
     bytes.extend_from_slice(body);
     let got = SealRecord::decode(&bytes);
-    if version > RECORD_VERSION {
+    if version > MIGRATING_VERSION {
         // Named as newer when it reads as text at all (a record is UTF-8 throughout).
         let want = match std::str::from_utf8(body) {
             Ok(_) => RecordError::NewerVersion(version),
@@ -64,6 +65,12 @@ pub fn check(data: &[u8]) {
     }
     if let Ok(rec) = got {
         assert_eq!(rec.version, version, "header and body versions differ");
+        assert_eq!(
+            rec.phase == Phase::Migrating,
+            version == MIGRATING_VERSION,
+            "phase {} read from a version {version} record",
+            rec.phase.name()
+        );
         decoded(&bytes, &rec, key);
     }
 }

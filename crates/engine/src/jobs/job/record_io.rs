@@ -204,6 +204,7 @@ pub(super) fn in_progress(storage: &dyn Storage, phase: Phase) -> JobError {
     match phase {
         Phase::Shredded => return JobError::Shredded { image },
         Phase::Shredding => return JobError::ShredInterrupted { image },
+        Phase::Migrating => return JobError::Reclaiming { image },
         _ => {}
     }
     JobError::InProgress {

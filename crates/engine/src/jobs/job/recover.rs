@@ -83,7 +83,7 @@ pub fn seal(
         }
         // A shred is final: its tombstone says the data is gone, and a new seal would
         // replace that evidence. The user removes the tombstone on purpose to reuse the image.
-        Phase::Shredding => Err(in_progress(storage, rec.phase)),
+        Phase::Shredding | Phase::Migrating => Err(in_progress(storage, rec.phase)),
         Phase::Shredded => Err(JobError::SealOverShred {
             image: storage.image_name(),
             record: storage.record_name(),
@@ -110,7 +110,7 @@ pub fn unseal_with(
     let _lock = lock_image(storage, LockMode::Exclusive)?;
     let (bytes, rec) =
         load_with(storage, key, Use::Act, true)?.ok_or_else(|| not_sealed(storage))?;
-    if rec.phase.is_shred() {
+    if rec.phase.is_shred() || rec.phase == Phase::Migrating {
         return Err(in_progress(storage, rec.phase));
     }
     let from = (rec.phase != Phase::Sealed).then_some(rec.phase);
@@ -156,7 +156,7 @@ pub fn unseal_with(
             finish_unsealed(storage, &job.rec)?;
             Outcome::Unsealed
         }
-        Phase::Shredding | Phase::Shredded => unreachable!("refused above"),
+        Phase::Shredding | Phase::Shredded | Phase::Migrating => unreachable!("refused above"),
     };
     Ok(job.report(outcome, from))
 }
@@ -169,6 +169,12 @@ pub(super) fn drop_seal(storage: &dyn Storage, seal_id: &str) -> Result<(), Stor
     storage.destroy_key_slot()
 }
 
+/// After phase `unsealed`: the thin disk, an instant reclaim's evacuation copy and moved
+/// map (a crash may leave them after its record said `unsealed`), the record, the key slot.
 pub(super) fn finish_unsealed(storage: &dyn Storage, rec: &SealRecord) -> Result<()> {
-    drop_seal(storage, &rec.seal_id).map_err(|source| JobScope(storage).store(source))
+    storage
+        .remove_migration_file(MigrationFile::EvacuationCopy)
+        .and_then(|()| storage.remove_migration_file(MigrationFile::MovedMap))
+        .and_then(|()| drop_seal(storage, &rec.seal_id))
+        .map_err(|source| JobScope(storage).store(source))
 }

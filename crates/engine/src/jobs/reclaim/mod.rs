@@ -1,0 +1,190 @@
+//! Instant reclaim: the migration that unseals an image **while it is served**
+//! (`docs/instant-reclaim.md`; not the record-version migration of `pdguard image migrate`,
+//! which is `job/migrate.rs`).
+//!
+//! Every region goes through two durable steps: **evacuate** (its sealed store is copied
+//! to the evacuation copy **E**, same offsets, fsynced) and **move** (its plaintext is
+//! gathered from the sealed places, checked against the region digest tree, written at its
+//! plain place, fsynced). The **moved map** **M** (`RECORD.moved`, two slots) says after
+//! each commit where each region is; the record says phase `migrating` (version 5).
+//! Requests move the region they need first (a **demand move**), so a request is always
+//! served at the plain place.
+//!
+//! | room            | what                                                            |
+//! |-----------------|-----------------------------------------------------------------|
+//! | `start.rs`      | start (4.1), resume from phase `migrating` (7), the end (4.4)   |
+//! | `moved_file.rs` | the moved map file: create, load, A/B commit                    |
+//! | `gather.rs`     | a region's plaintext from its sealed places                     |
+//! | `evacuate.rs`   | evacuation windows                                              |
+//! | `mover.rs`      | move windows and demand moves (with a merged write)             |
+//! | `requests.rs`   | `read`, `write`, `flush`, and the background `step`             |
+//!
+//! Concurrency: every thread works through one [`Shared`] under a mutex. A region being
+//! evacuated, moved or marked `dirty` is **busy** until its commit is durable; anyone else
+//! who needs it waits on the condition variable (notified at every release) and looks
+//! again. So a state another thread acts on is always a committed one. Reads of a sealed
+//! store in the image are counted per store, and a move drains them before it overwrites
+//! that store's region.
+
+mod error;
+mod evacuate;
+mod gather;
+mod moved_file;
+mod mover;
+mod requests;
+mod start;
+
+use std::sync::{Condvar, Mutex, MutexGuard};
+
+use pdguard_core::moved_map::MovedMap;
+use pdguard_core::region_tree::{RegionKeys, RegionLayout, RegionTree};
+use pdguard_core::sealed_address::SealedAddress;
+
+pub use error::{ReclaimError, Result};
+pub use requests::StepDone;
+pub use start::{Finished, MigrationOptions};
+
+use super::job::SealOpened;
+use crate::store::{Disk, StoreError};
+use moved_file::MovedFile;
+
+/// One migration in progress: built by [`Migration::start`] (or resumed by it from phase
+/// `migrating`), served by [`Migration::read`] and [`Migration::write`], driven by
+/// [`Migration::step`], ended by [`Migration::finish`].
+pub struct Migration {
+    /// The image's name, for messages.
+    image_name: String,
+    seal: SealOpened,
+    address: SealedAddress<'static>,
+    layout: RegionLayout,
+    sector: u64,
+    /// **E**.
+    evacuation: Box<dyn Disk>,
+    /// **M**.
+    moved: MovedFile,
+    tree: Option<RegionTree>,
+    region_keys: RegionKeys,
+    window_regions: u64,
+    shared: Mutex<Shared>,
+    /// Notified whenever a region stops being busy, a store's image reads drain, or the
+    /// migration fails.
+    changed: Condvar,
+    /// Found in phase `migrating` and resumed.
+    resumed: bool,
+}
+
+/// What the threads share.
+struct Shared {
+    map: MovedMap,
+    /// A region being evacuated, moved or marked dirty, until its commit is durable.
+    busy: Vec<bool>,
+    /// Reads of sealed store `r` from the image in flight.
+    image_readers: Vec<u32>,
+    /// Changes made to `map` in memory, and how many of them are committed.
+    changes: u64,
+    committed: u64,
+    /// The first failure: every request after it is refused.
+    failed: Option<String>,
+    /// Where the evacuation pass (0) and the move pass (1) look for their next window.
+    pass_from: [u64; 2],
+}
+
+impl Migration {
+    fn lock(&self) -> MutexGuard<'_, Shared> {
+        // A panic while holding the lock is a bug reported already; the data stays as the
+        // moved map on disk says.
+        self.shared.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn wait<'g>(&self, g: MutexGuard<'g, Shared>) -> MutexGuard<'g, Shared> {
+        self.changed.wait(g).unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn store_error(&self, source: StoreError) -> ReclaimError {
+        ReclaimError::Store {
+            image: self.image_name.clone(),
+            source,
+        }
+    }
+
+    /// Refuse everything from now on, remembering why; give the error back.
+    fn fail(&self, e: ReclaimError) -> ReclaimError {
+        let mut g = self.lock();
+        if g.failed.is_none() {
+            g.failed = Some(e.to_string());
+        }
+        drop(g);
+        self.changed.notify_all();
+        e
+    }
+
+    fn refuse_if_failed(&self, g: &Shared) -> Result<()> {
+        match &g.failed {
+            Some(first) => Err(ReclaimError::Failed {
+                image: self.image_name.clone(),
+                first: first.clone(),
+            }),
+            None => Ok(()),
+        }
+    }
+
+    /// Make every change made in memory up to change number `upto` durable: one commit
+    /// of the whole map, shared by every change made before it (group commit).
+    fn commit_through(&self, upto: u64) -> Result<()> {
+        let _one_at_a_time = self.moved.commit_lock();
+        let (commit, changes) = {
+            let g = self.lock();
+            if g.committed >= upto {
+                return Ok(());
+            }
+            let commit = g
+                .map
+                .next_commit(self.moved.key())
+                .map_err(|source| ReclaimError::Map {
+                    image: self.image_name.clone(),
+                    file: self.moved.name().into(),
+                    source,
+                });
+            (commit, g.changes)
+        };
+        let commit = commit.map_err(|e| self.fail(e))?;
+        self.moved
+            .write(&commit)
+            .map_err(|e| self.fail(self.store_error(e)))?;
+        let mut g = self.lock();
+        g.map.committed(commit.generation);
+        g.committed = changes;
+        Ok(())
+    }
+
+    /// Release `regions` (busy no more) and wake whoever waits.
+    fn release(&self, regions: &[u64]) {
+        let mut g = self.lock();
+        for &r in regions {
+            g.busy[r as usize] = false;
+        }
+        drop(g);
+        self.changed.notify_all();
+    }
+
+    /// The bytes of region `r`.
+    fn range(&self, r: u64) -> std::ops::Range<u64> {
+        // Every region index used here comes from the layout itself.
+        self.layout.range(r).unwrap_or(0..0)
+    }
+
+    /// The moved map's counts, for progress and tests: (sealed, evacuated, plain, dirty).
+    pub fn counts(&self) -> [u64; 4] {
+        use pdguard_core::moved_map::RegionState as S;
+        let g = self.lock();
+        [S::Sealed, S::Evacuated, S::Plain, S::Dirty].map(|s| g.map.count(s))
+    }
+
+    /// Regions of the image.
+    pub fn regions(&self) -> u64 {
+        self.layout.regions()
+    }
+}
+
+#[cfg(test)]
+mod tests;
