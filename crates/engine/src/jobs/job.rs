@@ -23,8 +23,9 @@ use pdguard_core::digest::{DigestScheme, ImageHasher};
 use pdguard_core::keys::{self, DataKey, MasterKey};
 use pdguard_core::keyslot;
 use pdguard_core::record::{
-    self, DenseRef, KeySlotRef, WrappedKey, KEY_SLOT_VERSION, RECORD_VERSION,
+    self, DenseRef, KeySlotRef, RegionTreeRef, WrappedKey, KEY_SLOT_VERSION, RECORD_VERSION,
 };
+use pdguard_core::region_tree::{RegionKeys, RegionLayout, RegionTree, REGION_BYTES};
 use pdguard_core::{
     fingerprint_sectors, placement, seed, Geometry, Phase, Placement, PlacementKind, Profile,
     SealRecord,
@@ -33,7 +34,7 @@ use zeroize::Zeroizing;
 
 use super::dense::{self, Dense};
 use super::error::{JobError, Result};
-use super::strategy::{self, PassCtx, Strategy};
+use super::strategy::{self, PassCtx, RegionTap, Strategy};
 use super::Progress;
 use crate::store::{Disk, ExtentView, ImageLock, LockMode, Sparse, Storage, StoreError};
 
@@ -46,6 +47,7 @@ mod recover;
 mod rescue;
 mod scope;
 mod shred;
+mod tree;
 mod verify;
 use fresh::*;
 use keyring::*;
@@ -216,6 +218,9 @@ struct Job<'a> {
     /// The record's bytes as read and their phase, when a failed verification is to put
     /// them back (an unseal that found the image sealed).
     restore: Option<(Vec<u8>, Phase)>,
+    /// The seal's region digest tree, loaded and checked against the record's root
+    /// ([`Job::load_tree`]) by a job that gathers the plaintext.
+    tree: Option<RegionTree>,
 }
 
 impl<'a> Job<'a> {
@@ -305,6 +310,7 @@ impl<'a> Job<'a> {
             direction,
             memory_bytes,
             restore: None,
+            tree: None,
         })
     }
 
@@ -317,6 +323,11 @@ impl<'a> Job<'a> {
     }
 
     fn ctx(&self) -> PassCtx<'_> {
+        self.ctx_with(None)
+    }
+
+    /// [`Self::ctx`] with a region hasher for the plain pass.
+    fn ctx_with<'c>(&'c self, regions: Option<&'c RegionTap>) -> PassCtx<'c> {
         PassCtx {
             geometry: self.geometry,
             placement: &*self.placement,
@@ -330,6 +341,7 @@ impl<'a> Job<'a> {
             keep_holes: self.rec.keep_holes,
             progress: self.progress,
             memory_bytes: self.memory_bytes,
+            regions,
         }
     }
 

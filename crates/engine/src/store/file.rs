@@ -8,6 +8,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 
 use pdguard_core::keyslot::{MAX_SLOT_BYTES, SLOT_SUFFIX};
+use pdguard_core::region_tree::TREE_SUFFIX;
 use rand::RngCore;
 
 use super::safe_open::{self, Accept, FileIdentity, How, Parents, SafeOpenError};
@@ -380,6 +381,13 @@ impl ImageStorage {
         PathBuf::from(s)
     }
 
+    /// The region digest tree beside the record: `PATH.pdguard.tree`.
+    pub fn tree_path(&self) -> PathBuf {
+        let mut s = self.record.as_os_str().to_owned();
+        s.push(TREE_SUFFIX);
+        PathBuf::from(s)
+    }
+
     /// `THIN_DIR/<image file name>.<first 8 digits of the seal id>.pdguard-thin` (the name
     /// versions 1 and 2 used, so their interrupted jobs still resume).
     fn thin_path(&self, seal_id: &str) -> Result<PathBuf> {
@@ -582,6 +590,36 @@ impl Storage for ImageStorage {
         remove_own(&path, &what)?;
         fs::hard_link(&self.record, &path).map_err(|e| StoreError::io("link", &what, e))?;
         sync_dir(&parent_of(&path)).map_err(|e| StoreError::io("fsync the directory of", &what, e))
+    }
+
+    fn tree_name(&self) -> String {
+        self.tree_path().display().to_string()
+    }
+
+    fn write_tree(&self, bytes: &[u8]) -> Result<()> {
+        self.remove_tree()?;
+        let path = self.tree_path();
+        let what = format!("region digest tree {}", path.display());
+        let mut f = create_own(&path, &what)?;
+        f.write_all(bytes)
+            .and_then(|()| f.sync_all())
+            .map_err(|e| StoreError::io("write", &what, e))?;
+        sync_dir(&parent_of(&path)).map_err(|e| StoreError::io("fsync the directory of", &what, e))
+    }
+
+    fn read_tree(&self, limit: u64) -> Result<Option<Vec<u8>>> {
+        let path = self.tree_path();
+        Ok(safe_open::read(
+            &path,
+            "region digest tree",
+            limit,
+            self.parents(),
+        )?)
+    }
+
+    fn remove_tree(&self) -> Result<()> {
+        let path = self.tree_path();
+        remove_own(&path, &format!("region digest tree {}", path.display()))
     }
 
     fn read_record(&self) -> Result<Option<Vec<u8>>> {

@@ -115,6 +115,14 @@ pub fn unseal_with(
     }
     let from = (rec.phase != Phase::Sealed).then_some(rec.phase);
     let mut job = Job::open(storage, progress, rec, Direction::Unseal, key, memory_bytes)?;
+    // A phase that gathers the plaintext checks it region by region: the tree is loaded
+    // and checked against the record's root before anything is written.
+    if matches!(
+        job.rec.phase,
+        Phase::SealGather | Phase::Sealed | Phase::UnsealScatter | Phase::UnsealGather
+    ) {
+        job.load_tree()?;
+    }
     // An unseal that finds the image sealed and fails verification puts the record back
     // as it was read: a refusal touches nothing.
     if matches!(job.rec.phase, Phase::Sealed | Phase::UnsealScatter) {
@@ -161,10 +169,12 @@ pub fn unseal_with(
     Ok(job.report(outcome, from))
 }
 
-/// Undo a seal that never wrote the image: thin disk, record, then key slot (a slot left
-/// by a crash here has no record and is destroyed by the next seal).
+/// Undo a seal that never wrote the image: thin disk, region digest tree, record, then
+/// key slot (a slot left by a crash here has no record and is destroyed by the next seal;
+/// a tree left so is replaced by the next seal's).
 pub(super) fn drop_seal(storage: &dyn Storage, seal_id: &str) -> Result<(), StoreError> {
     storage.remove_thin(seal_id)?;
+    storage.remove_tree()?;
     storage.remove_record()?;
     storage.destroy_key_slot()
 }
