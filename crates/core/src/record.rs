@@ -759,4 +759,72 @@ mod tests {
             Err(RecordError::Inconsistent(_))
         ));
     }
+
+    #[test]
+    fn region_tree_is_checked_against_the_geometry() {
+        let good = RegionTreeRef {
+            region_bytes: 1 << 20,
+            regions: 1,
+            root: "0a".repeat(32),
+        };
+        let mut r = sample();
+        r.region_tree = Some(good.clone());
+        assert_eq!(SealRecord::decode(&r.encode()).unwrap(), r);
+        let mut big = sample();
+        big.sector_size = 4096;
+        big.sectors = (5 << 20) / 4096 + 1;
+        big.image_bytes = big.sectors * 4096;
+        big.thin_sectors = big.sectors;
+        big.region_tree = Some(RegionTreeRef {
+            regions: 6,
+            ..good.clone()
+        });
+        assert!(SealRecord::decode(&big.encode()).is_ok());
+        let bad: &[(&str, fn(&mut SealRecord))] = &[
+            ("not a power of two", |r| {
+                r.region_tree.as_mut().unwrap().region_bytes = 3 << 19
+            }),
+            ("below 4 KiB", |r| r.region_tree.as_mut().unwrap().region_bytes = 2048),
+            ("above 1 GiB", |r| {
+                r.region_tree.as_mut().unwrap().region_bytes = 1 << 31
+            }),
+            ("not a multiple of the sector", |r| {
+                r.sector_size = 65536;
+                r.sectors = 1;
+                r.image_bytes = 65536;
+                r.thin_sectors = 2;
+                r.region_tree.as_mut().unwrap().region_bytes = 4096;
+                r.region_tree.as_mut().unwrap().regions = 16;
+            }),
+            ("wrong region count", |r| r.region_tree.as_mut().unwrap().regions = 2),
+            ("no regions", |r| r.region_tree.as_mut().unwrap().regions = 0),
+            ("root too short", |r| {
+                r.region_tree.as_mut().unwrap().root = "0a".repeat(31)
+            }),
+            ("root upper case", |r| {
+                r.region_tree.as_mut().unwrap().root = "0A".repeat(32)
+            }),
+            ("root not hex", |r| {
+                r.region_tree.as_mut().unwrap().root = "0g".repeat(32)
+            }),
+            ("version 3", |r| r.version = 3),
+            ("without plain_digest", |r| {
+                r.phase = Phase::SealScatter;
+                r.plain_digest = None;
+                r.sealed_digest = None;
+            }),
+        ];
+        for (what, edit) in bad {
+            let mut r = sample();
+            r.region_tree = Some(good.clone());
+            edit(&mut r);
+            assert!(
+                matches!(
+                    SealRecord::decode(&r.encode()),
+                    Err(RecordError::Inconsistent(_))
+                ),
+                "{what} accepted"
+            );
+        }
+    }
 }
