@@ -468,9 +468,6 @@ impl SealRecord {
 impl SealRecord {
     fn check_region_tree(&self, t: &RegionTreeRef) -> Result<(), RecordError> {
         let bad = |m: String| Err(RecordError::Inconsistent(m));
-        if self.version < DENSE_VERSION {
-            return bad(format!("a region tree in a version {} record", self.version));
-        }
         let r = t.region_bytes;
         let sized = r.is_power_of_two()
             && (u64::from(MIN_REGION_BYTES)..=u64::from(MAX_REGION_BYTES)).contains(&r)
@@ -807,7 +804,6 @@ mod tests {
             ("root not hex", |r| {
                 r.region_tree.as_mut().unwrap().root = "0g".repeat(32)
             }),
-            ("version 3", |r| r.version = 3),
             ("without plain_digest", |r| {
                 r.phase = Phase::SealScatter;
                 r.plain_digest = None;

@@ -741,6 +741,7 @@ fn a_shred_with_no_slot_left_says_so() {
     let mut rec = record(&s).unwrap();
     rec.phase = Phase::Shredding;
     rec.plain_digest = None;
+    rec.region_tree = None;
     s.destroy_key_slot().unwrap();
     s.write_record(&rec.encode()).unwrap();
     let r = shred_report(&s, None).unwrap();

@@ -115,14 +115,6 @@ pub fn unseal_with(
     }
     let from = (rec.phase != Phase::Sealed).then_some(rec.phase);
     let mut job = Job::open(storage, progress, rec, Direction::Unseal, key, memory_bytes)?;
-    // A phase that gathers the plaintext checks it region by region: the tree is loaded
-    // and checked against the record's root before anything is written.
-    if matches!(
-        job.rec.phase,
-        Phase::SealGather | Phase::Sealed | Phase::UnsealScatter | Phase::UnsealGather
-    ) {
-        job.load_tree()?;
-    }
     // An unseal that finds the image sealed and fails verification puts the record back
     // as it was read: a refusal touches nothing.
     if matches!(job.rec.phase, Phase::Sealed | Phase::UnsealScatter) {
@@ -138,24 +130,30 @@ pub fn unseal_with(
             tracing::info!(%image, "rolled back an interrupted seal");
             Outcome::SealRolledBack
         }
+        // A phase that gathers the plaintext checks it region by region: the tree is
+        // loaded and checked against the record's root before anything is written.
         Phase::SealGather => {
             drop(job.open_thin()?);
+            job.load_tree()?;
             job.commit(Phase::UnsealGather)?;
             job.unseal_gather()?;
             Outcome::SealRolledBack
         }
         Phase::Sealed => {
             job.check_fingerprint()?;
+            job.load_tree()?;
             job.unseal_scatter()?;
             job.unseal_gather()?;
             Outcome::Unsealed
         }
         Phase::UnsealScatter => {
+            job.load_tree()?;
             job.unseal_scatter()?;
             job.unseal_gather()?;
             Outcome::Unsealed
         }
         Phase::UnsealGather => {
+            job.load_tree()?;
             job.unseal_gather()?;
             Outcome::Unsealed
         }
