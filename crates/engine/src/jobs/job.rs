@@ -12,6 +12,7 @@
 //! | `recover.rs`    | the phase tables of `seal` and `unseal`                           |
 //! | `passes.rs`     | scatter, wipe and gather, both ways                               |
 //! | `fresh.rs`      | a new seal                                                        |
+//! | `tree.rs`       | the region digest tree: recorded, loaded, checked per region      |
 //! | `shred.rs`      | crypto-erase                                                      |
 //! | `migrate.rs`    | old record versions to the current one                            |
 //! | `rescue.rs`     | `unseal --force --output`                                         |
