@@ -175,7 +175,10 @@ pub struct RegionTreeRef {
 impl RegionTreeRef {
     /// The root as bytes; `None` unless it is 64 lowercase hex digits.
     pub fn root_bytes(&self) -> Option<[u8; 32]> {
-        let lower = self.root.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'));
+        let lower = self
+            .root
+            .bytes()
+            .all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'));
         let mut out = [0u8; 32];
         (self.root.len() == 64 && lower && hex::decode_to_slice(&self.root, &mut out).is_ok())
             .then_some(out)
@@ -471,7 +474,7 @@ impl SealRecord {
         let r = t.region_bytes;
         let sized = r.is_power_of_two()
             && (u64::from(MIN_REGION_BYTES)..=u64::from(MAX_REGION_BYTES)).contains(&r)
-            && r % u64::from(self.sector_size) == 0;
+            && r.is_multiple_of(u64::from(self.sector_size));
         if !sized {
             return bad(format!(
                 "region_tree.region_bytes {r} is not a power of two from 4096 to 2^30 that the sector size {} divides",
@@ -777,11 +780,14 @@ mod tests {
             ..good.clone()
         });
         assert!(SealRecord::decode(&big.encode()).is_ok());
-        let bad: &[(&str, fn(&mut SealRecord))] = &[
+        type Edit = fn(&mut SealRecord);
+        let bad: &[(&str, Edit)] = &[
             ("not a power of two", |r| {
                 r.region_tree.as_mut().unwrap().region_bytes = 3 << 19
             }),
-            ("below 4 KiB", |r| r.region_tree.as_mut().unwrap().region_bytes = 2048),
+            ("below 4 KiB", |r| {
+                r.region_tree.as_mut().unwrap().region_bytes = 2048
+            }),
             ("above 1 GiB", |r| {
                 r.region_tree.as_mut().unwrap().region_bytes = 1 << 31
             }),
@@ -793,8 +799,12 @@ mod tests {
                 r.region_tree.as_mut().unwrap().region_bytes = 4096;
                 r.region_tree.as_mut().unwrap().regions = 16;
             }),
-            ("wrong region count", |r| r.region_tree.as_mut().unwrap().regions = 2),
-            ("no regions", |r| r.region_tree.as_mut().unwrap().regions = 0),
+            ("wrong region count", |r| {
+                r.region_tree.as_mut().unwrap().regions = 2
+            }),
+            ("no regions", |r| {
+                r.region_tree.as_mut().unwrap().regions = 0
+            }),
             ("root too short", |r| {
                 r.region_tree.as_mut().unwrap().root = "0a".repeat(31)
             }),

@@ -15,12 +15,10 @@ use std::time::Instant;
 
 use pdguard_core::cipher::{SectorCipher, XtsAes256};
 use pdguard_core::digest::DigestScheme;
-use pdguard_core::placement::{self, PlacementKind};
+use pdguard_core::placement::{self, Placement, PlacementKind};
 use pdguard_core::region_tree::{RegionKeys, RegionLayout, REGION_BYTES};
 use pdguard_core::Geometry;
-use pdguard_engine::jobs::strategy::{
-    PassCtx, RegionTap, Strategy, Window, DEFAULT_MEMORY_BYTES,
-};
+use pdguard_engine::jobs::strategy::{PassCtx, RegionTap, Strategy, Window, DEFAULT_MEMORY_BYTES};
 use pdguard_engine::jobs::NoProgress;
 use pdguard_engine::store::file::FileDisk;
 use pdguard_engine::store::Disk;
@@ -43,6 +41,26 @@ fn disk(path: &Path, bytes: u64) -> FileDisk {
         .unwrap();
     f.set_len(bytes).unwrap();
     FileDisk::new(f, path.display().to_string()).unwrap()
+}
+
+fn pass_ctx<'a>(
+    geometry: Geometry,
+    placement: &'a dyn Placement,
+    cipher: Option<&'a dyn SectorCipher>,
+    digest_key: Option<&'a [u8; 32]>,
+    regions: Option<&'a RegionTap>,
+) -> PassCtx<'a> {
+    PassCtx {
+        geometry,
+        placement,
+        cipher,
+        digest_key,
+        digest: DigestScheme::DEFAULT,
+        keep_holes: false,
+        progress: &NoProgress,
+        memory_bytes: DEFAULT_MEMORY_BYTES,
+        regions,
+    }
 }
 
 fn main() {
@@ -85,17 +103,6 @@ fn main() {
     for (profile, kind, cipher) in profiles {
         let placement = placement::build(kind, &[5u8; 32], g.sectors(), g.thin_sectors()).unwrap();
         let key = cipher.map(|_| &digest_key);
-        let ctx = |regions| PassCtx {
-            geometry: g,
-            placement: &*placement,
-            cipher,
-            digest_key: key,
-            digest: DigestScheme::DEFAULT,
-            keep_holes: false,
-            progress: &NoProgress,
-            memory_bytes: DEFAULT_MEMORY_BYTES,
-            regions,
-        };
         let tap = || {
             let layout = RegionLayout::new(REGION_BYTES.into(), bytes).unwrap();
             RegionTap::new(layout, RegionKeys::new(key), None)
@@ -108,7 +115,13 @@ fn main() {
                 let with = (k + run) % 2 == 1;
                 let t = with.then(tap);
                 let t0 = Instant::now();
-                let d1 = w.scatter_plain(&ctx(t.as_ref()), &image, &thin).unwrap();
+                let d1 = w
+                    .scatter_plain(
+                        &pass_ctx(g, &*placement, cipher, key, t.as_ref()),
+                        &image,
+                        &thin,
+                    )
+                    .unwrap();
                 thin.sync().unwrap();
                 times[0][usize::from(with)].push(t0.elapsed().as_secs_f64());
                 if let Some(t) = t {
@@ -116,7 +129,13 @@ fn main() {
                 }
                 let t = with.then(tap);
                 let t0 = Instant::now();
-                let d2 = w.gather_plain(&ctx(t.as_ref()), &thin, &out).unwrap();
+                let d2 = w
+                    .gather_plain(
+                        &pass_ctx(g, &*placement, cipher, key, t.as_ref()),
+                        &thin,
+                        &out,
+                    )
+                    .unwrap();
                 out.sync().unwrap();
                 times[1][usize::from(with)].push(t0.elapsed().as_secs_f64());
                 if let Some(t) = t {

@@ -402,7 +402,13 @@ type State = (
 );
 
 fn state(s: &SimStorage) -> State {
-    (s.image(), s.record(), s.key_slot(), s.tree(), s.thin_count())
+    (
+        s.image(),
+        s.record(),
+        s.key_slot(),
+        s.tree(),
+        s.thin_count(),
+    )
 }
 
 /// Run `command` on the template's image under the forged record and check the property.

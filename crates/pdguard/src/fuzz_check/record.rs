@@ -95,10 +95,17 @@ fn region_tree_holds(rec: &SealRecord) {
         r.is_power_of_two() && (4096..=1 << 30).contains(&r),
         "region_bytes {r} accepted"
     );
-    assert_eq!(r % u64::from(rec.sector_size), 0, "a region of part sectors");
-    let regions = rec.image_bytes / r + u64::from(rec.image_bytes % r != 0);
+    assert_eq!(
+        r % u64::from(rec.sector_size),
+        0,
+        "a region of part sectors"
+    );
+    let regions = rec.image_bytes / r + u64::from(!rec.image_bytes.is_multiple_of(r));
     assert_eq!(t.regions, regions, "region count");
-    let hex = t.root.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
+    let hex = t
+        .root
+        .bytes()
+        .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
     assert!(t.root.len() == 64 && hex, "root {:?} accepted", t.root);
     assert!(rec.version >= 4 && rec.plain_digest.is_some());
 }

@@ -41,7 +41,9 @@ impl Job<'_> {
             return Err(StoreError::io(
                 "hash the regions of",
                 self.image_name(),
-                std::io::Error::other("the scatter did not feed the region hasher the whole image (a bug of pdguard)"),
+                std::io::Error::other(
+                    "the scatter did not feed the region hasher the whole image (a bug of pdguard)",
+                ),
             ));
         };
         self.storage.write_tree(&tree.encode())?;
@@ -71,10 +73,7 @@ impl Job<'_> {
         let limit = RegionTree::file_bytes(&layout)
             .ok_or_else(|| scope.inconsistent("region_tree: too many regions"))?
             .saturating_add(1);
-        let bytes = self
-            .storage
-            .read_tree(limit)
-            .map_err(|e| scope.store(e))?;
+        let bytes = self.storage.read_tree(limit).map_err(|e| scope.store(e))?;
         let Some(bytes) = bytes else {
             return Err(scope.verification(format!("its seal record names a region digest tree, but {name} is missing; nothing was written: restore that file from a backup (or the record without its tree: then only the whole image is checked)")));
         };

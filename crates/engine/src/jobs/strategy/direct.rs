@@ -3,7 +3,6 @@
 use super::{PassCtx, SequentialWriter, Strategy};
 use crate::store::{Disk, Result};
 
-
 /// The patent's literal method: the disk is read linearly and each sector is written to the
 /// thin disk on its own at the drawn offset (claim 2); the thin disk is read back linearly,
 /// skipping empty slots. Sequential sides use 1 MiB I/O; the random side is one sector per

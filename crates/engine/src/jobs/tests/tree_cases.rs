@@ -38,7 +38,11 @@ fn cases() -> Vec<(&'static str, SealOptions, bool)> {
             with_strategy(opts(PlacementKind::Feistel, 512, 10), "direct", 1),
             false,
         ),
-        ("secure/feistel", secure(PlacementKind::Feistel, 512, 0), false),
+        (
+            "secure/feistel",
+            secure(PlacementKind::Feistel, 512, 0),
+            false,
+        ),
         (
             "secure/patent direct",
             with_strategy(secure(PlacementKind::Patent, 4096, 0), "direct", 1),
@@ -67,20 +71,28 @@ fn rewrite(s: &SimStorage, o: &SealOptions, edit: impl FnOnce(&mut SealRecord)) 
     let mut rec = record(s).unwrap();
     edit(&mut rec);
     let mac = key(o).map(|k| keys::record_mac_key(k, &rec.seal_id));
-    s.write_record(&rec.encode_with_mac(mac.as_deref())).unwrap();
+    s.write_record(&rec.encode_with_mac(mac.as_deref()))
+        .unwrap();
 }
 
 #[test]
 fn the_region_tree_is_recorded_and_every_seal_round_trips() {
     let mut rng = StdRng::seed_from_u64(180);
     for (what, o, holes) in cases() {
-        let img = if holes { holey(&mut rng) } else { image(&mut rng) };
+        let img = if holes {
+            holey(&mut rng)
+        } else {
+            image(&mut rng)
+        };
         let s = SimStorage::new(img.clone());
         seal(&s, &o, &NoProgress).unwrap();
         let rec = record(&s).unwrap();
         assert_eq!(rec.version, 4, "{what}");
         assert_eq!(rec.dense.is_some(), holes, "{what}");
-        let t = rec.region_tree.clone().unwrap_or_else(|| panic!("{what}: no tree"));
+        let t = rec
+            .region_tree
+            .clone()
+            .unwrap_or_else(|| panic!("{what}: no tree"));
         assert_eq!((t.region_bytes, t.regions), (R as u64, 4), "{what}");
         let file = s.tree().unwrap_or_else(|| panic!("{what}: no tree file"));
         assert_eq!(file.len(), 36 + 4 * 32 + 32, "{what}");
@@ -98,7 +110,10 @@ fn the_region_tree_is_recorded_and_every_seal_round_trips() {
         let r = unseal(&s, key(&o), &NoProgress).unwrap_or_else(|e| panic!("{what}: {e}"));
         assert_eq!(r.outcome, Outcome::Unsealed, "{what}");
         assert!(s.image() == img, "{what}: not bit-exact");
-        assert!(s.record().is_none() && s.tree().is_none(), "{what}: left behind");
+        assert!(
+            s.record().is_none() && s.tree().is_none(),
+            "{what}: left behind"
+        );
         assert_eq!(s.thin_count(), 0, "{what}");
     }
 }
@@ -126,7 +141,10 @@ fn named_region(message: &str) -> u64 {
         .find("region ")
         .unwrap_or_else(|| panic!("no region named: {message}"));
     let rest = &message[at + 7..];
-    assert!(rest.contains("does not match the seal's digest tree"), "{message}");
+    assert!(
+        rest.contains("does not match the seal's digest tree"),
+        "{message}"
+    );
     rest.split(' ').next().unwrap().parse().unwrap()
 }
 
@@ -134,7 +152,11 @@ fn named_region(message: &str) -> u64 {
 fn a_corrupted_sealed_sector_fails_the_unseal_naming_its_region() {
     let mut rng = StdRng::seed_from_u64(181);
     for (what, o, holes) in cases() {
-        let img = if holes { holey(&mut rng) } else { image(&mut rng) };
+        let img = if holes {
+            holey(&mut rng)
+        } else {
+            image(&mut rng)
+        };
         let s = SimStorage::new(img);
         seal(&s, &o, &NoProgress).unwrap();
         let sector = u64::from(record(&s).unwrap().sector_size);
@@ -160,7 +182,10 @@ fn a_corrupted_sealed_sector_fails_the_unseal_naming_its_region() {
             assert_eq!(region, want, "{what}: {e}");
         }
         // Never declared unsealed: the sealed image and its record are back as they were.
-        assert!(s.image() == tampered, "{what}: the sealed image was not put back");
+        assert!(
+            s.image() == tampered,
+            "{what}: the sealed image was not put back"
+        );
         assert_eq!(s.record(), rec_before, "{what}");
         assert_eq!(record(&s).unwrap().phase, Phase::Sealed, "{what}");
         assert_eq!(s.thin_count(), 0, "{what}");
@@ -181,13 +206,21 @@ fn a_corrupted_sealed_sector_fails_the_unseal_naming_its_region() {
 fn a_damaged_edited_swapped_or_missing_tree_is_refused_before_any_write() {
     let mut rng = StdRng::seed_from_u64(182);
     for (what, o, holes) in cases() {
-        let img = if holes { holey(&mut rng) } else { image(&mut rng) };
+        let img = if holes {
+            holey(&mut rng)
+        } else {
+            image(&mut rng)
+        };
         let s = SimStorage::new(img.clone());
         seal(&s, &o, &NoProgress).unwrap();
         // A seal of another image of the same size: a tree of the same geometry, another
         // root. (Another seal of the same image in the patent profile has the same tree:
         // unkeyed leaves of the same plaintext.)
-        let other = SimStorage::new(if holes { holey(&mut rng) } else { image(&mut rng) });
+        let other = SimStorage::new(if holes {
+            holey(&mut rng)
+        } else {
+            image(&mut rng)
+        });
         seal(&other, &o, &NoProgress).unwrap();
         let good = s.tree().unwrap();
         let with_sum = |mut t: Vec<u8>| {
@@ -202,7 +235,10 @@ fn a_damaged_edited_swapped_or_missing_tree_is_refused_before_any_write() {
         magic[0] = b'X';
         let tampers: Vec<(&str, Option<Vec<u8>>)> = vec![
             ("a leaf flipped", Some(leaf_flipped.clone())),
-            ("a leaf edited, checksum fixed", Some(with_sum(leaf_flipped))),
+            (
+                "a leaf edited, checksum fixed",
+                Some(with_sum(leaf_flipped)),
+            ),
             ("truncated", Some(good[..good.len() - 40].to_vec())),
             ("empty (a torn create)", Some(Vec::new())),
             ("not a tree", Some(magic)),
@@ -211,14 +247,26 @@ fn a_damaged_edited_swapped_or_missing_tree_is_refused_before_any_write() {
         ];
         for (how, tree) in tampers {
             s.set_tree(tree.clone());
-            let before = (s.image(), s.record(), s.key_slot(), s.tree(), s.thin_count());
+            let before = (
+                s.image(),
+                s.record(),
+                s.key_slot(),
+                s.tree(),
+                s.thin_count(),
+            );
             let written = s.image_written_bytes();
             let e = unseal(&s, key(&o), &NoProgress)
                 .map(|r| r.outcome)
                 .expect_err(&format!("{what}, tree {how}"));
             assert!(e.is_verification(), "{what}, tree {how}: {e}");
             assert!(e.to_string().contains("tree"), "{what}, tree {how}: {e}");
-            let after = (s.image(), s.record(), s.key_slot(), s.tree(), s.thin_count());
+            let after = (
+                s.image(),
+                s.record(),
+                s.key_slot(),
+                s.tree(),
+                s.thin_count(),
+            );
             assert!(after == before, "{what}, tree {how}: something was touched");
             assert_eq!(s.image_written_bytes(), written, "{what}, tree {how}");
             if key(&o).is_some() || o.profile == Profile::Patent {
@@ -236,7 +284,11 @@ fn a_damaged_edited_swapped_or_missing_tree_is_refused_before_any_write() {
 fn a_record_without_a_region_tree_unseals_as_before() {
     let mut rng = StdRng::seed_from_u64(183);
     for (what, o, holes) in cases() {
-        let img = if holes { holey(&mut rng) } else { image(&mut rng) };
+        let img = if holes {
+            holey(&mut rng)
+        } else {
+            image(&mut rng)
+        };
         let s = SimStorage::new(img.clone());
         seal(&s, &o, &NoProgress).unwrap();
         // As a pdguard of before the tree wrote it: no field, no file.
@@ -285,7 +337,8 @@ fn the_root_and_region_count_are_covered_by_the_record_mac() {
         let forged = String::from_utf8(rec.encode()).unwrap();
         let (head, body) = forged.split_once('\n').unwrap();
         let head = head.replace(" -", &format!(" {mac}"));
-        s.write_record(format!("{head}\n{body}").as_bytes()).unwrap();
+        s.write_record(format!("{head}\n{body}").as_bytes())
+            .unwrap();
         let before = s.image();
         let e = unseal(&s, key(&o), &NoProgress).unwrap_err();
         assert!(
@@ -309,7 +362,11 @@ fn the_root_and_region_count_are_covered_by_the_record_mac() {
 fn a_thin_disk_damaged_before_the_gather_fails_naming_the_region() {
     let mut rng = StdRng::seed_from_u64(185);
     for (what, o, holes) in cases() {
-        let img = if holes { holey(&mut rng) } else { image(&mut rng) };
+        let img = if holes {
+            holey(&mut rng)
+        } else {
+            image(&mut rng)
+        };
         // An I/O error late in the gather leaves the record in unseal-gather: the last
         // steps of an unseal are its gather's last writes, then the record and cleanup.
         let steps = {
@@ -338,14 +395,19 @@ fn a_thin_disk_damaged_before_the_gather_fails_naming_the_region() {
         thin.read_at(&mut all, 0).unwrap();
         // A slot holding data, in the middle of the thin disk.
         let slot = (all.len() as u64 / sector / 2..)
-            .find(|k| all[(k * sector) as usize..((k + 1) * sector) as usize].iter().any(|&b| b != 0))
+            .find(|k| {
+                all[(k * sector) as usize..((k + 1) * sector) as usize]
+                    .iter()
+                    .any(|&b| b != 0)
+            })
             .unwrap();
         let at = slot * sector;
         let expected = (o.profile == Profile::Patent).then(|| {
             let i = u64::from_le_bytes(all[at as usize..at as usize + 8].try_into().unwrap());
             i * sector / R as u64
         });
-        thin.write_at(&[all[at as usize + 30] ^ 1], at + 30).unwrap();
+        thin.write_at(&[all[at as usize + 30] ^ 1], at + 30)
+            .unwrap();
         drop(thin);
         let e = unseal(&s, key(&o), &NoProgress).unwrap_err();
         assert!(e.is_verification(), "{what}: {e}");

@@ -68,7 +68,6 @@ use std::sync::{Arc, Mutex};
 use std::thread::{self, Scope, ScopedJoinHandle};
 use std::time::Instant;
 
-
 use pdguard_core::Geometry;
 
 use super::{PassCtx, PassHasher, Strategy};
