@@ -703,6 +703,35 @@ mod tests {
     }
 
     #[test]
+    fn the_region_tree_is_made_exclusively_beside_the_record_never_through_a_link() {
+        use std::os::unix::fs::{symlink, PermissionsExt};
+        let (dir, st, victim) = setup();
+        assert_eq!(st.tree_path(), dir.path().join("v.img.pdguard.tree"));
+        assert_eq!(st.read_tree(100).unwrap(), None);
+        st.write_tree(b"first").unwrap();
+        st.write_tree(b"second tree").unwrap();
+        let meta = fs::symlink_metadata(st.tree_path()).unwrap();
+        assert_eq!(meta.permissions().mode() & 0o777, 0o600);
+        assert_eq!(st.read_tree(100).unwrap().unwrap(), b"second tree");
+        // Read no further than asked: a reader asks for one byte more than it accepts.
+        assert_eq!(st.read_tree(6).unwrap().unwrap(), b"second");
+        st.remove_tree().unwrap();
+        st.remove_tree().unwrap();
+        assert!(!st.tree_path().exists());
+        // A link planted in its place is never followed: not read, removed (not its
+        // target) and replaced by a new file.
+        symlink(&victim, st.tree_path()).unwrap();
+        assert!(st.read_tree(100).is_err());
+        st.write_tree(b"tree").unwrap();
+        assert_eq!(fs::read(&victim).unwrap(), b"precious");
+        assert!(!fs::symlink_metadata(st.tree_path()).unwrap().is_symlink());
+        fs::remove_file(st.tree_path()).unwrap();
+        symlink(&victim, st.tree_path()).unwrap();
+        st.remove_tree().unwrap();
+        assert_eq!(fs::read(&victim).unwrap(), b"precious");
+    }
+
+    #[test]
     fn the_thin_disk_path_is_derived_and_checked() {
         let (dir, st, _) = setup();
         assert_eq!(
