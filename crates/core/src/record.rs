@@ -491,9 +491,6 @@ impl SealRecord {
         if t.root_bytes().is_none() {
             return bad("region_tree.root is not 64 lowercase hex digits".into());
         }
-        if self.plain_digest.is_none() {
-            return bad("a region tree without plain_digest".into());
-        }
         Ok(())
     }
 }
@@ -813,11 +810,6 @@ mod tests {
             }),
             ("root not hex", |r| {
                 r.region_tree.as_mut().unwrap().root = "0g".repeat(32)
-            }),
-            ("without plain_digest", |r| {
-                r.phase = Phase::SealScatter;
-                r.plain_digest = None;
-                r.sealed_digest = None;
             }),
         ];
         for (what, edit) in bad {
