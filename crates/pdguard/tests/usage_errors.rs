@@ -89,6 +89,18 @@ fn usage_errors_are_one_line_exit_2() {
             "0..=1000",
         ),
         (&["serve", "--jobs", "0"], "1 or more"),
+        (
+            &["serve", "--docker-mount-timeout", "2m"],
+            "before dockerd gives up on it (2 min)",
+        ),
+        (
+            &["serve", "--docker-mount-timeout", "0s"],
+            "0 s: a Mount must answer",
+        ),
+        (
+            &["serve", "--docker-mount-timeout", "soon"],
+            "\"soon\" is not a duration",
+        ),
     ] {
         let err = usage_error(args, want);
         if !args.is_empty() {

@@ -46,6 +46,10 @@ pub enum ServiceError {
     },
     #[error("the daemon is shutting down")]
     ShuttingDown,
+    /// A Docker Mount waited its limit (`--docker-mount-timeout`) for the volume's reclaim,
+    /// which goes on: the next Mount finds it further along or done.
+    #[error("volume {volume:?}: {how_far}; it goes on in the background: retry `docker run` in a moment")]
+    StillReclaiming { volume: String, how_far: String },
 }
 
 impl ServiceError {
@@ -72,6 +76,7 @@ impl ServiceError {
             } => "disk_replaced",
             Self::Store { .. } => "io_error",
             Self::ShuttingDown => "shutting_down",
+            Self::StillReclaiming { .. } => "reclaim_running",
         }
     }
 
@@ -88,7 +93,7 @@ impl ServiceError {
             Self::Life { .. } => 409,
             // The request was understood and the job ran: the data did not verify.
             Self::Job { source, .. } if source.is_verification() => 422,
-            Self::ShuttingDown => 503,
+            Self::ShuttingDown | Self::StillReclaiming { .. } => 503,
             Self::Store {
                 source: crate::store::StoreError::Replaced(_),
                 ..

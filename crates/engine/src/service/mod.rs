@@ -38,8 +38,11 @@ pub use lifecycle::{Event, JobKind, Life, LifeError, MAX_GRACE_MS};
 pub use metrics::Metrics;
 pub use nbd::{NbdExport, NBD_CONTAINER_PREFIX};
 pub use runner::RunError;
-pub use startup::{check_state_dir, lock_path, DAEMON_LOCK_FILE};
-pub use volumes::{VolumeError, VolumeOptions, VolumeView, MAX_VOLUME_NAME};
+pub use startup::{check_docker_mount_timeout, check_state_dir, lock_path, DAEMON_LOCK_FILE};
+pub use volumes::{
+    VolumeError, VolumeOptions, VolumeView, DOCKERD_MOUNT_TIMEOUT, DOCKER_MOUNT_TIMEOUT,
+    MAX_VOLUME_NAME,
+};
 
 use crate::gate::{Gate, GateState, SealedIo};
 use crate::jobs::Progress;
@@ -67,6 +70,10 @@ pub struct Config {
     pub seal_stopped: bool,
     /// Also told of every job's progress (the binary's test-only pause hook).
     pub observer: Option<Observer>,
+    /// How long a Docker `Mount` waits for its volume's reclaim before it answers an error
+    /// saying how far the unseal is (which goes on): below dockerd's own 120 s, after which
+    /// dockerd gives up on the Mount without a word ([`DOCKER_MOUNT_TIMEOUT`] by default).
+    pub docker_mount_timeout: Duration,
 }
 
 /// A [`Progress`] that sees every job of the daemon.

@@ -55,8 +55,24 @@ impl Config {
                 "--jobs 0: at least one job must be able to run; pass --jobs 1 or more".into(),
             );
         }
-        Ok(())
+        check_docker_mount_timeout(self.docker_mount_timeout)
     }
+}
+
+/// `--docker-mount-timeout`: more than zero and less than dockerd's own limit, so that a
+/// Mount always answers before dockerd gives up on it.
+pub fn check_docker_mount_timeout(t: std::time::Duration) -> Result<(), String> {
+    let ms = |d: std::time::Duration| {
+        crate::units::millis(u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+    };
+    if t.is_zero() || t >= super::DOCKERD_MOUNT_TIMEOUT {
+        return Err(format!(
+            "--docker-mount-timeout {}: a Mount must answer before dockerd gives up on it ({}); give a duration such as 90s or 30s",
+            ms(t),
+            ms(super::DOCKERD_MOUNT_TIMEOUT),
+        ));
+    }
+    Ok(())
 }
 
 /// Refuse a state directory another user owns, or that its group or others may write: they
@@ -249,6 +265,7 @@ mod tests {
             strategy: "window".into(),
             seal_stopped: false,
             observer: None,
+            docker_mount_timeout: crate::service::DOCKER_MOUNT_TIMEOUT,
         }
     }
 
@@ -316,6 +333,14 @@ mod tests {
                 ..cfg()
             },
             Config { jobs: 0, ..cfg() },
+            Config {
+                docker_mount_timeout: std::time::Duration::ZERO,
+                ..cfg()
+            },
+            Config {
+                docker_mount_timeout: super::super::DOCKERD_MOUNT_TIMEOUT,
+                ..cfg()
+            },
         ];
         for c in bad {
             let e = c.check().expect_err("a bad setting passed");

@@ -53,6 +53,11 @@ struct Env {
 }
 
 async fn env(grace: Duration) -> Env {
+    env_mount_timeout(grace, crate::service::DOCKER_MOUNT_TIMEOUT).await
+}
+
+/// [`env`] whose Docker Mounts wait at most `mount_timeout` for a reclaim.
+async fn env_mount_timeout(grace: Duration, mount_timeout: Duration) -> Env {
     let dir = tempfile::tempdir().unwrap();
     let hold = Arc::new(HoldUnseal::default());
     let svc = Service::start(Config {
@@ -66,6 +71,7 @@ async fn env(grace: Duration) -> Env {
         strategy: crate::jobs::SealOptions::default().strategy,
         seal_stopped: false,
         observer: Some(Observer(hold.clone())),
+        docker_mount_timeout: mount_timeout,
     })
     .await
     .unwrap();
@@ -250,6 +256,135 @@ async fn an_nbd_client_gone_mid_handshake_leaves_the_disk_sealed_again() {
     assert!(e.svc.containers().await.is_empty());
 }
 
+/// A Docker Mount of a sealed volume whose unseal outlasts the Mount's limit answers at the
+/// limit — naming the volume, how far the unseal is and what to do — and forgets its Mount
+/// ID; the unseal goes on to its end, and with nobody mounting the volume again it enters
+/// its grace period and is sealed again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mount_that_outlasts_its_limit_fails_fast_and_the_volume_is_sealed_again() {
+    let e = env_mount_timeout(Duration::from_millis(50), Duration::from_millis(300)).await;
+    volume(&e.svc, "v", Profile::Patent).await;
+    let path = e.svc.disk("v").await.unwrap().disk.path;
+    let data: Vec<u8> = (0..64 * 1024u32).map(|i| (i * 13 % 251) as u8).collect();
+    std::fs::write(&path, &data).unwrap();
+    e.svc.seal_disk("v").await.unwrap();
+    e.hold.arm();
+    let t = std::time::Instant::now();
+    let mount = tokio::time::timeout(Duration::from_secs(5), e.svc.volume_mount("v", "id1"));
+    let err = mount.await.expect("the Mount hangs").unwrap_err();
+    assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
+    assert_eq!(err.code(), "reclaim_running", "{err}");
+    assert_eq!(err.http_status(), 503);
+    let text = err.to_string();
+    assert!(
+        text.contains("volume \"v\"")
+            && text.contains(
+                "the unseal is still running after 300 ms (0.0 MiB of 0.1 MiB unsealed, 0 %)"
+            )
+            && text.contains("retry `docker run` in a moment")
+            && !text.contains('\n'),
+        "{text}"
+    );
+    assert!(e.hold.reached.load(Ordering::SeqCst));
+    assert_eq!(state(&e.svc, "v").await, DiskState::Unsealing);
+    assert!(
+        e.svc.s.state.lock().await.mounts.is_empty(),
+        "the Mount ID is kept"
+    );
+    e.hold.release();
+    settle(&e.svc, "v", DiskState::Sealed).await;
+    let d = e.svc.disk("v").await.unwrap();
+    assert!(d.disk.dangling, "{:?}", d.disk);
+    // Sealed again from the unsealed data: a later unseal gives it back bit-exact.
+    e.svc.unseal_disk("v").await.unwrap();
+    assert!(
+        std::fs::read(&path).unwrap() == data,
+        "the data came back changed"
+    );
+}
+
+/// How far a reclaim is, as a Mount that waited for it says: both passes of an unseal count
+/// half each; a seal in flight and a queued unseal say so.
+#[test]
+fn how_far_a_reclaim_is() {
+    let p = |job, pass, done_bytes| super::JobProgress {
+        job,
+        pass,
+        done_bytes,
+        total_bytes: 64 << 20,
+    };
+    let far = |p: Option<&super::JobProgress>| {
+        super::volumes::how_far(Some(DiskState::Unsealing), p, "3 s")
+    };
+    assert_eq!(
+        far(Some(&p("unseal", "scatter", 32 << 20))),
+        "the unseal is still running after 3 s (16.0 MiB of 64.0 MiB unsealed, 25 %)"
+    );
+    assert_eq!(
+        far(Some(&p("unseal", "gather", 32 << 20))),
+        "the unseal is still running after 3 s (48.0 MiB of 64.0 MiB unsealed, 75 %)"
+    );
+    assert_eq!(
+        far(Some(&p("unseal", "gather", 1 << 40))),
+        "the unseal is still running after 3 s (64.0 MiB of 64.0 MiB unsealed, 100 %)"
+    );
+    let big = super::JobProgress {
+        total_bytes: 4 << 30,
+        ..p("unseal", "scatter", 1 << 30)
+    };
+    assert_eq!(
+        far(Some(&big)),
+        "the unseal is still running after 3 s (0.5 GiB of 4.0 GiB unsealed, 12 %)"
+    );
+    assert_eq!(
+        far(Some(&p("seal", "gather", 1 << 20))),
+        "after 3 s, a seal in flight is still being completed before the unseal (pass gather: 1.0 MiB of 64.0 MiB)"
+    );
+    assert!(
+        super::volumes::how_far(Some(DiskState::Sealing), None, "3 s").contains("a seal in flight")
+    );
+    assert!(far(None).contains("job queue"));
+}
+
+/// A daemon that stopped while a reclaim's unseal ran (nobody holds the disk after the
+/// restart) resumes the unseal, and the disk then enters its grace period and is sealed
+/// again: the same rule as for a client that gave up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_mid_reclaim_with_nobody_holding_the_disk_seals_it_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = Config {
+        state_dir: dir.path().join("state"),
+        grace: Duration::from_millis(50),
+        profile: Profile::Patent,
+        master_key: None,
+        sealed_io: SealedIo::ReadOnly,
+        jobs: 1,
+        sector_size: 512,
+        strategy: crate::jobs::SealOptions::default().strategy,
+        seal_stopped: false,
+        observer: None,
+        docker_mount_timeout: crate::service::DOCKER_MOUNT_TIMEOUT,
+    };
+    let svc = Service::start(cfg.clone()).await.unwrap();
+    let path = sealed_disk(&svc, "d").await;
+    let data = {
+        // As a daemon stopped right after a reclaim started its unseal leaves the registry.
+        let mut st = svc.s.state.lock().await;
+        let d = st.disks.get_mut("d").unwrap();
+        Life::Unsealing { reclaim: true }.store(d);
+        let d = d.clone();
+        svc.persist(&d).unwrap();
+        std::fs::metadata(&path).unwrap().len()
+    };
+    drop(svc);
+    let svc = Service::start(cfg).await.unwrap();
+    settle(&svc, "d", DiskState::Sealed).await;
+    let d = svc.disk("d").await.unwrap();
+    assert!(d.disk.dangling, "{:?}", d.disk);
+    assert!(d.containers.is_empty());
+    assert_eq!(std::fs::metadata(&path).unwrap().len(), data);
+}
+
 /// `disk unseal` by hand with no container leaves the disk available (not resealed).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unseal_by_hand_stays_unsealed() {
@@ -386,6 +521,7 @@ async fn the_state_dir_is_canonical() {
             strategy: crate::jobs::SealOptions::default().strategy,
             seal_stopped: false,
             observer: None,
+            docker_mount_timeout: crate::service::DOCKER_MOUNT_TIMEOUT,
         })
         .await
         .unwrap();
@@ -547,6 +683,7 @@ async fn a_fifo_key_slot_fails_the_daemons_unseal_at_once() {
         strategy: crate::jobs::SealOptions::default().strategy,
         seal_stopped: false,
         observer: None,
+        docker_mount_timeout: crate::service::DOCKER_MOUNT_TIMEOUT,
     })
     .await
     .unwrap();

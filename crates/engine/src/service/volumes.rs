@@ -29,6 +29,13 @@ pub const MAX_VOLUME_NAME: usize = 64;
 pub const VOLUME_SECTOR_SIZE: u32 = 4096;
 /// A volume smaller than this cannot hold an ext4 file system worth having.
 const MIN_VOLUME_SIZE: u64 = 1 << 20;
+/// dockerd cancels a `VolumeDriver.Mount` after this (moby's volume-driver proxy), sends no
+/// Unmount, and `docker run` exits 125 "context deadline exceeded".
+pub const DOCKERD_MOUNT_TIMEOUT: Duration = Duration::from_secs(120);
+/// How long a Mount waits for its volume's reclaim by default (`serve
+/// --docker-mount-timeout`): well inside [`DOCKERD_MOUNT_TIMEOUT`], so that dockerd gets an
+/// answer that says what is going on instead of a timeout.
+pub const DOCKER_MOUNT_TIMEOUT: Duration = Duration::from_secs(90);
 /// A mount younger than this is never taken for stale by a resync: dockerd may not list
 /// the container that asked for it yet.
 const STALE_AFTER_MS: u64 = 5_000;
@@ -455,7 +462,15 @@ impl Service {
         let undo = MountUndo {
             armed: Some((self.clone(), name.into(), id.into())),
         };
-        let mounted = match self.reclaim(name).await {
+        let limit = self.s.cfg.docker_mount_timeout;
+        let reclaimed = match tokio::time::timeout(limit, self.reclaim(name)).await {
+            Ok(r) => r,
+            // The reclaim goes on (its job never stops half-way); this Mount answers now,
+            // and the life cycle decides the rest: a volume nobody mounts again by the
+            // end of the unseal enters its grace period and is sealed again.
+            Err(_) => Err(self.still_reclaiming(name, limit).await),
+        };
+        let mounted = match reclaimed {
             Ok(()) => {
                 let (file, dir) = (d.path.clone(), self.mount_dir(name));
                 tokio::task::spawn_blocking(move || loopfs::mount(&file, &dir))
@@ -475,6 +490,20 @@ impl Service {
         self.set_unmount_pending(name, false).await?;
         drop(held);
         Ok(self.mount_dir(name))
+    }
+
+    /// The answer of a Mount that waited `waited` for a reclaim still running: the volume,
+    /// how far its job is, and what to do.
+    async fn still_reclaiming(&self, name: &str, waited: Duration) -> ServiceError {
+        let state = self.s.state.lock().await.disks.get(name).map(|d| d.state);
+        let progress = lock(&self.s.progress).get(name).cloned();
+        let waited = crate::units::millis(u64::try_from(waited.as_millis()).unwrap_or(u64::MAX));
+        let e = ServiceError::StillReclaiming {
+            volume: name.into(),
+            how_far: how_far(state, progress.as_ref(), &waited),
+        };
+        tracing::warn!(volume = %name, "{e}");
+        e
     }
 
     /// Drop one Mount ID; returns how many are left.
@@ -632,6 +661,52 @@ impl Service {
         let mut g = lock(&self.s.volumes.docker);
         f(g.get_or_insert_with(DockerStatus::default));
     }
+}
+
+/// How far a reclaim is after `waited`, in a few words: `the unseal is still running after
+/// 3 s (12.5 MiB of 64.0 MiB unsealed, 19 %)`. An unseal moves every byte twice (pass
+/// scatter, then gather); the bytes unsealed are the share of both passes done, over the
+/// volume's size.
+pub(super) fn how_far(
+    state: Option<DiskState>,
+    p: Option<&super::JobProgress>,
+    waited: &str,
+) -> String {
+    match p {
+        Some(p) if p.job == "unseal" => {
+            let total = p.total_bytes.max(1);
+            let before = if p.pass == "gather" { total } else { 0 };
+            let done = before.saturating_add(p.done_bytes.min(total)) / 2;
+            format!(
+                "the unseal is still running after {waited} ({} of {} unsealed, {} %)",
+                size_text(done, total),
+                size_text(total, total),
+                done.saturating_mul(100) / total
+            )
+        }
+        Some(p) => format!(
+            "after {waited}, a seal in flight is still being completed before the unseal (pass {}: {} of {})",
+            p.pass,
+            size_text(p.done_bytes, p.total_bytes),
+            size_text(p.total_bytes, p.total_bytes)
+        ),
+        None if state == Some(DiskState::Sealing) => {
+            format!("after {waited}, a seal in flight is still being completed before the unseal")
+        }
+        None => format!(
+            "after {waited}, the unseal is still waiting for its turn in the job queue (`pdguard status` shows it)"
+        ),
+    }
+}
+
+/// `n` in the unit that suits `scale` (MiB below a GiB, else GiB), one decimal.
+fn size_text(n: u64, scale: u64) -> String {
+    let (div, unit) = if scale >= 1 << 30 {
+        ((1u64 << 30) as f64, "GiB")
+    } else {
+        ((1u64 << 20) as f64, "MiB")
+    };
+    format!("{:.1} {unit}", n as f64 / div)
 }
 
 /// Refuse a volume name before anything is allocated or locked for it.

@@ -79,6 +79,10 @@ pub struct ServeArgs {
     /// How often to reconcile with dockerd's containers and the kernel's mounts.
     #[arg(long, default_value = "30s")]
     pub docker_resync: String,
+    /// How long a Docker Mount waits for its volume's unseal before it fails with how far
+    /// the unseal is (which goes on; retry `docker run`); under dockerd's own 120 s limit.
+    #[arg(long, value_name = "DURATION", default_value = "90s", value_parser = mount_timeout)]
+    pub docker_mount_timeout: Duration,
     /// Export every disk over NBD on unix:PATH (mode 0600) or tcp:HOST:PORT (repeatable;
     /// TCP needs TLS: --nbd-tls-certs or --nbd-tls-psk).
     #[arg(long, value_name = "unix:PATH|tcp:HOST:PORT")]
@@ -131,6 +135,15 @@ fn check_duration(text: &str) -> Result<String, String> {
             "{text:?} is not a duration; give a number and a unit, such as 30s, 2m, 1h 30m or 500ms"
         )),
     }
+}
+
+/// `--docker-mount-timeout`: a duration under dockerd's own 120 s, checked when parsed.
+fn mount_timeout(text: &str) -> Result<Duration, String> {
+    let d = humantime::parse_duration(text).map_err(|_| {
+        format!("{text:?} is not a duration; give a number and a unit, such as 90s or 30s")
+    })?;
+    pdguard_engine::service::check_docker_mount_timeout(d)?;
+    Ok(d)
 }
 
 /// What `--docker` asks for, checked.
@@ -334,6 +347,7 @@ pub fn run(a: &ServeArgs) -> Result<(), CliError> {
         state_dir: state,
         observer: super::testhook::PauseAt::from_env()
             .map(|p| pdguard_engine::service::Observer(std::sync::Arc::new(p))),
+        docker_mount_timeout: a.docker_mount_timeout,
     };
     cfg.check().map_err(CliError::Usage)?;
     let key_text = match &key {

@@ -9,7 +9,7 @@ use std::time::Duration;
 use thiserror::Error;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use super::tls::TlsError;
+use super::tls::{self, TlsError};
 use super::wire::{self, Frame};
 
 /// Size of the receive buffer: request headers and handshake options (at most
@@ -34,11 +34,12 @@ pub enum ConnError {
     ReplyCut,
 }
 
-/// An accepted connection, async during the handshake. After `NBD_OPT_STARTTLS` it is
-/// the clear-text end of a socket pair whose other end `tls` pumps through the TLS session.
+/// An accepted connection, async during the handshake. After `NBD_OPT_STARTTLS` it is the
+/// TLS session on the same socket.
 pub enum Sock {
     Unix(tokio::net::UnixStream),
     Tcp(tokio::net::TcpStream),
+    Tls(tls::AsyncSession),
 }
 
 impl Sock {
@@ -46,6 +47,7 @@ impl Sock {
         match self {
             Self::Unix(s) => s.read(buf).await,
             Self::Tcp(s) => s.read(buf).await,
+            Self::Tls(s) => s.read(buf).await,
         }
     }
 
@@ -53,6 +55,7 @@ impl Sock {
         match self {
             Self::Unix(s) => s.write_all(b).await,
             Self::Tcp(s) => s.write_all(b).await,
+            Self::Tls(s) => s.write_all(b).await,
         }
     }
 
@@ -60,30 +63,29 @@ impl Sock {
         let _ = match self {
             Self::Unix(s) => s.shutdown().await,
             Self::Tcp(s) => s.shutdown().await,
+            Self::Tls(s) => s.shutdown().await,
         };
     }
 
-    /// The same socket, blocking, for the transmission threads.
+    /// The same connection, blocking, for the transmission threads.
     pub fn into_std(self) -> io::Result<StdSock> {
-        let s = match self {
-            Self::Unix(s) => StdSock::Unix(s.into_std()?),
-            Self::Tcp(s) => StdSock::Tcp(s.into_std()?),
+        let p = match self {
+            Self::Tls(s) => return Ok(StdSock::Tls(s.into_std()?)),
+            Self::Unix(s) => Plain::Unix(s.into_std()?),
+            Self::Tcp(s) => Plain::Tcp(s.into_std()?),
         };
-        match &s {
-            StdSock::Unix(u) => u.set_nonblocking(false)?,
-            StdSock::Tcp(t) => t.set_nonblocking(false)?,
-        }
-        Ok(s)
+        p.set_nonblocking(false)?;
+        Ok(StdSock::Plain(p))
     }
 }
 
-/// A blocking socket.
-pub enum StdSock {
+/// A std socket of either kind.
+pub enum Plain {
     Unix(std::os::unix::net::UnixStream),
     Tcp(std::net::TcpStream),
 }
 
-impl StdSock {
+impl Plain {
     pub fn try_clone(&self) -> io::Result<Self> {
         Ok(match self {
             Self::Unix(s) => Self::Unix(s.try_clone()?),
@@ -97,13 +99,83 @@ impl StdSock {
             Self::Tcp(s) => s.shutdown(how),
         };
     }
+
+    pub fn set_nonblocking(&self, on: bool) -> io::Result<()> {
+        match self {
+            Self::Unix(s) => s.set_nonblocking(on),
+            Self::Tcp(s) => s.set_nonblocking(on),
+        }
+    }
+}
+
+impl Read for Plain {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        (&*self).read(buf)
+    }
+}
+
+impl Write for Plain {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        (&*self).write(buf)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Reads and writes through a shared reference, as `&UnixStream` and `&TcpStream` do.
+impl Read for &Plain {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match *self {
+            Plain::Unix(s) => (&mut &*s).read(buf),
+            Plain::Tcp(s) => (&mut &*s).read(buf),
+        }
+    }
+}
+
+impl Write for &Plain {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match *self {
+            Plain::Unix(s) => (&mut &*s).write(buf),
+            Plain::Tcp(s) => (&mut &*s).write(buf),
+        }
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// A blocking connection of the transmission phase: a plain socket, or a TLS session that
+/// the connection's threads share (one reads requests while another writes a reply, each
+/// through the session's own lock, with no extra copy or socket between them).
+pub enum StdSock {
+    Plain(Plain),
+    Tls(tls::TlsSock),
+}
+
+impl StdSock {
+    pub fn try_clone(&self) -> io::Result<Self> {
+        Ok(match self {
+            Self::Plain(s) => Self::Plain(s.try_clone()?),
+            Self::Tls(s) => Self::Tls(s.try_clone()?),
+        })
+    }
+
+    /// `Read`: later reads see the end of the stream (in flight replies still go out).
+    /// `Both`: a TLS session says `close_notify` first.
+    pub fn shutdown(&self, how: std::net::Shutdown) {
+        match self {
+            Self::Plain(s) => s.shutdown(how),
+            Self::Tls(s) => s.shutdown(how),
+        }
+    }
 }
 
 impl Read for StdSock {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         match self {
-            Self::Unix(s) => s.read(buf),
-            Self::Tcp(s) => s.read(buf),
+            Self::Plain(s) => s.read(buf),
+            Self::Tls(s) => s.read(buf),
         }
     }
 }
@@ -111,8 +183,8 @@ impl Read for StdSock {
 impl Write for StdSock {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         match self {
-            Self::Unix(s) => s.write(buf),
-            Self::Tcp(s) => s.write(buf),
+            Self::Plain(s) => s.write(buf),
+            Self::Tls(s) => s.write(buf),
         }
     }
     fn flush(&mut self) -> io::Result<()> {

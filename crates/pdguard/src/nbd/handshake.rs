@@ -324,6 +324,39 @@ impl<'a> Negotiation<'a> {
     }
 }
 
+/// Run one option, watching the socket meanwhile: a client that hangs up while its option
+/// runs — `NBD_OPT_GO` waits for a reclaim's unseal, which can take minutes — is gone at
+/// once (`None`). Dropping the option's future undoes the association `nbd_attach` made, so
+/// the disk's life goes on without the client (docs/instant-reclaim.md section 8: held by
+/// nobody when the unseal ends, it enters its grace period and is sealed again). Bytes the
+/// client sends meanwhile stay in the inbox for the next frame.
+async fn option_unless_hung_up(
+    neg: &mut Negotiation<'_>,
+    code: u32,
+    data: Vec<u8>,
+    inbox: &mut Inbox,
+    sock: &mut Sock,
+) -> Option<Step> {
+    let id = neg.id;
+    let option = neg.option(code, data);
+    tokio::pin!(option);
+    let mut watching = true;
+    loop {
+        let more = tokio::select! {
+            step = &mut option => return Some(step),
+            r = inbox.fill(sock, inbox.len() + 1), if watching => r,
+        };
+        match more {
+            // The client said more (the next frame): no longer watched, kept for later.
+            Ok(true) => watching = false,
+            Ok(false) | Err(_) => {
+                tracing::info!(conn = %id, option = code, "the client hung up while its option ran; dropping it");
+                return None;
+            }
+        }
+    }
+}
+
 /// Run the handshake on `sock`. Returns the socket (the clear-text end after TLS), what was
 /// left in the inbox, and what was agreed (`None`: the client left or was closed).
 pub async fn run(
@@ -352,7 +385,10 @@ pub async fn run(
             return Ok((sock, None));
         };
         inbox.consume(n);
-        match neg.option(code, data).await {
+        let Some(step) = option_unless_hung_up(neg, code, data, inbox, &mut sock).await else {
+            return Ok((sock, None));
+        };
+        match step {
             Step::Reply(out) => sock.write_all(&out).await?,
             Step::StartTls(ack) => {
                 // Bytes sent after STARTTLS and before the TLS handshake would be read as

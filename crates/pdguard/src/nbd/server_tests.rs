@@ -26,6 +26,7 @@ async fn service(dir: &Path) -> Service {
         strategy: pdguard_engine::jobs::SealOptions::default().strategy,
         seal_stopped: false,
         observer: None,
+        docker_mount_timeout: pdguard_engine::service::DOCKER_MOUNT_TIMEOUT,
     })
     .await
     .unwrap();
@@ -154,14 +155,7 @@ async fn requests_larger_than_the_maximum_payload_are_streamed() {
 async fn tls_required_before_any_export_is_named() {
     let dir = tempfile::tempdir().unwrap();
     let svc = service(dir.path()).await;
-    let psk = dir.path().join("keys.psk");
-    std::fs::write(&psk, "alice:000102030405060708090a0b0c0d0e0f\n").unwrap();
-    std::fs::set_permissions(&psk, std::fs::Permissions::from_mode(0o600)).unwrap();
-    let mut cfg = ConnConfig::new(Duration::from_secs(5));
-    cfg.tls = Some(Arc::new(
-        Tls::psk(&psk, super::super::tls::TlsMode::Require).unwrap(),
-    ));
-    let (mut c, _stop) = connect(&svc, cfg);
+    let (mut c, _stop) = connect(&svc, psk_config(dir.path()));
     tokio::task::spawn_blocking(move || {
         greet(&mut c);
         let info = wire::encode_info_request(&InfoRequest {
@@ -174,22 +168,7 @@ async fn tls_required_before_any_export_is_named() {
             assert_eq!(r[0].0, rep::ERR_TLS_REQD, "option {code}");
             assert!(!String::from_utf8_lossy(&r[0].1).contains("\"d\""));
         }
-        assert_eq!(option(&mut c, opt::STARTTLS, &[])[0].0, rep::ACK);
-        let mut b =
-            openssl::ssl::SslConnector::builder(openssl::ssl::SslMethod::tls_client()).unwrap();
-        b.set_psk_client_callback(|_, _hint, id, key| {
-            id[..6].copy_from_slice(b"alice\0");
-            let k: Vec<u8> = (0..16).collect();
-            key[..16].copy_from_slice(&k);
-            Ok(16)
-        });
-        b.set_verify(openssl::ssl::SslVerifyMode::NONE);
-        let conn = b.build().configure().unwrap();
-        let mut t = conn
-            .verify_hostname(false)
-            .use_server_name_indication(false)
-            .connect("pdguard", c)
-            .unwrap();
+        let mut t = starttls_psk(c);
         let list = option(&mut t, opt::LIST, &[]);
         assert_eq!(list.len(), 2, "{list:?}");
         assert_eq!(list[0].0, rep::SERVER);
@@ -202,6 +181,121 @@ async fn tls_required_before_any_export_is_named() {
     })
     .await
     .unwrap();
+}
+
+/// A PSK config (user alice, key 00..0f) with TLS required.
+fn psk_config(dir: &Path) -> ConnConfig {
+    let psk = dir.join("keys.psk");
+    std::fs::write(&psk, "alice:000102030405060708090a0b0c0d0e0f\n").unwrap();
+    std::fs::set_permissions(&psk, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let mut cfg = ConnConfig::new(Duration::from_secs(5));
+    cfg.tls = Some(Arc::new(
+        Tls::psk(&psk, super::super::tls::TlsMode::Require).unwrap(),
+    ));
+    cfg
+}
+
+/// `NBD_OPT_STARTTLS`, then the client's side of a PSK handshake as alice.
+fn starttls_psk(mut c: UnixStream) -> openssl::ssl::SslStream<UnixStream> {
+    assert_eq!(option(&mut c, opt::STARTTLS, &[])[0].0, rep::ACK);
+    let mut b = openssl::ssl::SslConnector::builder(openssl::ssl::SslMethod::tls_client()).unwrap();
+    b.set_psk_client_callback(|_, _hint, id, key| {
+        id[..6].copy_from_slice(b"alice\0");
+        let k: Vec<u8> = (0..16).collect();
+        key[..16].copy_from_slice(&k);
+        Ok(16)
+    });
+    b.set_verify(openssl::ssl::SslVerifyMode::NONE);
+    let conn = b.build().configure().unwrap();
+    conn.verify_hostname(false)
+        .use_server_name_indication(false)
+        .connect("pdguard", c)
+        .unwrap()
+}
+
+/// Transmission through the TLS session, which the connection's reader and its workers
+/// share: 64 pipelined WRITEs then 64 pipelined READs (replies in any order, each matched
+/// by its cookie), a streamed 40 MiB WRITE and READ, and `NBD_CMD_DISC` ending in the
+/// session's `close_notify`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_transmission_pipelines_and_streams_through_one_session() {
+    let dir = tempfile::tempdir().unwrap();
+    let svc = service(dir.path()).await;
+    let (mut c, _stop) = connect(&svc, psk_config(dir.path()));
+    const N: u64 = 64;
+    const LEN: usize = 64 << 10;
+    let block = |k: u64| -> Vec<u8> { (0..LEN).map(|i| (i as u64 * 31 + k * 7) as u8).collect() };
+    let big = pattern(40 << 20);
+    let big2 = big.clone();
+    tokio::task::spawn_blocking(move || {
+        greet(&mut c);
+        let mut t = starttls_psk(c);
+        go(&mut t);
+        let mut out = Vec::new();
+        for k in 0..N {
+            request(
+                &mut out,
+                Command::Write,
+                100 + k,
+                k * LEN as u64,
+                LEN as u32,
+            );
+            out.extend_from_slice(&block(k));
+        }
+        t.write_all(&out).unwrap();
+        let mut cookies: Vec<u64> = (0..N)
+            .map(|_| simple_reply(&mut t))
+            .map(|(e, c)| {
+                assert_eq!(e, 0, "WRITE {c}");
+                c
+            })
+            .collect();
+        cookies.sort_unstable();
+        assert_eq!(cookies, (100..100 + N).collect::<Vec<_>>());
+        let mut out = Vec::new();
+        for k in 0..N {
+            request(&mut out, Command::Read, 200 + k, k * LEN as u64, LEN as u32);
+        }
+        t.write_all(&out).unwrap();
+        let mut seen = std::collections::BTreeSet::new();
+        for _ in 0..N {
+            let (e, cookie) = simple_reply(&mut t);
+            assert_eq!(e, 0, "READ {cookie}");
+            let mut d = vec![0u8; LEN];
+            t.read_exact(&mut d).unwrap();
+            assert!(
+                d == block(cookie - 200),
+                "READ {cookie} returned other bytes"
+            );
+            assert!(seen.insert(cookie));
+        }
+        assert_eq!(seen.len() as u64, N);
+        request(&mut t, Command::Write, 7, 8 << 20, big2.len() as u32);
+        t.write_all(&big2).unwrap();
+        assert_eq!(simple_reply(&mut t), (0, 7));
+        request(&mut t, Command::Read, 8, 8 << 20, big2.len() as u32);
+        assert_eq!(simple_reply(&mut t), (0, 8));
+        let mut back = vec![0u8; big2.len()];
+        t.read_exact(&mut back).unwrap();
+        assert!(
+            back == big2,
+            "the streamed 40 MiB READ differs from the WRITE"
+        );
+        request(&mut t, Command::Disc, 9, 0, 0);
+        // The server ends the session with close_notify: a clean end of stream.
+        let mut rest = Vec::new();
+        t.read_to_end(&mut rest).unwrap();
+        assert!(rest.is_empty());
+        assert!(
+            t.get_shutdown()
+                .contains(openssl::ssl::ShutdownState::RECEIVED),
+            "no close_notify from the server"
+        );
+    })
+    .await
+    .unwrap();
+    let disk = std::fs::read(dir.path().join("state/disks/d.img")).unwrap();
+    assert!(disk[8 << 20..(8 << 20) + big.len()] == big[..]);
 }
 
 /// One structured reply chunk: (flags, type, cookie, payload).
@@ -489,14 +583,7 @@ async fn an_adopted_file_sealed_offline_is_unsealed_before_it_is_served() {
 async fn options_pipelined_behind_starttls_close_the_connection() {
     let dir = tempfile::tempdir().unwrap();
     let svc = service(dir.path()).await;
-    let psk = dir.path().join("keys.psk");
-    std::fs::write(&psk, "alice:000102030405060708090a0b0c0d0e0f\n").unwrap();
-    std::fs::set_permissions(&psk, std::fs::Permissions::from_mode(0o600)).unwrap();
-    let mut cfg = ConnConfig::new(Duration::from_secs(5));
-    cfg.tls = Some(Arc::new(
-        Tls::psk(&psk, super::super::tls::TlsMode::Require).unwrap(),
-    ));
-    let (mut c, _stop) = connect(&svc, cfg);
+    let (mut c, _stop) = connect(&svc, psk_config(dir.path()));
     let got = tokio::task::spawn_blocking(move || {
         greet(&mut c);
         let info = wire::encode_info_request(&InfoRequest {

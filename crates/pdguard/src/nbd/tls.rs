@@ -12,30 +12,28 @@
 //! The stack is OpenSSL (the `openssl` crate): it speaks external PSK in TLS 1.2 and 1.3
 //! with GnuTLS peers, which rustls does not.
 //!
-//! After the handshake, the session is pumped to the clear-text end of a socket pair: the
-//! rest of the connection (handshake and transmission threads) works on that end as on any
-//! unix socket.
+//! After the handshake, the rest of the connection (the handshake's last options, then the
+//! transmission threads) reads and writes through the session itself ([`Session`]).
+//! OpenSSL works on memory ([`Records`]) under the session's lock; each thread makes its
+//! own read(2) or write(2) of records outside it. So the transmission's reader, blocked
+//! waiting for the next request, never holds up a worker's reply, as nbdkit's threads
+//! share a GnuTLS session.
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use openssl::error::ErrorStack;
-use openssl::ssl::{Ssl, SslContext, SslContextBuilder, SslMethod, SslVerifyMode};
+use openssl::ssl::{
+    ErrorCode, Ssl, SslContext, SslContextBuilder, SslMethod, SslMode, SslStream, SslVerifyMode,
+};
 use openssl::x509::X509;
 use pdguard_engine::store::safe_open::{self, How, SafeOpenError};
 use thiserror::Error;
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, BufReader};
 use zeroize::Zeroizing;
 
-use super::connection::Sock;
-
-/// How long the pump keeps a client's half open after the server's side ended.
-const LINGER: Duration = Duration::from_secs(5);
-/// Buffer of each direction of the pump.
-const PUMP_BUF: usize = 256 << 10;
+use super::connection::{Plain, Sock};
 /// OpenSSL's limit on a PSK (`PSK_MAX_PSK_LEN`).
 const MAX_PSK: usize = 512;
 
@@ -70,8 +68,6 @@ pub enum TlsError {
     Timeout(Duration),
     #[error("{0}")]
     Handshake(String),
-    #[error("cannot make the socket pair of the TLS session")]
-    Pair(#[source] std::io::Error),
 }
 
 /// `--nbd-tls`: whether a client may skip TLS.
@@ -170,6 +166,16 @@ fn certs(path: &Path, pem: &[u8]) -> Result<Vec<X509>, TlsError> {
     Ok(certs)
 }
 
+/// A server context: TLS 1.2 at least; a write may end after a whole record (the caller
+/// writes the rest).
+fn server_builder() -> Result<SslContextBuilder, TlsError> {
+    let mut b = SslContextBuilder::new(SslMethod::tls_server()).map_err(ossl("OpenSSL"))?;
+    b.set_min_proto_version(Some(openssl::ssl::SslVersion::TLS1_2))
+        .map_err(ossl("OpenSSL"))?;
+    b.set_mode(SslMode::ENABLE_PARTIAL_WRITE);
+    Ok(b)
+}
+
 impl Tls {
     /// X.509 from qemu's directory layout; client certificates are required and checked
     /// against `ca-cert.pem`.
@@ -188,9 +194,7 @@ impl Tls {
         let chain = certs(&cert, &cert_pem)?;
         let pkey = openssl::pkey::PKey::private_key_from_pem(&pem)
             .map_err(ossl(format!("{} is not a PEM private key", key.display())))?;
-        let mut b = SslContextBuilder::new(SslMethod::tls_server()).map_err(ossl("OpenSSL"))?;
-        b.set_min_proto_version(Some(openssl::ssl::SslVersion::TLS1_2))
-            .map_err(ossl("OpenSSL"))?;
+        let mut b = server_builder()?;
         let load = |e| ossl(format!("cannot load {}", cert.display()))(e);
         let mut chain = chain.into_iter();
         if let Some(leaf) = chain.next() {
@@ -222,9 +226,7 @@ impl Tls {
     /// PSK from a `username:hexkey` file.
     pub fn psk(file: &Path, mode: TlsMode) -> Result<Self, TlsError> {
         let keys = Arc::new(read_psk_file(file)?);
-        let mut b = SslContextBuilder::new(SslMethod::tls_server()).map_err(ossl("OpenSSL"))?;
-        b.set_min_proto_version(Some(openssl::ssl::SslVersion::TLS1_2))
-            .map_err(ossl("OpenSSL"))?;
+        let mut b = server_builder()?;
         // TLS 1.2 suites with a PSK key exchange (TLS 1.3 takes its defaults).
         b.set_cipher_list("ECDHEPSK:PSK:!eNULL:!aNULL:!SHA1:!3DES")
             .map_err(ossl("OpenSSL has no PSK cipher suite"))?;
@@ -289,28 +291,31 @@ fn read_psk_file(path: &Path) -> Result<PskKeys, TlsError> {
 }
 
 /// The TLS handshake on `sock` (after the `NBD_OPT_STARTTLS` ack), within `timeout`; the
-/// clear-text end of the session.
+/// session on the same socket.
 pub async fn upgrade(sock: Sock, tls: &Tls, timeout: Duration) -> Result<Sock, TlsError> {
-    match sock {
-        Sock::Unix(s) => upgrade_stream(s, tls, timeout).await,
-        Sock::Tcp(s) => upgrade_stream(s, tls, timeout).await,
-    }
-}
-
-async fn upgrade_stream<S>(s: S, tls: &Tls, timeout: Duration) -> Result<Sock, TlsError>
-where
-    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-{
+    let ready = match sock {
+        Sock::Unix(s) => Ready::Unix(s),
+        Sock::Tcp(s) => Ready::Tcp(s),
+        Sock::Tls(_) => {
+            return Err(TlsError::Handshake(
+                "NBD_OPT_STARTTLS on a connection that already carries TLS".into(),
+            ))
+        }
+    };
     let ssl = Ssl::new(&tls.ctx).map_err(ossl("OpenSSL"))?;
-    let mut stream = tokio_openssl::SslStream::new(ssl, s).map_err(ossl("OpenSSL"))?;
-    match tokio::time::timeout(timeout, Pin::new(&mut stream).accept()).await {
-        Err(_) => return Err(TlsError::Timeout(timeout)),
-        Ok(Err(e)) => return Err(TlsError::Handshake(describe(&e))),
-        Ok(Ok(())) => {}
+    let stream = SslStream::new(ssl, Records::default()).map_err(ossl("OpenSSL"))?;
+    let mut s = AsyncSession {
+        session: Arc::new(Session {
+            ssl: Mutex::new(stream),
+        }),
+        sock: ready,
+        wire: Vec::new(),
+    };
+    match tokio::time::timeout(timeout, s.accept()).await {
+        Err(_) => Err(TlsError::Timeout(timeout)),
+        Ok(Err(e)) => Err(TlsError::Handshake(e)),
+        Ok(Ok(())) => Ok(Sock::Tls(s)),
     }
-    let (plain, inner) = tokio::net::UnixStream::pair().map_err(TlsError::Pair)?;
-    tokio::spawn(pump(stream, inner));
-    Ok(Sock::Unix(plain))
 }
 
 /// OpenSSL's reason, once (its `Display` already includes the error stack).
@@ -321,33 +326,354 @@ fn describe(e: &openssl::ssl::Error) -> String {
     }
 }
 
-/// Copy between the TLS session and the clear-text end until the server's side ends (then
-/// close_notify), or until the client's side ends and the server has answered (LINGER).
-/// The two directions are tasks of their own, so that decrypting requests and encrypting
-/// replies run on both of the runtime's threads (the session itself is locked per call).
-async fn pump<S>(ssl: tokio_openssl::SslStream<S>, inner: tokio::net::UnixStream)
-where
-    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-{
-    let (sr, mut sw) = tokio::io::split(ssl);
-    let (ir, mut iw) = inner.into_split();
-    let up = async move {
-        let _ = tokio::io::copy_buf(&mut BufReader::with_capacity(PUMP_BUF, sr), &mut iw).await;
-        let _ = iw.shutdown().await;
-    };
-    let down = async move {
-        let _ = tokio::io::copy_buf(&mut BufReader::with_capacity(PUMP_BUF, ir), &mut sw).await;
-        let _ = sw.shutdown().await;
-    };
-    let mut up = tokio::spawn(up);
-    let mut down = tokio::spawn(down);
-    tokio::select! {
-        _ = &mut up => {
-            if tokio::time::timeout(LINGER, &mut down).await.is_err() {
-                down.abort();
+fn io_error(e: openssl::ssl::Error) -> std::io::Error {
+    match e.into_io_error() {
+        Ok(io) => io,
+        Err(e) => std::io::Error::other(describe(&e)),
+    }
+}
+
+/// The end of the client's stream, said properly (`close_notify`) or not (the socket
+/// closed): a read returns 0.
+fn is_eof(e: &openssl::ssl::Error) -> bool {
+    match e.code() {
+        ErrorCode::ZERO_RETURN => true,
+        ErrorCode::SYSCALL => e.io_error().is_none(),
+        _ => false,
+    }
+}
+
+/// Most ciphertext bytes read from the socket at once.
+const WIRE_READ: usize = 64 << 10;
+/// Plaintext encrypted at once before its records are written out (a streamed READ's
+/// 4 MiB piece goes out in pieces of this size, so the ciphertext buffer stays small).
+const SEAL_AT_ONCE: usize = 256 << 10;
+
+/// The session's view of the wire: records received and not yet decrypted, records made and
+/// not yet sent. OpenSSL reads and writes these, never the socket, so the session's lock is
+/// held only while it computes; the socket's read(2) and write(2) are made outside it, by
+/// the thread that needs them.
+#[derive(Default)]
+struct Records {
+    inbound: Vec<u8>,
+    at: usize,
+    /// The client's end of stream came after `inbound`.
+    eof: bool,
+    outbound: Vec<u8>,
+}
+
+impl std::io::Read for Records {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let have = &self.inbound[self.at..];
+        if have.is_empty() {
+            return if self.eof {
+                Ok(0)
+            } else {
+                Err(std::io::ErrorKind::WouldBlock.into())
+            };
+        }
+        let n = have.len().min(buf.len());
+        buf[..n].copy_from_slice(&have[..n]);
+        self.at += n;
+        if self.at == self.inbound.len() {
+            self.inbound.clear();
+            self.at = 0;
+        }
+        Ok(n)
+    }
+}
+
+impl std::io::Write for Records {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.outbound.extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// What a session call made of the bytes it had.
+enum Step<T> {
+    Done(T),
+    /// More records from the client are needed.
+    NeedMore,
+}
+
+/// A TLS session shared by a connection's threads. Its lock is held for one OpenSSL call
+/// on memory ([`Records`]): the transmission's reader waits for the client's next request
+/// in read(2) with no lock, while workers encrypt and send replies, as nbdkit's threads
+/// share a GnuTLS session.
+pub struct Session {
+    ssl: Mutex<SslStream<Records>>,
+}
+
+impl Session {
+    fn lock(&self) -> std::sync::MutexGuard<'_, SslStream<Records>> {
+        self.ssl.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Records read from the socket (`None`: the client's end of stream).
+    fn feed(&self, wire: Option<&[u8]>) {
+        let mut s = self.lock();
+        let r = s.get_mut();
+        match wire {
+            Some(b) => {
+                if r.at > 0 {
+                    r.inbound.drain(..r.at);
+                    r.at = 0;
+                }
+                r.inbound.extend_from_slice(b);
+            }
+            None => r.eof = true,
+        }
+    }
+
+    /// Run `f` once on the session, and append the records made so far to `out` (with
+    /// `None`, they stay queued, in order, for the next call that takes them).
+    fn call<T>(
+        &self,
+        out: Option<&mut Vec<u8>>,
+        f: impl FnOnce(&mut SslStream<Records>) -> Result<T, openssl::ssl::Error>,
+    ) -> Result<Step<T>, openssl::ssl::Error> {
+        let mut s = self.lock();
+        let r = f(&mut s);
+        if let Some(out) = out {
+            out.append(&mut s.get_mut().outbound);
+        }
+        match r {
+            Ok(v) => Ok(Step::Done(v)),
+            Err(e) if e.code() == ErrorCode::WANT_READ => Ok(Step::NeedMore),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Decrypt into `buf`: `Done(0)` at the end of the client's stream. Records the session
+    /// makes meanwhile (the answer to a TLS 1.3 key update) go to `out`, or with `None`
+    /// wait for the next reply, which must follow them.
+    fn decrypt(&self, buf: &mut [u8], out: Option<&mut Vec<u8>>) -> std::io::Result<Step<usize>> {
+        match self.call(out, |s| s.ssl_read(buf)) {
+            Ok(step) => Ok(step),
+            Err(e) if is_eof(&e) => Ok(Step::Done(0)),
+            Err(e) => Err(io_error(e)),
+        }
+    }
+
+    /// Encrypt all of `data`, appending its records to `out`.
+    fn encrypt(&self, mut data: &[u8], out: &mut Vec<u8>) -> std::io::Result<()> {
+        while !data.is_empty() {
+            match self
+                .call(Some(&mut *out), |s| s.ssl_write(data))
+                .map_err(io_error)?
+            {
+                Step::Done(n) => data = &data[n..],
+                // Writing to memory never waits; a session that asks is broken.
+                Step::NeedMore => {
+                    return Err(std::io::Error::other("the TLS session cannot write"));
+                }
             }
         }
-        _ = &mut down => up.abort(),
+        Ok(())
+    }
+
+    /// `close_notify`'s record, appended to `out` (best effort).
+    fn close_notify(&self, out: &mut Vec<u8>) {
+        let _ = self.call(Some(out), |s| s.shutdown());
+    }
+}
+
+/// A connection in transmission through a TLS session: the blocking socket and buffers of
+/// its own (the reader's and the writer's are clones, sharing the session).
+pub struct TlsSock {
+    session: Arc<Session>,
+    sock: Plain,
+    /// Records to send.
+    wire: Vec<u8>,
+    /// Records received, before the session takes them.
+    received: Vec<u8>,
+}
+
+impl TlsSock {
+    pub fn try_clone(&self) -> std::io::Result<Self> {
+        Ok(Self {
+            session: Arc::clone(&self.session),
+            sock: self.sock.try_clone()?,
+            wire: Vec::new(),
+            received: Vec::new(),
+        })
+    }
+
+    fn send_wire(&mut self) -> std::io::Result<()> {
+        use std::io::Write;
+        if !self.wire.is_empty() {
+            self.sock.write_all(&self.wire)?;
+            self.wire.clear();
+        }
+        Ok(())
+    }
+
+    /// `Read` ends the reading side at the socket (a waiting reader sees the end of the
+    /// stream); `Write` and `Both` send `close_notify` first, best effort.
+    pub fn shutdown(&self, how: std::net::Shutdown) {
+        if how != std::net::Shutdown::Read {
+            use std::io::Write;
+            let mut out = Vec::new();
+            self.session.close_notify(&mut out);
+            let mut sock = &self.sock;
+            let _ = sock.write_all(&out);
+        }
+        self.sock.shutdown(how);
+    }
+}
+
+impl std::io::Read for TlsSock {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        if self.received.is_empty() {
+            self.received.resize(WIRE_READ, 0);
+        }
+        loop {
+            // The reader sends nothing: what the session answers while reading goes out
+            // ahead of the next reply, whose records must follow it.
+            match self.session.decrypt(buf, None)? {
+                Step::Done(n) => return Ok(n),
+                Step::NeedMore => {
+                    let n = self.sock.read(&mut self.received)?;
+                    self.session.feed((n > 0).then(|| &self.received[..n]));
+                }
+            }
+        }
+    }
+}
+
+impl std::io::Write for TlsSock {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = buf.len().min(SEAL_AT_ONCE);
+        let mut wire = std::mem::take(&mut self.wire);
+        let r = self.session.encrypt(&buf[..n], &mut wire);
+        self.wire = wire;
+        r?;
+        self.send_wire()?;
+        Ok(n)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// The socket of a connection during the handshake, on the runtime.
+enum Ready {
+    Unix(tokio::net::UnixStream),
+    Tcp(tokio::net::TcpStream),
+}
+
+impl Ready {
+    async fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        use tokio::io::AsyncReadExt;
+        match self {
+            Self::Unix(s) => s.read(buf).await,
+            Self::Tcp(s) => s.read(buf).await,
+        }
+    }
+
+    async fn write_all(&mut self, b: &[u8]) -> std::io::Result<()> {
+        use tokio::io::AsyncWriteExt;
+        match self {
+            Self::Unix(s) => s.write_all(b).await,
+            Self::Tcp(s) => s.write_all(b).await,
+        }
+    }
+
+    async fn shutdown(&mut self) -> std::io::Result<()> {
+        use tokio::io::AsyncWriteExt;
+        match self {
+            Self::Unix(s) => s.shutdown().await,
+            Self::Tcp(s) => s.shutdown().await,
+        }
+    }
+}
+
+/// A TLS session during the handshake's last options, on the runtime.
+pub struct AsyncSession {
+    session: Arc<Session>,
+    sock: Ready,
+    wire: Vec<u8>,
+}
+
+impl AsyncSession {
+    async fn send_wire(&mut self) -> std::io::Result<()> {
+        if !self.wire.is_empty() {
+            let wire = std::mem::take(&mut self.wire);
+            self.sock.write_all(&wire).await?;
+            self.wire = wire;
+            self.wire.clear();
+        }
+        Ok(())
+    }
+
+    /// Read records from the socket into the session; false at the end of stream.
+    async fn receive(&mut self) -> std::io::Result<bool> {
+        let mut wire = vec![0u8; WIRE_READ];
+        let n = self.sock.read(&mut wire).await?;
+        self.session.feed((n > 0).then(|| &wire[..n]));
+        Ok(n > 0)
+    }
+
+    /// The server's side of the TLS handshake.
+    async fn accept(&mut self) -> Result<(), String> {
+        let gone = |e: std::io::Error| format!("the client left: {e}");
+        loop {
+            let step = self.session.call(Some(&mut self.wire), |s| s.accept());
+            // The handshake's records go out even when it failed (an alert says why).
+            self.send_wire().await.map_err(gone)?;
+            match step.map_err(|e| describe(&e))? {
+                Step::Done(()) => return Ok(()),
+                Step::NeedMore => {
+                    if !self.receive().await.map_err(gone)? {
+                        return Err("the client left during the TLS handshake".into());
+                    }
+                }
+            }
+        }
+    }
+
+    pub async fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        loop {
+            let step = self.session.decrypt(buf, Some(&mut self.wire))?;
+            self.send_wire().await?;
+            match step {
+                Step::Done(n) => return Ok(n),
+                Step::NeedMore => {
+                    self.receive().await?;
+                }
+            }
+        }
+    }
+
+    pub async fn write_all(&mut self, b: &[u8]) -> std::io::Result<()> {
+        self.session.encrypt(b, &mut self.wire)?;
+        self.send_wire().await
+    }
+
+    pub async fn shutdown(&mut self) -> std::io::Result<()> {
+        self.session.close_notify(&mut self.wire);
+        let _ = self.send_wire().await;
+        self.sock.shutdown().await
+    }
+
+    /// The session for transmission's threads, on the same socket made blocking. Records
+    /// already received and not yet decrypted stay in the session.
+    pub fn into_std(self) -> std::io::Result<TlsSock> {
+        let sock = match self.sock {
+            Ready::Unix(s) => Plain::Unix(s.into_std()?),
+            Ready::Tcp(s) => Plain::Tcp(s.into_std()?),
+        };
+        sock.set_nonblocking(false)?;
+        Ok(TlsSock {
+            session: self.session,
+            sock,
+            wire: self.wire,
+            received: Vec::new(),
+        })
     }
 }
 

@@ -139,6 +139,7 @@ async fn env(seal_stopped: bool) -> Env {
         strategy: crate::jobs::SealOptions::default().strategy,
         seal_stopped,
         observer: None,
+        docker_mount_timeout: crate::service::DOCKER_MOUNT_TIMEOUT,
     })
     .await
     .unwrap();
