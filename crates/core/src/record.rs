@@ -24,6 +24,7 @@ use thiserror::Error;
 use crate::digest::DigestScheme;
 use crate::geometry::{Geometry, GeometryError};
 use crate::placement::PlacementKind;
+use crate::region_tree::{MAX_REGION_BYTES, MIN_REGION_BYTES};
 
 /// First word of every record file.
 pub const RECORD_MAGIC: &str = "PDGUARD-SEAL-RECORD";
@@ -167,6 +168,33 @@ pub struct DenseRef {
     pub map: String,
 }
 
+/// Version 4, optional: the region digest tree recorded at seal time (`region_tree.rs`,
+/// `docs/instant-reclaim.md` section 6). The leaves are in the file `RECORD.tree` beside
+/// the record (its path derived from the record's, never read from a record); the record
+/// holds what authenticates them.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RegionTreeRef {
+    /// `R`: a power of two that the sector size divides, 4 KiB to 1 GiB.
+    pub region_bytes: u64,
+    /// `ceil(image_bytes / R)`.
+    pub regions: u64,
+    /// The tree's root: 64 lowercase hex digits.
+    pub root: String,
+}
+
+impl RegionTreeRef {
+    /// The root as bytes; `None` unless it is 64 lowercase hex digits.
+    pub fn root_bytes(&self) -> Option<[u8; 32]> {
+        let lower = self
+            .root
+            .bytes()
+            .all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'));
+        let mut out = [0u8; 32];
+        (self.root.len() == 64 && lower && hex::decode_to_slice(&self.root, &mut out).is_ok())
+            .then_some(out)
+    }
+}
+
 /// True for a seal id as pdguard draws it: exactly 32 lowercase hex digits. It becomes part
 /// of file names, so nothing else may pass.
 pub fn valid_seal_id(id: &str) -> bool {
@@ -234,6 +262,11 @@ pub struct SealRecord {
     /// `keep_holes`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dense: Option<DenseRef>,
+    /// Version 4, optional: the region digest tree of the plaintext, set with
+    /// `plain_digest` at the end of seal scatter. Absent in records written before it
+    /// existed: their unseal checks the whole image only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub region_tree: Option<RegionTreeRef>,
     /// BLAKE3 of the plaintext image, known from the end of seal scatter.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub plain_digest: Option<String>,
@@ -419,6 +452,9 @@ impl SealRecord {
                 ));
             }
         }
+        if let Some(t) = &self.region_tree {
+            self.check_region_tree(t)?;
+        }
         match self.profile {
             Profile::Patent if self.seed.is_none() => {
                 return bad("patent profile without a seed".into())
@@ -447,6 +483,33 @@ impl SealRecord {
         );
         if sealed_once && self.sealed_digest.is_none() {
             return bad(format!("phase {} without sealed_digest", self.phase.name()));
+        }
+        Ok(())
+    }
+}
+
+impl SealRecord {
+    fn check_region_tree(&self, t: &RegionTreeRef) -> Result<(), RecordError> {
+        let bad = |m: String| Err(RecordError::Inconsistent(m));
+        let r = t.region_bytes;
+        let sized = r.is_power_of_two()
+            && (u64::from(MIN_REGION_BYTES)..=u64::from(MAX_REGION_BYTES)).contains(&r)
+            && r.is_multiple_of(u64::from(self.sector_size));
+        if !sized {
+            return bad(format!(
+                "region_tree.region_bytes {r} is not a power of two from 4096 to 2^30 that the sector size {} divides",
+                self.sector_size
+            ));
+        }
+        if t.regions != self.image_bytes.div_ceil(r) {
+            return bad(format!(
+                "region_tree.regions {} is not ceil(image_bytes / region_bytes) = {}",
+                t.regions,
+                self.image_bytes.div_ceil(r)
+            ));
+        }
+        if t.root_bytes().is_none() {
+            return bad("region_tree.root is not 64 lowercase hex digits".into());
         }
         Ok(())
     }
@@ -508,6 +571,7 @@ mod tests {
             digest: "blake3-64k".into(),
             keep_holes: false,
             dense: None,
+            region_tree: None,
             created_unix: 1,
             updated_unix: 2,
             writer: "pdguard test".into(),
@@ -732,5 +796,74 @@ mod tests {
             SealRecord::decode(&r.encode()),
             Err(RecordError::Inconsistent(_))
         ));
+    }
+
+    #[test]
+    fn region_tree_is_checked_against_the_geometry() {
+        let good = RegionTreeRef {
+            region_bytes: 1 << 20,
+            regions: 1,
+            root: "0a".repeat(32),
+        };
+        let mut r = sample();
+        r.region_tree = Some(good.clone());
+        assert_eq!(SealRecord::decode(&r.encode()).unwrap(), r);
+        let mut big = sample();
+        big.sector_size = 4096;
+        big.sectors = (5 << 20) / 4096 + 1;
+        big.image_bytes = big.sectors * 4096;
+        big.thin_sectors = big.sectors;
+        big.region_tree = Some(RegionTreeRef {
+            regions: 6,
+            ..good.clone()
+        });
+        assert!(SealRecord::decode(&big.encode()).is_ok());
+        type Edit = fn(&mut SealRecord);
+        let bad: &[(&str, Edit)] = &[
+            ("not a power of two", |r| {
+                r.region_tree.as_mut().unwrap().region_bytes = 3 << 19
+            }),
+            ("below 4 KiB", |r| {
+                r.region_tree.as_mut().unwrap().region_bytes = 2048
+            }),
+            ("above 1 GiB", |r| {
+                r.region_tree.as_mut().unwrap().region_bytes = 1 << 31
+            }),
+            ("not a multiple of the sector", |r| {
+                r.sector_size = 65536;
+                r.sectors = 1;
+                r.image_bytes = 65536;
+                r.thin_sectors = 2;
+                r.region_tree.as_mut().unwrap().region_bytes = 4096;
+                r.region_tree.as_mut().unwrap().regions = 16;
+            }),
+            ("wrong region count", |r| {
+                r.region_tree.as_mut().unwrap().regions = 2
+            }),
+            ("no regions", |r| {
+                r.region_tree.as_mut().unwrap().regions = 0
+            }),
+            ("root too short", |r| {
+                r.region_tree.as_mut().unwrap().root = "0a".repeat(31)
+            }),
+            ("root upper case", |r| {
+                r.region_tree.as_mut().unwrap().root = "0A".repeat(32)
+            }),
+            ("root not hex", |r| {
+                r.region_tree.as_mut().unwrap().root = "0g".repeat(32)
+            }),
+        ];
+        for (what, edit) in bad {
+            let mut r = sample();
+            r.region_tree = Some(good.clone());
+            edit(&mut r);
+            assert!(
+                matches!(
+                    SealRecord::decode(&r.encode()),
+                    Err(RecordError::Inconsistent(_))
+                ),
+                "{what} accepted"
+            );
+        }
     }
 }

@@ -78,7 +78,11 @@ fn corrupted_thin_case(seal_args: &[&str], key: &[&str]) {
         Some(3),
         "unseal over a corrupted thin disk: {err}"
     );
-    assert!(err.contains("unsealed data's BLAKE3 digest"), "{err}");
+    // The gather's region check names the region before the image digest is compared.
+    assert!(
+        err.contains("does not match the seal's digest tree"),
+        "{err}"
+    );
     assert!(err.contains("thin disk was corrupted"), "{err}");
     let after = inspect(&img);
     assert_eq!(after["phase"], "sealed");
@@ -128,4 +132,49 @@ fn a_tampered_sealed_image_is_refused_before_unseal_writes() {
     assert_eq!(digest(&img), before.0, "unseal wrote to a tampered image");
     assert_eq!(inspect(&img)["sealed_digest"], sealed["sealed_digest"]);
     assert!(thin_disks(dir.path()).is_empty());
+}
+
+/// The region digest tree end to end: `RECORD.tree` beside the record (mode 0600) after a
+/// seal; `verify --key-file` names the bad region of a tampered sealed image (exit 3) where
+/// `verify` without the key can only say the digest differs; a tree edited on disk is
+/// refused by `unseal` before anything is written; the tree goes with the record.
+#[test]
+fn the_region_tree_names_a_bad_region_and_a_bad_tree_is_refused_untouched() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let key = keygen(dir.path(), "master.key");
+    let img = dir.path().join("disk.img");
+    tagged_image(&img, 4 * 2048, 512, 23);
+    let o = pdguard(&["image", "seal", s(&img), "--key-file", s(&key), "--quiet"]);
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    let tree = dir.path().join("disk.img.pdguard.tree");
+    let meta = std::fs::metadata(&tree).unwrap();
+    assert_eq!(meta.permissions().mode() & 0o777, 0o600);
+    assert_eq!(meta.len(), 36 + 4 * 32 + 32);
+    assert_eq!(inspect(&img)["region_tree"]["regions"], 4);
+    // A byte of sealed sector 3000 (not a sampled fingerprint sector).
+    flip_byte(&img, 3000 * 512 + 7);
+    let o = pdguard(&["image", "verify", s(&img), "--key-file", s(&key), "--quiet"]);
+    assert_eq!(code(&o), 3, "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("does not match the seal's digest tree"),
+        "{}",
+        stderr(&o)
+    );
+    let o = pdguard(&["image", "verify", s(&img), "--quiet"]);
+    assert_eq!(code(&o), 3, "{}", stderr(&o));
+    assert!(stderr(&o).contains("BLAKE3 digest"), "{}", stderr(&o));
+    flip_byte(&img, 3000 * 512 + 7);
+    // A leaf of the tree edited (its checksum then fails): refused, nothing written.
+    flip_byte(&tree, 36 + 40);
+    let before = state(&img);
+    let o = pdguard(&["image", "unseal", s(&img), "--key-file", s(&key), "--quiet"]);
+    assert_eq!(code(&o), 3, "{}", stderr(&o));
+    assert!(stderr(&o).contains("region digest tree"), "{}", stderr(&o));
+    assert_eq!(digest(&img), before.0, "unseal wrote under a bad tree");
+    assert_eq!(inspect(&img)["phase"], "sealed");
+    flip_byte(&tree, 36 + 40);
+    let o = pdguard(&["image", "unseal", s(&img), "--key-file", s(&key), "--quiet"]);
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    assert!(!tree.exists(), "the tree outlived its record");
 }

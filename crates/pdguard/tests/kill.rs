@@ -111,6 +111,12 @@ fn assert_original(img: &Path, want: &(String, Vec<Range<u64>>), ctx: &str) {
         "{ctx}: holes differ from the original's"
     );
     assert!(!record_of(img).exists(), "{ctx}: record left behind");
+    let mut tree = record_of(img).into_os_string();
+    tree.push(".tree");
+    assert!(
+        !Path::new(&tree).exists(),
+        "{ctx}: region digest tree left behind"
+    );
     let dir = img.parent().unwrap();
     let thin = dir
         .read_dir()

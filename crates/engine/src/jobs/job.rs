@@ -12,6 +12,7 @@
 //! | `recover.rs`    | the phase tables of `seal` and `unseal`                           |
 //! | `passes.rs`     | scatter, wipe and gather, both ways                               |
 //! | `fresh.rs`      | a new seal                                                        |
+//! | `tree.rs`       | the region digest tree: recorded, loaded, checked per region      |
 //! | `shred.rs`      | crypto-erase                                                      |
 //! | `migrate.rs`    | old record versions to the current one                            |
 //! | `rescue.rs`     | `unseal --force --output`                                         |
@@ -24,8 +25,9 @@ use pdguard_core::digest::{DigestScheme, ImageHasher};
 use pdguard_core::keys::{self, DataKey, MasterKey};
 use pdguard_core::keyslot;
 use pdguard_core::record::{
-    self, DenseRef, KeySlotRef, WrappedKey, KEY_SLOT_VERSION, RECORD_VERSION,
+    self, DenseRef, KeySlotRef, RegionTreeRef, WrappedKey, KEY_SLOT_VERSION, RECORD_VERSION,
 };
+use pdguard_core::region_tree::{RegionKeys, RegionLayout, RegionTree, REGION_BYTES};
 use pdguard_core::{
     fingerprint_sectors, placement, seed, Geometry, Phase, Placement, PlacementKind, Profile,
     SealRecord,
@@ -34,7 +36,7 @@ use zeroize::Zeroizing;
 
 use super::dense::{self, Dense};
 use super::error::{JobError, Result};
-use super::strategy::{self, PassCtx, Strategy};
+use super::strategy::{self, PassCtx, RegionTap, Strategy};
 use super::Progress;
 use crate::store::{
     Disk, ExtentView, ImageLock, LockMode, MigrationFile, Sparse, Storage, StoreError,
@@ -50,6 +52,7 @@ mod recover;
 mod rescue;
 mod scope;
 mod shred;
+mod tree;
 mod verify;
 use fresh::*;
 use keyring::*;
@@ -221,6 +224,9 @@ struct Job<'a> {
     /// The record's bytes as read and their phase, when a failed verification is to put
     /// them back (an unseal that found the image sealed).
     restore: Option<(Vec<u8>, Phase)>,
+    /// The seal's region digest tree, loaded and checked against the record's root
+    /// ([`Job::load_tree`]) by a job that gathers the plaintext.
+    tree: Option<RegionTree>,
 }
 
 impl<'a> Job<'a> {
@@ -310,6 +316,7 @@ impl<'a> Job<'a> {
             direction,
             memory_bytes,
             restore: None,
+            tree: None,
         })
     }
 
@@ -322,6 +329,11 @@ impl<'a> Job<'a> {
     }
 
     fn ctx(&self) -> PassCtx<'_> {
+        self.ctx_with(None)
+    }
+
+    /// [`Self::ctx`] with a region hasher for the plain pass.
+    fn ctx_with<'c>(&'c self, regions: Option<&'c RegionTap>) -> PassCtx<'c> {
         PassCtx {
             geometry: self.geometry,
             placement: &*self.placement,
@@ -335,6 +347,7 @@ impl<'a> Job<'a> {
             keep_holes: self.rec.keep_holes,
             progress: self.progress,
             memory_bytes: self.memory_bytes,
+            regions,
         }
     }
 

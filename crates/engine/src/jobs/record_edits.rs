@@ -14,7 +14,7 @@ use std::collections::BTreeSet;
 use std::sync::OnceLock;
 
 use pdguard_core::keys::{self, MasterKey};
-use pdguard_core::record::{DenseRef, KeySlotRef, WrappedKey};
+use pdguard_core::record::{DenseRef, KeySlotRef, RegionTreeRef, WrappedKey};
 use pdguard_core::{PlacementKind, Profile, SealRecord};
 use proptest::prelude::*;
 use rand::rngs::StdRng;
@@ -55,6 +55,10 @@ const FIELDS: &[&str] = &[
     "dense",
     "dense.sectors",
     "dense.map",
+    "region_tree",
+    "region_tree.region_bytes",
+    "region_tree.regions",
+    "region_tree.root",
     "plain_digest",
     "sealed_digest",
     "sealed_fingerprint",
@@ -92,6 +96,11 @@ fn full_record() -> SealRecord {
         dense: Some(DenseRef {
             sectors: 1,
             map: "00".into(),
+        }),
+        region_tree: Some(RegionTreeRef {
+            region_bytes: 1,
+            regions: 1,
+            root: "r".into(),
         }),
         plain_digest: Some("p".into()),
         sealed_digest: Some("s".into()),
@@ -313,6 +322,9 @@ fn insertion(t: &Template, field: &str) -> Vec<Option<Value>> {
             }
         },
         "dense" => json!({"sectors": rec.sectors / 2, "map": "00".repeat(48)}),
+        "region_tree" => {
+            json!({"region_bytes": 1 << 20, "regions": rec.image_bytes.div_ceil(1 << 20), "root": "00".repeat(32)})
+        }
         "keep_holes" => json!(true),
         "thin_path" | "plain_digest" | "sealed_digest" | "sealed_fingerprint" => {
             json!("00".repeat(32))
@@ -381,10 +393,22 @@ fn forged(t: &Template, edits: &[Edit], keep_mac: bool) -> Vec<u8> {
     format!("{} {version} {sum}{mac}\n{body}", words[0]).into_bytes()
 }
 
-type State = (Vec<u8>, Option<Vec<u8>>, Option<Vec<u8>>, usize);
+type State = (
+    Vec<u8>,
+    Option<Vec<u8>>,
+    Option<Vec<u8>>,
+    Option<Vec<u8>>,
+    usize,
+);
 
 fn state(s: &SimStorage) -> State {
-    (s.image(), s.record(), s.key_slot(), s.thin_count())
+    (
+        s.image(),
+        s.record(),
+        s.key_slot(),
+        s.tree(),
+        s.thin_count(),
+    )
 }
 
 /// Run `command` on the template's image under the forged record and check the property.

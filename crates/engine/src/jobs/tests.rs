@@ -90,6 +90,7 @@ fn fig2_of_the_patent_through_scatter_and_gather() {
         keep_holes: false,
         progress: &NoProgress,
         memory_bytes: strategy::DEFAULT_MEMORY_BYTES,
+        regions: None,
     };
     let plain = Direct.scatter_plain(&ctx, &*image, &*thin).unwrap();
     let slot = |t: u64| {
@@ -344,6 +345,7 @@ fn crash_case(
         },
     }
     assert!(s.record().is_none(), "{ctx}: record left");
+    assert!(s.tree().is_none(), "{ctx}: region digest tree left");
     assert_eq!(s.thin_count(), 0, "{ctx}: thin disk left");
     assert!(s.image() == img, "{ctx}: data lost");
 }
@@ -739,6 +741,7 @@ fn a_shred_with_no_slot_left_says_so() {
     let mut rec = record(&s).unwrap();
     rec.phase = Phase::Shredding;
     rec.plain_digest = None;
+    rec.region_tree = None;
     s.destroy_key_slot().unwrap();
     s.write_record(&rec.encode()).unwrap();
     let r = shred_report(&s, None).unwrap();
@@ -1141,6 +1144,7 @@ fn window_equals_direct_on(
         keep_holes,
         progress: &NoProgress,
         memory_bytes,
+        regions: None,
     };
     let direct = Pass {
         ctx: ctx(DEFAULT_MEMORY_BYTES),
@@ -1230,6 +1234,7 @@ fn window_thin_disk_is_packed_by_sector_index_in_each_window() {
             keep_holes: false,
             progress: &NoProgress,
             memory_bytes: 8 << 10,
+            regions: None,
         },
         storage: SimStorage::new(Vec::new()),
     };
@@ -1444,6 +1449,7 @@ fn fig2_of_the_patent_through_the_window_strategy() {
                 keep_holes: false,
                 progress: &NoProgress,
                 memory_bytes: DEFAULT_MEMORY_BYTES,
+                regions: None,
             },
             storage: SimStorage::new(Vec::new()),
         };
@@ -1635,3 +1641,6 @@ fn a_sparse_image_needs_free_space_for_its_data_only_unless_holes_are_encrypted(
 
 // ---- Dense placement (issue 13): tests in tests/dense_cases.rs.
 mod dense_cases;
+
+// ---- The region digest tree (issue 18, item 2): tests in tests/tree_cases.rs.
+mod tree_cases;

@@ -8,6 +8,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 
 use pdguard_core::keyslot::{MAX_SLOT_BYTES, SLOT_SUFFIX};
+use pdguard_core::region_tree::TREE_SUFFIX;
 use rand::RngCore;
 
 use super::safe_open::{self, Accept, FileIdentity, How, Parents, SafeOpenError};
@@ -382,6 +383,13 @@ impl ImageStorage {
         PathBuf::from(s)
     }
 
+    /// The region digest tree beside the record: `PATH.pdguard.tree`.
+    pub fn tree_path(&self) -> PathBuf {
+        let mut s = self.record.as_os_str().to_owned();
+        s.push(TREE_SUFFIX);
+        PathBuf::from(s)
+    }
+
     /// `THIN_DIR/<image file name>.<first 8 digits of the seal id>.pdguard-thin` (the name
     /// versions 1 and 2 used, so their interrupted jobs still resume).
     fn thin_path(&self, seal_id: &str) -> Result<PathBuf> {
@@ -625,6 +633,36 @@ impl Storage for ImageStorage {
         sync_dir(&parent_of(&path)).map_err(|e| StoreError::io("fsync the directory of", &what, e))
     }
 
+    fn tree_name(&self) -> String {
+        self.tree_path().display().to_string()
+    }
+
+    fn write_tree(&self, bytes: &[u8]) -> Result<()> {
+        self.remove_tree()?;
+        let path = self.tree_path();
+        let what = format!("region digest tree {}", path.display());
+        let mut f = create_own(&path, &what)?;
+        f.write_all(bytes)
+            .and_then(|()| f.sync_all())
+            .map_err(|e| StoreError::io("write", &what, e))?;
+        sync_dir(&parent_of(&path)).map_err(|e| StoreError::io("fsync the directory of", &what, e))
+    }
+
+    fn read_tree(&self, limit: u64) -> Result<Option<Vec<u8>>> {
+        let path = self.tree_path();
+        Ok(safe_open::read(
+            &path,
+            "region digest tree",
+            limit,
+            self.parents(),
+        )?)
+    }
+
+    fn remove_tree(&self) -> Result<()> {
+        let path = self.tree_path();
+        remove_own(&path, &format!("region digest tree {}", path.display()))
+    }
+
     fn read_record(&self) -> Result<Option<Vec<u8>>> {
         // One byte over the limit is enough for the decoder to refuse it (`--record
         // /dev/zero` is refused anyway: not a regular file).
@@ -703,6 +741,35 @@ mod tests {
         fs::write(&victim, b"precious").unwrap();
         let st = ImageStorage::new(image.clone(), default_record_path(&image), None);
         (dir, st, victim)
+    }
+
+    #[test]
+    fn the_region_tree_is_made_exclusively_beside_the_record_never_through_a_link() {
+        use std::os::unix::fs::{symlink, PermissionsExt};
+        let (dir, st, victim) = setup();
+        assert_eq!(st.tree_path(), dir.path().join("v.img.pdguard.tree"));
+        assert_eq!(st.read_tree(100).unwrap(), None);
+        st.write_tree(b"first").unwrap();
+        st.write_tree(b"second tree").unwrap();
+        let meta = fs::symlink_metadata(st.tree_path()).unwrap();
+        assert_eq!(meta.permissions().mode() & 0o777, 0o600);
+        assert_eq!(st.read_tree(100).unwrap().unwrap(), b"second tree");
+        // Read no further than asked: a reader asks for one byte more than it accepts.
+        assert_eq!(st.read_tree(6).unwrap().unwrap(), b"second");
+        st.remove_tree().unwrap();
+        st.remove_tree().unwrap();
+        assert!(!st.tree_path().exists());
+        // A link planted in its place is never followed: not read, removed (not its
+        // target) and replaced by a new file.
+        symlink(&victim, st.tree_path()).unwrap();
+        assert!(st.read_tree(100).is_err());
+        st.write_tree(b"tree").unwrap();
+        assert_eq!(fs::read(&victim).unwrap(), b"precious");
+        assert!(!fs::symlink_metadata(st.tree_path()).unwrap().is_symlink());
+        fs::remove_file(st.tree_path()).unwrap();
+        symlink(&victim, st.tree_path()).unwrap();
+        st.remove_tree().unwrap();
+        assert_eq!(fs::read(&victim).unwrap(), b"precious");
     }
 
     #[test]

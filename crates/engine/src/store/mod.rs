@@ -191,6 +191,18 @@ pub trait Storage {
     /// file a second name, the key slot's (a hard link), so that the next record write
     /// leaves it there to be destroyed in place instead of in free space.
     fn link_record_as_key_slot(&self) -> Result<()>;
+    /// The region digest tree's path (`RECORD.tree`), for messages.
+    fn tree_name(&self) -> String;
+    /// Write the region digest tree once: a stale one is removed first, then the new one
+    /// is created exclusively (`O_EXCL | O_NOFOLLOW`, mode 0600), written, fsynced, and
+    /// its directory fsynced. Its path is derived from the record's, never read from one.
+    fn write_tree(&self, bytes: &[u8]) -> Result<()>;
+    /// The region digest tree's first `limit` bytes (a longer file is read that far and
+    /// no further), `None` if there is none. Never read through a symbolic link.
+    fn read_tree(&self, limit: u64) -> Result<Option<Vec<u8>>>;
+    /// Delete the region digest tree if it exists (a symbolic link in its place is
+    /// removed, never followed), and fsync its directory.
+    fn remove_tree(&self) -> Result<()>;
     /// The record's bytes, `None` if there is no record.
     fn read_record(&self) -> Result<Option<Vec<u8>>>;
     /// Replace the record atomically and durably.

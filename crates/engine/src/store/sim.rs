@@ -71,6 +71,8 @@ struct Inner {
     record: Option<Vec<u8>>,
     /// The key slot; every write to it is fsynced, as `ImageStorage` makes it.
     slot: Option<Vec<u8>>,
+    /// The region digest tree; every write to it is fsynced, as `ImageStorage` makes it.
+    tree: Option<Vec<u8>>,
     steps: u64,
     fault: Option<(u64, Fault)>,
     dead: bool,
@@ -197,6 +199,17 @@ impl SimStorage {
         lock(&self.inner).slot.clone()
     }
 
+    /// The region digest tree's bytes now.
+    pub fn tree(&self) -> Option<Vec<u8>> {
+        lock(&self.inner).tree.clone()
+    }
+
+    /// Put `bytes` (or nothing) in place of the region digest tree, as a tamperer or a
+    /// torn write would; not a step.
+    pub fn set_tree(&self, bytes: Option<Vec<u8>>) {
+        lock(&self.inner).tree = bytes;
+    }
+
     /// A scratch disk of `bytes` zeros named `name`, for tests of single passes (a thin disk
     /// of a job is only ever named by its seal id).
     pub fn scratch_disk(&self, name: &str, bytes: u64) -> Box<dyn Disk> {
@@ -241,6 +254,7 @@ impl SimStorage {
                 .collect(),
             record: g.record.clone(),
             slot: g.slot.clone(),
+            tree: g.tree.clone(),
             free: g.free,
             ..Inner::default()
         };
@@ -503,6 +517,39 @@ impl Storage for SimStorage {
         let mut g = lock(&self.inner);
         g.step("key slot")?;
         g.slot = g.record.clone();
+        Ok(())
+    }
+
+    fn tree_name(&self) -> String {
+        "sim.img.pdguard.tree".into()
+    }
+
+    /// Two steps after removing a stale tree, as on a real file system: the exclusive
+    /// create (an empty file), then the write and its fsync.
+    fn write_tree(&self, bytes: &[u8]) -> Result<()> {
+        self.remove_tree()?;
+        let mut g = lock(&self.inner);
+        g.step("region digest tree")?;
+        g.tree = Some(Vec::new());
+        g.step("region digest tree")?;
+        g.tree = Some(bytes.to_vec());
+        Ok(())
+    }
+
+    fn read_tree(&self, limit: u64) -> Result<Option<Vec<u8>>> {
+        let mut g = lock(&self.inner);
+        g.step("region digest tree")?;
+        let n = usize::try_from(limit).unwrap_or(usize::MAX);
+        Ok(g.tree.as_ref().map(|t| t[..t.len().min(n)].to_vec()))
+    }
+
+    fn remove_tree(&self) -> Result<()> {
+        let mut g = lock(&self.inner);
+        if g.tree.is_none() {
+            return Ok(());
+        }
+        g.step("region digest tree")?;
+        g.tree = None;
         Ok(())
     }
 

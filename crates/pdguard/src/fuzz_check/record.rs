@@ -1,7 +1,8 @@
 //! The seal record parser (`pdguard_core::record`): whatever decodes encodes to bytes that
 //! decode to the same record (parse ∘ encode = id) and encode again to the same bytes
 //! (encode ∘ parse stable), with and without a MAC; the header the check wrote is the one
-//! the parser read; `authenticate` accepts exactly the MACs the reference computes.
+//! the parser read; `authenticate` accepts exactly the MACs the reference computes; a
+//! `region_tree` that decodes is one `docs/seal-record.md` allows.
 //!
 //! Input: one mode byte, then
 //! - mode 0: the bytes of a record file, as read from disk;
@@ -88,8 +89,35 @@ enum Mac {
     OtherKey,
 }
 
+/// What `docs/seal-record.md` promises of a decoded record's `region_tree`, from its
+/// definition: a power of two from 4 KiB to 1 GiB that the sector size divides,
+/// `ceil(image_bytes / region_bytes)` regions, a root of 64 lowercase hex digits.
+fn region_tree_holds(rec: &SealRecord) {
+    let Some(t) = &rec.region_tree else {
+        return;
+    };
+    let r = t.region_bytes;
+    assert!(
+        r.is_power_of_two() && (4096..=1 << 30).contains(&r),
+        "region_bytes {r} accepted"
+    );
+    assert_eq!(
+        r % u64::from(rec.sector_size),
+        0,
+        "a region of part sectors"
+    );
+    let regions = rec.image_bytes / r + u64::from(!rec.image_bytes.is_multiple_of(r));
+    assert_eq!(t.regions, regions, "region count");
+    let hex = t
+        .root
+        .bytes()
+        .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
+    assert!(t.root.len() == 64 && hex, "root {:?} accepted", t.root);
+}
+
 /// `rec` decoded from `bytes`, whose header holds `mac`.
 fn decoded(bytes: &[u8], rec: &SealRecord, mac: Mac) {
+    region_tree_holds(rec);
     let plain = rec.encode();
     assert_eq!(
         SealRecord::decode(&plain).as_ref(),

@@ -140,6 +140,7 @@ fn new_record(
         digest: DigestScheme::DEFAULT.name().into(),
         keep_holes: opts.keep_holes,
         dense: None,
+        region_tree: None,
         created_unix: t,
         updated_unix: t,
         writer: concat!("pdguard ", env!("CARGO_PKG_VERSION")).into(),

@@ -7,6 +7,7 @@ impl Job<'_> {
     /// of a new thin disk (claims 1-2). The image is untouched, so a failure rolls back.
     pub(super) fn seal_scatter(&mut self) -> Result<()> {
         let seal_id = self.rec.seal_id.clone();
+        let tap = self.new_tree_tap();
         let run = |job: &Self| -> Result<blake3::Hash> {
             job.storage
                 .remove_thin(&seal_id)
@@ -20,7 +21,8 @@ impl Job<'_> {
                 let view = job.dense.as_ref().map(|d| d.compacted(&*job.image));
                 let plain = view.as_ref().map_or(&*job.image, |v| v as &dyn Disk);
                 let (image, thin) = (job.sparse(plain)?, job.sparse(&*thin)?);
-                let h = job.strategy.scatter_plain(&job.ctx(), &image, &thin)?;
+                let ctx = job.ctx_with(tap.as_ref());
+                let h = job.strategy.scatter_plain(&ctx, &image, &thin)?;
                 thin.sync()?;
                 Ok(h)
             };
@@ -30,6 +32,13 @@ impl Job<'_> {
             Ok(d) => d,
             Err(e) => return Err(self.roll_back_seal_scatter(e)),
         };
+        // The tree is durable before the record that names it (as the key slot is).
+        if let Some(tap) = tap {
+            if let Err(e) = self.record_tree(tap) {
+                let e = self.interrupted(e);
+                return Err(self.roll_back_seal_scatter(e));
+            }
+        }
         self.rec.plain_digest = Some(digest.to_hex().to_string());
         self.wipe()
     }
@@ -148,7 +157,11 @@ impl Job<'_> {
             Err(e) => return Err(self.roll_back_unseal_scatter(e)),
         };
         if self.rec.sealed_digest.as_deref() != Some(digest.as_str()) {
-            let why = format!("the sealed image's BLAKE3 digest is {digest} but the seal record says {}: it was corrupted or tampered with after sealing; it is left sealed as it is", self.rec.sealed_digest.as_deref().unwrap_or("nothing"));
+            let mut why = format!("the sealed image's BLAKE3 digest is {digest} but the seal record says {}: it was corrupted or tampered with after sealing; it is left sealed as it is", self.rec.sealed_digest.as_deref().unwrap_or("nothing"));
+            // With the seal's tree, say where: the image is only read.
+            if let Err(JobError::Verification { why: region, .. }) = self.check_sealed_regions() {
+                why = format!("{region}; {why}");
+            }
             self.abandon_unseal_scatter()?;
             return Err(self.scope().verification(why));
         }
@@ -196,10 +209,16 @@ impl Job<'_> {
         self.progress.pass("gather", self.geometry.disk_bytes());
         let view = self.dense.as_ref().map(|d| d.compacted(&*self.image));
         let plain = view.as_ref().map_or(&*self.image, |v| v as &dyn Disk);
+        // Each region of the plaintext is checked against the seal's tree as the gather
+        // produces it; the image is declared unsealed only if every one matches.
+        let tap = self.check_tap();
         let digest = self
             .sparse(&*thin)
             .and_then(|t| Ok((t, self.sparse(plain)?)))
-            .and_then(|(t, i)| self.strategy.gather_plain(&self.ctx(), &t, &i))
+            .and_then(|(t, i)| {
+                let ctx = self.ctx_with(tap.as_ref());
+                self.strategy.gather_plain(&ctx, &t, &i)
+            })
             .and_then(|d| self.image.sync().map(|()| d))
             .and_then(|d| match &self.dense {
                 Some(dn) => dense::restore_holes(&*self.image, &dn.ranges).map(|()| d),
@@ -209,11 +228,15 @@ impl Job<'_> {
             .to_hex()
             .to_string();
         drop((thin, view));
-        if self.rec.plain_digest.as_deref() != Some(digest.as_str()) {
-            let why = format!(
-                "the unsealed data's BLAKE3 digest is {digest} but the seal record says {}",
-                self.rec.plain_digest.as_deref().unwrap_or("nothing")
-            );
+        let bad_region = self.bad_region(tap);
+        let digest_differs = self.rec.plain_digest.as_deref() != Some(digest.as_str());
+        if bad_region.is_some() || digest_differs {
+            let why = bad_region.unwrap_or_else(|| {
+                format!(
+                    "the unsealed data's BLAKE3 digest is {digest} but the seal record says {}",
+                    self.rec.plain_digest.as_deref().unwrap_or("nothing")
+                )
+            });
             // Put the sealed data back from the thin disk; seal_gather checks it against
             // the seal's digest and never rewrites that digest.
             self.commit(Phase::SealGather)?;

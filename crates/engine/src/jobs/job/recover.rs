@@ -130,24 +130,30 @@ pub fn unseal_with(
             tracing::info!(%image, "rolled back an interrupted seal");
             Outcome::SealRolledBack
         }
+        // A phase that gathers the plaintext checks it region by region: the tree is
+        // loaded and checked against the record's root before anything is written.
         Phase::SealGather => {
             drop(job.open_thin()?);
+            job.load_tree()?;
             job.commit(Phase::UnsealGather)?;
             job.unseal_gather()?;
             Outcome::SealRolledBack
         }
         Phase::Sealed => {
             job.check_fingerprint()?;
+            job.load_tree()?;
             job.unseal_scatter()?;
             job.unseal_gather()?;
             Outcome::Unsealed
         }
         Phase::UnsealScatter => {
+            job.load_tree()?;
             job.unseal_scatter()?;
             job.unseal_gather()?;
             Outcome::Unsealed
         }
         Phase::UnsealGather => {
+            job.load_tree()?;
             job.unseal_gather()?;
             Outcome::Unsealed
         }
@@ -161,10 +167,12 @@ pub fn unseal_with(
     Ok(job.report(outcome, from))
 }
 
-/// Undo a seal that never wrote the image: thin disk, record, then key slot (a slot left
-/// by a crash here has no record and is destroyed by the next seal).
+/// Undo a seal that never wrote the image: thin disk, region digest tree, record, then
+/// key slot (a slot left by a crash here has no record and is destroyed by the next seal;
+/// a tree left so is replaced by the next seal's).
 pub(super) fn drop_seal(storage: &dyn Storage, seal_id: &str) -> Result<(), StoreError> {
     storage.remove_thin(seal_id)?;
+    storage.remove_tree()?;
     storage.remove_record()?;
     storage.destroy_key_slot()
 }

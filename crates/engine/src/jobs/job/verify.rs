@@ -26,14 +26,22 @@ pub fn verify(
     if rec.phase != Phase::Sealed {
         return Err(in_progress(storage, rec.phase));
     }
-    if rec.profile == Profile::Secure && key.is_some() {
-        Keys::resolve(storage, &rec, key)?;
-    }
+    // The region digest tree is of the plaintext, keyed in the secure profile: it is
+    // checked when the key is given, and always in the patent profile.
+    let by_regions = rec.region_tree.is_some() && (rec.profile == Profile::Patent || key.is_some());
+    let keys = match (rec.profile == Profile::Secure && key.is_some()) || by_regions {
+        true => Some(Keys::resolve(storage, &rec, key)?),
+        false => None,
+    };
     let store_err = |source| JobScope(storage).store(source);
     let image = storage.open_image(false).map_err(store_err)?;
     check_size(storage, &rec, &*image)?;
     // Like unseal: a record of another image is named as such, not as tampering.
     check_sealed_fingerprint(storage, &rec, &*image)?;
+    let (image, rec) = match (by_regions, keys) {
+        (true, Some(keys)) => check_regions(storage, rec, key, keys, image, progress)?,
+        _ => (image, rec),
+    };
     progress.pass("verify", rec.image_bytes);
     let scheme = rec.digest_scheme().ok_or_else(|| {
         JobScope(storage).inconsistent(format!("unknown digest scheme {:?}", rec.digest))
@@ -58,6 +66,31 @@ pub fn verify(
         record: rec,
         digest,
     })
+}
+
+/// Every region of the sealed image's plaintext against the seal's region digest tree,
+/// naming the first that does not match; gives the image and record back.
+fn check_regions<'a>(
+    storage: &'a dyn Storage,
+    rec: SealRecord,
+    key: Option<&MasterKey>,
+    keys: Keys,
+    image: Box<dyn Disk>,
+    progress: &'a dyn Progress,
+) -> Result<(Box<dyn Disk>, SealRecord)> {
+    let mut job = Job::with_image(Parts {
+        storage,
+        progress,
+        mac_key: mac_key_for(&rec, key),
+        rec,
+        direction: Direction::Unseal,
+        image,
+        keys,
+        memory_bytes: strategy::DEFAULT_MEMORY_BYTES,
+    })?;
+    job.load_tree()?;
+    job.check_sealed_regions()?;
+    Ok((job.image, job.rec))
 }
 
 /// The digest of `image` (keyed by `key`: the plaintext digest of the secure profile),

@@ -2,7 +2,6 @@
 
 use super::{PassCtx, SequentialWriter, Strategy};
 use crate::store::{Disk, Result};
-use pdguard_core::digest::ImageHasher;
 
 /// The patent's literal method: the disk is read linearly and each sector is written to the
 /// thin disk on its own at the drawn offset (claim 2); the thin disk is read back linearly,
@@ -97,7 +96,7 @@ impl Strategy for Direct {
 fn read_in_order(
     ctx: &PassCtx,
     image: &dyn Disk,
-    mut hasher: ImageHasher,
+    mut hasher: super::PassHasher<'_>,
     mut each: impl FnMut(u64, &mut [u8]) -> Result<()>,
 ) -> Result<blake3::Hash> {
     let (g, s) = (ctx.geometry, ctx.sector());

@@ -36,6 +36,7 @@ use super::Progress;
 use crate::store::{Disk, Result};
 use pdguard_core::cipher::SectorCipher;
 use pdguard_core::digest::{is_zero, DigestScheme, ImageHasher};
+use pdguard_core::region_tree::{RegionHasher, RegionKeys, RegionLayout, RegionTree};
 
 /// Default memory budget of a pass (`--memory`): buffers, windows and read-ahead together.
 pub const DEFAULT_MEMORY_BYTES: u64 = 256 << 20;
@@ -63,17 +64,27 @@ pub struct PassCtx<'a> {
     /// moved (buffer and I/O sizes), never where they go: the layout depends only on the
     /// geometry in the record.
     pub memory_bytes: u64,
+    /// The region digest tree of the plaintext, made beside the plaintext digest by the
+    /// plain pass that gets it (seal scatter, unseal gather); `None`: no tree.
+    pub regions: Option<&'a RegionTap>,
 }
 
-impl PassCtx<'_> {
-    /// The hasher of the plaintext digest: keyed in the secure profile.
-    fn plain_hasher(&self) -> ImageHasher {
-        ImageHasher::new(self.digest, self.digest_key)
+impl<'a> PassCtx<'a> {
+    /// The hasher of the plaintext digest: keyed in the secure profile; it feeds the
+    /// region tree too when the job asked for one.
+    fn plain_hasher(&self) -> PassHasher<'a> {
+        PassHasher {
+            image: ImageHasher::new(self.digest, self.digest_key),
+            regions: self.regions.map(|tap| (tap, tap.take())),
+        }
     }
 
     /// The hasher of the sealed image's digest: never keyed (anyone may verify it).
-    fn sealed_hasher(&self) -> ImageHasher {
-        ImageHasher::new(self.digest, None)
+    fn sealed_hasher(&self) -> PassHasher<'a> {
+        PassHasher {
+            image: ImageHasher::new(self.digest, None),
+            regions: None,
+        }
     }
 
     /// `E`: encrypt one sector in place for thin slot `slot` (nothing in the patent profile;
@@ -88,7 +99,7 @@ impl PassCtx<'_> {
 
     /// `D`, the inverse of [`encrypt`](Self::encrypt). With `keep_holes`, a sealed sector of
     /// zeros is a hole: its ciphertext would be all zeros with probability `2^-(8 S)`.
-    fn decrypt(&self, slot: u64, sector: &mut [u8]) {
+    pub(crate) fn decrypt(&self, slot: u64, sector: &mut [u8]) {
         if let Some(c) = self.cipher {
             if !(self.keep_holes && is_zero(sector)) {
                 c.decrypt(slot, sector);
@@ -154,11 +165,11 @@ struct SequentialWriter<'a> {
     image: &'a dyn Disk,
     buf: Vec<u8>,
     next: u64,
-    hasher: ImageHasher,
+    hasher: PassHasher<'a>,
 }
 
 impl<'a> SequentialWriter<'a> {
-    fn new(ctx: &'a PassCtx<'a>, image: &'a dyn Disk, hasher: ImageHasher) -> Self {
+    fn new(ctx: &'a PassCtx<'a>, image: &'a dyn Disk, hasher: PassHasher<'a>) -> Self {
         Self {
             ctx,
             image,
@@ -193,5 +204,163 @@ impl<'a> SequentialWriter<'a> {
         self.flush()?;
         debug_assert_eq!(self.next, self.ctx.geometry.sectors());
         Ok(self.hasher.finalize())
+    }
+}
+
+/// What a pass hashes in image order: the image digest, and beside it (a plain pass of a
+/// job that asked for it) the region digest tree.
+pub(crate) struct PassHasher<'a> {
+    image: ImageHasher,
+    regions: Option<(&'a RegionTap, Option<RegionFeed>)>,
+}
+
+impl PassHasher<'_> {
+    pub(crate) fn update(&mut self, bytes: &[u8]) {
+        self.image.update(bytes);
+        if let Some((_, Some(feed))) = &mut self.regions {
+            feed.update(bytes);
+        }
+    }
+
+    pub(crate) fn update_zeros(&mut self, len: u64) {
+        self.image.update_zeros(len);
+        if let Some((_, Some(feed))) = &mut self.regions {
+            feed.update_zeros(len);
+        }
+    }
+
+    /// The image digest; the region hasher goes back to its tap, for the job to finish.
+    pub(crate) fn finalize(self) -> blake3::Hash {
+        if let Some((tap, Some(feed))) = self.regions {
+            tap.put(feed);
+        }
+        self.image.finalize()
+    }
+}
+
+/// The region hasher of a plain pass, fed in the original image's coordinates: a dense
+/// seal's passes see the compacted image (its data extents end to end), so the holes
+/// between the extents are fed as zeros.
+pub(crate) struct RegionFeed {
+    hasher: RegionHasher,
+    /// Dense placement: the original's data extents (bytes, whole sectors), ascending.
+    extents: Option<Vec<std::ops::Range<u64>>>,
+    /// The extent being fed, and bytes of it fed so far.
+    at: usize,
+    into: u64,
+    /// Bytes of the original fed so far.
+    fed: u64,
+}
+
+impl RegionFeed {
+    fn update(&mut self, mut bytes: &[u8]) {
+        if self.extents.is_none() {
+            self.hasher.update(bytes);
+            return;
+        }
+        while !bytes.is_empty() {
+            let Some(e) = self.extent() else {
+                // Past the compacted image: the hasher counts it and `finish` refuses it.
+                self.hasher.update(bytes);
+                return;
+            };
+            if self.into == 0 && e.start > self.fed {
+                self.hasher.update_zeros(e.start - self.fed);
+                self.fed = e.start;
+            }
+            let room = e.end - e.start - self.into;
+            let n = usize::try_from(room).map_or(bytes.len(), |r| r.min(bytes.len()));
+            let (piece, rest) = bytes.split_at(n);
+            self.hasher.update(piece);
+            self.step(n as u64);
+            bytes = rest;
+        }
+    }
+
+    fn update_zeros(&mut self, mut len: u64) {
+        if self.extents.is_none() {
+            self.hasher.update_zeros(len);
+            return;
+        }
+        while len > 0 {
+            let Some(e) = self.extent() else {
+                self.hasher.update_zeros(len);
+                return;
+            };
+            if self.into == 0 && e.start > self.fed {
+                self.hasher.update_zeros(e.start - self.fed);
+                self.fed = e.start;
+            }
+            let n = (e.end - e.start - self.into).min(len);
+            self.hasher.update_zeros(n);
+            self.step(n);
+            len -= n;
+        }
+    }
+
+    /// The extent being fed, `None` past the last.
+    fn extent(&self) -> Option<std::ops::Range<u64>> {
+        self.extents.as_ref()?.get(self.at).cloned()
+    }
+
+    fn step(&mut self, n: u64) {
+        self.into += n;
+        self.fed += n;
+        let done = self
+            .extents
+            .as_ref()
+            .and_then(|x| x.get(self.at))
+            .is_some_and(|e| self.into == e.end - e.start);
+        if done {
+            self.at += 1;
+            self.into = 0;
+        }
+    }
+}
+
+/// Where a job hands a region hasher to a plain pass and takes it back, fed, when the
+/// pass is over (the pass's threads own it meanwhile).
+pub struct RegionTap {
+    feed: std::sync::Mutex<Option<RegionFeed>>,
+    image_bytes: u64,
+}
+
+impl RegionTap {
+    /// A tap for the tree of an image cut as `layout`, keyed by `keys`; with `extents`
+    /// (dense placement) the pass sees the compacted image of those extents.
+    pub fn new(
+        layout: RegionLayout,
+        keys: RegionKeys,
+        extents: Option<Vec<std::ops::Range<u64>>>,
+    ) -> Self {
+        Self {
+            feed: std::sync::Mutex::new(Some(RegionFeed {
+                hasher: RegionHasher::new(layout, keys),
+                extents,
+                at: 0,
+                into: 0,
+                fed: 0,
+            })),
+            image_bytes: layout.image_bytes(),
+        }
+    }
+
+    fn take(&self) -> Option<RegionFeed> {
+        self.feed.lock().unwrap_or_else(|p| p.into_inner()).take()
+    }
+
+    fn put(&self, feed: RegionFeed) {
+        *self.feed.lock().unwrap_or_else(|p| p.into_inner()) = Some(feed);
+    }
+
+    /// The tree and its root, once a pass fed every byte of the image; `None` if no pass
+    /// handed the hasher back or it was fed another length than the image's.
+    pub fn finish(self) -> Option<(RegionTree, [u8; 32])> {
+        let mut feed = self.feed.into_inner().unwrap_or_else(|p| p.into_inner())?;
+        // The original's hole after its last extent.
+        if feed.extents.is_some() && feed.fed < self.image_bytes {
+            feed.hasher.update_zeros(self.image_bytes - feed.fed);
+        }
+        feed.hasher.finish().ok()
     }
 }

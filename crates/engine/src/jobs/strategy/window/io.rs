@@ -30,7 +30,7 @@ pub(super) fn read_sequential(
     depth: usize,
     back: Receiver<Vec<u8>>,
     out: SyncSender<Chunk>,
-    mut hasher: Option<ImageHasher>,
+    mut hasher: Option<PassHasher<'_>>,
 ) -> Result<Option<blake3::Hash>> {
     let map = disk.data_map()?;
     let mut made = 0;
@@ -82,7 +82,7 @@ pub(super) fn write_jobs(
     disk: &dyn Disk,
     jobs: Receiver<Out>,
     back: Sender<Vec<u8>>,
-    mut hasher: Option<ImageHasher>,
+    mut hasher: Option<PassHasher<'_>>,
 ) -> Result<Option<blake3::Hash>> {
     let mut behind = WriteBehind::default();
     let put = |bytes: &[u8], off: u64, behind: &mut WriteBehind| -> Result<()> {

@@ -68,10 +68,9 @@ use std::sync::{Arc, Mutex};
 use std::thread::{self, Scope, ScopedJoinHandle};
 use std::time::Instant;
 
-use pdguard_core::digest::ImageHasher;
 use pdguard_core::Geometry;
 
-use super::{PassCtx, Strategy};
+use super::{PassCtx, PassHasher, Strategy};
 use crate::store::{Disk, Result, StoreError};
 
 mod budget;

@@ -15,7 +15,7 @@ pub(super) fn read_plans(
     plans: Receiver<Arc<Plan>>,
     back: Receiver<Vec<u8>>,
     out: SyncSender<Piece>,
-    mut hasher: Option<ImageHasher>,
+    mut hasher: Option<PassHasher<'_>>,
 ) -> Result<Option<blake3::Hash>> {
     let s = lay.sector;
     let map = src.data_map()?;

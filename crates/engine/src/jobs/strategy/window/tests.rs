@@ -56,6 +56,7 @@ fn a_job_evaluates_the_placement_once_when_the_budget_allows() {
             keep_holes: false,
             progress: &NoProgress,
             memory_bytes: memory,
+            regions: None,
         };
         let w = Window::default();
         let run = |f: &dyn Fn() -> Result<blake3::Hash>| {
