@@ -26,7 +26,7 @@ use std::time::Duration;
 
 use openssl::error::ErrorStack;
 use openssl::ssl::{
-    ErrorCode, Ssl, SslContext, SslContextBuilder, SslMethod, SslMode, SslStream, SslVerifyMode,
+    ErrorCode, Ssl, SslContext, SslContextBuilder, SslMethod, SslStream, SslVerifyMode,
 };
 use openssl::x509::X509;
 use pdguard_engine::store::safe_open::{self, How, SafeOpenError};
@@ -166,13 +166,14 @@ fn certs(path: &Path, pem: &[u8]) -> Result<Vec<X509>, TlsError> {
     Ok(certs)
 }
 
-/// A server context: TLS 1.2 at least; a write may end after a whole record (the caller
-/// writes the rest).
+/// A server context: TLS 1.2 at least. Records go to memory, which always takes them, so a
+/// write encrypts all it is given in one call; records are read ahead (one call takes
+/// every record received, not one header and one body at a time).
 fn server_builder() -> Result<SslContextBuilder, TlsError> {
     let mut b = SslContextBuilder::new(SslMethod::tls_server()).map_err(ossl("OpenSSL"))?;
     b.set_min_proto_version(Some(openssl::ssl::SslVersion::TLS1_2))
         .map_err(ossl("OpenSSL"))?;
-    b.set_mode(SslMode::ENABLE_PARTIAL_WRITE);
+    b.set_read_ahead(true);
     Ok(b)
 }
 
@@ -439,7 +440,14 @@ impl Session {
         let mut s = self.lock();
         let r = f(&mut s);
         if let Some(out) = out {
-            out.append(&mut s.get_mut().outbound);
+            let made = &mut s.get_mut().outbound;
+            if out.is_empty() {
+                // The usual case: hand the records over without copying them (the empty
+                // buffer, with its capacity, takes their place).
+                std::mem::swap(out, made);
+            } else {
+                out.append(made);
+            }
         }
         match r {
             Ok(v) => Ok(Step::Done(v)),

@@ -105,6 +105,41 @@ struct Shared {
     disk: String,
     id: String,
     budget: Budget,
+    /// WRITE payload buffers to reuse.
+    spares: Spares,
+}
+
+/// WRITE payload buffers of at most [`KEEP_SCRATCH`] bytes, kept for the next WRITEs: no
+/// allocation and no zeroing per small WRITE (its payload overwrites the buffer whole
+/// before it is used). At most [`SPARES`] are kept; a connection's memory stays its budget
+/// plus these.
+#[derive(Default)]
+struct Spares(Mutex<Vec<Vec<u8>>>);
+
+/// Most payload buffers a connection keeps (8 MiB at most).
+const SPARES: usize = 32;
+
+impl Spares {
+    /// A buffer of `len` bytes; its content is whatever it held before.
+    fn take(&self, len: usize) -> Vec<u8> {
+        let mut b = if len <= KEEP_SCRATCH {
+            lock(&self.0).pop().unwrap_or_default()
+        } else {
+            Vec::new()
+        };
+        // Shrinking keeps the capacity; growing zeroes only the new part.
+        b.resize(len, 0);
+        b
+    }
+
+    fn give(&self, b: Vec<u8>) {
+        if b.capacity() <= KEEP_SCRATCH && b.capacity() > 0 {
+            let mut s = lock(&self.0);
+            if s.len() < SPARES {
+                s.push(b);
+            }
+        }
+    }
 }
 
 struct Receiver {
@@ -150,6 +185,7 @@ pub async fn run(
         disk: agreed.export.name.clone(),
         id: id.to_string(),
         budget: Budget::new(BUDGET_BYTES),
+        spares: Spares::default(),
         backend: agreed.backend,
     });
     let (tx, mut rx) = tokio::sync::oneshot::channel();
@@ -259,7 +295,7 @@ fn next_request(r: &mut Receiver, ctx: &Shared) -> Result<Option<Job>, ConnError
         ctx.budget.acquire(cost);
         let mut payload = Vec::new();
         if req.cmd == Command::Write {
-            payload.resize(req.len as usize, 0);
+            payload = ctx.spares.take(req.len as usize);
             if let Err(e) = r.inbox.read_exact_sync(&mut r.sock, &mut payload) {
                 ctx.budget.release(cost);
                 return Err(e.into());
@@ -314,7 +350,7 @@ fn run_job(ctx: &Shared, mut job: Job, scratch: &mut Vec<u8>) {
             Err(r) => reply_error(ctx, &req, &r),
         }
     };
-    drop(job.payload);
+    ctx.spares.give(job.payload);
     ctx.budget.release(job.cost);
     if let Err(e) = sent {
         tracing::debug!(error = %e, "cannot send a reply; the client is gone");
