@@ -280,26 +280,14 @@ impl<'a> Job<'a> {
                 rec.strategy
             ))
         })?;
-        let kind = rec
-            .placement_kind()
-            .ok_or_else(|| scope.inconsistent(format!("unknown placement {:?}", rec.placement)))?;
-        let digest = rec
-            .digest_scheme()
-            .ok_or_else(|| scope.inconsistent(format!("unknown digest scheme {:?}", rec.digest)))?;
         let image_geometry =
             Geometry::with_slots(rec.sectors, rec.sectors, rec.sector_size, rec.word_length)
                 .map_err(|e| scope.inconsistent(e.to_string()))?;
-        let dense = open_dense(storage, &rec, &keys)?;
-        let placement = placement::build(
-            kind,
-            &keys.placement_key,
-            geometry.sectors(),
-            geometry.thin_sectors(),
-        )
-        .map_err(|source| JobError::Placement {
-            image: scope.image(),
-            source,
-        })?;
+        let Named {
+            digest,
+            dense,
+            placement,
+        } = named_by_record(storage, &rec, &keys, &geometry)?;
         Ok(Self {
             storage,
             progress,

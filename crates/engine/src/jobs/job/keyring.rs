@@ -91,6 +91,45 @@ impl Keys {
     }
 }
 
+/// What a record names beyond its geometry, each checked: the digest scheme, the dense
+/// map, and the placement built from its key over `geometry`'s sectors.
+pub(super) struct Named {
+    pub digest: DigestScheme,
+    pub dense: Option<Dense>,
+    pub placement: Box<dyn Placement>,
+}
+
+pub(super) fn named_by_record(
+    storage: &dyn Storage,
+    rec: &SealRecord,
+    keys: &Keys,
+    geometry: &Geometry,
+) -> Result<Named> {
+    let scope = JobScope(storage);
+    let kind = rec
+        .placement_kind()
+        .ok_or_else(|| scope.inconsistent(format!("unknown placement {:?}", rec.placement)))?;
+    let digest = rec
+        .digest_scheme()
+        .ok_or_else(|| scope.inconsistent(format!("unknown digest scheme {:?}", rec.digest)))?;
+    let dense = open_dense(storage, rec, keys)?;
+    let placement = placement::build(
+        kind,
+        &keys.placement_key,
+        geometry.sectors(),
+        geometry.thin_sectors(),
+    )
+    .map_err(|source| JobError::Placement {
+        image: scope.image(),
+        source,
+    })?;
+    Ok(Named {
+        digest,
+        dense,
+        placement,
+    })
+}
+
 /// The data map of a dense seal, decrypted and checked against the record.
 pub(super) fn open_dense(
     storage: &dyn Storage,

@@ -42,23 +42,11 @@ pub(crate) fn open_for_reclaim(
     let geometry = rec
         .geometry()
         .map_err(|e| scope.inconsistent(e.to_string()))?;
-    let kind = rec
-        .placement_kind()
-        .ok_or_else(|| scope.inconsistent(format!("unknown placement {:?}", rec.placement)))?;
-    let digest = rec
-        .digest_scheme()
-        .ok_or_else(|| scope.inconsistent(format!("unknown digest scheme {:?}", rec.digest)))?;
-    let dense = open_dense(storage, &rec, &keys)?;
-    let placement = placement::build(
-        kind,
-        &keys.placement_key,
-        geometry.sectors(),
-        geometry.thin_sectors(),
-    )
-    .map_err(|source| JobError::Placement {
-        image: scope.image(),
-        source,
-    })?;
+    let Named {
+        digest,
+        dense,
+        placement,
+    } = named_by_record(storage, &rec, &keys, &geometry)?;
     let opened = SealOpened {
         _lock: lock,
         mac_key: mac_key_for(&rec, key),
