@@ -4,32 +4,16 @@
 
 mod common;
 
-use std::io::{Read, Write};
-use std::net::TcpStream;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
-use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use common::*;
 use serde_json::Value;
 
-/// Send raw bytes, read the whole answer: (status, JSON body or Null).
-fn exchange(mut s: impl Read + Write, request: &[u8]) -> (u16, Value) {
-    let _ = s.write_all(request);
-    let mut out = Vec::new();
-    let _ = s.read_to_end(&mut out);
-    let text = String::from_utf8_lossy(&out).into_owned();
-    let status = text
-        .split(' ')
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    let body = text
-        .split_once("\r\n\r\n")
-        .and_then(|x| serde_json::from_str(x.1).ok())
-        .unwrap_or(Value::Null);
-    (status, body)
+/// Status and JSON body (or Null) of one raw exchange.
+fn json_answer((status, body): (u16, String)) -> (u16, Value) {
+    (status, serde_json::from_str(&body).unwrap_or(Value::Null))
 }
 
 /// One HTTP request with the given extra header lines (each ending in \r\n).
@@ -42,15 +26,11 @@ fn request(method: &str, path: &str, headers: &str, body: &str) -> Vec<u8> {
 }
 
 fn tcp(addr: &str, req: &[u8]) -> (u16, Value) {
-    let s = TcpStream::connect(addr).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-    exchange(s, req)
+    json_answer(http::over_tcp(addr, req, Duration::from_secs(30)))
 }
 
 fn unix(sock: &Path, req: &[u8]) -> (u16, Value) {
-    let s = UnixStream::connect(sock).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-    exchange(s, req)
+    json_answer(http::over_unix(sock, req))
 }
 
 fn token_of(path: &Path) -> String {

@@ -8,6 +8,7 @@ use rand::{Rng, SeedableRng};
 use serde_json::Value;
 
 pub mod daemon;
+pub mod http;
 #[allow(unused_imports)]
 pub use daemon::{Daemon, Serve};
 
