@@ -61,6 +61,22 @@ fn cases() -> Vec<(&'static str, SealOptions, bool)> {
     ]
 }
 
+/// A test image: with holes (a dense seal's case) or random throughout.
+fn test_image(rng: &mut StdRng, holes: bool) -> Vec<u8> {
+    if holes {
+        holey(rng)
+    } else {
+        image(rng)
+    }
+}
+
+/// `img` sealed with `o` in a simulated store.
+fn sealed(img: &[u8], o: &SealOptions) -> SimStorage {
+    let s = SimStorage::new(img.to_vec());
+    seal(&s, o, &NoProgress).unwrap();
+    s
+}
+
 fn key(o: &SealOptions) -> Option<&MasterKey> {
     o.master_key.as_ref()
 }
@@ -79,13 +95,8 @@ fn rewrite(s: &SimStorage, o: &SealOptions, edit: impl FnOnce(&mut SealRecord)) 
 fn the_region_tree_is_recorded_and_every_seal_round_trips() {
     let mut rng = StdRng::seed_from_u64(180);
     for (what, o, holes) in cases() {
-        let img = if holes {
-            holey(&mut rng)
-        } else {
-            image(&mut rng)
-        };
-        let s = SimStorage::new(img.clone());
-        seal(&s, &o, &NoProgress).unwrap();
+        let img = test_image(&mut rng, holes);
+        let s = sealed(&img, &o);
         let rec = record(&s).unwrap();
         assert_eq!(rec.version, 4, "{what}");
         assert_eq!(rec.dense.is_some(), holes, "{what}");
@@ -152,11 +163,7 @@ fn named_region(message: &str) -> u64 {
 fn a_corrupted_sealed_sector_fails_the_unseal_naming_its_region() {
     let mut rng = StdRng::seed_from_u64(181);
     for (what, o, holes) in cases() {
-        let img = if holes {
-            holey(&mut rng)
-        } else {
-            image(&mut rng)
-        };
+        let img = test_image(&mut rng, holes);
         let s = SimStorage::new(img);
         seal(&s, &o, &NoProgress).unwrap();
         let sector = u64::from(record(&s).unwrap().sector_size);
@@ -206,21 +213,12 @@ fn a_corrupted_sealed_sector_fails_the_unseal_naming_its_region() {
 fn a_damaged_edited_swapped_or_missing_tree_is_refused_before_any_write() {
     let mut rng = StdRng::seed_from_u64(182);
     for (what, o, holes) in cases() {
-        let img = if holes {
-            holey(&mut rng)
-        } else {
-            image(&mut rng)
-        };
-        let s = SimStorage::new(img.clone());
-        seal(&s, &o, &NoProgress).unwrap();
+        let img = test_image(&mut rng, holes);
+        let s = sealed(&img, &o);
         // A seal of another image of the same size: a tree of the same geometry, another
         // root. (Another seal of the same image in the patent profile has the same tree:
         // unkeyed leaves of the same plaintext.)
-        let other = SimStorage::new(if holes {
-            holey(&mut rng)
-        } else {
-            image(&mut rng)
-        });
+        let other = SimStorage::new(test_image(&mut rng, holes));
         seal(&other, &o, &NoProgress).unwrap();
         let good = s.tree().unwrap();
         let with_sum = |mut t: Vec<u8>| {
@@ -284,13 +282,8 @@ fn a_damaged_edited_swapped_or_missing_tree_is_refused_before_any_write() {
 fn a_record_without_a_region_tree_unseals_as_before() {
     let mut rng = StdRng::seed_from_u64(183);
     for (what, o, holes) in cases() {
-        let img = if holes {
-            holey(&mut rng)
-        } else {
-            image(&mut rng)
-        };
-        let s = SimStorage::new(img.clone());
-        seal(&s, &o, &NoProgress).unwrap();
+        let img = test_image(&mut rng, holes);
+        let s = sealed(&img, &o);
         // As a pdguard of before the tree wrote it: no field, no file.
         rewrite(&s, &o, |r| r.region_tree = None);
         s.set_tree(None);
@@ -298,8 +291,7 @@ fn a_record_without_a_region_tree_unseals_as_before() {
         unseal(&s, key(&o), &NoProgress).unwrap_or_else(|e| panic!("{what}: {e}"));
         assert!(s.image() == img, "{what}");
         // A damaged one is still caught, by the whole-image digests.
-        let s = SimStorage::new(img.clone());
-        seal(&s, &o, &NoProgress).unwrap();
+        let s = sealed(&img, &o);
         rewrite(&s, &o, |r| r.region_tree = None);
         s.set_tree(None);
         let j = victim(&s);
@@ -362,16 +354,11 @@ fn the_root_and_region_count_are_covered_by_the_record_mac() {
 fn a_thin_disk_damaged_before_the_gather_fails_naming_the_region() {
     let mut rng = StdRng::seed_from_u64(185);
     for (what, o, holes) in cases() {
-        let img = if holes {
-            holey(&mut rng)
-        } else {
-            image(&mut rng)
-        };
+        let img = test_image(&mut rng, holes);
         // An I/O error late in the gather leaves the record in unseal-gather: the last
         // steps of an unseal are its gather's last writes, then the record and cleanup.
         let steps = {
-            let s = SimStorage::new(img.clone());
-            seal(&s, &o, &NoProgress).unwrap();
+            let s = sealed(&img, &o);
             let before = s.steps();
             unseal(&s, key(&o), &NoProgress).unwrap();
             s.steps() - before
@@ -379,8 +366,7 @@ fn a_thin_disk_damaged_before_the_gather_fails_naming_the_region() {
         let s = (1..steps)
             .rev()
             .find_map(|step| {
-                let s = SimStorage::new(img.clone());
-                seal(&s, &o, &NoProgress).unwrap();
+                let s = sealed(&img, &o);
                 s.arm(step, Fault::Eio);
                 let r = unseal(&s, key(&o), &NoProgress);
                 s.disarm();
