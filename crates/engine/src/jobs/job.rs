@@ -65,6 +65,7 @@ pub use recover::{seal, unseal, unseal_with};
 pub use rescue::{rescue, RescueReport};
 use scope::JobScope;
 pub use shred::{shred, shred_report, ShredReport, SlotFate};
+pub use tree::load_tree_for_migration;
 use verify::*;
 pub use verify::{verify, VerifyReport};
 
