@@ -116,6 +116,13 @@ pub struct UnsealArgs {
     /// With --force: a new file for the plaintext (never overwritten; mode 0600).
     #[arg(long, value_name = "FILE", requires = "force")]
     pub output: Option<PathBuf>,
+    /// Unseal the way an instant reclaim does, region by region: the sealed image is
+    /// copied to PATH.pdguard.evacuation beside the record, then each region is moved to
+    /// its plain place, checked against the seal's region digest tree, and recorded in
+    /// the moved map PATH.pdguard.moved. (A record already in phase migrating, a reclaim
+    /// whose daemon stopped, is finished this way without the flag.)
+    #[arg(long, conflicts_with_all = ["force", "thin_dir"])]
+    pub instant: bool,
     #[command(flatten)]
     pub memory: MemoryArg,
 }
@@ -198,7 +205,7 @@ pub fn run(cmd: &ImageCommand, cli: &Cli) -> Result<(), CliError> {
         ImageCommand::Seal(a) => seal(a, cli),
         ImageCommand::Unseal(a) => match &a.output {
             Some(out) if a.force => super::rescue::run(&a.target, out, a.memory.bytes, cli),
-            _ => unseal(&a.target, a.memory.bytes, cli),
+            _ => unseal(&a.target, a.instant, a.memory.bytes, cli),
         },
         ImageCommand::Verify(a) => verify(&a.located.target(a.key_file.as_deref()), cli),
         ImageCommand::Inspect(l) => inspect(&l.target(None), cli),
@@ -311,22 +318,57 @@ fn seal(a: &SealArgs, cli: &Cli) -> Result<(), CliError> {
     let t0 = Instant::now();
     let r = jobs::seal(&st, &opts, &bar);
     bar.finish();
-    report("seal", st.image_path(), &r?, t0, cli);
+    report("seal", st.image_path(), &r?, None, t0, cli);
     Ok(())
 }
 
-fn unseal(t: &Target, memory_bytes: u64, cli: &Cli) -> Result<(), CliError> {
+fn unseal(t: &Target, instant: bool, memory_bytes: u64, cli: &Cli) -> Result<(), CliError> {
     let st = storage(t)?;
-    let key = key_for(t, &jobs::inspect(&st)?)?;
+    let rec = jobs::inspect(&st)?;
+    let key = key_for(t, &rec)?;
+    if instant || rec.phase == Phase::Migrating {
+        return unseal_by_regions(&st, key.as_ref(), instant, memory_bytes, cli);
+    }
     let bar = Bar::new(cli.quiet);
     let t0 = Instant::now();
     let r = jobs::unseal_with(&st, key.as_ref(), &bar, memory_bytes);
     bar.finish();
-    report("unseal", st.image_path(), &r?, t0, cli);
+    report("unseal", st.image_path(), &r?, None, t0, cli);
     Ok(())
 }
 
-fn report(command: &str, image: &Path, r: &JobReport, t0: Instant, cli: &Cli) {
+/// An instant reclaim's migration driven to its end here: resumed from phase `migrating`,
+/// or (`start`, `--instant`) started on a sealed image. The move pass holds a window of
+/// plaintext and reads the evacuation copy in runs for it: half the memory budget each.
+fn unseal_by_regions(
+    st: &ImageStorage,
+    key: Option<&MasterKey>,
+    start: bool,
+    memory_bytes: u64,
+    cli: &Cli,
+) -> Result<(), CliError> {
+    let bar = std::sync::Arc::new(Bar::new(cli.quiet));
+    let opts = jobs::OfflineReclaim {
+        start,
+        window_bytes: (memory_bytes / 2).max(1),
+    };
+    let t0 = Instant::now();
+    let r = jobs::reclaim_offline(st, key, bar.clone(), &opts);
+    bar.finish();
+    let r = r?;
+    report("unseal", st.image_path(), &r.job, Some(&r), t0, cli);
+    Ok(())
+}
+
+/// `by_regions`: the unseal was an instant reclaim's migration, driven here.
+fn report(
+    command: &str,
+    image: &Path,
+    r: &JobReport,
+    by_regions: Option<&jobs::OfflineReport>,
+    t0: Instant,
+    cli: &Cli,
+) {
     let secs = t0.elapsed().as_secs_f64();
     let rec = &r.record;
     if cli.json {
@@ -347,13 +389,20 @@ fn report(command: &str, image: &Path, r: &JobReport, t0: Instant, cli: &Cli) {
             "plain_digest": rec.plain_digest,
             "sealed_digest": rec.sealed_digest,
             "seconds": secs,
+            "instant": by_regions.is_some(),
+            "regions": by_regions.map(|b| b.regions),
+            "dirty_regions": by_regions.map(|b| b.dirty_regions),
         });
         out!("{v}");
         return;
     }
-    let resumed = match r.resumed_from {
-        Some(p) => format!(" (found an interrupted job in phase {})", p.name()),
-        None => String::new(),
+    let resumed = match (r.resumed_from, by_regions) {
+        (Some(Phase::Migrating), _) => {
+            " (finished the instant reclaim found in phase migrating)".to_string()
+        }
+        (Some(p), _) => format!(" (found an interrupted job in phase {})", p.name()),
+        (None, Some(_)) => " (region by region, as an instant reclaim)".to_string(),
+        (None, None) => String::new(),
     };
     let what = match r.outcome {
         jobs::Outcome::Sealed => "sealed",
@@ -369,6 +418,13 @@ fn report(command: &str, image: &Path, r: &JobReport, t0: Instant, cli: &Cli) {
         rec.profile.name(),
         rec.placement
     );
+    if let Some(b) = by_regions.filter(|b| b.dirty_regions > 0) {
+        out!(
+            "  {} of {} regions were written by the disk's user during the reclaim: each was checked against the seal's region digest tree when it was moved, and holds the user's data since",
+            b.dirty_regions,
+            b.regions
+        );
+    }
 }
 
 fn verify(t: &Target, cli: &Cli) -> Result<(), CliError> {
@@ -440,7 +496,7 @@ fn shreddable(image: &str, rec: &SealRecord) -> Result<(), CliError> {
     match rec.phase {
         Phase::Sealed | Phase::Shredding => Ok(()),
         Phase::Shredded => Err(jobs::JobError::Shredded { image }.into()),
-        Phase::Migrating => Err(jobs::JobError::Reclaiming { image }.into()),
+        Phase::Migrating => Err(jobs::JobError::ShredReclaiming { image }.into()),
         phase => Err(jobs::JobError::InProgress {
             image,
             phase: phase.name(),

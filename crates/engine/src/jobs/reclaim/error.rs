@@ -63,4 +63,16 @@ pub enum ReclaimError {
     NotComplete { image: String, left: u64 },
 }
 
+impl ReclaimError {
+    /// True for a failed integrity check (exit code 3 in the CLI contract): a region that
+    /// does not match its leaf, the end's digest, or a tree or seal refused as such.
+    pub fn is_verification(&self) -> bool {
+        match self {
+            Self::Region { .. } | Self::Verification { .. } => true,
+            Self::Job(e) => e.is_verification(),
+            _ => false,
+        }
+    }
+}
+
 pub type Result<T, E = ReclaimError> = std::result::Result<T, E>;

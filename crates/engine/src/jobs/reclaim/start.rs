@@ -18,7 +18,7 @@ use pdguard_core::moved_map::{MapIdentity, MapKey, MovedMap, RegionState};
 use pdguard_core::record::{MIGRATING_VERSION, RECORD_VERSION};
 use pdguard_core::region_tree::{RegionKeys, RegionLayout, RegionTree, REGION_BYTES};
 use pdguard_core::sealed_address::SealedAddress;
-use pdguard_core::Phase;
+use pdguard_core::{Phase, SealRecord};
 
 use super::moved_file::{MovedFile, MovedFileError};
 use super::{Migration, ReclaimError, Result, Shared};
@@ -54,6 +54,8 @@ pub struct Finished {
     pub plain_digest: String,
     /// The migration was found in phase `migrating` and resumed.
     pub resumed: bool,
+    /// The record as last written (phase `unsealed`, version 4) before it was deleted.
+    pub record: SealRecord,
 }
 
 impl Migration {
@@ -118,6 +120,7 @@ impl Migration {
             }),
             changed: Condvar::new(),
             resumed,
+            progress: None,
             seal,
         })
     }
@@ -175,6 +178,7 @@ impl Migration {
             dirty_regions: dirty,
             plain_digest: have,
             resumed: self.resumed,
+            record: self.seal.rec,
         })
     }
 }
