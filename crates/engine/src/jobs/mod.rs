@@ -15,9 +15,9 @@ pub mod strategy;
 pub use error::{JobError, Result};
 pub use job::{
     inspect, load_tree_for_migration, migrate, reclaim_offline, rescue, seal, shred, shred_report,
-    unseal, unseal_with, verify, Direction, JobReport, MigrateReport, OfflineReclaim,
-    OfflineReport, Outcome, RescueReport, SealOptions, ShredReport, SlotFate, VerifyReport,
-    MIGRATE_PASS,
+    unseal, unseal_with, verify, verify_migrating, Direction, JobReport, MigrateReport,
+    OfflineReclaim, OfflineReport, Outcome, RescueReport, SealOptions, ShredReport, SlotFate,
+    VerifyReport, MIGRATE_PASS,
 };
 
 /// Receives progress of a job; the CLI draws a bar from it, the daemon exports it.

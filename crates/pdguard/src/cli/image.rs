@@ -18,9 +18,11 @@ use super::{Cli, CliError};
 pub enum ImageCommand {
     /// Seal an image in place: every sector moved to a pseudo-random place through a thin disk.
     Seal(SealArgs),
-    /// Restore a sealed image bit-exact and check it against the seal-time digest.
+    /// Restore a sealed image bit-exact and check it against the seal-time digest; also
+    /// finishes an instant reclaim that no daemon serves any more (phase migrating).
     Unseal(UnsealArgs),
-    /// Check a sealed image against its record without unsealing it (exit 3 on mismatch).
+    /// Check a sealed image against its record without unsealing it (exit 3 on mismatch);
+    /// an image being reclaimed (phase migrating), region by region.
     Verify(VerifyArgs),
     /// Print the seal record of an image (never a secret).
     Inspect(Located),
@@ -429,13 +431,13 @@ fn report(
 
 fn verify(t: &Target, cli: &Cli) -> Result<(), CliError> {
     let st = storage(t)?;
+    let rec = jobs::inspect(&st)?;
+    if rec.phase == Phase::Migrating {
+        return verify_migrating(t, &st, &rec, cli);
+    }
     // The key is checked only when one is named: verifying the sealed bytes needs none.
     let named = t.key_file.is_some() || std::env::var_os(keyfile::KEY_FILE_ENV).is_some();
-    let key = if named {
-        key_for(t, &jobs::inspect(&st)?)?
-    } else {
-        None
-    };
+    let key = if named { key_for(t, &rec)? } else { None };
     let bar = Bar::new(cli.quiet);
     let r = jobs::verify(&st, key.as_ref(), &bar);
     bar.finish();
@@ -458,6 +460,46 @@ fn verify(t: &Target, cli: &Cli) -> Result<(), CliError> {
     Ok(())
 }
 
+/// `verify` of an instant reclaim nobody serves: each region against its leaf where the
+/// moved map says it is. Needs the key in the secure profile (the map and tree are keyed).
+fn verify_migrating(
+    t: &Target,
+    st: &ImageStorage,
+    rec: &SealRecord,
+    cli: &Cli,
+) -> Result<(), CliError> {
+    let key = key_for(t, rec)?;
+    let bar = Bar::new(cli.quiet);
+    let r = jobs::verify_migrating(st, key.as_ref(), &bar);
+    bar.finish();
+    let r = r?;
+    let [sealed, evacuated, plain, dirty] = r.counts;
+    let image = t.path.display().to_string();
+    if cli.json {
+        let v = json!({
+            "command": "verify",
+            "image": image,
+            "intact": true,
+            "phase": "migrating",
+            "regions_checked": r.checked,
+            "regions": {"sealed": sealed, "evacuated": evacuated, "plain": plain, "dirty": dirty},
+        });
+        out!("{v}");
+        return Ok(());
+    }
+    out!(
+        "{image} is being reclaimed (phase migrating) and its {} checked regions match the seal's region digest tree ({sealed} sealed, {evacuated} evacuated, {plain} moved to their plain place)",
+        r.checked
+    );
+    if dirty > 0 {
+        out!("  {dirty} regions changed by their user since the reclaim are not checked");
+    }
+    out!(
+        "  if no daemon serves it any more, finish the reclaim with `pdguard image unseal {image}`"
+    );
+    Ok(())
+}
+
 /// The record as shown to a user: no seed (it replays the placement) and, of the wrapped
 /// key, only its algorithm and master key id.
 fn public_view(rec: &SealRecord) -> serde_json::Value {
@@ -467,6 +509,9 @@ fn public_view(rec: &SealRecord) -> serde_json::Value {
     }
     if rec.phase == Phase::Shredding {
         v["note"] = json!("shred interrupted; run pdguard image shred PATH --yes to finish");
+    }
+    if rec.phase == Phase::Migrating {
+        v["note"] = json!("being reclaimed while served; if no daemon serves it any more, finish it with pdguard image unseal PATH (pdguard image verify PATH checks its regions)");
     }
     if let Some(w) = &rec.wrapped_key {
         v["wrapped_key"] = json!({
@@ -604,6 +649,12 @@ fn inspect(t: &Target, cli: &Cli) -> Result<(), CliError> {
     if rec.phase == Phase::Shredding {
         out!(
             "  shred interrupted; run `pdguard image shred {} --yes` to finish",
+            t.path.display()
+        );
+    }
+    if rec.phase == Phase::Migrating {
+        out!(
+            "  being reclaimed while served; if no daemon serves it any more, finish it with `pdguard image unseal {}`",
             t.path.display()
         );
     }

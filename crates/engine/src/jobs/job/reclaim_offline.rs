@@ -10,7 +10,7 @@
 use std::sync::Arc;
 
 use super::*;
-use crate::jobs::reclaim::{Migration, MigrationOptions, ReclaimError, StepDone};
+use crate::jobs::reclaim::{Migration, MigrationOptions, ReclaimError, RegionCheck, StepDone};
 
 /// The progress pass of the background steps (`PDGUARD_TEST_PAUSE_AT=migrate:BYTES`).
 pub const MIGRATE_PASS: &str = "migrate";
@@ -49,7 +49,7 @@ pub fn reclaim_offline(
     let rec = inspect(storage)?;
     if rec.phase == Phase::Sealed && !opts.start {
         return Err(JobError::Unsupported(format!(
-            "{} is sealed, not being reclaimed; unseal it with `pdguard image unseal {}` (add --migrate for an instant reclaim's migration)",
+            "{} is sealed, not being reclaimed; unseal it with `pdguard image unseal {}` (add --instant to unseal it region by region, as an instant reclaim does)",
             storage.image_name(),
             storage.image_name()
         ))
@@ -61,7 +61,10 @@ pub fn reclaim_offline(
         window_bytes: opts.window_bytes,
         ..MigrationOptions::default()
     };
-    let mut m = Migration::start(storage, key, tree, &migration_opts)?;
+    let mut m = match opts.start {
+        true => Migration::start(storage, key, tree, &migration_opts)?,
+        false => Migration::resume(storage, key, tree, &migration_opts)?,
+    };
     progress.pass(MIGRATE_PASS, m.bytes_left());
     m.observe(progress);
     let regions = m.regions();
@@ -76,4 +79,18 @@ pub fn reclaim_offline(
         dirty_regions: done.dirty_regions,
         regions,
     })
+}
+
+/// `image verify` of an image in phase `migrating` that nothing serves: every region
+/// checked against the seal's region digest tree where the moved map says it is (`dirty`
+/// regions counted, not checked). Writes nothing; a record in another phase is refused.
+/// Needs the master key in the secure profile (the moved map and the tree are keyed).
+pub fn verify_migrating(
+    storage: &dyn Storage,
+    key: Option<&MasterKey>,
+    progress: &dyn Progress,
+) -> Result<RegionCheck, ReclaimError> {
+    let tree = load_tree_for_migration(storage, key)?;
+    let m = Migration::resume(storage, key, tree, &MigrationOptions::default())?;
+    m.check_regions(progress)
 }

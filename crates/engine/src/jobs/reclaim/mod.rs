@@ -18,6 +18,7 @@
 //! | `evacuate.rs`   | evacuation windows                                              |
 //! | `mover.rs`      | move windows and demand moves (with a merged write)             |
 //! | `requests.rs`   | `read`, `write`, `flush`, and the background `step`             |
+//! | `check.rs`      | every region against its leaf, wherever it is (`image verify`)  |
 //!
 //! Concurrency: every thread works through one [`Shared`] under a mutex. A region being
 //! evacuated, moved or marked `dirty` is **busy** until its commit is durable; anyone else
@@ -26,6 +27,7 @@
 //! store in the image are counted per store, and a move drains them before it overwrites
 //! that store's region.
 
+mod check;
 mod error;
 mod evacuate;
 mod gather;
@@ -40,6 +42,7 @@ use pdguard_core::moved_map::MovedMap;
 use pdguard_core::region_tree::{RegionKeys, RegionLayout, RegionTree};
 use pdguard_core::sealed_address::SealedAddress;
 
+pub use check::RegionCheck;
 pub use error::{ReclaimError, Result};
 pub use requests::StepDone;
 pub use start::{Finished, MigrationOptions};

@@ -68,7 +68,35 @@ impl Migration {
         tree: Option<RegionTree>,
         opts: &MigrationOptions,
     ) -> Result<Self> {
+        Self::open(storage, key, tree, opts, true)
+    }
+
+    /// [`Migration::start`] for a migration in phase `migrating` only: a record in any
+    /// other phase is refused before anything is written (what `image verify` and the
+    /// offline finish without `--instant` use, so that they never begin a migration).
+    pub fn resume(
+        storage: &dyn Storage,
+        key: Option<&MasterKey>,
+        tree: Option<RegionTree>,
+        opts: &MigrationOptions,
+    ) -> Result<Self> {
+        Self::open(storage, key, tree, opts, false)
+    }
+
+    fn open(
+        storage: &dyn Storage,
+        key: Option<&MasterKey>,
+        tree: Option<RegionTree>,
+        opts: &MigrationOptions,
+        may_begin: bool,
+    ) -> Result<Self> {
         let (mut seal, placement) = open_for_reclaim(storage, key)?;
+        if !may_begin && seal.rec.phase != Phase::Migrating {
+            return Err(ReclaimError::NotMigrating {
+                image: storage.image_name(),
+                phase: seal.rec.phase.name(),
+            });
+        }
         let image_name = storage.image_name();
         let sector = u64::from(seal.rec.sector_size);
         let region_bytes = tree

@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use super::*;
-use crate::jobs::reclaim::{Migration, MigrationOptions, StepDone};
+use crate::jobs::reclaim::{Migration, MigrationOptions, ReclaimError, StepDone};
 use crate::store::MigrationFile;
 use pdguard_core::region_tree::REGION_BYTES;
 
@@ -88,7 +88,14 @@ fn a_sealed_image_is_migrated_offline_only_when_asked() {
     let e = reclaim_offline(&s, Some(&master()), count.clone(), &offline(false)).unwrap_err();
     assert!(e.to_string().contains("not being reclaimed"), "{e}");
     assert!(s.image() == sealed_image && phase_of(&s) == Some(Phase::Sealed));
+    assert!(s.image() == sealed_image && phase_of(&s) == Some(Phase::Sealed));
     assert!(s.migration_file(MigrationFile::EvacuationCopy).is_none());
+
+    // Neither does `verify` begin one.
+    let e = verify_migrating(&s, Some(&master()), &NoProgress).unwrap_err();
+    assert!(matches!(e, ReclaimError::NotMigrating { .. }), "{e}");
+    assert!(s.image() == sealed_image && phase_of(&s) == Some(Phase::Sealed));
+    assert!(s.migration_file(MigrationFile::MovedMap).is_none());
 
     let r = reclaim_offline(&s, Some(&master()), count.clone(), &offline(true)).unwrap();
     assert_eq!(r.job.outcome, Outcome::Unsealed);
@@ -136,6 +143,15 @@ fn a_migration_left_by_its_daemon_is_finished_offline_with_its_writes() {
     assert!(
         (s.image(), s.record()) == before,
         "a refusal changed something"
+    );
+
+    // `verify` checks every region where the map says it is but the dirty one.
+    let checked = verify_migrating(&s, Some(&master()), &NoProgress).unwrap();
+    assert_eq!(checked.counts[3], 1, "{checked:?}");
+    assert_eq!(checked.checked, 4, "{checked:?}");
+    assert!(
+        (s.image(), s.record()) == before,
+        "verify changed something"
     );
 
     let count = Arc::new(Counted::default());
