@@ -264,8 +264,9 @@ fn kill_test_on(img: &Path, bytes: u64, seal_args: &[&str], unseal_args: &[&str]
     }
 }
 
-/// Kills of an instant reclaim's migration, in all (seal, unseal --instant, kill at a random
-/// byte of pass `migrate`, resume; every other time the resume is killed too).
+/// Cycles of an instant reclaim's migration: seal, `unseal --instant` killed at a random
+/// byte of pass `migrate`, resume; every other time the resume is killed too (at a random
+/// byte, or at the start of its end, pass `migrate-end`).
 const MIGRATION_CYCLES: usize = 8;
 
 /// An instant reclaim's migration driven offline (`image unseal --instant`), in windows of
@@ -344,11 +345,16 @@ fn migration_kill_test(img: &Path, bytes: u64, seal_args: &[&str], unseal_args: 
         );
         kills += 1;
         if cycle % 2 == 1 {
-            // The resumed migration has fewer bytes left: it may end before the byte.
-            let again = rng.gen_range(0..bytes / 2);
-            match kill_in_pass("unseal", img, &resume, "migrate", again) {
+            // The resumed migration has fewer bytes left: it may end before the byte. One
+            // time in two it is killed at its end instead: every region moved, the record
+            // still `migrating`.
+            let (pass, again) = match cycle % 4 {
+                3 => ("migrate-end", 0),
+                _ => ("migrate", rng.gen_range(0..bytes / 2)),
+            };
+            match kill_in_pass("unseal", img, &resume, pass, again) {
                 Some(p) => {
-                    assert_eq!(p, "migrating", "{ctx}: resume killed at byte {again}");
+                    assert_eq!(p, "migrating", "{ctx}: resume killed in {pass} at {again}");
                     kills += 1;
                 }
                 None => resumed_to_end += 1,

@@ -60,7 +60,8 @@ use fresh::*;
 use keyring::*;
 pub use migrate::{migrate, MigrateReport};
 pub use reclaim_offline::{
-    reclaim_offline, verify_migrating, OfflineReclaim, OfflineReport, MIGRATE_PASS,
+    reclaim_offline, verify_migrating, OfflineReclaim, OfflineReport, MIGRATE_END_PASS,
+    MIGRATE_PASS,
 };
 pub(crate) use reclaim_open::{drop_unsealed, open_for_reclaim, plain_digest, SealOpened};
 pub use record_io::inspect;

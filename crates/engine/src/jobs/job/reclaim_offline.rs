@@ -14,6 +14,9 @@ use crate::jobs::reclaim::{Migration, MigrationOptions, ReclaimError, RegionChec
 
 /// The progress pass of the background steps (`PDGUARD_TEST_PAUSE_AT=migrate:BYTES`).
 pub const MIGRATE_PASS: &str = "migrate";
+/// The progress pass of the end (`finish`), of no bytes: every region is at its plain
+/// place and the record still says `migrating` as it starts.
+pub const MIGRATE_END_PASS: &str = "migrate-end";
 
 /// How [`reclaim_offline`] runs.
 #[derive(Debug, Clone)]
@@ -38,8 +41,8 @@ pub struct OfflineReport {
 }
 
 /// Resume the instant reclaim of `storage`'s image (or, with `opts.start`, start one on a
-/// sealed image) and drive it to its end. `progress` sees one pass, [`MIGRATE_PASS`],
-/// advanced by every byte an evacuation or a move writes.
+/// sealed image) and drive it to its end. `progress` sees the pass [`MIGRATE_PASS`],
+/// advanced by every byte an evacuation or a move writes, then [`MIGRATE_END_PASS`].
 pub fn reclaim_offline(
     storage: &dyn Storage,
     key: Option<&MasterKey>,
@@ -66,9 +69,10 @@ pub fn reclaim_offline(
         false => Migration::resume(storage, key, tree, &migration_opts)?,
     };
     progress.pass(MIGRATE_PASS, m.bytes_left());
-    m.observe(progress);
+    m.observe(progress.clone());
     let regions = m.regions();
     while m.step()? != StepDone::Complete {}
+    progress.pass(MIGRATE_END_PASS, 0);
     let done = m.finish(storage)?;
     Ok(OfflineReport {
         job: JobReport {
