@@ -177,6 +177,14 @@ fn values_and_defaults_are_listed() {
             "image seal --help lacks {want:?}:\n{seal}"
         );
     }
+    // The offline finish of an instant reclaim is found from the unseal's help.
+    let unseal = help(&["image", "unseal"]);
+    for want in ["--instant", "phase migrating", "PATH.pdguard.evacuation"] {
+        assert!(
+            unseal.contains(want),
+            "image unseal --help lacks {want:?}:\n{unseal}"
+        );
+    }
     let short = stdout(&pdguard(&["serve", "-h"]));
     assert!(
         short.contains("[possible values: window, direct]"),

@@ -6,6 +6,10 @@
 //! (`PDGUARD_TEST_PAUSE_AT`, see `src/cli/testhook.rs`) stops the job there and the test
 //! kills it, so every pass gets its share of kills however loaded the machine is. The
 //! random seed is printed; `PDGUARD_KILL_SEED=N` replays a run.
+//!
+//! The same for an instant reclaim's migration (`docs/instant-reclaim.md`, section 7),
+//! driven offline by `image unseal --instant` and resumed by `image unseal`: killed at
+//! random bytes of its pass `migrate` (evacuation and move windows).
 #![allow(clippy::unwrap_used)]
 
 mod common;
@@ -63,19 +67,31 @@ fn spawn_paused(
 /// SIGKILL it there. Deterministic: the kill lands at that byte of that pass whatever the
 /// machine's load. Returns the phase the record was in after the kill.
 fn kill_at(cmd: &str, img: &Path, extra: &[&str], target: &str, at: u64) -> String {
+    let pass = target.split_once('-').unwrap().1;
+    kill_in_pass(cmd, img, extra, pass, at)
+        .unwrap_or_else(|| panic!("{cmd} ended before pausing in {target} at byte {at}"))
+}
+
+/// Run `cmd` until it stops in pass `pass` after `at` bytes and SIGKILL it there: the phase
+/// the record was in after the kill. `None` when `cmd` ended well (exit 0) before moving
+/// that many bytes in that pass (it had fewer to move); any other end fails the test.
+fn kill_in_pass(cmd: &str, img: &Path, extra: &[&str], pass: &str, at: u64) -> Option<String> {
     let rec = record_of(img);
     let pause = img.with_extension("paused");
     let _ = std::fs::remove_file(&pause);
-    let pass = target.split_once('-').unwrap().1;
     let mut child = spawn_paused(cmd, img, extra, pass, at, &pause);
     let deadline = Instant::now() + Duration::from_secs(120);
     while !pause.exists() {
         if let Some(st) = child.try_wait().unwrap() {
-            panic!("{cmd} ended ({st}) before pausing in {target} at byte {at}");
+            assert!(
+                st.success(),
+                "{cmd} ended ({st}) before pausing in {pass} at byte {at}"
+            );
+            return None;
         }
         assert!(
             Instant::now() < deadline,
-            "{cmd} never paused in {target} at byte {at}"
+            "{cmd} never paused in {pass} at byte {at}"
         );
         std::thread::sleep(Duration::from_millis(1));
     }
@@ -84,7 +100,7 @@ fn kill_at(cmd: &str, img: &Path, extra: &[&str], target: &str, at: u64) -> Stri
     use std::os::unix::process::ExitStatusExt;
     assert_eq!(status.signal(), Some(9), "{cmd} was not killed: {status}");
     std::fs::remove_file(&pause).unwrap();
-    phase(&rec).unwrap_or_else(|| "none".into())
+    Some(phase(&rec).unwrap_or_else(|| "none".into()))
 }
 
 fn run_ok(cmd: &str, img: &Path, extra: &[&str], also_ok: &str) {
@@ -130,6 +146,11 @@ fn assert_original(img: &Path, want: &(String, Vec<Range<u64>>), ctx: &str) {
         })
         .count();
     assert_eq!(thin, 0, "{ctx}: thin disk left behind");
+    for file in ["evacuation", "moved"] {
+        let mut path = record_of(img).into_os_string();
+        path.push(format!(".{file}"));
+        assert!(!Path::new(&path).exists(), "{ctx}: {file} file left behind");
+    }
 }
 
 #[test]
@@ -241,4 +262,122 @@ fn kill_test_on(img: &Path, bytes: u64, seal_args: &[&str], unseal_args: &[&str]
             .sum();
         assert!(hits >= 3, "phase {p} was hit only {hits} times: {kills:?}");
     }
+}
+
+/// Cycles of an instant reclaim's migration: seal, `unseal --instant` killed at a random
+/// byte of pass `migrate`, resume; every other time the resume is killed too (at a random
+/// byte, or at the start of its end, pass `migrate-end`).
+const MIGRATION_CYCLES: usize = 8;
+
+/// An instant reclaim's migration driven offline (`image unseal --instant`), in windows of
+/// 4 MiB (`--memory 8M`): SIGKILLed at a random byte of its evacuation and move windows
+/// (pass `migrate`, each evacuated and each moved byte counted), resumed by `image unseal`
+/// (killed again at a random byte every other time), and bit-exact every time.
+#[test]
+fn sigkill_in_an_instant_reclaims_migration_loses_nothing_patent_profile() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("disk.img");
+    tagged_image(&img, 32 * 2048, 512, 6); // 32 MiB
+                                           // Evacuated, then moved: 64 MiB in the pass.
+    migration_kill_test(&img, 64 << 20, &["--profile", "patent"], &[]);
+}
+
+#[test]
+fn sigkill_in_an_instant_reclaims_migration_loses_nothing_secure_profile() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = keygen(dir.path(), "master.key");
+    let img = dir.path().join("disk.img");
+    tagged_image(&img, 32 * 2048, 512, 7); // 32 MiB
+    let k = ["--key-file", s(&key)];
+    migration_kill_test(&img, 64 << 20, &k, &k);
+}
+
+/// Dense placement (`--keep-holes`): 16 MiB of data in 8 extents of a 64 MiB file; the
+/// regions past the dense region start `evacuated` and are only moved; the original's
+/// holes come back.
+#[test]
+fn sigkill_in_an_instant_reclaims_migration_loses_nothing_dense_placement() {
+    use std::os::unix::fs::FileExt;
+    let dir = tempfile::tempdir().unwrap();
+    let key = keygen(dir.path(), "master.key");
+    let img = dir.path().join("disk.img");
+    let f = std::fs::File::create(&img).unwrap();
+    f.set_len(64 << 20).unwrap();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(9);
+    let mut buf = vec![0u8; 2 << 20];
+    for k in 0..8u64 {
+        rng.fill(&mut buf[..]);
+        f.write_all_at(&buf, (8 * k + 3) << 20).unwrap();
+    }
+    f.sync_all().unwrap();
+    let k = ["--key-file", s(&key)];
+    // The pass copies the 16 MiB of data twice, and moves the other 48 MiB once.
+    migration_kill_test(&img, 80 << 20, &["--key-file", s(&key), "--keep-holes"], &k);
+}
+
+/// Seal `img`, kill its migration at a random byte below `bytes` of pass `migrate`, resume
+/// (and, every other cycle, kill the resumed migration too), check the original is back.
+fn migration_kill_test(img: &Path, bytes: u64, seal_args: &[&str], unseal_args: &[&str]) {
+    let original = (digest(img), data_ranges(img));
+    let seed = match std::env::var("PDGUARD_KILL_SEED") {
+        Ok(v) => v.parse().expect("PDGUARD_KILL_SEED is a u64"),
+        Err(_) => rand::random(),
+    };
+    let _ = writeln!(
+        std::io::stderr(),
+        "migration kill test seed {seed} (replay with PDGUARD_KILL_SEED={seed})"
+    );
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let window = ["--memory", "8M"];
+    let instant: Vec<&str> = [unseal_args, &window, &["--instant"]].concat();
+    let resume: Vec<&str> = [unseal_args, &window].concat();
+    let (mut kills, mut resumed_to_end) = (0, 0);
+    for cycle in 0..MIGRATION_CYCLES {
+        let ctx = format!("seed {seed}, cycle {cycle}");
+        run_ok("seal", img, seal_args, "already sealed");
+        assert_eq!(phase(&record_of(img)).as_deref(), Some("sealed"), "{ctx}");
+        let at = kill_byte(&mut rng, bytes);
+        let p = kill_in_pass("unseal", img, &instant, "migrate", at);
+        assert_eq!(
+            p.as_deref(),
+            Some("migrating"),
+            "{ctx}: killed at byte {at}"
+        );
+        kills += 1;
+        if cycle % 2 == 1 {
+            // The resumed migration has fewer bytes left: it may end before the byte. One
+            // time in two it is killed at its end instead: every region moved, the record
+            // still `migrating`.
+            let (pass, again) = match cycle % 4 {
+                3 => ("migrate-end", 0),
+                _ => ("migrate", rng.gen_range(0..bytes / 2)),
+            };
+            match kill_in_pass("unseal", img, &resume, pass, again) {
+                Some(p) => {
+                    assert_eq!(p, "migrating", "{ctx}: resume killed in {pass} at {again}");
+                    kills += 1;
+                }
+                None => resumed_to_end += 1,
+            }
+        }
+        if phase(&record_of(img)).is_some() {
+            // `seal` is refused on a migrating record, naming the fix, and changes nothing.
+            let o = pdguard(&[&["image", "seal", s(img), "--quiet"], seal_args].concat());
+            assert_eq!(
+                code(&o),
+                1,
+                "{ctx}: seal of a migrating image: {}",
+                stderr(&o)
+            );
+            assert!(
+                stderr(&o).contains("pdguard image unseal"),
+                "{ctx}: {}",
+                stderr(&o)
+            );
+            run_ok("unseal", img, &resume, "is not sealed");
+        }
+        assert_original(img, &original, &ctx);
+    }
+    eprintln!("{kills} kills of a migration; {resumed_to_end} resumes ended before their kill");
+    assert!(kills >= MIGRATION_CYCLES, "only {kills} kills");
 }

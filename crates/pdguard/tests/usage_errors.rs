@@ -45,6 +45,29 @@ fn usage_errors_are_one_line_exit_2() {
         ),
         (&["image", "unseal", "x.img", "--memory", "0"], "zero bytes"),
         (
+            &[
+                "image",
+                "unseal",
+                "x.img",
+                "--instant",
+                "--thin-dir",
+                "/tmp",
+            ],
+            "'--instant' cannot be used with '--thin-dir",
+        ),
+        (
+            &[
+                "image",
+                "unseal",
+                "x.img",
+                "--instant",
+                "--force",
+                "--output",
+                "y",
+            ],
+            "'--instant' cannot be used with '--force'",
+        ),
+        (
             &["image", "seal", "x.img", "--memory", "0.3K"],
             "307.2 bytes",
         ),

@@ -120,8 +120,11 @@ pub enum JobError {
     #[error("{image} was crypto-erased (tombstone record {record}), and a shred is final: it is not sealed over. To reuse the image for new data on purpose, delete the tombstone (`rm {record}`), then seal again")]
     SealOverShred { image: String, record: String },
 
-    #[error("{image} is being reclaimed while served (phase migrating): the instant reclaim that serves it finishes the migration; no `pdguard image` command acts on it before then (wait for it, or start the reclaim again to resume it)")]
+    #[error("{image} is being reclaimed while served (phase migrating: part of it is plaintext already): the instant reclaim that serves it finishes the migration; if nothing serves it any more (its daemon stopped, or the disk was moved), finish it offline with `pdguard image unseal {image}` first")]
     Reclaiming { image: String },
+
+    #[error("{image} cannot be crypto-erased: it is being reclaimed (phase migrating), and the regions already moved are plaintext, which destroying the key would not erase; finish the reclaim with `pdguard image unseal {image}`, then seal it again and shred it (or overwrite the image)")]
+    ShredReclaiming { image: String },
 
     #[error("{0}")]
     Unsupported(String),

@@ -17,6 +17,7 @@
 //! | `migrate.rs`    | old record versions to the current one                            |
 //! | `rescue.rs`     | `unseal --force --output`                                         |
 //! | `reclaim_open.rs` | open a seal for an instant reclaim (`jobs/reclaim/`)            |
+//! | `reclaim_offline.rs` | an instant reclaim driven to its end offline (`image unseal`) |
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -46,6 +47,7 @@ mod fresh;
 mod keyring;
 mod migrate;
 mod passes;
+mod reclaim_offline;
 mod reclaim_open;
 mod record_io;
 mod recover;
@@ -57,6 +59,10 @@ mod verify;
 use fresh::*;
 use keyring::*;
 pub use migrate::{migrate, MigrateReport};
+pub use reclaim_offline::{
+    reclaim_offline, verify_migrating, OfflineReclaim, OfflineReport, MIGRATE_END_PASS,
+    MIGRATE_PASS,
+};
 pub(crate) use reclaim_open::{drop_unsealed, open_for_reclaim, plain_digest, SealOpened};
 pub use record_io::inspect;
 use record_io::*;
@@ -65,6 +71,7 @@ pub use recover::{seal, unseal, unseal_with};
 pub use rescue::{rescue, RescueReport};
 use scope::JobScope;
 pub use shred::{shred, shred_report, ShredReport, SlotFate};
+pub use tree::load_tree_for_migration;
 use verify::*;
 pub use verify::{verify, VerifyReport};
 

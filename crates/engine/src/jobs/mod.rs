@@ -14,9 +14,10 @@ pub mod strategy;
 
 pub use error::{JobError, Result};
 pub use job::{
-    inspect, migrate, rescue, seal, shred, shred_report, unseal, unseal_with, verify, Direction,
-    JobReport, MigrateReport, Outcome, RescueReport, SealOptions, ShredReport, SlotFate,
-    VerifyReport,
+    inspect, load_tree_for_migration, migrate, reclaim_offline, rescue, seal, shred, shred_report,
+    unseal, unseal_with, verify, verify_migrating, Direction, JobReport, MigrateReport,
+    OfflineReclaim, OfflineReport, Outcome, RescueReport, SealOptions, ShredReport, SlotFate,
+    VerifyReport, MIGRATE_END_PASS, MIGRATE_PASS,
 };
 
 /// Receives progress of a job; the CLI draws a bar from it, the daemon exports it.

@@ -1644,3 +1644,6 @@ mod dense_cases;
 
 // ---- The region digest tree (issue 18, item 2): tests in tests/tree_cases.rs.
 mod tree_cases;
+
+// ---- An instant reclaim finished offline (issue 18): tests in tests/offline_cases.rs.
+mod offline_cases;

@@ -18,9 +18,11 @@ use super::{Cli, CliError};
 pub enum ImageCommand {
     /// Seal an image in place: every sector moved to a pseudo-random place through a thin disk.
     Seal(SealArgs),
-    /// Restore a sealed image bit-exact and check it against the seal-time digest.
+    /// Restore a sealed image bit-exact and check it against the seal-time digest; also
+    /// finishes an instant reclaim that no daemon serves any more (phase migrating).
     Unseal(UnsealArgs),
-    /// Check a sealed image against its record without unsealing it (exit 3 on mismatch).
+    /// Check a sealed image against its record without unsealing it (exit 3 on mismatch);
+    /// an image being reclaimed (phase migrating), region by region.
     Verify(VerifyArgs),
     /// Print the seal record of an image (never a secret).
     Inspect(Located),
@@ -116,6 +118,13 @@ pub struct UnsealArgs {
     /// With --force: a new file for the plaintext (never overwritten; mode 0600).
     #[arg(long, value_name = "FILE", requires = "force")]
     pub output: Option<PathBuf>,
+    /// Unseal the way an instant reclaim does, region by region: the sealed image is
+    /// copied to PATH.pdguard.evacuation beside the record, then each region is moved to
+    /// its plain place, checked against the seal's region digest tree, and recorded in
+    /// the moved map PATH.pdguard.moved. (A record already in phase migrating, a reclaim
+    /// whose daemon stopped, is finished this way without the flag.)
+    #[arg(long, conflicts_with_all = ["force", "thin_dir"])]
+    pub instant: bool,
     #[command(flatten)]
     pub memory: MemoryArg,
 }
@@ -198,7 +207,7 @@ pub fn run(cmd: &ImageCommand, cli: &Cli) -> Result<(), CliError> {
         ImageCommand::Seal(a) => seal(a, cli),
         ImageCommand::Unseal(a) => match &a.output {
             Some(out) if a.force => super::rescue::run(&a.target, out, a.memory.bytes, cli),
-            _ => unseal(&a.target, a.memory.bytes, cli),
+            _ => unseal(&a.target, a.instant, a.memory.bytes, cli),
         },
         ImageCommand::Verify(a) => verify(&a.located.target(a.key_file.as_deref()), cli),
         ImageCommand::Inspect(l) => inspect(&l.target(None), cli),
@@ -311,22 +320,57 @@ fn seal(a: &SealArgs, cli: &Cli) -> Result<(), CliError> {
     let t0 = Instant::now();
     let r = jobs::seal(&st, &opts, &bar);
     bar.finish();
-    report("seal", st.image_path(), &r?, t0, cli);
+    report("seal", st.image_path(), &r?, None, t0, cli);
     Ok(())
 }
 
-fn unseal(t: &Target, memory_bytes: u64, cli: &Cli) -> Result<(), CliError> {
+fn unseal(t: &Target, instant: bool, memory_bytes: u64, cli: &Cli) -> Result<(), CliError> {
     let st = storage(t)?;
-    let key = key_for(t, &jobs::inspect(&st)?)?;
+    let rec = jobs::inspect(&st)?;
+    let key = key_for(t, &rec)?;
+    if instant || rec.phase == Phase::Migrating {
+        return unseal_by_regions(&st, key.as_ref(), instant, memory_bytes, cli);
+    }
     let bar = Bar::new(cli.quiet);
     let t0 = Instant::now();
     let r = jobs::unseal_with(&st, key.as_ref(), &bar, memory_bytes);
     bar.finish();
-    report("unseal", st.image_path(), &r?, t0, cli);
+    report("unseal", st.image_path(), &r?, None, t0, cli);
     Ok(())
 }
 
-fn report(command: &str, image: &Path, r: &JobReport, t0: Instant, cli: &Cli) {
+/// An instant reclaim's migration driven to its end here: resumed from phase `migrating`,
+/// or (`start`, `--instant`) started on a sealed image. The move pass holds a window of
+/// plaintext and reads the evacuation copy in runs for it: half the memory budget each.
+fn unseal_by_regions(
+    st: &ImageStorage,
+    key: Option<&MasterKey>,
+    start: bool,
+    memory_bytes: u64,
+    cli: &Cli,
+) -> Result<(), CliError> {
+    let bar = std::sync::Arc::new(Bar::new(cli.quiet));
+    let opts = jobs::OfflineReclaim {
+        start,
+        window_bytes: (memory_bytes / 2).max(1),
+    };
+    let t0 = Instant::now();
+    let r = jobs::reclaim_offline(st, key, bar.clone(), &opts);
+    bar.finish();
+    let r = r?;
+    report("unseal", st.image_path(), &r.job, Some(&r), t0, cli);
+    Ok(())
+}
+
+/// `by_regions`: the unseal was an instant reclaim's migration, driven here.
+fn report(
+    command: &str,
+    image: &Path,
+    r: &JobReport,
+    by_regions: Option<&jobs::OfflineReport>,
+    t0: Instant,
+    cli: &Cli,
+) {
     let secs = t0.elapsed().as_secs_f64();
     let rec = &r.record;
     if cli.json {
@@ -347,13 +391,20 @@ fn report(command: &str, image: &Path, r: &JobReport, t0: Instant, cli: &Cli) {
             "plain_digest": rec.plain_digest,
             "sealed_digest": rec.sealed_digest,
             "seconds": secs,
+            "instant": by_regions.is_some(),
+            "regions": by_regions.map(|b| b.regions),
+            "dirty_regions": by_regions.map(|b| b.dirty_regions),
         });
         out!("{v}");
         return;
     }
-    let resumed = match r.resumed_from {
-        Some(p) => format!(" (found an interrupted job in phase {})", p.name()),
-        None => String::new(),
+    let resumed = match (r.resumed_from, by_regions) {
+        (Some(Phase::Migrating), _) => {
+            " (finished the instant reclaim found in phase migrating)".to_string()
+        }
+        (Some(p), _) => format!(" (found an interrupted job in phase {})", p.name()),
+        (None, Some(_)) => " (region by region, as an instant reclaim)".to_string(),
+        (None, None) => String::new(),
     };
     let what = match r.outcome {
         jobs::Outcome::Sealed => "sealed",
@@ -369,17 +420,24 @@ fn report(command: &str, image: &Path, r: &JobReport, t0: Instant, cli: &Cli) {
         rec.profile.name(),
         rec.placement
     );
+    if let Some(b) = by_regions.filter(|b| b.dirty_regions > 0) {
+        out!(
+            "  {} of {} regions were written by the disk's user during the reclaim: each was checked against the seal's region digest tree when it was moved, and holds the user's data since",
+            b.dirty_regions,
+            b.regions
+        );
+    }
 }
 
 fn verify(t: &Target, cli: &Cli) -> Result<(), CliError> {
     let st = storage(t)?;
+    let rec = jobs::inspect(&st)?;
+    if rec.phase == Phase::Migrating {
+        return verify_migrating(t, &st, &rec, cli);
+    }
     // The key is checked only when one is named: verifying the sealed bytes needs none.
     let named = t.key_file.is_some() || std::env::var_os(keyfile::KEY_FILE_ENV).is_some();
-    let key = if named {
-        key_for(t, &jobs::inspect(&st)?)?
-    } else {
-        None
-    };
+    let key = if named { key_for(t, &rec)? } else { None };
     let bar = Bar::new(cli.quiet);
     let r = jobs::verify(&st, key.as_ref(), &bar);
     bar.finish();
@@ -402,6 +460,46 @@ fn verify(t: &Target, cli: &Cli) -> Result<(), CliError> {
     Ok(())
 }
 
+/// `verify` of an instant reclaim nobody serves: each region against its leaf where the
+/// moved map says it is. Needs the key in the secure profile (the map and tree are keyed).
+fn verify_migrating(
+    t: &Target,
+    st: &ImageStorage,
+    rec: &SealRecord,
+    cli: &Cli,
+) -> Result<(), CliError> {
+    let key = key_for(t, rec)?;
+    let bar = Bar::new(cli.quiet);
+    let r = jobs::verify_migrating(st, key.as_ref(), &bar);
+    bar.finish();
+    let r = r?;
+    let [sealed, evacuated, plain, dirty] = r.counts;
+    let image = t.path.display().to_string();
+    if cli.json {
+        let v = json!({
+            "command": "verify",
+            "image": image,
+            "intact": true,
+            "phase": "migrating",
+            "regions_checked": r.checked,
+            "regions": {"sealed": sealed, "evacuated": evacuated, "plain": plain, "dirty": dirty},
+        });
+        out!("{v}");
+        return Ok(());
+    }
+    out!(
+        "{image} is being reclaimed (phase migrating) and its {} checked regions match the seal's region digest tree ({sealed} sealed, {evacuated} evacuated, {plain} moved to their plain place)",
+        r.checked
+    );
+    if dirty > 0 {
+        out!("  {dirty} regions changed by their user since the reclaim are not checked");
+    }
+    out!(
+        "  if no daemon serves it any more, finish the reclaim with `pdguard image unseal {image}`"
+    );
+    Ok(())
+}
+
 /// The record as shown to a user: no seed (it replays the placement) and, of the wrapped
 /// key, only its algorithm and master key id.
 fn public_view(rec: &SealRecord) -> serde_json::Value {
@@ -411,6 +509,9 @@ fn public_view(rec: &SealRecord) -> serde_json::Value {
     }
     if rec.phase == Phase::Shredding {
         v["note"] = json!("shred interrupted; run pdguard image shred PATH --yes to finish");
+    }
+    if rec.phase == Phase::Migrating {
+        v["note"] = json!("being reclaimed while served; if no daemon serves it any more, finish it with pdguard image unseal PATH (pdguard image verify PATH checks its regions)");
     }
     if let Some(w) = &rec.wrapped_key {
         v["wrapped_key"] = json!({
@@ -440,7 +541,7 @@ fn shreddable(image: &str, rec: &SealRecord) -> Result<(), CliError> {
     match rec.phase {
         Phase::Sealed | Phase::Shredding => Ok(()),
         Phase::Shredded => Err(jobs::JobError::Shredded { image }.into()),
-        Phase::Migrating => Err(jobs::JobError::Reclaiming { image }.into()),
+        Phase::Migrating => Err(jobs::JobError::ShredReclaiming { image }.into()),
         phase => Err(jobs::JobError::InProgress {
             image,
             phase: phase.name(),
@@ -548,6 +649,12 @@ fn inspect(t: &Target, cli: &Cli) -> Result<(), CliError> {
     if rec.phase == Phase::Shredding {
         out!(
             "  shred interrupted; run `pdguard image shred {} --yes` to finish",
+            t.path.display()
+        );
+    }
+    if rec.phase == Phase::Migrating {
+        out!(
+            "  being reclaimed while served; if no daemon serves it any more, finish it with `pdguard image unseal {}`",
             t.path.display()
         );
     }

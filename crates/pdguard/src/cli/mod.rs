@@ -130,6 +130,8 @@ pub enum CliError {
     #[error(transparent)]
     Job(#[from] JobError),
     #[error(transparent)]
+    Reclaim(#[from] pdguard_engine::jobs::reclaim::ReclaimError),
+    #[error(transparent)]
     KeyFile(#[from] KeyFileError),
     #[error(transparent)]
     Client(#[from] crate::api::client::ClientError),
@@ -162,6 +164,7 @@ impl CliError {
     pub fn exit_code(&self) -> u8 {
         match self {
             Self::Job(e) if e.is_verification() => 3,
+            Self::Reclaim(e) if e.is_verification() => 3,
             Self::Client(crate::api::client::ClientError::Api { code, .. })
                 if code == "verification_failed" =>
             {

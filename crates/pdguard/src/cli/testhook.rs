@@ -5,8 +5,10 @@
 //! binary; without `PDGUARD_TEST_PAUSE_AT` it does nothing.
 //!
 //! - `PDGUARD_TEST_PAUSE_AT=PASS:BYTES` (e.g. `gather:1048576`): when the pass named `PASS`
-//!   (`scatter`, `gather`, `verify`) has moved at least `BYTES` bytes (0: as it starts),
-//!   the job stops there, once.
+//!   (`scatter`, `gather`, `verify`; `migrate` for an instant reclaim's migration, whose
+//!   evacuations and moves count every byte they write, before their fsync and commit;
+//!   `migrate-end`, of no bytes, as the migration's end starts)
+//!   has moved at least `BYTES` bytes (0: as it starts), the job stops there, once.
 //! - `PDGUARD_TEST_PAUSE_FILE=PATH`: on pausing, the job creates `PATH` (holding its pid)
 //!   and waits until `PATH` is removed, then goes on. Without it, it waits to be killed.
 

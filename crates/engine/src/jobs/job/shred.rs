@@ -62,6 +62,12 @@ pub fn shred_report(storage: &dyn Storage, key: Option<&MasterKey>) -> Result<Sh
             marked
         }
         Phase::Shredding => rec,
+        // Part of the image is plaintext already: a shred would erase only the rest.
+        Phase::Migrating => {
+            return Err(JobError::ShredReclaiming {
+                image: storage.image_name(),
+            })
+        }
         other => return Err(in_progress(storage, other)),
     };
     let slot = match storage.read_key_slot().map_err(store_err)? {

@@ -8,6 +8,55 @@ use pdguard_core::sealed_address::SealedAddress;
 
 use super::*;
 
+/// The region digest tree of `storage`'s seal for an instant reclaim
+/// ([`crate::jobs::reclaim::Migration::start`] takes it as an input): the record is loaded
+/// and authenticated here (under the master key when the seal has one), so the root the
+/// tree is checked against is the authenticated one, and `RECORD.tree` is checked against
+/// it as an unseal checks it. `None` when the record names no tree (a seal made before
+/// trees were recorded: its regions are not checked one by one). Reads only; takes no
+/// lock (the migration takes the image's lock itself).
+pub fn load_tree_for_migration(
+    storage: &dyn Storage,
+    key: Option<&MasterKey>,
+) -> Result<Option<RegionTree>> {
+    let rec = load(storage, key, Use::Read)?.ok_or_else(|| not_sealed(storage))?;
+    if rec.region_tree.is_none() {
+        return Ok(None);
+    }
+    let keys = Keys::resolve(storage, &rec, key)?;
+    read_tree(storage, &rec, &RegionKeys::new(keys.digest_key.as_deref()))
+}
+
+/// `RECORD.tree` checked against `rec`'s root, keyed by `keys`; `None` when `rec` names no
+/// tree.
+fn read_tree(
+    storage: &dyn Storage,
+    rec: &SealRecord,
+    keys: &RegionKeys,
+) -> Result<Option<RegionTree>> {
+    let Some(t) = &rec.region_tree else {
+        return Ok(None);
+    };
+    let scope = JobScope(storage);
+    let layout = RegionLayout::new(t.region_bytes, rec.image_bytes)
+        .map_err(|e| scope.inconsistent(format!("region_tree: {e}")))?;
+    let root = t
+        .root_bytes()
+        .ok_or_else(|| scope.inconsistent("region_tree.root is not 64 lowercase hex digits"))?;
+    let name = storage.tree_name();
+    let limit = RegionTree::file_bytes(&layout)
+        .ok_or_else(|| scope.inconsistent("region_tree: too many regions"))?
+        .saturating_add(1);
+    let bytes = storage.read_tree(limit).map_err(|e| scope.store(e))?;
+    let Some(bytes) = bytes else {
+        return Err(scope.verification(format!("its seal record names a region digest tree, but {name} is missing; nothing was written: restore that file from a backup (or the record without its tree: then only the whole image is checked)")));
+    };
+    let tree = RegionTree::parse(&bytes, &layout, keys, &root).map_err(|e| {
+        scope.verification(format!("its region digest tree {name} is refused: {e}; nothing was written: restore that file from a backup"))
+    })?;
+    Ok(Some(tree))
+}
+
 impl Job<'_> {
     /// The tree's keys: from the plaintext digest's key material (none in the patent
     /// profile).
@@ -60,27 +109,7 @@ impl Job<'_> {
     /// root (the record's MAC covers the root in the secure profile). Refused before
     /// anything is written: a missing, torn, edited or swapped tree.
     pub(super) fn load_tree(&mut self) -> Result<()> {
-        let Some(t) = &self.rec.region_tree else {
-            return Ok(());
-        };
-        let scope = self.scope();
-        let layout = RegionLayout::new(t.region_bytes, self.rec.image_bytes)
-            .map_err(|e| scope.inconsistent(format!("region_tree: {e}")))?;
-        let root = t
-            .root_bytes()
-            .ok_or_else(|| scope.inconsistent("region_tree.root is not 64 lowercase hex digits"))?;
-        let name = self.storage.tree_name();
-        let limit = RegionTree::file_bytes(&layout)
-            .ok_or_else(|| scope.inconsistent("region_tree: too many regions"))?
-            .saturating_add(1);
-        let bytes = self.storage.read_tree(limit).map_err(|e| scope.store(e))?;
-        let Some(bytes) = bytes else {
-            return Err(scope.verification(format!("its seal record names a region digest tree, but {name} is missing; nothing was written: restore that file from a backup (or the record without its tree: then only the whole image is checked)")));
-        };
-        let tree = RegionTree::parse(&bytes, &layout, &self.region_keys(), &root).map_err(|e| {
-            scope.verification(format!("its region digest tree {name} is refused: {e}; nothing was written: restore that file from a backup"))
-        })?;
-        self.tree = Some(tree);
+        self.tree = read_tree(self.storage, &self.rec, &self.region_keys())?;
         Ok(())
     }
 

@@ -41,6 +41,13 @@ pub enum ReclaimError {
         source: RegionTreeError,
     },
 
+    #[error("{image}: {source}: the region was checked when it was moved to its plain place, and something other than the reclaim changed it since (its user's writes would have marked it dirty)")]
+    RegionChanged {
+        image: String,
+        #[source]
+        source: RegionTreeError,
+    },
+
     #[error("the reclaim of {image} refuses every request after an earlier failure ({first}); repair the cause and start the reclaim again")]
     Failed { image: String, first: String },
 
@@ -59,8 +66,23 @@ pub enum ReclaimError {
         have: String,
     },
 
+    #[error("{image} is not being reclaimed (its seal record says phase {phase}, not migrating), so there is no migration to resume; unseal it with `pdguard image unseal {image}` (nothing was touched)")]
+    NotMigrating { image: String, phase: &'static str },
+
     #[error("the reclaim of {image} is not done: {left} regions are not moved yet; run its steps until it is complete")]
     NotComplete { image: String, left: u64 },
+}
+
+impl ReclaimError {
+    /// True for a failed integrity check (exit code 3 in the CLI contract): a region that
+    /// does not match its leaf, the end's digest, or a tree or seal refused as such.
+    pub fn is_verification(&self) -> bool {
+        match self {
+            Self::Region { .. } | Self::RegionChanged { .. } | Self::Verification { .. } => true,
+            Self::Job(e) => e.is_verification(),
+            _ => false,
+        }
+    }
 }
 
 pub type Result<T, E = ReclaimError> = std::result::Result<T, E>;

@@ -41,6 +41,7 @@ impl Migration {
                     self.evacuation.write_at(&buf, at)?;
                 }
                 at += n;
+                self.advanced(n);
             }
         }
         self.evacuation.sync()

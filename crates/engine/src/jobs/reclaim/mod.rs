@@ -18,6 +18,7 @@
 //! | `evacuate.rs`   | evacuation windows                                              |
 //! | `mover.rs`      | move windows and demand moves (with a merged write)             |
 //! | `requests.rs`   | `read`, `write`, `flush`, and the background `step`             |
+//! | `check.rs`      | every region against its leaf, wherever it is (`image verify`)  |
 //!
 //! Concurrency: every thread works through one [`Shared`] under a mutex. A region being
 //! evacuated, moved or marked `dirty` is **busy** until its commit is durable; anyone else
@@ -26,6 +27,7 @@
 //! store in the image are counted per store, and a move drains them before it overwrites
 //! that store's region.
 
+mod check;
 mod error;
 mod evacuate;
 mod gather;
@@ -34,17 +36,19 @@ mod mover;
 mod requests;
 mod start;
 
-use std::sync::{Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
 use pdguard_core::moved_map::MovedMap;
 use pdguard_core::region_tree::{RegionKeys, RegionLayout, RegionTree};
 use pdguard_core::sealed_address::SealedAddress;
 
+pub use check::RegionCheck;
 pub use error::{ReclaimError, Result};
 pub use requests::StepDone;
 pub use start::{Finished, MigrationOptions};
 
 use super::job::SealOpened;
+use super::Progress;
 use crate::store::{Disk, StoreError};
 use moved_file::MovedFile;
 
@@ -71,6 +75,8 @@ pub struct Migration {
     changed: Condvar,
     /// Found in phase `migrating` and resumed.
     resumed: bool,
+    /// Told the bytes each evacuation and move writes (a progress bar, the test hook).
+    progress: Option<Arc<dyn Progress>>,
 }
 
 /// What the threads share.
@@ -183,6 +189,38 @@ impl Migration {
     /// Regions of the image.
     pub fn regions(&self) -> u64 {
         self.layout.regions()
+    }
+
+    /// Report to `progress` the bytes every evacuation and move writes from now on, as
+    /// they are written (before their fsync and commit): a progress bar, or the test hook
+    /// that stops a migration at a chosen byte to kill it there (`tests/kill.rs`).
+    pub fn observe(&mut self, progress: Arc<dyn Progress>) {
+        self.progress = Some(progress);
+    }
+
+    /// Bytes the background steps have left to copy: each `sealed` region is copied twice
+    /// (evacuated, then moved), each `evacuated` one once.
+    pub fn bytes_left(&self) -> u64 {
+        use pdguard_core::moved_map::RegionState as S;
+        let g = self.lock();
+        (0..self.layout.regions())
+            .map(|r| {
+                let range = self.range(r);
+                let times = match g.map.state(r) {
+                    Ok(S::Sealed) => 2,
+                    Ok(S::Evacuated | S::Moving) => 1,
+                    _ => 0,
+                };
+                times * (range.end - range.start)
+            })
+            .sum()
+    }
+
+    /// `bytes` more were copied by an evacuation or a move.
+    fn advanced(&self, bytes: u64) {
+        if let Some(p) = &self.progress {
+            p.advance(bytes);
+        }
     }
 }
 

@@ -66,7 +66,11 @@ impl Migration {
         let written = regions
             .iter()
             .zip(&bufs)
-            .try_for_each(|(&r, buf)| self.write_region(r, buf))
+            .try_for_each(|(&r, buf)| {
+                self.write_region(r, buf)?;
+                self.advanced(buf.len() as u64);
+                Ok(())
+            })
             .and_then(|()| self.seal.image.sync());
         written.map_err(|e| self.store_error(e))
     }

@@ -18,7 +18,7 @@ use pdguard_core::moved_map::{MapIdentity, MapKey, MovedMap, RegionState};
 use pdguard_core::record::{MIGRATING_VERSION, RECORD_VERSION};
 use pdguard_core::region_tree::{RegionKeys, RegionLayout, RegionTree, REGION_BYTES};
 use pdguard_core::sealed_address::SealedAddress;
-use pdguard_core::Phase;
+use pdguard_core::{Phase, SealRecord};
 
 use super::moved_file::{MovedFile, MovedFileError};
 use super::{Migration, ReclaimError, Result, Shared};
@@ -54,6 +54,8 @@ pub struct Finished {
     pub plain_digest: String,
     /// The migration was found in phase `migrating` and resumed.
     pub resumed: bool,
+    /// The record as last written (phase `unsealed`, version 4) before it was deleted.
+    pub record: SealRecord,
 }
 
 impl Migration {
@@ -66,7 +68,35 @@ impl Migration {
         tree: Option<RegionTree>,
         opts: &MigrationOptions,
     ) -> Result<Self> {
+        Self::open(storage, key, tree, opts, true)
+    }
+
+    /// [`Migration::start`] for a migration in phase `migrating` only: a record in any
+    /// other phase is refused before anything is written (what `image verify` and the
+    /// offline finish without `--instant` use, so that they never begin a migration).
+    pub fn resume(
+        storage: &dyn Storage,
+        key: Option<&MasterKey>,
+        tree: Option<RegionTree>,
+        opts: &MigrationOptions,
+    ) -> Result<Self> {
+        Self::open(storage, key, tree, opts, false)
+    }
+
+    fn open(
+        storage: &dyn Storage,
+        key: Option<&MasterKey>,
+        tree: Option<RegionTree>,
+        opts: &MigrationOptions,
+        may_begin: bool,
+    ) -> Result<Self> {
         let (mut seal, placement) = open_for_reclaim(storage, key)?;
+        if !may_begin && seal.rec.phase != Phase::Migrating {
+            return Err(ReclaimError::NotMigrating {
+                image: storage.image_name(),
+                phase: seal.rec.phase.name(),
+            });
+        }
         let image_name = storage.image_name();
         let sector = u64::from(seal.rec.sector_size);
         let region_bytes = tree
@@ -118,6 +148,7 @@ impl Migration {
             }),
             changed: Condvar::new(),
             resumed,
+            progress: None,
             seal,
         })
     }
@@ -175,6 +206,7 @@ impl Migration {
             dirty_regions: dirty,
             plain_digest: have,
             resumed: self.resumed,
+            record: self.seal.rec,
         })
     }
 }
