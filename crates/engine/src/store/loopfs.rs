@@ -94,7 +94,7 @@ pub fn mount(file: &Path, dir: &Path) -> Result<()> {
 /// real directories: a symbolic link or anything else planted at either is refused
 /// (checked with `lstat`, never followed), so root never mounts a volume on a directory
 /// someone else chose.
-fn make_mountpoint(dir: &Path) -> Result<()> {
+pub(crate) fn make_mountpoint(dir: &Path) -> Result<()> {
     use std::os::unix::fs::DirBuilderExt;
     let io = |what: String| move |source| LoopFsError::Io { what, source };
     if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
