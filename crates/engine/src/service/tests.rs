@@ -408,6 +408,7 @@ async fn volume(svc: &Service, name: &str, profile: Profile) {
         profile,
         keep_holes: false,
         grace_ms: None,
+        reclaim: crate::registry::VolumeReclaim::Copy,
     });
     let d = d.clone();
     svc.persist(&d).unwrap();
@@ -548,6 +549,7 @@ async fn a_leftover_mount_is_unmounted_and_the_volume_sealed() {
             profile: Profile::Patent,
             keep_holes: false,
             grace_ms: None,
+            reclaim: crate::registry::VolumeReclaim::Copy,
         });
         let d = d.clone();
         e.svc.persist(&d).unwrap();

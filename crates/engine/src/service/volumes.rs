@@ -18,7 +18,7 @@ use super::disks::create_file;
 use super::docker::DockerStatus;
 use super::lifecycle::{Event, MAX_GRACE_MS};
 use super::{lock, now_ms, valid_name, Result, Service, ServiceError};
-use crate::registry::{Disk, DiskState, VolumeSpec};
+use crate::registry::{Disk, DiskState, VolumeReclaim, VolumeSpec};
 use crate::store::loopfs;
 
 /// The longest volume name (dockerd's are shorter; the plugin refuses longer ones before
@@ -45,7 +45,7 @@ const STALE_AFTER_MS: u64 = 5_000;
 pub enum VolumeError {
     #[error("option size is required, e.g. -o size=10G")]
     NoSize,
-    #[error("unknown option {0:?} for a pdguard volume; known options: size, fs, profile, grace, keep_holes")]
+    #[error("unknown option {0:?} for a pdguard volume; known options: size, fs, profile, grace, keep_holes, reclaim")]
     Unknown(String),
     #[error("option {key}={value:?} is invalid: {why}")]
     Bad {
@@ -63,11 +63,12 @@ pub struct VolumeOptions {
     pub profile: Profile,
     pub keep_holes: bool,
     pub grace: Option<Duration>,
+    pub reclaim: VolumeReclaim,
 }
 
 impl VolumeOptions {
-    /// Parse `size` (required), `fs`, `profile`, `grace`, `keep_holes`; anything else is
-    /// refused by name.
+    /// Parse `size` (required), `fs`, `profile`, `grace`, `keep_holes`, `reclaim`;
+    /// anything else is refused by name.
     pub fn parse(
         opts: &BTreeMap<String, String>,
         default_profile: Profile,
@@ -78,6 +79,7 @@ impl VolumeOptions {
             profile: default_profile,
             keep_holes: true,
             grace: None,
+            reclaim: VolumeReclaim::Copy,
         };
         let bad = |key: &'static str, value: &str, why: &str| VolumeError::Bad {
             key,
@@ -103,6 +105,13 @@ impl VolumeOptions {
                         "true" => true,
                         "false" => false,
                         _ => return Err(bad("keep_holes", v, "use true or false")),
+                    }
+                }
+                "reclaim" => {
+                    o.reclaim = match v.as_str() {
+                        "copy" => VolumeReclaim::Copy,
+                        "instant" => VolumeReclaim::Instant,
+                        _ => return Err(bad("reclaim", v, "use instant or copy")),
                     }
                 }
                 other => return Err(VolumeError::Unknown(other.into())),
@@ -294,6 +303,7 @@ impl Service {
                 profile: o.profile,
                 keep_holes: o.keep_holes && o.profile == Profile::Secure,
                 grace_ms: o.grace.map(|g| g.as_millis() as u64),
+                reclaim: o.reclaim,
             }),
             identity: Some(identity),
         };
@@ -338,6 +348,7 @@ impl Service {
             "mounts": mounts,
             "size": d.size,
             "profile": d.volume.as_ref().map(|v| v.profile.name()),
+            "reclaim": d.volume.as_ref().map(|v| v.reclaim.name()),
             "grace_ms": self.grace_of(d),
         });
         if let Some(e) = &d.error {
@@ -840,6 +851,7 @@ mod tests {
         assert_eq!(o.profile, Profile::Secure);
         assert!(o.keep_holes);
         assert_eq!(o.grace, None);
+        assert_eq!(o.reclaim, VolumeReclaim::Copy);
         let o = VolumeOptions::parse(
             &opts(&[
                 ("size", "64MiB"),
@@ -847,6 +859,7 @@ mod tests {
                 ("grace", "1500ms"),
                 ("keep_holes", "false"),
                 ("fs", "ext4"),
+                ("reclaim", "instant"),
             ]),
             Profile::Secure,
         )
@@ -855,6 +868,12 @@ mod tests {
         assert_eq!(o.profile, Profile::Patent);
         assert_eq!(o.grace, Some(Duration::from_millis(1500)));
         assert!(!o.keep_holes);
+        assert_eq!(o.reclaim, VolumeReclaim::Instant);
+        let o = VolumeOptions::parse(
+            &opts(&[("size", "8M"), ("reclaim", "copy")]),
+            Profile::Secure,
+        );
+        assert_eq!(o.map(|o| o.reclaim), Ok(VolumeReclaim::Copy));
     }
 
     #[test]
@@ -879,6 +898,8 @@ mod tests {
             ("grace", "18446744073709551615ms"),
             ("grace", "3650001h"),
             ("keep_holes", "yes"),
+            ("reclaim", "lazy"),
+            ("reclaim", "Instant"),
         ] {
             let e = VolumeOptions::parse(&opts(&[("size", "8M"), (k, v)]), p).unwrap_err();
             let text = e.to_string();

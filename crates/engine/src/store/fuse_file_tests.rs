@@ -224,14 +224,15 @@ fn a_loop_device_on_the_fuse_file_carries_an_ext4_file_system() {
         .unwrap();
     loopfs::mkfs(&img, "ext4").unwrap();
     let backing = Counting::new(&img, usize::MAX);
-    let fuse = FuseFile::mount(
-        &tmp.path().join("fuse"),
-        backing.clone(),
-        FuseOptions::default(),
-    )
-    .unwrap();
     let fs_dir = tmp.path().join("mnt");
-    loopfs::mount(&fuse.path(), &fs_dir).expect("a loop mount needs root");
+    let mounted = loopfs::mount_over_fuse(backing.clone(), &tmp.path().join("fuse"), &fs_dir)
+        .expect("a loop mount over FUSE needs root");
+    let fuse_file = mounted.file();
+    assert_eq!(loopfs::loops_of(&fuse_file).unwrap().len(), 1);
+    assert!(
+        loopfs::loops_of(&img).unwrap().is_empty(),
+        "the loop device is on the FUSE file"
+    );
     let data = pattern(3 << 20, 42);
     {
         let mut f = File::create(fs_dir.join("hello")).unwrap();
@@ -244,10 +245,13 @@ fn a_loop_device_on_the_fuse_file_carries_an_ext4_file_system() {
             "the loop device's flush must reach flush()"
         );
     }
-    loopfs::unmount(&fuse.path(), &fs_dir).unwrap();
-    assert!(loopfs::loops_of(&fuse.path()).unwrap().is_empty());
-    fuse.unmount()
+    mounted.unmount().unwrap();
+    assert!(loopfs::loops_of(&fuse_file).unwrap().is_empty());
+    mounted
+        .close()
         .expect("nothing holds the FUSE file any more");
+    assert!(!loopfs::is_mountpoint(&fs_dir).unwrap());
+    assert!(!loopfs::is_mountpoint(&tmp.path().join("fuse")).unwrap());
     // The file system is in the plain file: mounted from it directly, it reads back.
     loopfs::mount(&img, &fs_dir).unwrap();
     let back = std::fs::read(fs_dir.join("hello"));

@@ -156,6 +156,7 @@ async fn volume(svc: &Service, name: &str) {
         profile: Profile::Patent,
         keep_holes: false,
         grace_ms: None,
+        reclaim: crate::registry::VolumeReclaim::Copy,
     });
     let d = d.clone();
     svc.persist(&d).unwrap();
