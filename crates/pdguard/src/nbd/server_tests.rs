@@ -27,6 +27,7 @@ async fn service(dir: &Path) -> Service {
         seal_stopped: false,
         observer: None,
         docker_mount_timeout: pdguard_engine::service::DOCKER_MOUNT_TIMEOUT,
+        reclaim: Default::default(),
     })
     .await
     .unwrap();
