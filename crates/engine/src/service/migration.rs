@@ -515,3 +515,8 @@ pub(super) fn routing_name(svc: &Service, disk: &str) -> &'static str {
         Routing::Failed(_) => "failed",
     }
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+#[path = "migration_tests.rs"]
+mod tests;
