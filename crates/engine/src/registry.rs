@@ -61,10 +61,12 @@ pub enum DiskState {
     Unsealing,
     /// A job failed; `error` says why. The seal record still says where the data is.
     Failed,
+    /// Served through the migration of an instant reclaim, which unseals it meanwhile.
+    Migrating,
 }
 
 impl DiskState {
-    pub const ALL: [DiskState; 7] = [
+    pub const ALL: [DiskState; 8] = [
         Self::Available,
         Self::Attached,
         Self::Grace,
@@ -72,6 +74,7 @@ impl DiskState {
         Self::Sealed,
         Self::Unsealing,
         Self::Failed,
+        Self::Migrating,
     ];
 
     pub fn name(self) -> &'static str {
@@ -83,6 +86,7 @@ impl DiskState {
             Self::Sealed => "sealed",
             Self::Unsealing => "unsealing",
             Self::Failed => "failed",
+            Self::Migrating => "migrating",
         }
     }
 }

@@ -186,7 +186,8 @@ fn opt_go(sock: &Path, export: &str) -> UnixStream {
 /// NBD: `NBD_OPT_GO` on a sealed disk behind a slow disk, and the client disconnects while
 /// the unseal runs. The unseal runs to its end (unsealing for seconds after the client left),
 /// then the disk — held by no connection — enters its grace period and is sealed again; its
-/// data is still there, bit-exact.
+/// data is still there, bit-exact. The copy reclaim (`--reclaim copy`): an instant one
+/// answers `OPT_GO` at once (`tests/instant_reclaim.rs`).
 #[test]
 fn an_nbd_client_gone_during_a_slow_unseal_leaves_the_disk_sealed_again() {
     let t_test = Instant::now();
@@ -198,7 +199,7 @@ fn an_nbd_client_gone_during_a_slow_unseal_leaves_the_disk_sealed_again() {
     let nbd = format!("unix:{}", sock.display());
     let d = Serve::new(&state)
         .profile("patent")
-        .args(&["--grace", "2s", "--nbd", &nbd])
+        .args(&["--grace", "2s", "--nbd", &nbd, "--reclaim", "copy"])
         .env("PDGUARD_LOG", "info")
         .via("sh", &cg.via(&[]))
         .start();

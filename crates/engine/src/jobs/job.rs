@@ -57,6 +57,7 @@ mod verify;
 use fresh::*;
 use keyring::*;
 pub use migrate::{migrate, MigrateReport};
+pub use reclaim_open::reclaim_tree;
 pub(crate) use reclaim_open::{drop_unsealed, open_for_reclaim, plain_digest, SealOpened};
 pub use record_io::inspect;
 use record_io::*;

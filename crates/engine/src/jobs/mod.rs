@@ -14,8 +14,8 @@ pub mod strategy;
 
 pub use error::{JobError, Result};
 pub use job::{
-    inspect, migrate, rescue, seal, shred, shred_report, unseal, unseal_with, verify, Direction,
-    JobReport, MigrateReport, Outcome, RescueReport, SealOptions, ShredReport, SlotFate,
+    inspect, migrate, reclaim_tree, rescue, seal, shred, shred_report, unseal, unseal_with, verify,
+    Direction, JobReport, MigrateReport, Outcome, RescueReport, SealOptions, ShredReport, SlotFate,
     VerifyReport,
 };
 

@@ -72,6 +72,7 @@ async fn env_mount_timeout(grace: Duration, mount_timeout: Duration) -> Env {
         seal_stopped: false,
         observer: Some(Observer(hold.clone())),
         docker_mount_timeout: mount_timeout,
+        reclaim: crate::service::ReclaimMode::Copy,
     })
     .await
     .unwrap();
@@ -364,6 +365,7 @@ async fn a_restart_mid_reclaim_with_nobody_holding_the_disk_seals_it_again() {
         seal_stopped: false,
         observer: None,
         docker_mount_timeout: crate::service::DOCKER_MOUNT_TIMEOUT,
+        reclaim: crate::service::ReclaimMode::Copy,
     };
     let svc = Service::start(cfg.clone()).await.unwrap();
     let path = sealed_disk(&svc, "d").await;
@@ -523,6 +525,7 @@ async fn the_state_dir_is_canonical() {
             seal_stopped: false,
             observer: None,
             docker_mount_timeout: crate::service::DOCKER_MOUNT_TIMEOUT,
+            reclaim: crate::service::ReclaimMode::Copy,
         })
         .await
         .unwrap();
@@ -686,6 +689,7 @@ async fn a_fifo_key_slot_fails_the_daemons_unseal_at_once() {
         seal_stopped: false,
         observer: None,
         docker_mount_timeout: crate::service::DOCKER_MOUNT_TIMEOUT,
+        reclaim: crate::service::ReclaimMode::Copy,
     })
     .await
     .unwrap();

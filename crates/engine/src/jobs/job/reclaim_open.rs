@@ -60,6 +60,25 @@ pub(crate) fn open_for_reclaim(
     Ok((opened, placement))
 }
 
+/// The region digest tree an instant reclaim of `storage`'s image passes to
+/// [`crate::jobs::reclaim::Migration::start`]: the record (phase `sealed` or `migrating`)
+/// loaded and authenticated under `key` as a reclaim loads it, then `RECORD.tree` checked
+/// against the record's root, as an unseal checks it (`tree.rs`). `None` when the record
+/// names no tree (a seal made before trees: its regions are not checked one by one). Takes
+/// the image's lock only while it reads, so the migration's start takes it next.
+pub fn reclaim_tree(storage: &dyn Storage, key: Option<&MasterKey>) -> Result<Option<RegionTree>> {
+    let _lock = lock_image(storage, LockMode::Shared)?;
+    let rec = load(storage, key, Use::Act)?.ok_or_else(|| not_sealed(storage))?;
+    if !matches!(rec.phase, Phase::Sealed | Phase::Migrating) {
+        return Err(in_progress(storage, rec.phase));
+    }
+    if rec.region_tree.is_none() {
+        return Ok(None);
+    }
+    let keys = Keys::resolve(storage, &rec, key)?;
+    super::tree::checked_tree(storage, &rec, &RegionKeys::new(keys.digest_key.as_deref()))
+}
+
 /// The plaintext digest of `image` as the record's `plain_digest` is made (over the
 /// compacted image with dense placement).
 pub(crate) fn plain_digest(

@@ -60,27 +60,7 @@ impl Job<'_> {
     /// root (the record's MAC covers the root in the secure profile). Refused before
     /// anything is written: a missing, torn, edited or swapped tree.
     pub(super) fn load_tree(&mut self) -> Result<()> {
-        let Some(t) = &self.rec.region_tree else {
-            return Ok(());
-        };
-        let scope = self.scope();
-        let layout = RegionLayout::new(t.region_bytes, self.rec.image_bytes)
-            .map_err(|e| scope.inconsistent(format!("region_tree: {e}")))?;
-        let root = t
-            .root_bytes()
-            .ok_or_else(|| scope.inconsistent("region_tree.root is not 64 lowercase hex digits"))?;
-        let name = self.storage.tree_name();
-        let limit = RegionTree::file_bytes(&layout)
-            .ok_or_else(|| scope.inconsistent("region_tree: too many regions"))?
-            .saturating_add(1);
-        let bytes = self.storage.read_tree(limit).map_err(|e| scope.store(e))?;
-        let Some(bytes) = bytes else {
-            return Err(scope.verification(format!("its seal record names a region digest tree, but {name} is missing; nothing was written: restore that file from a backup (or the record without its tree: then only the whole image is checked)")));
-        };
-        let tree = RegionTree::parse(&bytes, &layout, &self.region_keys(), &root).map_err(|e| {
-            scope.verification(format!("its region digest tree {name} is refused: {e}; nothing was written: restore that file from a backup"))
-        })?;
-        self.tree = Some(tree);
+        self.tree = checked_tree(self.storage, &self.rec, &self.region_keys())?;
         Ok(())
     }
 
@@ -160,4 +140,35 @@ impl Job<'_> {
         }
         Ok(())
     }
+}
+
+/// `RECORD.tree` when `rec` names one, checked against the record's root (the record's
+/// MAC covers the root in the secure profile); `None` when it names none. Refused: a
+/// missing, torn, edited or swapped tree.
+pub(super) fn checked_tree(
+    storage: &dyn Storage,
+    rec: &SealRecord,
+    keys: &RegionKeys,
+) -> Result<Option<RegionTree>> {
+    let Some(t) = &rec.region_tree else {
+        return Ok(None);
+    };
+    let scope = JobScope(storage);
+    let layout = RegionLayout::new(t.region_bytes, rec.image_bytes)
+        .map_err(|e| scope.inconsistent(format!("region_tree: {e}")))?;
+    let root = t
+        .root_bytes()
+        .ok_or_else(|| scope.inconsistent("region_tree.root is not 64 lowercase hex digits"))?;
+    let name = storage.tree_name();
+    let limit = RegionTree::file_bytes(&layout)
+        .ok_or_else(|| scope.inconsistent("region_tree: too many regions"))?
+        .saturating_add(1);
+    let bytes = storage.read_tree(limit).map_err(|e| scope.store(e))?;
+    let Some(bytes) = bytes else {
+        return Err(scope.verification(format!("its seal record names a region digest tree, but {name} is missing; nothing was written: restore that file from a backup (or the record without its tree: then only the whole image is checked)")));
+    };
+    let tree = RegionTree::parse(&bytes, &layout, keys, &root).map_err(|e| {
+        scope.verification(format!("its region digest tree {name} is refused: {e}; nothing was written: restore that file from a backup"))
+    })?;
+    Ok(Some(tree))
 }

@@ -140,6 +140,7 @@ async fn env(seal_stopped: bool) -> Env {
         seal_stopped,
         observer: None,
         docker_mount_timeout: crate::service::DOCKER_MOUNT_TIMEOUT,
+        reclaim: crate::service::ReclaimMode::Copy,
     })
     .await
     .unwrap();
