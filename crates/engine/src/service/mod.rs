@@ -22,6 +22,7 @@ mod policy;
 pub mod queue;
 mod runner;
 mod startup;
+mod volume_fuse;
 mod volumes;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};

@@ -1,5 +1,6 @@
 //! What the Docker volume plugin's requests mean (DESIGN.md §4): a volume is a disk of the
-//! same name holding a file system; a Mount is a reclaim ([030]) followed by a loop mount; an
+//! same name holding a file system; a Mount is a reclaim ([030]) followed by a loop mount (or,
+//! for `-o reclaim=instant`, a claim served through a FUSE file: `volume_fuse.rs`); an
 //! Unmount at count 0 unmounts it; dockerd's Mount IDs are persisted, so a restarted daemon
 //! keeps working mounts. The plugin's HTTP and Docker's JSON stay in the front-end.
 
@@ -195,6 +196,9 @@ pub(super) struct Volumes {
     pub(super) docker: StdMutex<Option<DockerStatus>>,
     /// Disks the kernel held at the last look (warned about once, not every second).
     held: StdMutex<HashSet<String>>,
+    /// Volumes mounted over a FUSE file (`reclaim=instant`), until their last Unmount.
+    /// (The slot is held while its mount is being made.)
+    pub(super) fuse: StdMutex<HashMap<String, Arc<StdMutex<Option<loopfs::FuseMount>>>>>,
 }
 
 impl Service {
@@ -474,7 +478,18 @@ impl Service {
             armed: Some((self.clone(), name.into(), id.into())),
         };
         let limit = self.s.cfg.docker_mount_timeout;
-        let reclaimed = match tokio::time::timeout(limit, self.reclaim(name)).await {
+        let instant = d
+            .volume
+            .as_ref()
+            .is_some_and(|v| v.reclaim == VolumeReclaim::Instant);
+        let reclaim = async {
+            match instant {
+                // Claimed, served through a FUSE file, mounted: the volume is usable.
+                true => self.mount_instant(name).await,
+                false => self.reclaim(name).await,
+            }
+        };
+        let reclaimed = match tokio::time::timeout(limit, reclaim).await {
             Ok(r) => r,
             // The reclaim goes on (its job never stops half-way); this Mount answers now,
             // and the life cycle decides the rest: a volume nobody mounts again by the
@@ -482,6 +497,7 @@ impl Service {
             Err(_) => Err(self.still_reclaiming(name, limit).await),
         };
         let mounted = match reclaimed {
+            Ok(()) if instant => Ok(()),
             Ok(()) => {
                 let (file, dir) = (d.path.clone(), self.mount_dir(name));
                 tokio::task::spawn_blocking(move || loopfs::mount(&file, &dir))
@@ -493,6 +509,11 @@ impl Service {
         };
         undo.disarm();
         if let Err(e) = mounted {
+            if instant {
+                // A mount over FUSE still being made when the limit struck: the retried
+                // unmount waits for it, then undoes it; the volume is not sealed meanwhile.
+                self.set_unmount_pending(name, true).await?;
+            }
             self.forget_mount(name, id).await?;
             let mut st = self.s.state.lock().await;
             self.release(&mut st, name)?;
@@ -559,9 +580,12 @@ impl Service {
     /// kernel lets go; the volume is never sealed meanwhile. Returns true once free.
     async fn unmount_now(&self, name: &str, file: PathBuf) -> Result<bool> {
         let dir = self.mount_dir(name);
-        let r = tokio::task::spawn_blocking(move || loopfs::unmount(&file, &dir))
-            .await
-            .map_err(|e| ServiceError::Invalid(format!("unmount panicked: {e}")))?;
+        let r = match self.unmount_instant(name).await {
+            Some(r) => r,
+            None => tokio::task::spawn_blocking(move || loopfs::unmount(&file, &dir))
+                .await
+                .map_err(|e| ServiceError::Invalid(format!("unmount panicked: {e}")))?,
+        };
         let was = self
             .s
             .state
@@ -695,6 +719,14 @@ pub(super) fn how_far(
                 done.saturating_mul(100) / total
             )
         }
+        // An instant reclaim: served at once, but its file system was not mounted in time
+        // (the first reads wait for the regions they need to be moved).
+        Some(p) if p.job == super::JobKind::Migrate.name() => format!(
+            "after {waited}, the volume is served through its migration but its file system is not mounted yet (pass {}: {} of {})",
+            p.pass,
+            size_text(p.done_bytes, p.total_bytes),
+            size_text(p.total_bytes, p.total_bytes)
+        ),
         Some(p) => format!(
             "after {waited}, a seal in flight is still being completed before the unseal (pass {}: {} of {})",
             p.pass,
@@ -825,7 +857,7 @@ fn ensure_mountpoint(state: &Path, dir: &Path) -> std::result::Result<(), String
     Ok(())
 }
 
-fn volume_io(name: &str, what: &str, e: loopfs::LoopFsError) -> ServiceError {
+pub(super) fn volume_io(name: &str, what: &str, e: loopfs::LoopFsError) -> ServiceError {
     ServiceError::Invalid(format!(
         "volume {name:?}: cannot {what}: {}",
         crate::error_chain(&e)
