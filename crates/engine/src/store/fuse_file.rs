@@ -289,7 +289,7 @@ fn top_mount(dir: &Path) -> io::Result<Option<(String, String)>> {
         .filter_map(parse_mountinfo)
         .filter(|(point, ..)| *point == want)
         .map(|(_, dev, fstype)| (dev, fstype))
-        .last())
+        .next_back())
 }
 
 /// One line of mountinfo: mountpoint (unescaped), device, file system type.
