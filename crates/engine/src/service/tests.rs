@@ -345,6 +345,11 @@ fn how_far_a_reclaim_is() {
         super::volumes::how_far(Some(DiskState::Sealing), None, "3 s").contains("a seal in flight")
     );
     assert!(far(None).contains("job queue"));
+    // An instant volume whose file system was not mounted in time: served, not a seal.
+    assert_eq!(
+        far(Some(&p("migrate", "evacuate", 16 << 20))),
+        "after 3 s, the volume is served through its migration but its file system is not mounted yet (pass evacuate: 16.0 MiB of 64.0 MiB)"
+    );
 }
 
 /// A daemon that stopped while a reclaim's unseal ran (nobody holds the disk after the
