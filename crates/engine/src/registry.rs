@@ -61,10 +61,12 @@ pub enum DiskState {
     Unsealing,
     /// A job failed; `error` says why. The seal record still says where the data is.
     Failed,
+    /// Served through the migration of an instant reclaim, which unseals it meanwhile.
+    Migrating,
 }
 
 impl DiskState {
-    pub const ALL: [DiskState; 7] = [
+    pub const ALL: [DiskState; 8] = [
         Self::Available,
         Self::Attached,
         Self::Grace,
@@ -72,6 +74,7 @@ impl DiskState {
         Self::Sealed,
         Self::Unsealing,
         Self::Failed,
+        Self::Migrating,
     ];
 
     pub fn name(self) -> &'static str {
@@ -83,6 +86,7 @@ impl DiskState {
             Self::Sealed => "sealed",
             Self::Unsealing => "unsealing",
             Self::Failed => "failed",
+            Self::Migrating => "migrating",
         }
     }
 }
@@ -143,6 +147,35 @@ pub struct VolumeSpec {
     /// Its own grace period, instead of the daemon's.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub grace_ms: Option<u64>,
+    /// How a Mount of it reclaims it when it is sealed (`-o reclaim=`; absent in entries
+    /// written before the option: `copy`).
+    #[serde(default, skip_serializing_if = "VolumeReclaim::is_copy")]
+    pub reclaim: VolumeReclaim,
+}
+
+/// How a Mount reclaims a sealed volume (docs/instant-reclaim.md §8).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum VolumeReclaim {
+    /// The whole unseal first, then the loop mount of the plain file.
+    #[default]
+    Copy,
+    /// The file system at once, on a loop device over a FUSE file served by pdguard while
+    /// the migration moves the data behind it.
+    Instant,
+}
+
+impl VolumeReclaim {
+    pub fn is_copy(&self) -> bool {
+        *self == Self::Copy
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Copy => "copy",
+            Self::Instant => "instant",
+        }
+    }
 }
 
 /// The live mounts of a Docker volume: dockerd's Mount IDs not yet unmounted.

@@ -186,7 +186,8 @@ fn opt_go(sock: &Path, export: &str) -> UnixStream {
 /// NBD: `NBD_OPT_GO` on a sealed disk behind a slow disk, and the client disconnects while
 /// the unseal runs. The unseal runs to its end (unsealing for seconds after the client left),
 /// then the disk — held by no connection — enters its grace period and is sealed again; its
-/// data is still there, bit-exact.
+/// data is still there, bit-exact. The copy reclaim (`--reclaim copy`): an instant one
+/// answers `OPT_GO` at once (`tests/instant_reclaim.rs`).
 #[test]
 fn an_nbd_client_gone_during_a_slow_unseal_leaves_the_disk_sealed_again() {
     let t_test = Instant::now();
@@ -198,7 +199,7 @@ fn an_nbd_client_gone_during_a_slow_unseal_leaves_the_disk_sealed_again() {
     let nbd = format!("unix:{}", sock.display());
     let d = Serve::new(&state)
         .profile("patent")
-        .args(&["--grace", "2s", "--nbd", &nbd])
+        .args(&["--grace", "2s", "--nbd", &nbd, "--reclaim", "copy"])
         .env("PDGUARD_LOG", "info")
         .via("sh", &cg.via(&[]))
         .start();
@@ -429,4 +430,164 @@ fn a_docker_mount_on_a_slow_unseal_fails_fast_and_the_volume_is_sealed_again() {
         "{:?}",
         t_test.elapsed()
     );
+}
+
+/// Docker, instant reclaim (`-o reclaim=instant`, docs/instant-reclaim.md §8): a sealed
+/// volume holding `data_mib` MiB (and a small file) behind a disk throttled to `bps` (0: no
+/// limit). `docker run` reads the small file, served through pdguard's FUSE file while the
+/// migration runs; returns how long that `docker run` took. Then, the disk fast again,
+/// every byte of the volume reads back bit-exact through the same path.
+fn docker_run_on_an_instant_volume(size: &str, data_mib: u64, bps: u64) -> Duration {
+    let t_test = Instant::now();
+    let cluster = nodes::Cluster::new(1);
+    let n = cluster.node(1);
+    let state = n.state_dir();
+    std::fs::create_dir_all(&state).unwrap();
+    let cg = Throttle::new(&state);
+    let mut then = vec!["nsenter".to_string()];
+    then.extend(n.enter(false));
+    let serve = Serve::new(&state)
+        .profile("patent")
+        .args(&[
+            "--grace",
+            "2s",
+            "--docker",
+            "--docker-driver",
+            "pdguard-test",
+        ])
+        .args(&["--docker-host", &n.host(), "--docker-resync", "1s"])
+        .env("PDGUARD_LOG", "info")
+        .via("sh", &cg.via(&then));
+    let mut w = World {
+        daemon: None,
+        cg,
+        cluster,
+    };
+    w.daemon = Some(serve.start());
+    let (d, n, cg) = (w.daemon.as_ref().unwrap(), w.cluster.node(1), &w.cg);
+    assert_eq!(
+        cg.procs(),
+        vec![d.pid().to_string()],
+        "the daemon is not throttled"
+    );
+    let ok = |secs: u64, args: &[&str]| {
+        let o = docker(n, secs, args);
+        assert!(
+            o.status.success(),
+            "docker {args:?}: {}\n{}",
+            stderr(&o),
+            d.log()
+        );
+        String::from_utf8_lossy(&o.stdout).trim().to_string()
+    };
+    let size = format!("size={size}");
+    ok(
+        60,
+        &[
+            "volume",
+            "create",
+            "-d",
+            "pdguard-test",
+            "-o",
+            &size,
+            "-o",
+            "reclaim=instant",
+            "big",
+        ],
+    );
+    let shown = ok(
+        30,
+        &[
+            "volume",
+            "inspect",
+            "big",
+            "--format",
+            "{{.Status.reclaim}}",
+        ],
+    );
+    assert_eq!(shown, "instant");
+    let fill = format!(
+        "dd if=/dev/urandom of=/data/filler bs=1M count={data_mib} 2>/dev/null && \
+         head -c 1048576 /dev/urandom > /data/small && sync && \
+         sha256sum /data/small /data/filler"
+    );
+    let sums = ok(
+        300,
+        &[
+            "run",
+            "--rm",
+            "-v",
+            "big:/data",
+            nodes::IMAGE,
+            "sh",
+            "-c",
+            &fill,
+        ],
+    );
+    let small_sum = sums.lines().next().unwrap().to_string();
+    assert!(small_sum.ends_with("/data/small"), "{sums}");
+    d.wait_state("big", "sealed", 240);
+    eprintln!("filled and sealed after {:?}", t_test.elapsed());
+    let path = PathBuf::from(d.disk("big")["path"].as_str().unwrap().to_string());
+    drop_cache(&path);
+    cg.limit(bps);
+
+    let t0 = Instant::now();
+    let o = docker(
+        n,
+        130,
+        &[
+            "run",
+            "--rm",
+            "-v",
+            "big:/data",
+            nodes::IMAGE,
+            "sha256sum",
+            "/data/small",
+        ],
+    );
+    let took = t0.elapsed();
+    eprintln!("docker run on the sealed volume answered after {took:?}");
+    assert!(o.status.success(), "{}\n{}", stderr(&o), d.log());
+    assert_eq!(String::from_utf8_lossy(&o.stdout).trim(), small_sum);
+    let v = d.disk("big");
+    assert_eq!(
+        v["state"], "migrating",
+        "the volume was not served through its migration: {v}"
+    );
+
+    // The disk is fast again: every byte reads back through the FUSE file, bit-exact.
+    cg.limit(0);
+    let files = [
+        "run",
+        "--rm",
+        "-v",
+        "big:/data",
+        nodes::IMAGE,
+        "sha256sum",
+        "/data/small",
+        "/data/filler",
+    ];
+    assert_eq!(ok(300, &files), sums);
+    drop(w);
+    eprintln!("took {:?}", t_test.elapsed());
+    took
+}
+
+/// A sealed instant volume holding 512 MiB: `docker run` reads it at once, served through
+/// the migration (still running when the container is done), and bit-exact throughout.
+#[test]
+fn a_docker_run_on_an_instant_volume_is_served_through_its_migration() {
+    let took = docker_run_on_an_instant_volume("640M", 512, 0);
+    assert!(took < Duration::from_secs(5), "docker run took {took:?}");
+}
+
+/// The issue's bound: a sealed volume holding 2 GiB behind a disk throttled to 16 MiB/s, at
+/// which a copy unseal's first pass alone (reading the 2 GiB of sealed data) takes over
+/// 128 s, past dockerd's 120 s: `docker run` must start within 5 s and read its file.
+#[test]
+#[ignore = "fails today: the Mount outlasts --docker-mount-timeout (90 s); the migration's background evacuation takes the whole throttled bandwidth and the file system's first reads wait for their demand moves (docs/instant-reclaim.md §9 step 5)"]
+fn a_docker_run_on_an_instant_volume_behind_a_slow_disk_starts_at_once() {
+    let took = docker_run_on_an_instant_volume("2200M", 2048, 16 << 20);
+    assert!(took < Duration::from_secs(5), "docker run took {took:?}");
 }

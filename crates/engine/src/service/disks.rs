@@ -108,7 +108,7 @@ impl Service {
             }
             return Err(e);
         }
-        self.gate(name).set(self.gate_state_for(state));
+        self.gate(name).set(self.gate_state_for(name, state));
         st.disks.insert(name.into(), d.clone());
         Ok(self.view(&st, &d))
     }
@@ -128,7 +128,10 @@ impl Service {
                 st.users(name).join(", ")
             )));
         }
-        if matches!(d.state, DiskState::Sealing | DiskState::Unsealing) {
+        if matches!(
+            d.state,
+            DiskState::Sealing | DiskState::Unsealing | DiskState::Migrating
+        ) {
             return Err(ServiceError::Busy(format!(
                 "disk {name:?} is {}; wait for the job to finish",
                 d.state.name()

@@ -2,7 +2,8 @@
 //! `VmState::valid_transition`): [`Life`] is the state with the data that belongs to it,
 //! [`Event`] what happened, and [`next`] the only place that decides where a disk goes.
 //! [`super::Service::apply`] is the only caller that writes the result: it persists it,
-//! sets the I/O gate and starts the background job a `sealing` or `unsealing` disk needs.
+//! sets the I/O gate and starts the background job a `sealing`, `unsealing` or `migrating`
+//! disk needs.
 //!
 //! The registry keeps its flat form (`state`, `dangling`, `grace_until_ms`, `error`, as
 //! before); [`Life::of`] and [`Life::store`] convert, so the on-disk format is unchanged.
@@ -38,6 +39,11 @@ pub enum Life {
     Unsealing {
         reclaim: bool,
     },
+    /// An instant reclaim (`docs/instant-reclaim.md`): the disk is served through its
+    /// migration while the migration unseals it in the background. Only a reclaim starts
+    /// one, so when it ends a disk no operational container holds enters its grace period
+    /// (its client gave up), as for `Unsealing { reclaim: true }`.
+    Migrating,
     /// A job failed; the seal record still says where the data is.
     Failed {
         error: String,
@@ -51,6 +57,13 @@ pub enum Event {
     /// An operational container wants the disk (`container up`, a Mount, an NBD `OPT_GO`):
     /// the patent's reclaim ([030]).
     Claimed,
+    /// The same, by a front-end that serves the disk through its migration (NBD), for a
+    /// disk whose seal record allows an instant reclaim (or is in phase `migrating`): a
+    /// sealed or failed disk is `migrating` at once instead of `unsealing`.
+    ClaimedInstant,
+    /// At start: the seal record is in phase `migrating` (a daemon stopped mid-migration):
+    /// the migration resumes, whoever holds the disk.
+    ResumeMigration,
     /// The last operational container went away at `now_ms`.
     Released { now_ms: u64, grace_ms: u64 },
     /// The tick found the grace period over.
@@ -124,6 +137,7 @@ impl Life {
                 dangling: d.dangling,
             },
             DiskState::Unsealing => Self::Unsealing { reclaim: true },
+            DiskState::Migrating => Self::Migrating,
             DiskState::Failed => Self::Failed {
                 error: d
                     .error
@@ -157,6 +171,7 @@ impl Life {
             Self::Sealing { .. } => DiskState::Sealing,
             Self::Sealed { .. } => DiskState::Sealed,
             Self::Unsealing { .. } => DiskState::Unsealing,
+            Self::Migrating => DiskState::Migrating,
             Self::Failed { .. } => DiskState::Failed,
         }
     }
@@ -175,6 +190,7 @@ impl Life {
         match self {
             Self::Sealing { .. } => Some(JobKind::Seal),
             Self::Unsealing { .. } => Some(JobKind::Unseal),
+            Self::Migrating => Some(JobKind::Migrate),
             _ => None,
         }
     }
@@ -185,6 +201,9 @@ impl Life {
 pub enum JobKind {
     Seal,
     Unseal,
+    /// The migration of an instant reclaim: started at once (never queued), served while
+    /// it runs.
+    Migrate,
 }
 
 impl JobKind {
@@ -192,6 +211,7 @@ impl JobKind {
         match self {
             Self::Seal => "seal",
             Self::Unseal => "unseal",
+            Self::Migrate => "migrate",
         }
     }
 }
@@ -199,6 +219,8 @@ impl JobKind {
 fn event_name(e: &Event) -> &'static str {
     match e {
         Event::Claimed => "claimed",
+        Event::ClaimedInstant => "claimed-instant",
+        Event::ResumeMigration => "resume-migration",
         Event::Released { .. } => "released",
         Event::GraceOver { .. } => "grace-over",
         Event::SealNow => "seal-now",
@@ -233,6 +255,19 @@ pub fn next(life: &Life, event: &Event) -> Result<Life, LifeError> {
         (L::Sealed { .. } | L::Failed { .. }, Event::Claimed) => L::Unsealing { reclaim: true },
         (L::Sealing { .. }, Event::Claimed) => L::Sealing { dangling: false },
         (L::Unsealing { .. }, Event::Claimed) => L::Unsealing { reclaim: true },
+        // A migration serves the disk already (a copy reclaim waits for its end).
+        (L::Migrating, Event::Claimed | Event::ClaimedInstant) => L::Migrating,
+        // An instant reclaim: served at once, through the migration.
+        (L::Available | L::Attached | L::Grace { .. }, Event::ClaimedInstant) => L::Attached,
+        (L::Sealed { .. } | L::Failed { .. }, Event::ClaimedInstant) => L::Migrating,
+        (L::Sealing { .. }, Event::ClaimedInstant) => L::Sealing { dangling: false },
+        // A copy unseal in flight is waited for.
+        (L::Unsealing { .. }, Event::ClaimedInstant) => L::Unsealing { reclaim: true },
+
+        (L::Sealed { .. } | L::Failed { .. } | L::Migrating, Event::ResumeMigration) => {
+            L::Migrating
+        }
+        (_, Event::ResumeMigration) => return Err(invalid()),
 
         (L::Attached, Event::Released { now_ms, grace_ms }) => L::Grace {
             until_ms: grace_end(*now_ms, *grace_ms)?,
@@ -258,7 +293,7 @@ pub fn next(life: &Life, event: &Event) -> Result<Life, LifeError> {
         (_, Event::GraceOver { .. }) => return Err(invalid()),
 
         (L::Sealed { .. }, Event::SealNow) => return Err(LifeError::AlreadySealed),
-        (L::Sealing { .. } | L::Unsealing { .. }, Event::SealNow) => {
+        (L::Sealing { .. } | L::Unsealing { .. } | L::Migrating, Event::SealNow) => {
             return Err(LifeError::JobRunning(life.state().name()))
         }
         (_, Event::SealNow) => L::Sealing {
@@ -281,13 +316,22 @@ pub fn next(life: &Life, event: &Event) -> Result<Life, LifeError> {
             until_ms: grace_end(*now_ms, *grace_ms)?,
         },
         (L::Unsealing { reclaim: false }, Event::JobDone { .. }) => L::Available,
+        (L::Migrating, Event::JobDone { in_use: true, .. }) => L::Attached,
+        (
+            L::Migrating,
+            Event::JobDone {
+                now_ms, grace_ms, ..
+            },
+        ) => L::Grace {
+            until_ms: grace_end(*now_ms, *grace_ms)?,
+        },
         (_, Event::JobDone { .. }) => return Err(invalid()),
 
         (L::Sealing { dangling }, Event::JobFailed { error }) => L::Failed {
             error: error.clone(),
             dangling: *dangling,
         },
-        (L::Unsealing { .. }, Event::JobFailed { error }) => L::Failed {
+        (L::Unsealing { .. } | L::Migrating, Event::JobFailed { error }) => L::Failed {
             error: error.clone(),
             dangling: false,
         },
@@ -305,7 +349,7 @@ pub fn next(life: &Life, event: &Event) -> Result<Life, LifeError> {
         },
         (_, Event::RecordLost { .. }) => return Err(invalid()),
 
-        (L::Sealing { .. } | L::Unsealing { .. }, Event::Refused { .. }) => {
+        (L::Sealing { .. } | L::Unsealing { .. } | L::Migrating, Event::Refused { .. }) => {
             return Err(LifeError::JobRunning(life.state().name()))
         }
         (_, Event::Refused { why }) => L::Failed {
@@ -318,7 +362,7 @@ pub fn next(life: &Life, event: &Event) -> Result<Life, LifeError> {
         }
         // Sealed data is what these states expect: nothing changes.
         (L::Sealed { .. } | L::Failed { .. }, Event::RecordFound) => life.clone(),
-        (L::Sealing { .. } | L::Unsealing { .. }, Event::RecordFound) => {
+        (L::Sealing { .. } | L::Unsealing { .. } | L::Migrating, Event::RecordFound) => {
             return Err(LifeError::JobRunning(life.state().name()))
         }
     })
@@ -365,6 +409,7 @@ mod tests {
             L::Unsealing { reclaim: true },
             L::Unsealing { reclaim: false },
             failed(),
+            L::Migrating,
         ];
         let released = Event::Released {
             now_ms: 1000,
@@ -375,24 +420,28 @@ mod tests {
             error: "r".into(),
             dangling,
         };
+        let ur = Some(L::Unsealing { reclaim: true });
+        let mig = Some(L::Migrating);
         #[rustfmt::skip]
-        let table: Vec<(Event, [Option<Life>; 8])> = vec![
-            //                 available       attached        grace            sealing                              sealed                              unsealing(reclaim)               unsealing(by hand)                failed
-            (Event::Claimed,  [Some(L::Attached), Some(L::Attached), Some(L::Attached), Some(L::Sealing { dangling: false }), Some(L::Unsealing { reclaim: true }), Some(L::Unsealing { reclaim: true }), Some(L::Unsealing { reclaim: true }), Some(L::Unsealing { reclaim: true })]),
-            (released.clone(), [Some(L::Available), grace(1030), grace(9), Some(L::Sealing { dangling: true }), Some(L::Sealed { dangling: true }), Some(L::Unsealing { reclaim: true }), Some(L::Unsealing { reclaim: false }), Some(failed())]),
-            (over(false, false), [None, None, Some(L::Sealing { dangling: true }), None, None, None, None, None]),
-            (over(true, false), [None, None, Some(L::Attached), None, None, None, None, None]),
-            (over(false, true), [None, None, grace(3000), None, None, None, None, None]),
-            (Event::SealNow,  [Some(L::Sealing { dangling: false }), Some(L::Sealing { dangling: false }), Some(L::Sealing { dangling: false }), None, None, None, None, Some(L::Sealing { dangling: true })]),
-            (Event::UnsealNow, [None, None, None, None, Some(L::Unsealing { reclaim: false }), None, None, Some(L::Unsealing { reclaim: false })]),
-            (done(false),     [None, None, None, Some(L::Sealed { dangling: true }), None, grace(1500), Some(L::Available), None]),
-            (done(true),      [None, None, None, Some(L::Sealed { dangling: true }), None, Some(L::Attached), Some(L::Attached), None]),
-            (Event::JobFailed { error: "e".into() }, [None, None, None, Some(L::Failed { error: "e".into(), dangling: true }), None, Some(L::Failed { error: "e".into(), dangling: false }), Some(L::Failed { error: "e".into(), dangling: false }), None]),
-            (Event::Retry { seal: true }, [None, None, None, None, None, None, None, Some(L::Sealing { dangling: true })]),
-            (Event::Retry { seal: false }, [None, None, None, None, None, None, None, Some(L::Unsealing { reclaim: true })]),
-            (Event::RecordLost { why: "gone".into() }, [None, None, None, None, Some(L::Failed { error: "gone".into(), dangling: true }), None, None, None]),
-            (Event::Refused { why: "r".into() }, [Some(rf(false)), Some(rf(false)), Some(rf(false)), None, Some(rf(true)), None, None, Some(rf(true))]),
-            (Event::RecordFound, [Some(L::Sealed { dangling: false }), Some(L::Sealed { dangling: false }), Some(L::Sealed { dangling: false }), None, Some(L::Sealed { dangling: true }), None, None, Some(failed())]),
+        let table: Vec<(Event, [Option<Life>; 9])> = vec![
+            //                 available       attached        grace            sealing                              sealed                              unsealing(reclaim)  unsealing(by hand)  failed  migrating
+            (Event::Claimed,  [Some(L::Attached), Some(L::Attached), Some(L::Attached), Some(L::Sealing { dangling: false }), ur.clone(), ur.clone(), ur.clone(), ur.clone(), mig.clone()]),
+            (Event::ClaimedInstant, [Some(L::Attached), Some(L::Attached), Some(L::Attached), Some(L::Sealing { dangling: false }), mig.clone(), ur.clone(), ur.clone(), mig.clone(), mig.clone()]),
+            (Event::ResumeMigration, [None, None, None, None, mig.clone(), None, None, mig.clone(), mig.clone()]),
+            (released.clone(), [Some(L::Available), grace(1030), grace(9), Some(L::Sealing { dangling: true }), Some(L::Sealed { dangling: true }), ur.clone(), Some(L::Unsealing { reclaim: false }), Some(failed()), mig.clone()]),
+            (over(false, false), [None, None, Some(L::Sealing { dangling: true }), None, None, None, None, None, None]),
+            (over(true, false), [None, None, Some(L::Attached), None, None, None, None, None, None]),
+            (over(false, true), [None, None, grace(3000), None, None, None, None, None, None]),
+            (Event::SealNow,  [Some(L::Sealing { dangling: false }), Some(L::Sealing { dangling: false }), Some(L::Sealing { dangling: false }), None, None, None, None, Some(L::Sealing { dangling: true }), None]),
+            (Event::UnsealNow, [None, None, None, None, Some(L::Unsealing { reclaim: false }), None, None, Some(L::Unsealing { reclaim: false }), None]),
+            (done(false),     [None, None, None, Some(L::Sealed { dangling: true }), None, grace(1500), Some(L::Available), None, grace(1500)]),
+            (done(true),      [None, None, None, Some(L::Sealed { dangling: true }), None, Some(L::Attached), Some(L::Attached), None, Some(L::Attached)]),
+            (Event::JobFailed { error: "e".into() }, [None, None, None, Some(L::Failed { error: "e".into(), dangling: true }), None, Some(L::Failed { error: "e".into(), dangling: false }), Some(L::Failed { error: "e".into(), dangling: false }), None, Some(L::Failed { error: "e".into(), dangling: false })]),
+            (Event::Retry { seal: true }, [None, None, None, None, None, None, None, Some(L::Sealing { dangling: true }), None]),
+            (Event::Retry { seal: false }, [None, None, None, None, None, None, None, ur.clone(), None]),
+            (Event::RecordLost { why: "gone".into() }, [None, None, None, None, Some(L::Failed { error: "gone".into(), dangling: true }), None, None, None, None]),
+            (Event::Refused { why: "r".into() }, [Some(rf(false)), Some(rf(false)), Some(rf(false)), None, Some(rf(true)), None, None, Some(rf(true)), None]),
+            (Event::RecordFound, [Some(L::Sealed { dangling: false }), Some(L::Sealed { dangling: false }), Some(L::Sealed { dangling: false }), None, Some(L::Sealed { dangling: true }), None, None, Some(failed()), None]),
         ];
         for (event, row) in &table {
             for (state, want) in states.iter().zip(row) {
@@ -400,6 +449,27 @@ mod tests {
                 assert_eq!(&got, want, "{state:?} + {event:?}");
             }
         }
+    }
+
+    /// The registry's flat form of a migrating disk is a state name of its own, and an
+    /// entry written before it existed still reads as before.
+    #[test]
+    fn a_migrating_disk_is_stored_as_migrating() {
+        let mut d: Disk = serde_json::from_str(
+            r#"{"name":"d","id":"00","path":"/x","size":4096,"sector_size":512,
+                "state":"migrating","dangling":false,"managed":true,"created_unix":0}"#,
+        )
+        .unwrap();
+        assert_eq!(Life::of(&d), L::Migrating);
+        assert_eq!(L::Migrating.job(), Some(JobKind::Migrate));
+        L::Migrating.store(&mut d);
+        assert_eq!(serde_json::to_value(&d).unwrap()["state"], "migrating");
+        // A migration ends like a reclaim's unseal: held → attached, gone → grace.
+        assert_eq!(next(&L::Migrating, &done(true)), Ok(L::Attached));
+        assert_eq!(
+            next(&L::Migrating, &done(false)),
+            Ok(L::Grace { until_ms: 1500 })
+        );
     }
 
     #[test]
@@ -435,6 +505,7 @@ mod tests {
             L::Sealing { dangling: false },
             L::Sealed { dangling: true },
             L::Unsealing { reclaim: true },
+            L::Migrating,
             failed(),
         ] {
             l.store(&mut d);

@@ -25,12 +25,13 @@ pub const DURATION_BUCKETS: [f64; 16] = [
     14400.0,
 ];
 
-const KINDS: [JobKind; 2] = [JobKind::Seal, JobKind::Unseal];
+const KINDS: [JobKind; 3] = [JobKind::Seal, JobKind::Unseal, JobKind::Migrate];
 
 fn ix(kind: JobKind) -> usize {
     match kind {
         JobKind::Seal => 0,
         JobKind::Unseal => 1,
+        JobKind::Migrate => 2,
     }
 }
 
@@ -75,12 +76,12 @@ pub struct Snapshot {
 
 #[derive(Default)]
 pub struct Metrics {
-    started: [AtomicU64; 2],
-    finished: [AtomicU64; 2],
-    failed: [AtomicU64; 2],
-    moved_bytes: [AtomicU64; 2],
+    started: [AtomicU64; 3],
+    finished: [AtomicU64; 3],
+    failed: [AtomicU64; 3],
+    moved_bytes: [AtomicU64; 3],
     disk_failures: AtomicU64,
-    durations: [StdMutex<Histogram>; 2],
+    durations: [StdMutex<Histogram>; 3],
     jobs: StdMutex<HashMap<String, Pending>>,
 }
 
@@ -250,9 +251,9 @@ impl Metrics {
     }
 
     /// Jobs queued and running per kind, and when the oldest was asked for.
-    fn backlog(&self) -> ([[u64; 2]; 2], Option<u64>) {
+    fn backlog(&self) -> ([[u64; 2]; 3], Option<u64>) {
         let jobs = lock(&self.jobs);
-        let mut counts = [[0u64; 2]; 2];
+        let mut counts = [[0u64; 2]; 3];
         for p in jobs.values() {
             counts[ix(p.kind)][usize::from(p.running)] += 1;
         }

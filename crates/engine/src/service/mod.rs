@@ -16,11 +16,13 @@ pub mod docker;
 mod error;
 pub mod lifecycle;
 mod metrics;
+mod migration;
 mod nbd;
 mod policy;
 pub mod queue;
 mod runner;
 mod startup;
+mod volume_fuse;
 mod volumes;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -36,6 +38,7 @@ use tokio::sync::Mutex;
 pub use error::ServiceError;
 pub use lifecycle::{Event, JobKind, Life, LifeError, MAX_GRACE_MS};
 pub use metrics::Metrics;
+pub use migration::{ClaimedIo, ReclaimMode, CLAIM_HOLD};
 pub use nbd::{NbdExport, NBD_CONTAINER_PREFIX};
 pub use runner::RunError;
 pub use startup::{check_docker_mount_timeout, check_state_dir, lock_path, DAEMON_LOCK_FILE};
@@ -74,6 +77,9 @@ pub struct Config {
     /// saying how far the unseal is (which goes on): below dockerd's own 120 s, after which
     /// dockerd gives up on the Mount without a word ([`DOCKER_MOUNT_TIMEOUT`] by default).
     pub docker_mount_timeout: Duration,
+    /// How a front-end that serves the disk itself (NBD) reclaims a sealed disk
+    /// (`serve --reclaim`): instantly through its migration, or by a copy unseal first.
+    pub reclaim: ReclaimMode,
 }
 
 /// A [`Progress`] that sees every job of the daemon.
@@ -193,6 +199,8 @@ struct Shared {
     registry: Registry,
     state: Mutex<State>,
     gates: StdMutex<HashMap<String, Arc<Gate>>>,
+    /// Where each disk's requests go after its gate (its file, or its migration).
+    routes: StdMutex<HashMap<String, Arc<migration::Route>>>,
     queue: queue::JobQueue,
     running: StdMutex<HashMap<String, runner::JobWatch>>,
     progress: StdMutex<HashMap<String, JobProgress>>,
@@ -256,6 +264,7 @@ impl Service {
                 registry,
                 state: Mutex::new(state),
                 gates: StdMutex::new(HashMap::new()),
+                routes: StdMutex::new(HashMap::new()),
                 queue: queue::JobQueue::new(jobs),
                 running: StdMutex::new(HashMap::new()),
                 progress: StdMutex::new(HashMap::new()),
@@ -272,10 +281,13 @@ impl Service {
         &self.s.cfg
     }
 
-    fn gate_state_for(&self, state: DiskState) -> GateState {
+    fn gate_state_for(&self, name: &str, state: DiskState) -> GateState {
         match state {
             DiskState::Sealed => GateState::Sealed(self.s.cfg.sealed_io),
             DiskState::Sealing | DiskState::Unsealing | DiskState::Failed => GateState::Blocked,
+            // Open once the migration serves (its start opens it).
+            DiskState::Migrating if self.route(name).serving() => GateState::Open,
+            DiskState::Migrating => GateState::Blocked,
             _ => GateState::Open,
         }
     }
@@ -310,6 +322,9 @@ impl Service {
             if after.state() == DiskState::Failed && before.state() != DiskState::Failed {
                 self.s.metrics.disk_failed();
             }
+            if before.state() == DiskState::Failed && after.state() != DiskState::Failed {
+                self.route_recovered(name);
+            }
         }
         let d = d.clone();
         if matches!(after, Life::Unsealing { reclaim: false }) {
@@ -317,7 +332,8 @@ impl Service {
         } else if after.job().is_none() {
             st.by_hand.remove(name);
         }
-        self.gate(name).set(self.gate_state_for(after.state()));
+        self.gate(name)
+            .set(self.gate_state_for(name, after.state()));
         if let Some(kind) = after.job() {
             self.ensure_job(&d, kind);
         }
@@ -542,29 +558,12 @@ impl Service {
         }
     }
 
-    /// Make one disk usable for a running container: [`Event::Claimed`] until the disk is
-    /// attached, waiting for each job it needs first. An unseal that fails ends the
-    /// reclaim with the job's own error (a verification failure stays one).
+    /// Make one disk usable for a running container that reads its file itself: a claim
+    /// until the disk is attached, waiting for each job it needs first (a migration in
+    /// flight to its end). An unseal that fails ends the reclaim with the job's own error
+    /// (a verification failure stays one).
     async fn reclaim(&self, name: &str) -> Result<()> {
-        loop {
-            let (kind, rx) = {
-                let mut st = self.s.state.lock().await;
-                self.find_record(&mut st, name)?;
-                let life = self.apply(&mut st, name, Event::Claimed)?;
-                match life.job() {
-                    None => return Ok(()),
-                    Some(kind) => (kind, self.job_watch(name)),
-                }
-            };
-            match self.wait_job(name, kind, rx).await {
-                Ok(()) => {}
-                // A seal that failed is rolled back by the unseal the next round starts.
-                Err(e) if kind == JobKind::Seal => {
-                    tracing::warn!(disk = %name, error = %crate::error_chain(&e), "the seal being reclaimed failed; unsealing");
-                }
-                Err(e) => return Err(e),
-            }
-        }
+        self.reclaim_with(name, false).await
     }
 
     /// A disk held as plaintext (available, attached, in grace) whose file has a seal

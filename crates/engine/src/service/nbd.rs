@@ -3,8 +3,10 @@
 //! associated with that disk; when it closes (cleanly or not) the association is dropped
 //! at once, as for a removed container ([028]), and a disk left with no operational
 //! container enters its grace period. `NBD_OPT_GO` on a sealed or sealing disk is a
-//! reclaim ([030]): it returns only when the disk is unsealed, its digest checked and its
-//! gate open.
+//! reclaim ([030]): an instant one (`serve --reclaim instant`, the default, for a record of
+//! version 4) returns as soon as the disk's migration serves it, and the connection's
+//! requests go through [`Service::claim`]'s handle; a copy reclaim returns only when the
+//! disk is unsealed, its digest checked and its gate open.
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
@@ -93,8 +95,9 @@ impl Service {
     }
 
     /// A connection (`id`, which starts with `nbd:`) enters transmission on `disk`: record
-    /// the association, then reclaim the disk if it is dangling, sealing or sealed. Returns
-    /// when the disk is usable; on failure, or when the caller drops the future (the client
+    /// the association, then reclaim the disk if it is dangling, sealing or sealed (an
+    /// instant reclaim when the daemon and the record allow it). Returns when the disk is
+    /// usable; on failure, or when the caller drops the future (the client
     /// went away mid-handshake), the association is dropped again, so a disk whose reclaim
     /// nobody waits for any more is sealed again after its grace.
     pub async fn nbd_attach(&self, id: &str, disk: &str) -> Result<NbdExport> {
@@ -118,7 +121,7 @@ impl Service {
             st.containers.insert(id.into(), c);
         }
         let undo = super::Undo::new(self, id, None);
-        if let Err(e) = self.reclaim(disk).await {
+        if let Err(e) = self.reclaim_with(disk, true).await {
             undo.disarm();
             self.nbd_detach(id).await;
             return Err(e);

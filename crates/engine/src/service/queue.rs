@@ -95,8 +95,8 @@ impl JobQueue {
         };
         let mut inner = lock(&self.inner);
         let at = match kind {
-            // Behind earlier unseals, ahead of every seal.
-            JobKind::Unseal => inner
+            // Behind earlier unseals, ahead of every seal (a migration is never queued).
+            JobKind::Unseal | JobKind::Migrate => inner
                 .waiting
                 .iter()
                 .position(|w| w.kind == JobKind::Seal)

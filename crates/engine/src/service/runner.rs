@@ -31,12 +31,21 @@ pub enum RunError {
     RecordLost(String),
     #[error("the job panicked: {0}")]
     Panicked(String),
+    /// The migration of an instant reclaim failed (a region refused by its leaf, an I/O
+    /// error, a moved map that cannot be used).
+    #[error(transparent)]
+    Reclaim(#[from] crate::jobs::reclaim::ReclaimError),
 }
 
 impl RunError {
     /// The data did not verify (exit 3 for the CLI).
     pub fn is_verification(&self) -> bool {
-        matches!(self, Self::Job(e) if e.is_verification())
+        use crate::jobs::reclaim::ReclaimError as R;
+        match self {
+            Self::Job(e) | Self::Reclaim(R::Job(e)) => e.is_verification(),
+            Self::Reclaim(R::Region { .. } | R::Verification { .. }) => true,
+            _ => false,
+        }
     }
 }
 
@@ -48,6 +57,9 @@ pub(super) type JobWatch = watch::Receiver<Option<Outcome>>;
 impl Service {
     /// Start the job a disk needs, unless one runs for it already.
     pub(super) fn ensure_job(&self, d: &Disk, kind: JobKind) {
+        if kind == JobKind::Migrate {
+            return self.ensure_migration(d);
+        }
         let mut running = lock(&self.s.running);
         if running.contains_key(&d.name) {
             return;
@@ -118,11 +130,7 @@ impl Service {
 
     /// The job itself, on a blocking thread. Resumes whatever a crash interrupted.
     fn run_job(&self, d: &Disk, kind: JobKind) -> std::result::Result<(), RunError> {
-        let watch = RecordFlag {
-            svc: self.clone(),
-            disk: d.name.clone(),
-            last: StdMutex::new(Some(d.record_expected)),
-        };
+        let watch = RecordFlag::new(self.clone(), d);
         let storage = storage_of(d).with_record_watch(Arc::new(watch));
         let progress = DiskProgress {
             svc: self.clone(),
@@ -156,12 +164,22 @@ impl Service {
                     .map(|_| ())
                     .map_err(Into::into)
             }
+            // Run by `ensure_migration`, never queued.
+            JobKind::Migrate => Err(RunError::Panicked(
+                "a migration was queued as a job (a bug of pdguard)".into(),
+            )),
         }
     }
 
     /// The job ended: its disk's life goes on (under the state lock, and the job leaves
     /// the running set there, so that the next event sees no job and can start one).
-    async fn finish_job(&self, name: &str, kind: JobKind, result: &Outcome, took: Duration) {
+    pub(super) async fn finish_job(
+        &self,
+        name: &str,
+        kind: JobKind,
+        result: &Outcome,
+        took: Duration,
+    ) {
         let mut st = self.s.state.lock().await;
         lock(&self.s.running).remove(name);
         lock(&self.s.progress).remove(name);
@@ -182,7 +200,7 @@ impl Service {
             }
         };
         match self.apply(&mut st, name, event) {
-            Ok(super::Life::Grace { .. }) if kind == JobKind::Unseal => {
+            Ok(super::Life::Grace { .. }) if kind != JobKind::Seal => {
                 tracing::warn!(disk = %name, "unsealed, but the container that asked for it is gone (its client gave up); grace period starts");
             }
             Ok(_) => {}
@@ -243,13 +261,21 @@ pub(super) fn storage_of(d: &Disk) -> ImageStorage {
 
 /// Notes in the registry, durably and before the record changes, whether a disk's seal
 /// record should exist (see [`Disk::record_expected`]). Runs on a job's blocking thread.
-struct RecordFlag {
+pub(super) struct RecordFlag {
     svc: Service,
     disk: String,
     last: StdMutex<Option<bool>>,
 }
 
 impl RecordFlag {
+    pub(super) fn new(svc: Service, d: &Disk) -> Self {
+        Self {
+            svc,
+            disk: d.name.clone(),
+            last: StdMutex::new(Some(d.record_expected)),
+        }
+    }
+
     fn set(&self, expected: bool) -> std::io::Result<()> {
         let mut last = lock(&self.last);
         if *last == Some(expected) {

@@ -146,6 +146,10 @@ impl Service {
                 continue;
             };
             let event = match &life {
+                Life::Sealed { .. } | Life::Failed { .. } if Self::record_migrating(&d) => {
+                    tracing::info!(disk = %name, "its seal record is in phase migrating: resuming the migration of its instant reclaim");
+                    Some(Event::ResumeMigration)
+                }
                 Life::Failed { dangling, error } => retry_of(&d, *dangling).map(|seal| {
                     tracing::info!(disk = %name, %error, "retrying a disk that failed before this start");
                     Event::Retry { seal }
@@ -163,7 +167,7 @@ impl Service {
                     .unwrap_or_else(|_| "from the start".into());
                 tracing::info!(disk = %name, "resuming {} of {name} {from}", kind.name());
             }
-            self.gate(name).set(self.gate_state_for(d.state));
+            self.gate(name).set(self.gate_state_for(name, d.state));
             let r = match event {
                 Some(e) => self.apply(&mut st, name, e).map(drop),
                 None => match life.job() {
@@ -266,6 +270,7 @@ mod tests {
             seal_stopped: false,
             observer: None,
             docker_mount_timeout: crate::service::DOCKER_MOUNT_TIMEOUT,
+            reclaim: Default::default(),
         }
     }
 
@@ -335,10 +340,12 @@ mod tests {
             Config { jobs: 0, ..cfg() },
             Config {
                 docker_mount_timeout: std::time::Duration::ZERO,
+                reclaim: Default::default(),
                 ..cfg()
             },
             Config {
                 docker_mount_timeout: super::super::DOCKERD_MOUNT_TIMEOUT,
+                reclaim: Default::default(),
                 ..cfg()
             },
         ];

@@ -72,6 +72,7 @@ async fn env_mount_timeout(grace: Duration, mount_timeout: Duration) -> Env {
         seal_stopped: false,
         observer: Some(Observer(hold.clone())),
         docker_mount_timeout: mount_timeout,
+        reclaim: crate::service::ReclaimMode::Copy,
     })
     .await
     .unwrap();
@@ -344,6 +345,11 @@ fn how_far_a_reclaim_is() {
         super::volumes::how_far(Some(DiskState::Sealing), None, "3 s").contains("a seal in flight")
     );
     assert!(far(None).contains("job queue"));
+    // An instant volume whose file system was not mounted in time: served, not a seal.
+    assert_eq!(
+        far(Some(&p("migrate", "evacuate", 16 << 20))),
+        "after 3 s, the volume is served through its migration but its file system is not mounted yet (pass evacuate: 16.0 MiB of 64.0 MiB)"
+    );
 }
 
 /// A daemon that stopped while a reclaim's unseal ran (nobody holds the disk after the
@@ -364,6 +370,7 @@ async fn a_restart_mid_reclaim_with_nobody_holding_the_disk_seals_it_again() {
         seal_stopped: false,
         observer: None,
         docker_mount_timeout: crate::service::DOCKER_MOUNT_TIMEOUT,
+        reclaim: crate::service::ReclaimMode::Copy,
     };
     let svc = Service::start(cfg.clone()).await.unwrap();
     let path = sealed_disk(&svc, "d").await;
@@ -408,6 +415,7 @@ async fn volume(svc: &Service, name: &str, profile: Profile) {
         profile,
         keep_holes: false,
         grace_ms: None,
+        reclaim: crate::registry::VolumeReclaim::Copy,
     });
     let d = d.clone();
     svc.persist(&d).unwrap();
@@ -522,6 +530,7 @@ async fn the_state_dir_is_canonical() {
             seal_stopped: false,
             observer: None,
             docker_mount_timeout: crate::service::DOCKER_MOUNT_TIMEOUT,
+            reclaim: crate::service::ReclaimMode::Copy,
         })
         .await
         .unwrap();
@@ -548,6 +557,7 @@ async fn a_leftover_mount_is_unmounted_and_the_volume_sealed() {
             profile: Profile::Patent,
             keep_holes: false,
             grace_ms: None,
+            reclaim: crate::registry::VolumeReclaim::Copy,
         });
         let d = d.clone();
         e.svc.persist(&d).unwrap();
@@ -684,6 +694,7 @@ async fn a_fifo_key_slot_fails_the_daemons_unseal_at_once() {
         seal_stopped: false,
         observer: None,
         docker_mount_timeout: crate::service::DOCKER_MOUNT_TIMEOUT,
+        reclaim: crate::service::ReclaimMode::Copy,
     })
     .await
     .unwrap();

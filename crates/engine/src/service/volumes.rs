@@ -1,5 +1,6 @@
 //! What the Docker volume plugin's requests mean (DESIGN.md §4): a volume is a disk of the
-//! same name holding a file system; a Mount is a reclaim ([030]) followed by a loop mount; an
+//! same name holding a file system; a Mount is a reclaim ([030]) followed by a loop mount (or,
+//! for `-o reclaim=instant`, a claim served through a FUSE file: `volume_fuse.rs`); an
 //! Unmount at count 0 unmounts it; dockerd's Mount IDs are persisted, so a restarted daemon
 //! keeps working mounts. The plugin's HTTP and Docker's JSON stay in the front-end.
 
@@ -18,7 +19,7 @@ use super::disks::create_file;
 use super::docker::DockerStatus;
 use super::lifecycle::{Event, MAX_GRACE_MS};
 use super::{lock, now_ms, valid_name, Result, Service, ServiceError};
-use crate::registry::{Disk, DiskState, VolumeSpec};
+use crate::registry::{Disk, DiskState, VolumeReclaim, VolumeSpec};
 use crate::store::loopfs;
 
 /// The longest volume name (dockerd's are shorter; the plugin refuses longer ones before
@@ -45,7 +46,7 @@ const STALE_AFTER_MS: u64 = 5_000;
 pub enum VolumeError {
     #[error("option size is required, e.g. -o size=10G")]
     NoSize,
-    #[error("unknown option {0:?} for a pdguard volume; known options: size, fs, profile, grace, keep_holes")]
+    #[error("unknown option {0:?} for a pdguard volume; known options: size, fs, profile, grace, keep_holes, reclaim")]
     Unknown(String),
     #[error("option {key}={value:?} is invalid: {why}")]
     Bad {
@@ -63,11 +64,12 @@ pub struct VolumeOptions {
     pub profile: Profile,
     pub keep_holes: bool,
     pub grace: Option<Duration>,
+    pub reclaim: VolumeReclaim,
 }
 
 impl VolumeOptions {
-    /// Parse `size` (required), `fs`, `profile`, `grace`, `keep_holes`; anything else is
-    /// refused by name.
+    /// Parse `size` (required), `fs`, `profile`, `grace`, `keep_holes`, `reclaim`;
+    /// anything else is refused by name.
     pub fn parse(
         opts: &BTreeMap<String, String>,
         default_profile: Profile,
@@ -78,6 +80,7 @@ impl VolumeOptions {
             profile: default_profile,
             keep_holes: true,
             grace: None,
+            reclaim: VolumeReclaim::Copy,
         };
         let bad = |key: &'static str, value: &str, why: &str| VolumeError::Bad {
             key,
@@ -103,6 +106,13 @@ impl VolumeOptions {
                         "true" => true,
                         "false" => false,
                         _ => return Err(bad("keep_holes", v, "use true or false")),
+                    }
+                }
+                "reclaim" => {
+                    o.reclaim = match v.as_str() {
+                        "copy" => VolumeReclaim::Copy,
+                        "instant" => VolumeReclaim::Instant,
+                        _ => return Err(bad("reclaim", v, "use instant or copy")),
                     }
                 }
                 other => return Err(VolumeError::Unknown(other.into())),
@@ -186,6 +196,9 @@ pub(super) struct Volumes {
     pub(super) docker: StdMutex<Option<DockerStatus>>,
     /// Disks the kernel held at the last look (warned about once, not every second).
     held: StdMutex<HashSet<String>>,
+    /// Volumes mounted over a FUSE file (`reclaim=instant`), until their last Unmount.
+    /// (The slot is held while its mount is being made.)
+    pub(super) fuse: StdMutex<HashMap<String, Arc<StdMutex<Option<loopfs::FuseMount>>>>>,
 }
 
 impl Service {
@@ -294,6 +307,7 @@ impl Service {
                 profile: o.profile,
                 keep_holes: o.keep_holes && o.profile == Profile::Secure,
                 grace_ms: o.grace.map(|g| g.as_millis() as u64),
+                reclaim: o.reclaim,
             }),
             identity: Some(identity),
         };
@@ -338,6 +352,7 @@ impl Service {
             "mounts": mounts,
             "size": d.size,
             "profile": d.volume.as_ref().map(|v| v.profile.name()),
+            "reclaim": d.volume.as_ref().map(|v| v.reclaim.name()),
             "grace_ms": self.grace_of(d),
         });
         if let Some(e) = &d.error {
@@ -463,7 +478,18 @@ impl Service {
             armed: Some((self.clone(), name.into(), id.into())),
         };
         let limit = self.s.cfg.docker_mount_timeout;
-        let reclaimed = match tokio::time::timeout(limit, self.reclaim(name)).await {
+        let instant = d
+            .volume
+            .as_ref()
+            .is_some_and(|v| v.reclaim == VolumeReclaim::Instant);
+        let reclaim = async {
+            match instant {
+                // Claimed, served through a FUSE file, mounted: the volume is usable.
+                true => self.mount_instant(name).await,
+                false => self.reclaim(name).await,
+            }
+        };
+        let reclaimed = match tokio::time::timeout(limit, reclaim).await {
             Ok(r) => r,
             // The reclaim goes on (its job never stops half-way); this Mount answers now,
             // and the life cycle decides the rest: a volume nobody mounts again by the
@@ -471,6 +497,7 @@ impl Service {
             Err(_) => Err(self.still_reclaiming(name, limit).await),
         };
         let mounted = match reclaimed {
+            Ok(()) if instant => Ok(()),
             Ok(()) => {
                 let (file, dir) = (d.path.clone(), self.mount_dir(name));
                 tokio::task::spawn_blocking(move || loopfs::mount(&file, &dir))
@@ -482,6 +509,11 @@ impl Service {
         };
         undo.disarm();
         if let Err(e) = mounted {
+            if instant {
+                // A mount over FUSE still being made when the limit struck: the retried
+                // unmount waits for it, then undoes it; the volume is not sealed meanwhile.
+                self.set_unmount_pending(name, true).await?;
+            }
             self.forget_mount(name, id).await?;
             let mut st = self.s.state.lock().await;
             self.release(&mut st, name)?;
@@ -548,9 +580,12 @@ impl Service {
     /// kernel lets go; the volume is never sealed meanwhile. Returns true once free.
     async fn unmount_now(&self, name: &str, file: PathBuf) -> Result<bool> {
         let dir = self.mount_dir(name);
-        let r = tokio::task::spawn_blocking(move || loopfs::unmount(&file, &dir))
-            .await
-            .map_err(|e| ServiceError::Invalid(format!("unmount panicked: {e}")))?;
+        let r = match self.unmount_instant(name).await {
+            Some(r) => r,
+            None => tokio::task::spawn_blocking(move || loopfs::unmount(&file, &dir))
+                .await
+                .map_err(|e| ServiceError::Invalid(format!("unmount panicked: {e}")))?,
+        };
         let was = self
             .s
             .state
@@ -684,6 +719,14 @@ pub(super) fn how_far(
                 done.saturating_mul(100) / total
             )
         }
+        // An instant reclaim: served at once, but its file system was not mounted in time
+        // (the first reads wait for the regions they need to be moved).
+        Some(p) if p.job == super::JobKind::Migrate.name() => format!(
+            "after {waited}, the volume is served through its migration but its file system is not mounted yet (pass {}: {} of {})",
+            p.pass,
+            size_text(p.done_bytes, p.total_bytes),
+            size_text(p.total_bytes, p.total_bytes)
+        ),
         Some(p) => format!(
             "after {waited}, a seal in flight is still being completed before the unseal (pass {}: {} of {})",
             p.pass,
@@ -814,7 +857,7 @@ fn ensure_mountpoint(state: &Path, dir: &Path) -> std::result::Result<(), String
     Ok(())
 }
 
-fn volume_io(name: &str, what: &str, e: loopfs::LoopFsError) -> ServiceError {
+pub(super) fn volume_io(name: &str, what: &str, e: loopfs::LoopFsError) -> ServiceError {
     ServiceError::Invalid(format!(
         "volume {name:?}: cannot {what}: {}",
         crate::error_chain(&e)
@@ -840,6 +883,7 @@ mod tests {
         assert_eq!(o.profile, Profile::Secure);
         assert!(o.keep_holes);
         assert_eq!(o.grace, None);
+        assert_eq!(o.reclaim, VolumeReclaim::Copy);
         let o = VolumeOptions::parse(
             &opts(&[
                 ("size", "64MiB"),
@@ -847,6 +891,7 @@ mod tests {
                 ("grace", "1500ms"),
                 ("keep_holes", "false"),
                 ("fs", "ext4"),
+                ("reclaim", "instant"),
             ]),
             Profile::Secure,
         )
@@ -855,6 +900,12 @@ mod tests {
         assert_eq!(o.profile, Profile::Patent);
         assert_eq!(o.grace, Some(Duration::from_millis(1500)));
         assert!(!o.keep_holes);
+        assert_eq!(o.reclaim, VolumeReclaim::Instant);
+        let o = VolumeOptions::parse(
+            &opts(&[("size", "8M"), ("reclaim", "copy")]),
+            Profile::Secure,
+        );
+        assert_eq!(o.map(|o| o.reclaim), Ok(VolumeReclaim::Copy));
     }
 
     #[test]
@@ -879,6 +930,8 @@ mod tests {
             ("grace", "18446744073709551615ms"),
             ("grace", "3650001h"),
             ("keep_holes", "yes"),
+            ("reclaim", "lazy"),
+            ("reclaim", "Instant"),
         ] {
             let e = VolumeOptions::parse(&opts(&[("size", "8M"), (k, v)]), p).unwrap_err();
             let text = e.to_string();

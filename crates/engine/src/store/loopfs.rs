@@ -3,10 +3,16 @@
 //! by the kernel (attached to a loop device, or its mountpoint mounted), which no seal may
 //! ignore whatever the registry says (DESIGN.md §4: a mounted volume is never sealed).
 //!
+//! For an instant reclaim the loop device is on a FUSE file pdguard serves instead
+//! ([`mount_over_fuse`], [`super::fuse_file`]).
+//!
 //! The tools are util-linux's `mount`, `umount`, `losetup` and e2fsprogs' `mkfs.ext4`.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::Arc;
+
+use super::fuse_file::{FuseBacking, FuseFile, FuseOptions};
 
 use thiserror::Error;
 
@@ -35,11 +41,23 @@ pub enum LoopFsError {
     UnsupportedFs(String),
     #[error("mountpoint {dir} is {kind}, not a directory; pdguard never mounts on a link or a file planted there: remove it and mount again")]
     BadMountpoint { dir: String, kind: &'static str },
+    #[error(transparent)]
+    Fuse(Box<super::fuse_file::FuseError>),
 }
 
 type Result<T, E = LoopFsError> = std::result::Result<T, E>;
 
 fn run(tool: &'static str, package: &'static str, what: String, args: &[&str]) -> Result<()> {
+    run_out(tool, package, what, args).map(drop)
+}
+
+/// Run a tool; its standard output, trimmed, when it succeeds.
+fn run_out(
+    tool: &'static str,
+    package: &'static str,
+    what: String,
+    args: &[&str],
+) -> Result<String> {
     let out = Command::new(tool)
         .args(args)
         .output()
@@ -49,7 +67,7 @@ fn run(tool: &'static str, package: &'static str, what: String, args: &[&str]) -
             source,
         })?;
     if out.status.success() {
-        return Ok(());
+        return Ok(String::from_utf8_lossy(&out.stdout).trim().to_string());
     }
     Err(LoopFsError::Failed {
         tool,
@@ -90,11 +108,79 @@ pub fn mount(file: &Path, dir: &Path) -> Result<()> {
     )
 }
 
+/// A volume's file system mounted over a FUSE file (instant reclaim, docs/instant-reclaim.md
+/// §8): the FUSE file served from its backing, a loop device on it, the file system of the
+/// loop device mounted at `dir`. [`FuseMount::unmount`] then [`FuseMount::close`] undo it
+/// in the reverse order; dropped, only the FUSE mount is detached (lazily: a loop device
+/// still on it keeps being served until the kernel lets go of it).
+pub struct FuseMount {
+    fuse: FuseFile,
+    dir: PathBuf,
+}
+
+/// Serve `backing` as the FUSE file in `fuse_dir`, put a loop device on it (with the loop
+/// device's direct I/O: its requests reach the FUSE file several at once, bench/fuse.sh)
+/// and mount its file system at `dir` (created as [`mount`] does). Any step that fails
+/// undoes the ones before it.
+pub fn mount_over_fuse(
+    backing: Arc<dyn FuseBacking>,
+    fuse_dir: &Path,
+    dir: &Path,
+) -> Result<FuseMount> {
+    make_mountpoint(dir)?;
+    if is_mountpoint(dir)? {
+        return Err(LoopFsError::Failed {
+            tool: "mount",
+            what: format!("at {}", dir.display()),
+            stderr: "something is mounted there already; unmount it first".into(),
+        });
+    }
+    let fuse = FuseFile::mount(fuse_dir, backing, FuseOptions::default())
+        .map_err(|e| LoopFsError::Fuse(Box::new(e)))?;
+    let file = fuse.path();
+    let f = path_str(&file)?;
+    let dev = run_out(
+        "losetup",
+        "mount",
+        format!("--find --show {f}"),
+        &["--direct-io=on", "--find", "--show", f],
+    )?;
+    let d = path_str(dir)?;
+    if let Err(e) = run("mount", "mount", format!("of {dev} at {d}"), &[&dev, d]) {
+        let _ = run("losetup", "mount", format!("-d {dev}"), &["-d", &dev]);
+        return Err(e);
+    }
+    Ok(FuseMount {
+        fuse,
+        dir: dir.to_path_buf(),
+    })
+}
+
+impl FuseMount {
+    /// The served file, as the loop device sees it.
+    pub fn file(&self) -> PathBuf {
+        self.fuse.path()
+    }
+
+    /// Unmount the file system and detach the loop device (again if it failed before: a
+    /// process had its working directory in it). The FUSE file stays served.
+    pub fn unmount(&self) -> Result<()> {
+        unmount(&self.fuse.path(), &self.dir)
+    }
+
+    /// Unmount the FUSE file, after [`FuseMount::unmount`].
+    pub fn close(self) -> Result<()> {
+        self.fuse
+            .unmount()
+            .map_err(|e| LoopFsError::Fuse(Box::new(e)))
+    }
+}
+
 /// Create the mountpoint `dir` (mode 0700) and its parent, or accept them if they are
 /// real directories: a symbolic link or anything else planted at either is refused
 /// (checked with `lstat`, never followed), so root never mounts a volume on a directory
 /// someone else chose.
-fn make_mountpoint(dir: &Path) -> Result<()> {
+pub(crate) fn make_mountpoint(dir: &Path) -> Result<()> {
     use std::os::unix::fs::DirBuilderExt;
     let io = |what: String| move |source| LoopFsError::Io { what, source };
     if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {

@@ -5,6 +5,7 @@
 //! [`sim`] implements them in memory with power-loss and fault injection for crash tests.
 
 pub mod file;
+pub mod fuse_file;
 pub mod inuse;
 mod lock;
 pub mod loopfs;

@@ -29,6 +29,15 @@ pub enum SealedIoArg {
     Refuse,
 }
 
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum ReclaimArg {
+    /// Serve a sealed disk at once while it is unsealed behind its user's back (a record
+    /// of version 4; an older one is copied).
+    Instant,
+    /// Unseal the whole disk first, then serve it.
+    Copy,
+}
+
 #[derive(Debug, Args)]
 pub struct ServeArgs {
     /// State directory: registry, socket, managed disks (default $PDGUARD_STATE_DIR, then
@@ -87,6 +96,11 @@ pub struct ServeArgs {
     /// TCP needs TLS: --nbd-tls-certs or --nbd-tls-psk).
     #[arg(long, value_name = "unix:PATH|tcp:HOST:PORT")]
     pub nbd: Vec<String>,
+    /// How an NBD client's `NBD_OPT_GO` reclaims a sealed disk: `instant` answers within a
+    /// second and serves the disk while it is unsealed in the background
+    /// (docs/instant-reclaim.md); `copy` unseals the whole disk before answering.
+    #[arg(long, value_enum, default_value = "instant")]
+    pub reclaim: ReclaimArg,
     /// How long an NBD request waits while its disk is being sealed or unsealed before EIO.
     #[arg(long, default_value = "60s")]
     pub nbd_hold: String,
@@ -348,6 +362,10 @@ pub fn run(a: &ServeArgs) -> Result<(), CliError> {
         observer: super::testhook::PauseAt::from_env()
             .map(|p| pdguard_engine::service::Observer(std::sync::Arc::new(p))),
         docker_mount_timeout: a.docker_mount_timeout,
+        reclaim: match a.reclaim {
+            ReclaimArg::Instant => pdguard_engine::service::ReclaimMode::Instant,
+            ReclaimArg::Copy => pdguard_engine::service::ReclaimMode::Copy,
+        },
     };
     cfg.check().map_err(CliError::Usage)?;
     let key_text = match &key {

@@ -13,6 +13,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use pdguard_core::Profile;
+use pdguard_engine::registry::VolumeReclaim;
 use pdguard_engine::service::{VolumeError, VolumeOptions};
 
 pub fn check(data: &[u8]) {
@@ -66,7 +67,7 @@ enum Refusal {
 }
 
 /// docs/docker-plugin.md: `size` (required), `fs=ext4`, `profile=secure|patent`,
-/// `grace=<n>ms|s|m|h`, `keep_holes=true|false`; the first bad option (in key order) is
+/// `grace=<n>ms|s|m|h`, `keep_holes=true|false`, `reclaim=instant|copy`; the first bad option (in key order) is
 /// the one named.
 fn reference(opts: &BTreeMap<String, String>, default: Profile) -> Result<VolumeOptions, Refusal> {
     let mut o = VolumeOptions {
@@ -75,6 +76,7 @@ fn reference(opts: &BTreeMap<String, String>, default: Profile) -> Result<Volume
         profile: default,
         keep_holes: true,
         grace: None,
+        reclaim: VolumeReclaim::Copy,
     };
     let mut size = None;
     for (k, v) in opts {
@@ -92,6 +94,9 @@ fn reference(opts: &BTreeMap<String, String>, default: Profile) -> Result<Volume
             "keep_holes" if v == "true" => o.keep_holes = true,
             "keep_holes" if v == "false" => o.keep_holes = false,
             "keep_holes" => return Err(Refusal::Bad("keep_holes")),
+            "reclaim" if v == "instant" => o.reclaim = VolumeReclaim::Instant,
+            "reclaim" if v == "copy" => o.reclaim = VolumeReclaim::Copy,
+            "reclaim" => return Err(Refusal::Bad("reclaim")),
             other => return Err(Refusal::Unknown(other.to_string())),
         }
     }

@@ -296,8 +296,9 @@ impl<'a> Negotiation<'a> {
         Step::Reply(out)
     }
 
-    /// Enter transmission on `name`: associate the connection with the disk (a reclaim
-    /// waits for the unseal) and open its file.
+    /// Enter transmission on `name`: associate the connection with the disk (a copy
+    /// reclaim waits for the unseal; an instant one for its migration to start) and claim
+    /// the disk's I/O handle.
     async fn go(&mut self, name: &str) -> Result<Agreed, String> {
         let chain = |e: pdguard_engine::service::ServiceError| pdguard_engine::error_chain(&e);
         // Unknown names fail before any association.
@@ -306,15 +307,15 @@ impl<'a> Negotiation<'a> {
         let export = self.svc.nbd_attach(self.id, name).await.map_err(chain)?;
         self.attached = true;
         // Only the file recorded for the disk: a swapped one fails the disk, unserved.
-        let file = match self.svc.nbd_open(&export).await {
-            Ok(f) => f,
+        let io = match self.svc.claim(name).await {
+            Ok(io) => io.hold(self.cfg.hold),
             Err(e) => {
                 self.svc.nbd_detach(self.id).await;
                 self.attached = false;
                 return Err(chain(e));
             }
         };
-        let backend = Backend::new(file, export.size);
+        let backend = Backend::new(io);
         Ok(Agreed {
             meta: self.meta_for.as_deref() == Some(name),
             export,

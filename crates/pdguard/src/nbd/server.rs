@@ -317,9 +317,8 @@ pub async fn handle(
     let result = match shaken {
         Some(Ok((sock, Some(agreed)))) => {
             tracing::info!(conn = %id, disk = %agreed.export.name, "NBD transmission");
-            let gate = svc.gate(&agreed.export.name);
             match sock.into_std() {
-                Ok(std) => transmit::run(inbox, std, *agreed, gate, cfg.hold, &id, stop).await,
+                Ok(std) => transmit::run(inbox, std, *agreed, &id, stop).await,
                 Err(e) => Err(e.into()),
             }
         }

@@ -27,6 +27,7 @@ async fn service(dir: &Path) -> Service {
         seal_stopped: false,
         observer: None,
         docker_mount_timeout: pdguard_engine::service::DOCKER_MOUNT_TIMEOUT,
+        reclaim: Default::default(),
     })
     .await
     .unwrap();
@@ -533,8 +534,9 @@ async fn a_file_swapped_in_at_an_adopted_disks_path_is_never_served() {
 }
 
 /// A file sealed offline (`pdguard image seal`) and then adopted is `sealed`: `OPT_GO` on
-/// it is a reclaim that unseals it and checks its digests first, and the client reads the
-/// plaintext, never the scrambled bytes.
+/// it is a reclaim — an instant one, the daemon's default: the client reads the plaintext
+/// through the disk's migration (each region checked against the seal's tree before it is
+/// served), never the scrambled bytes, and the migration's end leaves the file unsealed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_adopted_file_sealed_offline_is_unsealed_before_it_is_served() {
     use pdguard_engine::jobs::{seal, NoProgress, SealOptions};
@@ -570,7 +572,9 @@ async fn an_adopted_file_sealed_offline_is_unsealed_before_it_is_served() {
     .unwrap();
     let (back, c) = back;
     assert!(back == data, "the client read the sealed bytes");
+    svc.wait_idle().await;
     assert!(!default_record_path(&img).exists());
+    assert!(std::fs::read(&img).unwrap() == data);
     // Still connected (the close would start the grace period).
     assert_eq!(svc.disk("off").await.unwrap().disk.state.name(), "attached");
     drop(c);

@@ -1,7 +1,8 @@
 //! The transmission phase, on threads as nbdkit does it: each of a connection's worker
-//! threads in turn reads a request, checks it with `wire` before any I/O, passes the
-//! disk's gate (FIG. 3: open, held while blocked, refused or read-only when sealed), does
-//! the I/O with the gate's guard held, drops the guard and writes the reply. Many requests
+//! threads in turn reads a request, checks it with `wire` before any I/O, does the I/O
+//! through the disk's claimed handle — which passes the disk's gate (FIG. 3: open, held
+//! while blocked, refused or read-only when sealed) and holds its guard for the I/O only —
+//! and writes the reply. Many requests
 //! are in flight at once and replies go out as they finish, possibly out of order.
 //!
 //! Memory is the connection's [`Budget`]: a request's buffer is acquired from it before the
@@ -12,9 +13,7 @@
 
 use std::io;
 use std::sync::{Arc, Condvar, Mutex};
-use std::time::Duration;
 
-use pdguard_engine::gate::{Gate, GateError};
 use tokio::sync::watch;
 
 use super::backend::{nbd_errno, Backend, MAX_EXTENTS};
@@ -94,14 +93,12 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 /// What every worker of a connection shares.
 struct Shared {
-    gate: Arc<Gate>,
     backend: Backend,
     /// The receiving side: the worker that holds it reads the next request, as in nbdkit
     /// (no hand-off between a reader and a worker).
     rx: Mutex<Receiver>,
     tx: Sender,
     session: wire::Session,
-    hold: Duration,
     disk: String,
     id: String,
     budget: Budget,
@@ -162,14 +159,11 @@ pub async fn run(
     inbox: Inbox,
     sock: StdSock,
     agreed: Agreed,
-    gate: Arc<Gate>,
-    hold: Duration,
     id: &str,
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<(), ConnError> {
     let closer = sock.try_clone()?;
     let shared = Arc::new(Shared {
-        gate,
         tx: Sender::new(sock.try_clone()?),
         rx: Mutex::new(Receiver {
             inbox,
@@ -181,7 +175,6 @@ pub async fn run(
             structured: agreed.structured,
             meta: agreed.meta,
         },
-        hold,
         disk: agreed.export.name.clone(),
         id: id.to_string(),
         budget: Budget::new(BUDGET_BYTES),
@@ -500,20 +493,10 @@ enum Done {
     Extents(Vec<(u32, u32)>),
 }
 
-/// The gate (FIG. 3), then the I/O with the gate's guard held. The guard is dropped before
-/// the reply is sent, so a slow client never delays a seal. `data` is a WRITE's payload or
-/// a READ's destination.
+/// The I/O, through the disk's gate (FIG. 3: the backend's claimed handle enters it per
+/// call and leaves it before the reply is sent, so a slow client never delays a seal).
+/// `data` is a WRITE's payload or a READ's destination.
 fn execute(ctx: &Shared, req: &Request, data: &mut [u8]) -> Result<Done, Refusal> {
-    let guard = ctx
-        .gate
-        .enter(req.cmd.writes(), ctx.hold)
-        .map_err(|e| Refusal {
-            errno: match e {
-                GateError::Timeout(_) => errno::EIO,
-                GateError::SealedReadOnly | GateError::SealedRefused => errno::EPERM,
-            },
-            why: format!("disk {}: {e}", ctx.disk),
-        })?;
     let b = &ctx.backend;
     let fua = req.flags & cmdflag::FUA != 0;
     let (off, len) = (req.offset, u64::from(req.len));
@@ -538,7 +521,6 @@ fn execute(ctx: &Shared, req: &Request, data: &mut [u8]) -> Result<Done, Refusal
         // Checked before: DISC never runs, unknown commands were refused.
         Command::Disc | Command::Unknown(_) => Ok(Done::Ok),
     };
-    drop(guard);
     r.map_err(|e| {
         tracing::warn!(disk = %ctx.disk, cmd = req.cmd.name(), error = %e, "NBD I/O failed");
         Refusal {
@@ -552,6 +534,7 @@ fn execute(ctx: &Shared, req: &Request, data: &mut [u8]) -> Result<Done, Refusal
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+    use std::time::Duration;
 
     #[test]
     fn budget_holds_the_reader_until_units_are_freed() {

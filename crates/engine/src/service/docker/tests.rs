@@ -140,6 +140,7 @@ async fn env(seal_stopped: bool) -> Env {
         seal_stopped,
         observer: None,
         docker_mount_timeout: crate::service::DOCKER_MOUNT_TIMEOUT,
+        reclaim: crate::service::ReclaimMode::Copy,
     })
     .await
     .unwrap();
@@ -156,6 +157,7 @@ async fn volume(svc: &Service, name: &str) {
         profile: Profile::Patent,
         keep_holes: false,
         grace_ms: None,
+        reclaim: crate::registry::VolumeReclaim::Copy,
     });
     let d = d.clone();
     svc.persist(&d).unwrap();

@@ -1,0 +1,93 @@
+//! Docker volumes reclaimed instantly (`docker volume create -o reclaim=instant`,
+//! docs/instant-reclaim.md §8): a Mount claims the volume ([`Service::claim`]: a sealed
+//! volume is served at once through its migration), serves the claimed I/O as a FUSE file
+//! (`STATE/fuse/NAME/disk`), puts a loop device on it and mounts its file system at the
+//! volume's mountpoint; the Mount answers once it is mounted. Every block the file system
+//! reads or writes then passes the disk's gate and the migration (a region is moved and
+//! checked against the seal's digest tree before it is served), then the plain file once
+//! the migration has ended. The FUSE file stays until the last Unmount (a mounted loop
+//! device cannot change its backing file).
+
+use std::io;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use super::{lock, Result, Service, ServiceError};
+use crate::store::fuse_file::FuseBacking;
+use crate::store::loopfs;
+
+impl FuseBacking for super::ClaimedIo {
+    fn size(&self) -> u64 {
+        super::ClaimedIo::size(self)
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        super::ClaimedIo::read_at(self, buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        super::ClaimedIo::write_at(self, buf, offset)
+    }
+    fn flush(&self) -> io::Result<()> {
+        super::ClaimedIo::flush(self)
+    }
+}
+
+impl Service {
+    /// Where a volume's FUSE file is served: `STATE/fuse/NAME`.
+    pub fn fuse_dir(&self, name: &str) -> PathBuf {
+        self.s.cfg.state_dir.join("fuse").join(name)
+    }
+
+    /// Claim the volume (the caller bounds how long) and mount its file system over a
+    /// FUSE file served from the claim; nothing to do when it is mounted so already. The
+    /// mount itself runs on a blocking thread that holds the volume's FUSE slot: a Mount
+    /// that times out or that dockerd abandons leaves it to finish, and the unmount that
+    /// follows waits for it ([`Service::unmount_instant`]), so nothing stays mounted
+    /// unknown.
+    pub(super) async fn mount_instant(&self, name: &str) -> Result<()> {
+        let slot = Arc::clone(lock(&self.s.volumes.fuse).entry(name.into()).or_default());
+        if slot.try_lock().is_ok_and(|m| m.is_some()) {
+            return Ok(());
+        }
+        let io = self.claim(name).await?;
+        let (fuse_dir, dir) = (self.fuse_dir(name), self.mount_dir(name));
+        let volume = name.to_string();
+        tokio::task::spawn_blocking(move || {
+            let mut m = lock(&slot);
+            if m.is_none() {
+                let mounted = loopfs::mount_over_fuse(Arc::new(io), &fuse_dir, &dir)?;
+                tracing::info!(volume = %volume, file = %mounted.file().display(), "mounted over a FUSE file served by pdguard (instant reclaim)");
+                *m = Some(mounted);
+            }
+            Ok(())
+        })
+        .await
+        .map_err(|e| ServiceError::Invalid(format!("mount panicked: {e}")))?
+        .map_err(|e| super::volumes::volume_io(name, "mount over its FUSE file", e))
+    }
+
+    /// Unmount a volume mounted over a FUSE file: the file system and its loop device,
+    /// then the FUSE file (after a mount in flight has ended). `None` when the volume is
+    /// not mounted so. When the kernel refuses, the FUSE file stays served (and kept) for
+    /// the retry.
+    pub(super) async fn unmount_instant(
+        &self,
+        name: &str,
+    ) -> Option<Result<(), loopfs::LoopFsError>> {
+        let slot = lock(&self.s.volumes.fuse).get(name).cloned()?;
+        tokio::task::spawn_blocking(move || {
+            let mut m = lock(&slot);
+            m.as_ref()?;
+            if let Some(Err(e)) = m.as_ref().map(loopfs::FuseMount::unmount) {
+                return Some(Err(e));
+            }
+            m.take().map(loopfs::FuseMount::close)
+        })
+        .await
+        .unwrap_or_else(|e| {
+            Some(Err(loopfs::LoopFsError::Io {
+                what: "unmount".into(),
+                source: io::Error::other(e.to_string()),
+            }))
+        })
+    }
+}
