@@ -29,13 +29,24 @@ struct HoldMigration {
 }
 
 impl HoldMigration {
-    fn arm(&self) {
+    /// Hold the next migration; it is let go when the guard drops (a failing test too, so
+    /// that the runtime's end does not wait forever for the held thread).
+    fn arm(self: &Arc<Self>) -> Armed {
         *self.held.lock().unwrap() = true;
+        Armed(Arc::clone(self))
     }
 
     fn release(&self) {
         *self.held.lock().unwrap() = false;
         self.cv.notify_all();
+    }
+}
+
+struct Armed(Arc<HoldMigration>);
+
+impl Drop for Armed {
+    fn drop(&mut self) {
+        self.0.release();
     }
 }
 
@@ -132,7 +143,7 @@ async fn an_nbd_claim_serves_a_sealed_disk_through_its_migration_then_its_file()
         .await
         .unwrap();
     let path = sealed_disk(&svc, "d").await;
-    hold.arm();
+    let armed = hold.arm();
     svc.nbd_attach("nbd:t#1", "d").await.unwrap();
     // Served at once: the migration holds at its start, nothing moved yet.
     assert_eq!(state(&svc, "d").await, DiskState::Migrating);
@@ -161,7 +172,7 @@ async fn an_nbd_claim_serves_a_sealed_disk_through_its_migration_then_its_file()
     // A disk being migrated takes neither a seal nor an unseal by hand.
     assert!(svc.seal_disk("d").await.is_err());
     assert!(svc.unseal_disk("d").await.is_err());
-    hold.release();
+    drop(armed);
     // Held by the connection: attached when the migration ends, served from the file.
     reach(&svc, "d", DiskState::Attached).await;
     svc.wait_idle().await;
@@ -292,7 +303,7 @@ async fn a_region_that_fails_its_leaf_is_never_served_and_fails_the_disk() {
     let f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
     std::os::unix::fs::FileExt::write_all_at(&f, &[0xee; 16], 3 * 512 + 40).unwrap();
     f.sync_all().unwrap();
-    hold.arm();
+    let armed = hold.arm();
     svc.nbd_attach("nbd:t#1", "d").await.unwrap();
     let io = Arc::new(svc.claim("d").await.unwrap());
     let io2 = Arc::clone(&io);
@@ -327,7 +338,7 @@ async fn a_region_that_fails_its_leaf_is_never_served_and_fails_the_disk() {
             "region {r} served wrong"
         );
     }
-    hold.release();
+    drop(armed);
     reach(&svc, "d", DiskState::Failed).await;
     let d = svc.disk("d").await.unwrap().disk;
     let error = d.error.unwrap_or_default();
