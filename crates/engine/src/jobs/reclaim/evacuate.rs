@@ -15,9 +15,10 @@ use crate::store::StoreError;
 const CHUNK_BYTES: u64 = 1 << 20;
 
 impl Migration {
-    /// Evacuate `regions` (busy, `sealed`); releases them when done, failed or not.
-    pub(super) fn evacuate(&self, regions: &[u64]) -> Result<()> {
-        if let Err(e) = self.copy_to_evacuation(regions) {
+    /// Evacuate `regions` (busy, `sealed`); releases them when done, failed or not. The
+    /// `background` pass yields to demand moves between its reads.
+    pub(super) fn evacuate(&self, regions: &[u64], background: bool) -> Result<()> {
+        if let Err(e) = self.copy_to_evacuation(regions, background) {
             let e = self.fail(self.store_error(e));
             self.release(regions);
             return Err(e);
@@ -28,12 +29,15 @@ impl Migration {
         committed
     }
 
-    fn copy_to_evacuation(&self, regions: &[u64]) -> Result<(), StoreError> {
+    fn copy_to_evacuation(&self, regions: &[u64], background: bool) -> Result<(), StoreError> {
         let mut buf = Vec::new();
         for &r in regions {
             let range = self.range(r);
             let mut at = range.start;
             while at < range.end {
+                if background {
+                    self.yield_to_demand();
+                }
                 let n = (range.end - at).min(CHUNK_BYTES);
                 buf.resize(n as usize, 0);
                 self.seal.image.read_at(&mut buf, at)?;

@@ -37,6 +37,7 @@ mod requests;
 mod start;
 
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::Duration;
 
 use pdguard_core::moved_map::MovedMap;
 use pdguard_core::region_tree::{RegionKeys, RegionLayout, RegionTree};
@@ -51,6 +52,12 @@ use super::job::SealOpened;
 use super::Progress;
 use crate::store::{Disk, StoreError};
 use moved_file::MovedFile;
+
+/// How long after a request last needed a demand move the background keeps to windows of
+/// one region.
+const DEMAND_RECENT: Duration = Duration::from_secs(1);
+/// The longest the background waits for demand moves at a time before its next piece.
+const YIELD_AT_MOST: Duration = Duration::from_millis(250);
 
 /// One migration in progress: built by [`Migration::start`] (or resumed by it from phase
 /// `migrating`), served by [`Migration::read`] and [`Migration::write`], driven by
@@ -93,6 +100,11 @@ struct Shared {
     failed: Option<String>,
     /// Where the evacuation pass (0) and the move pass (1) look for their next window.
     pass_from: [u64; 2],
+    /// Demand moves and evacuations doing their I/O now (not those waiting for a busy
+    /// region): the background yields the disk to them (see [`Migration::yield_to_demand`]).
+    demand_io: u32,
+    /// When a request last needed a demand move or evacuation.
+    last_demand: Option<std::time::Instant>,
 }
 
 impl Migration {
@@ -184,6 +196,37 @@ impl Migration {
         use pdguard_core::moved_map::RegionState as S;
         let g = self.lock();
         [S::Sealed, S::Evacuated, S::Plain, S::Dirty].map(|s| g.map.count(s))
+    }
+
+    /// The background's turn (`docs/instant-reclaim.md` section 4.2, "priority"): a
+    /// request that needs its region moved is waiting on the disk, and on a slow disk every
+    /// read of the background's queued ahead of the request's delays it (a mounted file
+    /// system's first reads waited behind whole 64 MiB evacuation windows). So the
+    /// background waits while a demand move does its I/O (at most [`YIELD_AT_MOST`] at a
+    /// time, so it always makes progress), and works in windows of one region while
+    /// requests have needed moves within [`DEMAND_RECENT`].
+    fn yield_to_demand(&self) {
+        let until = std::time::Instant::now() + YIELD_AT_MOST;
+        let mut g = self.lock();
+        while g.demand_io > 0 && g.failed.is_none() {
+            let now = std::time::Instant::now();
+            if now >= until {
+                break;
+            }
+            g = self
+                .changed
+                .wait_timeout(g, until - now)
+                .map(|(g, _)| g)
+                .unwrap_or_else(|p| p.into_inner().0);
+        }
+    }
+
+    /// Regions of the background's next window: one while requests need demand moves.
+    fn window_now(&self, g: &Shared) -> u64 {
+        match g.last_demand {
+            Some(t) if t.elapsed() < DEMAND_RECENT => 1,
+            _ => self.window_regions,
+        }
     }
 
     /// Regions of the image.

@@ -27,6 +27,29 @@ pub enum StepDone {
     Complete,
 }
 
+/// A demand move or evacuation doing its I/O: counted while it lives, so that the
+/// background yields the disk to it.
+struct DemandIo<'m>(&'m Migration);
+
+impl<'m> DemandIo<'m> {
+    fn new(m: &'m Migration) -> Self {
+        let mut g = m.lock();
+        g.demand_io += 1;
+        g.last_demand = Some(std::time::Instant::now());
+        Self(m)
+    }
+}
+
+impl Drop for DemandIo<'_> {
+    fn drop(&mut self) {
+        let mut g = self.0.lock();
+        g.demand_io -= 1;
+        g.last_demand = Some(std::time::Instant::now());
+        drop(g);
+        self.0.changed.notify_all();
+    }
+}
+
 /// What a region needs before a request is served there.
 enum Need {
     Served,
@@ -39,16 +62,18 @@ impl Migration {
     /// The next window of the background migration: all evacuations first, in windows of
     /// regions, then the moves.
     pub fn step(&self) -> Result<StepDone> {
+        self.yield_to_demand();
         let mut g = self.lock();
         self.refuse_if_failed(&g)?;
+        let most = self.window_now(&g);
         for (want, evacuate) in [(RegionState::Sealed, true), (RegionState::Evacuated, false)] {
-            let Some(window) = self.claim(&mut g, want) else {
+            let Some(window) = self.claim(&mut g, want, most) else {
                 continue;
             };
             let regions: Vec<u64> = window.clone().collect();
             if evacuate {
                 drop(g);
-                self.evacuate(&regions)?;
+                self.evacuate(&regions, true)?;
                 return Ok(StepDone::Evacuated(window));
             }
             for &r in &regions {
@@ -66,10 +91,10 @@ impl Migration {
         Ok(StepDone::Waited)
     }
 
-    /// Take (mark busy) the first run of up to `window_regions` consecutive regions in
+    /// Take (mark busy) the first run of up to `most` consecutive regions in
     /// state `want` that nobody holds, looking from where this pass last took one (then
     /// from the start, for a region that was busy then), so a pass costs O(regions) in all.
-    fn claim(&self, g: &mut super::Shared, want: RegionState) -> Option<Range<u64>> {
+    fn claim(&self, g: &mut super::Shared, want: RegionState, most: u64) -> Option<Range<u64>> {
         let free =
             |g: &super::Shared, r: u64| !g.busy[r as usize] && g.map.state(r).ok() == Some(want);
         let pass = usize::from(want != RegionState::Sealed);
@@ -77,7 +102,7 @@ impl Migration {
         let hint = g.pass_from[pass].min(regions);
         let first = (hint..regions).chain(0..hint).find(|&r| free(g, r))?;
         let mut end = first + 1;
-        while end < regions && end - first < self.window_regions && free(g, end) {
+        while end < regions && end - first < most && free(g, end) {
             end += 1;
         }
         for r in first..end {
@@ -165,8 +190,12 @@ impl Migration {
         loop {
             match self.next_need(r, merge.is_some())? {
                 Need::Served => return Ok(false),
-                Need::Evacuate => self.evacuate(&[r])?,
+                Need::Evacuate => {
+                    let _demand = DemandIo::new(self);
+                    self.evacuate(&[r], false)?
+                }
                 Need::Move => {
+                    let _demand = DemandIo::new(self);
                     self.move_regions(&[r], merge)?;
                     return Ok(merge.is_some());
                 }

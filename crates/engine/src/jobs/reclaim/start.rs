@@ -145,6 +145,8 @@ impl Migration {
                 committed: 0,
                 failed: None,
                 pass_from: [0; 2],
+                demand_io: 0,
+                last_demand: None,
             }),
             changed: Condvar::new(),
             resumed,
