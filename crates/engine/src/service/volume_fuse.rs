@@ -48,14 +48,17 @@ impl Service {
         if slot.try_lock().is_ok_and(|m| m.is_some()) {
             return Ok(());
         }
+        let t0 = std::time::Instant::now();
         let io = self.claim(name).await?;
+        let claimed_ms = t0.elapsed().as_millis() as u64;
         let (fuse_dir, dir) = (self.fuse_dir(name), self.mount_dir(name));
         let volume = name.to_string();
         tokio::task::spawn_blocking(move || {
             let mut m = lock(&slot);
             if m.is_none() {
                 let mounted = loopfs::mount_over_fuse(Arc::new(io), &fuse_dir, &dir)?;
-                tracing::info!(volume = %volume, file = %mounted.file().display(), "mounted over a FUSE file served by pdguard (instant reclaim)");
+                let mounted_ms = t0.elapsed().as_millis() as u64;
+                tracing::info!(volume = %volume, file = %mounted.file().display(), claimed_ms, mounted_ms, "mounted over a FUSE file served by pdguard (instant reclaim)");
                 *m = Some(mounted);
             }
             Ok(())

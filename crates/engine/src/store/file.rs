@@ -197,6 +197,12 @@ impl Disk for FileDisk {
                 rustix::fs::fadvise(&self.file, offset, Some(len), rustix::fs::Advice::DontNeed);
         }
     }
+
+    fn no_read_ahead(&self) {
+        // POSIX_FADV_RANDOM: this descriptor reads nothing ahead (a hint: a refusal changes
+        // nothing but the speed).
+        let _ = rustix::fs::fadvise(&self.file, 0, None, rustix::fs::Advice::Random);
+    }
 }
 
 /// fsync a directory so that a create, rename or unlink inside it is durable.

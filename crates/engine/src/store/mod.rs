@@ -128,6 +128,10 @@ pub trait Disk: Send + Sync {
     /// from the page cache once clean, so that a long pass keeps the device busy instead of
     /// leaving gigabytes for `sync` (and the thin disk's `unlink`) at the end. Default: nothing.
     fn release(&self, _offset: u64, _len: u64) {}
+    /// A hint: the reads to come are not sequential, or ask for exactly what they need, so
+    /// the kernel reads nothing ahead (an instant reclaim on a slow disk: a read-ahead of
+    /// megabytes queued ahead of a request's read delays it). Default: nothing.
+    fn no_read_ahead(&self) {}
     /// Which bytes may hold data now (`SEEK_DATA`/`SEEK_HOLE`); everything else is a hole
     /// and reads as zeros. Conservative: a range not known to be a hole is data. Default:
     /// all of it.

@@ -118,6 +118,10 @@ impl Migration {
         } else {
             begin(storage, &mut seal, &identity, map_key, sector)?
         };
+        // Every read of a migration asks for exactly what it needs; a read-ahead (megabytes
+        // on some disks) queued ahead of a demand move's reads would delay the request.
+        seal.image.no_read_ahead();
+        evacuation.no_read_ahead();
         let regions = layout.regions() as usize;
         let address = SealedAddress::owning(
             placement,
@@ -146,7 +150,10 @@ impl Migration {
                 failed: None,
                 pass_from: [0; 2],
                 demand_io: 0,
-                last_demand: None,
+                // A reclaim's client reads at once (a file system's mount, a boot): the
+                // background starts in windows of one region, as if a demand move had just
+                // been made, rather than holding the first 64 MiB busy.
+                last_demand: Some(std::time::Instant::now()),
             }),
             changed: Condvar::new(),
             resumed,
