@@ -399,7 +399,7 @@ fn a_docker_mount_on_a_slow_unseal_fails_fast_and_the_volume_is_sealed_again() {
     assert!(
         err.contains("volume \"big\": the unseal is still running after 3 s (")
             && err.contains(" MiB of 32.0 MiB unsealed, ")
-            && err.contains(" %); it goes on in the background: retry `docker run` in a moment"),
+            && err.contains(" %; a volume created with `-o reclaim=instant` is served at once instead); it goes on in the background: retry `docker run` in a moment"),
         "{err}"
     );
     assert_eq!(d.disk("big")["state"], "unsealing", "the unseal stopped");

@@ -713,7 +713,7 @@ pub(super) fn how_far(
             let before = if p.pass == "gather" { total } else { 0 };
             let done = before.saturating_add(p.done_bytes.min(total)) / 2;
             format!(
-                "the unseal is still running after {waited} ({} of {} unsealed, {} %)",
+                "the unseal is still running after {waited} ({} of {} unsealed, {} %; a volume created with `-o reclaim=instant` is served at once instead)",
                 size_text(done, total),
                 size_text(total, total),
                 done.saturating_mul(100) / total
