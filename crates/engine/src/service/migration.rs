@@ -401,7 +401,11 @@ impl Service {
         let key = self.s.cfg.master_key.as_ref();
         let t0 = std::time::Instant::now();
         let tree = jobs::load_tree_for_migration(&storage, key)?;
-        let m = Migration::start(&storage, key, tree, &MigrationOptions::default())?;
+        let opts = MigrationOptions {
+            served: true,
+            ..MigrationOptions::default()
+        };
+        let m = Migration::start(&storage, key, tree, &opts)?;
         let regions = m.regions();
         *route.write() = Routing::Migrating(Box::new(m));
         // Served from here: the gate opens under the state lock, so that no `apply` racing

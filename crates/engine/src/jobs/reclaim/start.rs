@@ -34,6 +34,11 @@ pub struct MigrationOptions {
     /// window of plaintext in memory, and the larger it is, the more of the sealed sectors
     /// each read of the evacuation copy finds together.
     pub window_bytes: u64,
+    /// A front-end serves the image from the start (a reclaim's client reads at once: a
+    /// file system's mount, a boot): the background starts in windows of one region, as
+    /// if a demand move had just been made, rather than holding the first window busy.
+    /// Off for a migration nobody serves (`image unseal --instant`).
+    pub served: bool,
 }
 
 impl Default for MigrationOptions {
@@ -41,6 +46,7 @@ impl Default for MigrationOptions {
         Self {
             region_bytes: REGION_BYTES,
             window_bytes: 64 << 20,
+            served: false,
         }
     }
 }
@@ -150,10 +156,7 @@ impl Migration {
                 failed: None,
                 pass_from: [0; 2],
                 demand_io: 0,
-                // A reclaim's client reads at once (a file system's mount, a boot): the
-                // background starts in windows of one region, as if a demand move had just
-                // been made, rather than holding the first 64 MiB busy.
-                last_demand: Some(std::time::Instant::now()),
+                last_demand: opts.served.then(std::time::Instant::now),
             }),
             changed: Condvar::new(),
             resumed,

@@ -141,6 +141,7 @@ fn options() -> MigrationOptions {
     MigrationOptions {
         region_bytes: REGION,
         window_bytes: 2 * u64::from(REGION),
+        served: false,
     }
 }
 
