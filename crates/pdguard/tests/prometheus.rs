@@ -298,7 +298,7 @@ fn prometheus_scrapes_two_daemons_and_agrees_with_their_status() {
     );
     // Every state of every daemon, as its status says (absent ones at 0), and both up.
     let per_state = prom.query(r#"pdguard_disks"#, "state");
-    assert_eq!(per_state.len(), 7, "one series per state: {per_state:?}");
+    assert_eq!(per_state.len(), 8, "one series per state: {per_state:?}");
     for (inst, by) in &said {
         for state in [
             "available",
@@ -307,6 +307,7 @@ fn prometheus_scrapes_two_daemons_and_agrees_with_their_status() {
             "sealing",
             "sealed",
             "unsealing",
+            "migrating",
             "failed",
         ] {
             let q = format!(r#"pdguard_disks{{instance="{inst}",state="{state}"}}"#);

@@ -129,6 +129,8 @@ pub enum WaitState {
     Sealed,
     /// An unseal job is running.
     Unsealing,
+    /// Served while its instant reclaim's migration runs.
+    Migrating,
     /// The last job failed.
     Failed,
 }
@@ -142,6 +144,7 @@ impl WaitState {
             Self::Sealing => "sealing",
             Self::Sealed => "sealed",
             Self::Unsealing => "unsealing",
+            Self::Migrating => "migrating",
             Self::Failed => "failed",
         }
     }
@@ -391,7 +394,7 @@ pub fn container(cmd: &ContainerCommand, conn: &Conn, cli: &Cli) -> Result<(), C
             for name in disks {
                 let was = disk_state(&before, name);
                 let did = match was.as_str() {
-                    "sealed" | "sealing" | "unsealing" | "failed" => {
+                    "sealed" | "sealing" | "unsealing" | "migrating" | "failed" => {
                         format!("unsealed and verified in {secs:.1} s (was {was})")
                     }
                     _ => "attached".to_string(),
