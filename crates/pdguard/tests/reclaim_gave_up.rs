@@ -309,8 +309,10 @@ impl Drop for World {
 /// sealed again; once the disk is fast again, `docker run` gets the data back bit-exact.
 #[test]
 fn a_docker_mount_on_a_slow_unseal_fails_fast_and_the_volume_is_sealed_again() {
-    let t_test = Instant::now();
+    // Timed from when this test has the machine's cluster lock (another Docker test may
+    // hold it first).
     let cluster = nodes::Cluster::new(1);
+    let t_test = Instant::now();
     let n = cluster.node(1);
     let state = n.state_dir();
     std::fs::create_dir_all(&state).unwrap();
@@ -438,8 +440,10 @@ fn a_docker_mount_on_a_slow_unseal_fails_fast_and_the_volume_is_sealed_again() {
 /// migration runs; returns how long that `docker run` took. Then, the disk fast again,
 /// every byte of the volume reads back bit-exact through the same path.
 fn docker_run_on_an_instant_volume(size: &str, data_mib: u64, bps: u64) -> Duration {
-    let t_test = Instant::now();
+    // Timed from when this test has the machine's cluster lock (another Docker test may
+    // hold it first).
     let cluster = nodes::Cluster::new(1);
+    let t_test = Instant::now();
     let n = cluster.node(1);
     let state = n.state_dir();
     std::fs::create_dir_all(&state).unwrap();
