@@ -199,6 +199,11 @@ impl<'a> SealedAddress<'a> {
             + self.dense.as_ref().map_or(0, |d| 24 * d.len() as u64)
     }
 
+    /// The placement `pi` (of the compacted image with dense placement).
+    pub fn placement(&self) -> &dyn Placement {
+        self.placement.get()
+    }
+
     /// Where plaintext sector `sector` is sealed; `None` for a sector past the image, or in
     /// a hole of a dense seal's original (zeros, with no sealed place).
     pub fn locate(&self, sector: u64) -> Option<Located> {

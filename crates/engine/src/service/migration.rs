@@ -21,7 +21,7 @@ use tokio::sync::watch;
 
 use super::lifecycle::{Event, JobKind, Life};
 use super::runner::{storage_of, RecordFlag, RunError};
-use super::{lock, nbd, Result, Service, ServiceError, State};
+use super::{lock, Result, Service, ServiceError, State};
 use crate::gate::{Gate, GateError};
 use crate::jobs;
 use crate::jobs::reclaim::{Migration, MigrationOptions, StepDone};
@@ -350,12 +350,7 @@ impl Service {
         let disk = d.clone();
         tokio::spawn(async move {
             // Readers of the sealed bytes (a read-only sealed gate) drain first.
-            let gate = svc.gate(&disk.name);
-            let _ = tokio::task::spawn_blocking(move || gate.block()).await;
-            let path = disk.path.clone();
-            if let Ok(Err(e)) = tokio::task::spawn_blocking(move || nbd::flush_disk(&path)).await {
-                tracing::warn!(disk = %disk.name, error = %e, "cannot flush the disk before its migration");
-            }
+            svc.quiesce(&disk, "its migration").await;
             svc.s.metrics.started(&disk.name, kind);
             let t0 = std::time::Instant::now();
             let runner = svc.clone();

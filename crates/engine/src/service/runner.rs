@@ -74,13 +74,7 @@ impl Service {
         let svc = self.clone();
         let disk = d.clone();
         tokio::spawn(async move {
-            let gate = svc.gate(&disk.name);
-            let _ = tokio::task::spawn_blocking(move || gate.block()).await;
-            // Acknowledged writes are durable before the job's first read.
-            let path = disk.path.clone();
-            if let Ok(Err(e)) = tokio::task::spawn_blocking(move || nbd::flush_disk(&path)).await {
-                tracing::warn!(disk = %disk.name, error = %e, "cannot flush the disk before the job");
-            }
+            svc.quiesce(&disk, "the job").await;
             // The queue outlives every job (the service holds it): the turn always comes.
             let permit = turn.await.ok();
             svc.s.metrics.started(&disk.name, kind);
@@ -96,6 +90,18 @@ impl Service {
                 .await;
             let _ = tx.send(Some(result));
         });
+    }
+
+    /// Before a job or a migration touches the disk: block its gate (readers of the sealed
+    /// bytes and writers drain first), then flush it, so that acknowledged writes are durable
+    /// before the first read. A flush that fails is logged; the job's own checks decide.
+    pub(super) async fn quiesce(&self, disk: &Disk, before: &'static str) {
+        let gate = self.gate(&disk.name);
+        let _ = tokio::task::spawn_blocking(move || gate.block()).await;
+        let path = disk.path.clone();
+        if let Ok(Err(e)) = tokio::task::spawn_blocking(move || nbd::flush_disk(&path)).await {
+            tracing::warn!(disk = %disk.name, error = %e, "cannot flush the disk before {before}");
+        }
     }
 
     /// The job queue: what runs, what waits and in which order (`status`, the metrics).

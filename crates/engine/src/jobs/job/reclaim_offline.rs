@@ -95,6 +95,10 @@ pub fn verify_migrating(
     progress: &dyn Progress,
 ) -> Result<RegionCheck, ReclaimError> {
     let tree = load_tree_for_migration(storage, key)?;
-    let m = Migration::resume(storage, key, tree, &MigrationOptions::default())?;
+    let opts = MigrationOptions {
+        bulk: false,
+        ..MigrationOptions::default()
+    };
+    let m = Migration::resume(storage, key, tree, &opts)?;
     m.check_regions(progress)
 }

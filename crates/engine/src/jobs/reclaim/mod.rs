@@ -17,6 +17,7 @@
 //! | `gather.rs`     | a region's plaintext from its sealed places                     |
 //! | `evacuate.rs`   | evacuation windows                                              |
 //! | `mover.rs`      | move windows and demand moves (with a merged write)             |
+//! | `bulk.rs`       | the move pass in bulk: **E** bucketed, merged back in order     |
 //! | `requests.rs`   | `read`, `write`, `flush`, and the background `step`             |
 //! | `check.rs`      | every region against its leaf, wherever it is (`image verify`)  |
 //!
@@ -27,6 +28,7 @@
 //! store in the image are counted per store, and a move drains them before it overwrites
 //! that store's region.
 
+mod bulk;
 mod check;
 mod error;
 mod evacuate;
@@ -71,6 +73,9 @@ pub struct Migration {
     sector: u64,
     /// **E**.
     evacuation: Box<dyn Disk>,
+    /// **T**, the bulk move pass's scratch thin disk (`bulk.rs`); `None`: moves go region
+    /// by region only.
+    bulk_thin: Option<Box<dyn Disk>>,
     /// **M**.
     moved: MovedFile,
     tree: Option<RegionTree>,
@@ -105,6 +110,8 @@ struct Shared {
     demand_io: u32,
     /// When a request last needed a demand move or evacuation.
     last_demand: Option<std::time::Instant>,
+    /// Where the bulk move pass stands.
+    bulk: bulk::Bulk,
 }
 
 impl Migration {

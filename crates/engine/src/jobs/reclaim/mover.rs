@@ -24,17 +24,29 @@ impl Migration {
     /// Move `regions` (busy, `moving`); releases them when done, failed or not. With
     /// `merge` (one region), the write is applied before the region is written.
     pub(super) fn move_regions(&self, regions: &[u64], merge: Option<Merge<'_>>) -> Result<()> {
-        if let Err(e) = self.move_unchecked_commit(regions, merge) {
-            // Nothing reached the image's plain places durably under a map saying so.
-            let _ = self.apply_all(regions, RegionEvent::AbortMove);
-            let e = self.fail(e);
-            self.release(regions);
-            return Err(e);
-        }
+        let bufs = match self.plaintext_of(regions, merge) {
+            Ok(bufs) => bufs,
+            Err(e) => return Err(self.abort_move(regions, e)),
+        };
         let event = match merge {
             Some(_) => RegionEvent::CommitMoveWritten,
             None => RegionEvent::CommitMove,
         };
+        let slices: Vec<&[u8]> = bufs.iter().map(Vec::as_slice).collect();
+        self.write_and_commit(regions, &slices, event)
+    }
+
+    /// The rest of a move once the plaintext of `regions` (busy, `moving`) is known and
+    /// checked: write it at the plain places, `fdatasync(I)`, commit `event`; release them.
+    pub(super) fn write_and_commit(
+        &self,
+        regions: &[u64],
+        bufs: &[&[u8]],
+        event: RegionEvent,
+    ) -> Result<()> {
+        if let Err(e) = self.write_plain(regions, bufs) {
+            return Err(self.abort_move(regions, e));
+        }
         let committed = self
             .apply_all(regions, event)
             .and_then(|upto| self.commit_through(upto));
@@ -42,8 +54,17 @@ impl Migration {
         committed
     }
 
-    /// Everything of a move before its commit.
-    fn move_unchecked_commit(&self, regions: &[u64], merge: Option<Merge<'_>>) -> Result<()> {
+    /// A move that failed: nothing reached the image's plain places durably under a map
+    /// saying so. The regions stay at their sealed places; the migration fails.
+    fn abort_move(&self, regions: &[u64], e: ReclaimError) -> ReclaimError {
+        let _ = self.apply_all(regions, RegionEvent::AbortMove);
+        let e = self.fail(e);
+        self.release(regions);
+        e
+    }
+
+    /// The plaintext of `regions`, checked against their leaves, `merge` applied.
+    fn plaintext_of(&self, regions: &[u64], merge: Option<Merge<'_>>) -> Result<Vec<Vec<u8>>> {
         let whole = match (regions, merge) {
             ([r], Some(m)) => {
                 let range = self.range(*r);
@@ -62,10 +83,16 @@ impl Migration {
         if let (Some(m), Some(buf)) = (merge, bufs.first_mut()) {
             buf[m.at..m.at + m.data.len()].copy_from_slice(m.data);
         }
+        Ok(bufs)
+    }
+
+    /// Write each region's plaintext at its plain place (after the image reads of their
+    /// sealed stores drained), then `fdatasync(I)`.
+    fn write_plain(&self, regions: &[u64], bufs: &[&[u8]]) -> Result<()> {
         self.drain_image_reads(regions);
         let written = regions
             .iter()
-            .zip(&bufs)
+            .zip(bufs)
             .try_for_each(|(&r, buf)| {
                 self.write_region(r, buf)?;
                 self.advanced(buf.len() as u64);
@@ -77,17 +104,22 @@ impl Migration {
 
     /// Each region against its leaf, before anything is written.
     fn check_leaves(&self, regions: &[u64], bufs: &[Vec<u8>]) -> Result<()> {
+        for (&r, buf) in regions.iter().zip(bufs) {
+            self.check_leaf(r, buf)?;
+        }
+        Ok(())
+    }
+
+    /// Region `r`'s plaintext against its leaf (nothing to check without a tree).
+    pub(super) fn check_leaf(&self, r: u64, buf: &[u8]) -> Result<()> {
         let Some(tree) = &self.tree else {
             return Ok(());
         };
-        for (&r, buf) in regions.iter().zip(bufs) {
-            tree.check_region(&self.region_keys, r, buf)
-                .map_err(|source| ReclaimError::Region {
-                    image: self.image_name.clone(),
-                    source,
-                })?;
-        }
-        Ok(())
+        tree.check_region(&self.region_keys, r, buf)
+            .map_err(|source| ReclaimError::Region {
+                image: self.image_name.clone(),
+                source,
+            })
     }
 
     /// Wait until no gather reads the sealed stores of `regions` from the image: from

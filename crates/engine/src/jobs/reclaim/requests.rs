@@ -65,6 +65,10 @@ impl Migration {
         self.yield_to_demand();
         let mut g = self.lock();
         self.refuse_if_failed(&g)?;
+        if self.take_bulk(&mut g) {
+            drop(g);
+            return self.bulk_move();
+        }
         let most = self.window_now(&g);
         for (want, evacuate) in [(RegionState::Sealed, true), (RegionState::Evacuated, false)] {
             let Some(window) = self.claim(&mut g, want, most) else {

@@ -39,6 +39,11 @@ pub struct MigrationOptions {
     /// if a demand move had just been made, rather than holding the first window busy.
     /// Off for a migration nobody serves (`image unseal --instant`).
     pub served: bool,
+    /// The move pass may run as one bulk pass (`bulk.rs`): the evacuation copy bucketed
+    /// into a scratch thin disk by the `window` strategy's sealed scatter, then merged
+    /// back in image order, so that it reads large runs instead of one sector at a time.
+    /// Off for a migration that only reads (`image verify`): it creates no file.
+    pub bulk: bool,
 }
 
 impl Default for MigrationOptions {
@@ -47,6 +52,7 @@ impl Default for MigrationOptions {
             region_bytes: REGION_BYTES,
             window_bytes: 64 << 20,
             served: false,
+            bulk: true,
         }
     }
 }
@@ -128,6 +134,10 @@ impl Migration {
         // on some disks) queued ahead of a demand move's reads would delay the request.
         seal.image.no_read_ahead();
         evacuation.no_read_ahead();
+        let bulk_thin = match opts.bulk {
+            true => bulk_thin(storage, &seal, &*evacuation)?,
+            false => None,
+        };
         let regions = layout.regions() as usize;
         let address = SealedAddress::owning(
             placement,
@@ -143,6 +153,7 @@ impl Migration {
             layout,
             sector,
             evacuation,
+            bulk_thin,
             moved,
             tree,
             region_keys,
@@ -157,6 +168,7 @@ impl Migration {
                 pass_from: [0; 2],
                 demand_io: 0,
                 last_demand: opts.served.then(std::time::Instant::now),
+                bulk: super::bulk::Bulk::Waiting,
             }),
             changed: Condvar::new(),
             resumed,
@@ -228,6 +240,37 @@ fn unix_now() -> u64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or(0)
+}
+
+/// **T**, the bulk move pass's scratch thin disk, made anew (one a crash left is deleted
+/// first: it is a cache, never read after a restart) when the file system has room for it
+/// beside what the evacuation copy still needs; `None` (moves region by region) when not.
+fn bulk_thin(
+    storage: &dyn Storage,
+    seal: &SealOpened,
+    evacuation: &dyn Disk,
+) -> Result<Option<Box<dyn Disk>>> {
+    let image = storage.image_name();
+    let store = |source| ReclaimError::Store {
+        image: image.clone(),
+        source,
+    };
+    let id = &seal.rec.seal_id;
+    storage.remove_thin(id).map_err(store)?;
+    let geometry = seal
+        .rec
+        .geometry()
+        .map_err(|e| ReclaimError::Job(crate::jobs::JobError::Unsupported(e.to_string())))?;
+    let thin = geometry.thin_bytes();
+    let sealed = geometry.disk_bytes();
+    let evacuated = evacuation.data_map().map_err(store)?.data_bytes();
+    let need = thin.saturating_add(sealed.saturating_sub(evacuated));
+    let free = storage.free_bytes(id).map_err(store)?;
+    if free < need {
+        tracing::info!(image = %image, need, free, "instant reclaim: too little free space for the bulk move pass's thin disk; moving region by region");
+        return Ok(None);
+    }
+    storage.create_thin(id, thin).map(Some).map_err(store)
 }
 
 /// The regions of the image: the tree's when given (it must be of this image), else of

@@ -142,6 +142,7 @@ fn options() -> MigrationOptions {
         region_bytes: REGION,
         window_bytes: 2 * u64::from(REGION),
         served: false,
+        bulk: true,
     }
 }
 
@@ -168,6 +169,63 @@ fn assert_cleaned_but_slot(s: &SimStorage, what: &str) {
     for f in [MigrationFile::EvacuationCopy, MigrationFile::MovedMap] {
         assert!(s.migration_file(f).is_none(), "{what}: {f:?} left");
     }
+    assert_eq!(s.thin_count(), 0, "{what}: the bulk move's thin disk left");
+}
+
+/// Step until the evacuation pass is over; the first step after it.
+fn step_past_evacuation(m: &Migration) -> StepDone {
+    loop {
+        match m.step().unwrap() {
+            StepDone::Evacuated(_) => continue,
+            other => return other,
+        }
+    }
+}
+
+#[test]
+fn the_move_pass_runs_in_bulk_once_every_region_is_evacuated() {
+    let mut rng = StdRng::seed_from_u64(11);
+    for case in cases() {
+        let plain = plaintext(&mut rng);
+        let (s, tree) = sealed(case, &plain);
+        let m = start(&s, case, &tree).unwrap();
+        // The simulator counts E and M among its thin disks, and T makes three.
+        assert_eq!(
+            s.thin_count(),
+            3,
+            "{case:?}: no thin disk for the bulk pass"
+        );
+        let regions = m.regions();
+        // One step moves every region: the bulk pass, not windows of two regions.
+        assert_eq!(
+            step_past_evacuation(&m),
+            StepDone::Moved(0..regions),
+            "{case:?}"
+        );
+        assert_eq!(m.counts(), [0, 0, regions, 0], "{case:?}");
+        assert_eq!(m.step().unwrap(), StepDone::Complete, "{case:?}");
+        m.finish(&s).unwrap();
+        assert!(s.image() == plain, "{case:?}: not the plaintext");
+        assert_cleaned(&s, &format!("{case:?}"));
+    }
+}
+
+#[test]
+fn without_room_for_its_thin_disk_the_move_pass_goes_region_by_region() {
+    let mut rng = StdRng::seed_from_u64(12);
+    let plain = plaintext(&mut rng);
+    let (s, tree) = sealed(SECURE, &plain);
+    s.set_free_bytes(IMAGE_BYTES as u64);
+    let m = start(&s, SECURE, &tree).unwrap();
+    assert_eq!(
+        s.thin_count(),
+        2,
+        "E and M, and a thin disk without room for it"
+    );
+    assert_eq!(step_past_evacuation(&m), StepDone::Moved(0..2));
+    run_to_end(m, &s).unwrap();
+    assert!(s.image() == plain, "not the plaintext");
+    assert_cleaned(&s, "region by region");
 }
 
 #[test]
