@@ -18,6 +18,7 @@
 //! plaintext from **T** does not match its leaf is left `evacuated`, for the region-by-region
 //! move from the evacuation copy to decide), so it needs no fsync.
 
+use std::sync::mpsc::{channel, sync_channel, Receiver, SyncSender};
 use std::sync::{Mutex, MutexGuard};
 
 use pdguard_core::cipher::SectorCipher;
@@ -25,7 +26,7 @@ use pdguard_core::moved_map::{RegionEvent, RegionState};
 
 use super::requests::StepDone;
 use super::{Migration, ReclaimError, Result, Shared};
-use crate::jobs::strategy::{PassCtx, Strategy, Window, DEFAULT_MEMORY_BYTES};
+use crate::jobs::strategy::{self, PassCtx, Strategy, DEFAULT_MEMORY_BYTES};
 use crate::jobs::NoProgress;
 use crate::store::{Disk, Sparse, StoreError};
 
@@ -91,7 +92,7 @@ impl Migration {
             memory_bytes: DEFAULT_MEMORY_BYTES,
             regions: None,
         };
-        let window = Window::default();
+        let window = strategy::Window::default();
         let sector = self.sector;
         // With dense placement the sealed data is the first `D` sectors.
         let e_view = self
@@ -106,20 +107,42 @@ impl Migration {
             .and_then(|e| Ok((e, Sparse::new(thin, sector)?)))
             .and_then(|(e, t)| window.scatter_sealed(&ctx, &e, &t))
             .map_err(store)?;
-        let sink = MoveSink::new(self);
-        let view = self.seal.dense.as_ref().map(|d| d.compacted(&sink));
-        let plain = view.as_ref().map_or(&sink as &dyn Disk, |v| v as &dyn Disk);
-        let gathered = Sparse::new(thin, sector)
-            .and_then(|t| window.gather_plain(&ctx, &t, plain))
-            .map(drop);
-        drop(view);
-        let ended = gathered.and_then(|()| sink.finish());
-        let mut st = sink.state();
-        match (st.error.take(), ended) {
-            (Some(e), _) => Err(e),
-            (None, Err(e)) => Err(store(e)),
-            (None, Ok(())) => Ok(st.moved),
-        }
+        // The windows are moved on a thread of their own, so that the merge goes on while
+        // a window is written and fsynced: two windows in flight at most.
+        std::thread::scope(|scope| {
+            let (full, windows) = sync_channel::<Window>(1);
+            let (back, spare) = channel::<Vec<u8>>();
+            let mover = scope.spawn(move || -> Result<u64> {
+                let mut moved = 0;
+                for w in windows {
+                    moved += self.bulk_window(w.first, w.end, &w.buf)?;
+                    let _ = back.send(w.buf);
+                }
+                Ok(moved)
+            });
+            let sink = MoveSink::new(self, full, spare);
+            let view = self.seal.dense.as_ref().map(|d| d.compacted(&sink));
+            let plain = view.as_ref().map_or(&sink as &dyn Disk, |v| v as &dyn Disk);
+            let gathered = Sparse::new(thin, sector)
+                .and_then(|t| window.gather_plain(&ctx, &t, plain))
+                .map(drop);
+            drop(view);
+            let ended = gathered.and_then(|()| sink.finish());
+            // The last window is sent: the mover ends when the channel closes.
+            drop(sink);
+            let moved = mover.join().unwrap_or_else(|_| {
+                Err(
+                    self.fail(ReclaimError::Job(crate::jobs::JobError::Unsupported(
+                        "the bulk move's mover thread panicked (a bug of pdguard)".into(),
+                    ))),
+                )
+            });
+            match (moved, ended) {
+                (Err(e), _) => Err(e),
+                (Ok(_), Err(e)) => Err(store(e)),
+                (Ok(n), Ok(())) => Ok(n),
+            }
+        })
     }
 
     /// Move the regions of `first..end` (plaintext in `buf`, from byte `first * R`) that
@@ -174,9 +197,16 @@ impl Migration {
     }
 }
 
+/// A window of the bulk pass's stream, full: regions `first..end`, their plaintext.
+struct Window {
+    first: u64,
+    end: u64,
+    buf: Vec<u8>,
+}
+
 /// The plaintext stream of the bulk pass's gather, in image order (original coordinates),
-/// cut into windows of regions that are moved as they fill: a write at or past a window's
-/// end completes it.
+/// cut into windows of regions that are sent to the mover as they fill: a write at or past
+/// a window's end completes it.
 struct MoveSink<'m> {
     m: &'m Migration,
     state: Mutex<SinkState>,
@@ -187,13 +217,14 @@ struct SinkState {
     start: u64,
     end: u64,
     buf: Vec<u8>,
-    moved: u64,
-    /// The first failure of a move (the migration has failed): the pass stops.
-    error: Option<ReclaimError>,
+    /// To the mover; `None` once the stream has ended.
+    full: Option<SyncSender<Window>>,
+    /// Buffers the mover is done with.
+    spare: Receiver<Vec<u8>>,
 }
 
 impl<'m> MoveSink<'m> {
-    fn new(m: &'m Migration) -> Self {
+    fn new(m: &'m Migration, full: SyncSender<Window>, spare: Receiver<Vec<u8>>) -> Self {
         let region = u64::from(m.layout.region_bytes());
         let window = m.window_regions * region;
         let end = window.min(m.layout.image_bytes());
@@ -203,8 +234,8 @@ impl<'m> MoveSink<'m> {
                 start: 0,
                 end,
                 buf: vec![0; end as usize],
-                moved: 0,
-                error: None,
+                full: Some(full),
+                spare,
             }),
         }
     }
@@ -213,32 +244,33 @@ impl<'m> MoveSink<'m> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Move the window filling now and open the next one (zeros: a dense seal's holes
-    /// are never written to the sink).
+    /// Send the window filling now to the mover and open the next one (zeros: a dense
+    /// seal's holes are never written to the sink).
     fn complete(&self, st: &mut SinkState) -> Result<(), StoreError> {
         let region = u64::from(self.m.layout.region_bytes());
-        let (first, end) = (st.start / region, st.end.div_ceil(region));
-        match self.m.bulk_window(first, end, &st.buf) {
-            Ok(n) => st.moved += n,
-            Err(e) => {
-                st.error = Some(e);
-                return Err(stopped());
-            }
-        }
         let size = self.m.layout.image_bytes();
+        let next_end = (st.end + self.m.window_regions * region).min(size);
+        let mut fresh = st.spare.try_recv().unwrap_or_default();
+        fresh.clear();
+        fresh.resize((next_end - st.end) as usize, 0);
+        let w = Window {
+            first: st.start / region,
+            end: st.end.div_ceil(region),
+            buf: std::mem::replace(&mut st.buf, fresh),
+        };
+        // A mover that left has failed the migration; its error is the one reported.
+        let sent = st.full.as_ref().is_some_and(|f| f.send(w).is_ok());
+        if !sent {
+            return Err(stopped());
+        }
         st.start = st.end;
-        st.end = (st.end + self.m.window_regions * region).min(size);
-        st.buf.clear();
-        st.buf.resize((st.end - st.start) as usize, 0);
+        st.end = next_end;
         Ok(())
     }
 
     /// `len` bytes at `offset`: from `data`, or zeros.
     fn feed(&self, mut offset: u64, data: Option<&[u8]>, len: u64) -> Result<(), StoreError> {
         let mut st = self.state();
-        if st.error.is_some() {
-            return Err(stopped());
-        }
         if offset < st.start || offset + len > self.m.layout.image_bytes() {
             return Err(sink_error(
                 "take",
@@ -266,12 +298,13 @@ impl<'m> MoveSink<'m> {
         Ok(())
     }
 
-    /// Move the windows left once the stream has ended.
+    /// Send the windows left once the stream has ended, then close the channel.
     fn finish(&self) -> Result<(), StoreError> {
         let mut st = self.state();
-        while st.error.is_none() && st.start < self.m.layout.image_bytes() {
+        while st.start < self.m.layout.image_bytes() {
             self.complete(&mut st)?;
         }
+        st.full = None;
         Ok(())
     }
 }
