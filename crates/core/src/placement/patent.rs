@@ -6,16 +6,24 @@
 //! "the random number is generated ... using the seed ... within the range of the number of
 //! sectors of the thin disk".
 //!
-//! The map cannot be inverted without replaying every draw, so both directions are built
-//! once and kept: `4 (N + M)` bytes.
+//! The map cannot be inverted without replaying every draw, so both directions are kept:
+//! `slot_of` (`4 N` bytes) from the draw, `sector_of` (`4 M` bytes) inverted from it when
+//! first asked for (a `window` seal that keeps `pi` between its passes never asks).
 
 use rand_chacha::rand_core::{RngCore, SeedableRng};
 use rand_chacha::ChaCha20Rng;
+use std::sync::mpsc::{channel, sync_channel};
+use std::sync::OnceLock;
 
 use super::{Placement, PlacementError};
 
 /// Domain separation of the PRNG seed: the caller's key is never used as a ChaCha key as is.
 const CONTEXT: &str = "pdguard 2026-11 patent placement v1";
+
+/// Draws per block passed from the drawing thread to the keeping one (see
+/// [`PatentPlacement::draw`]), and blocks drawn ahead.
+const DRAW_BLOCK: usize = 1 << 14;
+const DRAW_BLOCKS_AHEAD: usize = 4;
 
 /// Marks an empty slot in the inverse map. No sector can be `u32::MAX` because sectors are
 /// below `N <= M <= MAX_SLOTS = u32::MAX`.
@@ -26,13 +34,26 @@ const EMPTY: u32 = u32::MAX;
 const MAX_SLOTS: u64 = u32::MAX as u64;
 
 /// The placement of [039]: sector `k` goes to the `k`-th distinct draw of a seeded PRNG.
-#[derive(Clone, PartialEq, Eq)]
+#[derive(Clone)]
 pub struct PatentPlacement {
     /// `slot_of[i]`: the slot of sector `i`; `N` entries.
     slot_of: Vec<u32>,
-    /// `sector_of[s]`: the sector in slot `s`, or [`EMPTY`]; `M` entries.
-    sector_of: Vec<u32>,
+    /// `M`.
+    slots: usize,
+    /// `sector_of[s]`: the sector in slot `s`, or [`EMPTY`]; `M` entries, inverted from
+    /// `slot_of` on first use. A seal whose passes keep `slot_of` between them never asks;
+    /// the inversion's random stores cost about as much as the draw itself.
+    sector_of: OnceLock<Vec<u32>>,
 }
+
+impl PartialEq for PatentPlacement {
+    /// `sector_of` follows from `slot_of` and `M`.
+    fn eq(&self, other: &Self) -> bool {
+        self.slots == other.slots && self.slot_of == other.slot_of
+    }
+}
+
+impl Eq for PatentPlacement {}
 
 impl PatentPlacement {
     /// Draws the placement of `sectors` disk sectors onto `slots` thin-disk slots, seeding
@@ -57,27 +78,82 @@ impl PatentPlacement {
     }
 
     /// The draw-and-skip of [039] for `n <= m <= u32::MAX` (checked by [`Self::new`]).
+    ///
+    /// Two threads: one draws (ChaCha20 and the reduction, most of the cost), the other
+    /// skips repeats and keeps the rest, taking the draws in their order in blocks of
+    /// [`DRAW_BLOCK`]; the map is the one a single thread would draw. The drawing thread
+    /// may run a few blocks ahead; those draws are discarded.
     fn draw(key: &[u8], n: usize, m: usize) -> Self {
         let rng = ChaCha20Rng::from_seed(blake3::derive_key(CONTEXT, key));
         let mut draws = UniformBelow::new(rng, m as u64);
         let mut slot_of = Vec::with_capacity(n);
-        let mut sector_of = vec![EMPTY; m];
-        // The "already drawn" set of [039]. The inverse map could serve, but at M / 8 bytes
-        // the bitmap stays in cache through the coupon-collector tail, where most draws are
-        // repeats (2^21 sectors: a steady 0.22 s, against 0.22-0.39 s without it).
+        // The "already drawn" set of [039]. At M / 8 bytes the bitmap stays in cache
+        // through the coupon-collector tail, where most draws are repeats.
         let mut seen = Bitmap::new(m);
-        // `n <= m <= u32::MAX`, so the casts to `u32` below are lossless.
-        for sector in 0..n as u32 {
-            let slot = loop {
-                let slot = draws.next() as usize;
-                if seen.insert(slot) {
-                    break slot;
+        if n > 0 {
+            let (tx, rx) = sync_channel::<Vec<u32>>(DRAW_BLOCKS_AHEAD);
+            let (back_tx, back_rx) = channel::<Vec<u32>>();
+            std::thread::scope(|sc| {
+                sc.spawn(move || loop {
+                    let mut block = back_rx
+                        .try_recv()
+                        .unwrap_or_else(|_| Vec::with_capacity(DRAW_BLOCK));
+                    block.clear();
+                    // `m <= u32::MAX`: every draw fits in a `u32`.
+                    block.extend((0..DRAW_BLOCK).map(|_| draws.next() as u32));
+                    if tx.send(block).is_err() {
+                        break; // every sector has its slot
+                    }
+                });
+                'all: for block in rx {
+                    for &slot in &block {
+                        if seen.insert(slot as usize) {
+                            slot_of.push(slot);
+                            if slot_of.len() == n {
+                                break 'all;
+                            }
+                        }
+                    }
+                    let _ = back_tx.send(block);
+                }
+                // The loop took `rx` and dropped it: the drawing thread stops.
+            });
+        }
+        // Draws are endless, so only a panic of the drawing thread leaves sectors without
+        // a slot; `scope` re-raises it above.
+        debug_assert_eq!(slot_of.len(), n);
+        Self {
+            slot_of,
+            slots: m,
+            sector_of: OnceLock::new(),
+        }
+    }
+
+    /// The inverse map, built on first use.
+    fn inverse(&self) -> &[u32] {
+        self.sector_of.get_or_init(|| {
+            let mut sector_of = vec![EMPTY; self.slots];
+            // Its random stores are the cost: two threads, each storing into its half of
+            // the slots (and reading all of `slot_of`, which is sequential and cheap).
+            let (low, high) = sector_of.split_at_mut(self.slots / 2);
+            let fill = |part: &mut [u32], first: usize| {
+                // `n <= m <= u32::MAX`: sectors fit in a `u32`.
+                for (sector, &slot) in self.slot_of.iter().enumerate() {
+                    if let Some(s) = (slot as usize)
+                        .checked_sub(first)
+                        .and_then(|k| part.get_mut(k))
+                    {
+                        *s = sector as u32;
+                    }
                 }
             };
-            sector_of[slot] = sector;
-            slot_of.push(slot as u32);
-        }
-        Self { slot_of, sector_of }
+            let half = low.len();
+            std::thread::scope(|sc| {
+                sc.spawn(|| fill(low, 0));
+                fill(high, half);
+            });
+            sector_of
+        })
     }
 }
 
@@ -87,7 +163,7 @@ impl Placement for PatentPlacement {
     }
 
     fn slots(&self) -> u64 {
-        self.sector_of.len() as u64
+        self.slots as u64
     }
 
     /// # Panics
@@ -105,7 +181,7 @@ impl Placement for PatentPlacement {
 
     fn sector_of(&self, slot: u64) -> Option<u64> {
         let index = usize::try_from(slot).ok()?;
-        match self.sector_of.get(index) {
+        match self.inverse().get(index) {
             Some(&sector) if sector != EMPTY => Some(sector.into()),
             _ => None,
         }
@@ -261,6 +337,41 @@ mod tests {
     const PINNED_ZERO_KEY_16: [u64; 16] = [12, 10, 9, 3, 2, 7, 6, 0, 15, 11, 14, 1, 5, 4, 8, 13];
     /// M = 13 is not a power of two: pins the multiply-high reduction as well.
     const PINNED_ZERO_KEY_10_13: [u64; 10] = [10, 8, 7, 2, 5, 0, 12, 9, 6, 4];
+
+    /// The draw runs on two threads, handing draws over in blocks: the map must be the
+    /// single-threaded draw-and-skip of [039] across many blocks (and the coupon-collector
+    /// tail, N = M), and the inverse (built on two threads, by halves of the slots) its
+    /// exact inverse.
+    #[test]
+    fn the_two_threads_draw_what_one_thread_draws() {
+        for (n, m) in [
+            (100_000usize, 100_000usize),
+            (70_001, 123_457),
+            (1, 1 << 20),
+        ] {
+            let key = [n as u8; 32];
+            let rng = ChaCha20Rng::from_seed(blake3::derive_key(CONTEXT, &key));
+            let mut draws = UniformBelow::new(rng, m as u64);
+            let mut seen = vec![false; m];
+            let mut want = Vec::with_capacity(n);
+            let mut total = 0;
+            while want.len() < n {
+                let s = draws.next();
+                total += 1;
+                if !std::mem::replace(&mut seen[s as usize], true) {
+                    want.push(s);
+                }
+            }
+            assert!(n < 2 || total > 2 * DRAW_BLOCK, "one block: proves nothing");
+            let p = PatentPlacement::new(&key, n as u64, m as u64).unwrap();
+            assert_eq!(map(&p), want, "N = {n}, M = {m}");
+            let mut inverse = vec![None; m];
+            for (i, &s) in want.iter().enumerate() {
+                inverse[s as usize] = Some(i as u64);
+            }
+            assert!((0..m as u64).all(|s| p.sector_of(s) == inverse[s as usize]));
+        }
+    }
 
     #[test]
     fn same_key_same_map() {

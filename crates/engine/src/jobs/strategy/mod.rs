@@ -214,7 +214,7 @@ pub(crate) struct PassHasher<'a> {
     regions: Option<(&'a RegionTap, Option<RegionFeed>)>,
 }
 
-impl PassHasher<'_> {
+impl<'a> PassHasher<'a> {
     pub(crate) fn update(&mut self, bytes: &[u8]) {
         self.image.update(bytes);
         if let Some((_, Some(feed))) = &mut self.regions {
@@ -229,12 +229,52 @@ impl PassHasher<'_> {
         }
     }
 
+    /// Splits off the region tree, for another thread to feed with the same bytes in the
+    /// same order (each BLAKE3 hash then runs on its own core); the image digest stays.
+    pub(crate) fn split_regions(self) -> (Self, Option<RegionHalf<'a>>) {
+        let (tap, feed) = match self.regions {
+            Some((tap, Some(feed))) => (tap, feed),
+            regions => {
+                let image = self.image;
+                return (Self { image, regions }, None);
+            }
+        };
+        let image = Self {
+            image: self.image,
+            regions: None,
+        };
+        (image, Some(RegionHalf { tap, feed }))
+    }
+
     /// The image digest; the region hasher goes back to its tap, for the job to finish.
     pub(crate) fn finalize(self) -> blake3::Hash {
         if let Some((tap, Some(feed))) = self.regions {
             tap.put(feed);
         }
         self.image.finalize()
+    }
+}
+
+/// The region tree of a plain pass split off its [`PassHasher`]: fed in image order by a
+/// thread of its own, handed back to its tap only once fed the whole pass.
+pub(crate) struct RegionHalf<'a> {
+    tap: &'a RegionTap,
+    feed: RegionFeed,
+}
+
+impl RegionHalf<'_> {
+    pub(crate) fn update(&mut self, bytes: &[u8]) {
+        self.feed.update(bytes);
+    }
+
+    pub(crate) fn update_zeros(&mut self, len: u64) {
+        self.feed.update_zeros(len);
+    }
+
+    /// Every byte of the pass was fed: the hasher goes back to its tap, for the job to
+    /// finish. A half dropped without this (a pass that stopped) leaves the tap empty.
+    pub(crate) fn finish(self) {
+        self.tap.put(self.feed);
     }
 }
 

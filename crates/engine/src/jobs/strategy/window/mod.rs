@@ -36,7 +36,8 @@
 //! Each pass runs a reader thread, the calling thread (placement, cipher, reordering) and a
 //! writer thread, and a sealed pass a planner thread, joined by bounded channels inside
 //! [`std::thread::scope`]; the BLAKE3 digest is computed by whichever helper sees the bytes
-//! in image order. Buffers are small and recycled so that the bytes the kernel copies are
+//! in image order, and a plain pass's region tree (the second hash of the plaintext) by a
+//! hashing thread of its own, fed that helper's buffers ([`Shared`]) in the same order. Buffers are small and recycled so that the bytes the kernel copies are
 //! still in the CPU cache. Windows fill at about the same rate, so their first flushes (and
 //! a plain gather's first read-aheads) are staggered to spread the I/O out.
 //!
@@ -70,7 +71,7 @@ use std::time::Instant;
 
 use pdguard_core::Geometry;
 
-use super::{PassCtx, PassHasher, Strategy};
+use super::{PassCtx, PassHasher, RegionHalf, Strategy};
 use crate::store::{Disk, Result, StoreError};
 
 mod budget;
@@ -232,28 +233,32 @@ impl Strategy for Window {
             Self::may_map(ctx).then(|| Vec::with_capacity(ctx.geometry.sectors() as usize));
         thread::scope(|sc| {
             let (full_tx, full_rx) = sync_channel(CHUNKS);
-            let (back_tx, back_rx) = channel();
-            let hasher = Some(ctx.plain_hasher());
+            let back = channel();
+            let (hasher, half) = ctx.plain_hasher().split_regions();
+            let (hash_tx, hashed) = hash_thread(sc, half);
+            // A buffer is held by this thread or queued to it, or by the hashing thread.
+            let depth = CHUNKS + if hashed.is_some() { HASH_DEPTH + 1 } else { 0 };
             let reader = spawn(sc, "pdguard-read", move || {
-                read_sequential(image, len, b.chunk, CHUNKS, back_rx, full_tx, hasher)
+                read_sequential(
+                    image,
+                    len,
+                    b.chunk,
+                    depth,
+                    back,
+                    full_tx,
+                    Some(hasher),
+                    hash_tx,
+                )
             });
             let (job_tx, job_rx) = sync_channel(b.in_flight);
             let (spare_tx, spare_rx) = channel();
             let writer = spawn(sc, "pdguard-write", move || {
-                write_jobs(thin, job_rx, spare_tx, None)
+                write_jobs(thin, job_rx, spare_tx, None, None)
             });
-            let main = scatter_main(
-                ctx,
-                &lay,
-                &b,
-                full_rx,
-                back_tx,
-                job_tx,
-                spare_rx,
-                map.as_mut(),
-            );
+            let main = scatter_main(ctx, &lay, &b, full_rx, job_tx, spare_rx, map.as_mut());
             let read = joined(reader).map(|h| digest = h);
-            settle(main, [read, joined(writer).map(drop)])
+            let wrote = joined(writer).map(drop);
+            settle(main, [read, wrote, joined_hash(hashed)])
         })?;
         if let Some(map) = map {
             self.keep_map(ctx, map);
@@ -318,16 +323,28 @@ impl Strategy for Window {
             });
             let (job_tx, job_rx) = sync_channel(CHUNKS - 1);
             let (spare_tx, spare_rx) = channel();
-            let hasher = Some(ctx.plain_hasher());
+            let (hasher, half) = ctx.plain_hasher().split_regions();
+            let (hash_tx, hashed) = hash_thread(sc, half);
+            // A buffer is with this thread, queued to or held by the writer, or by the
+            // hashing thread.
+            let bufs = CHUNKS + if hashed.is_some() { HASH_DEPTH + 1 } else { 0 };
             let writer = spawn(sc, "pdguard-write", move || {
-                write_jobs(image, job_rx, spare_tx, hasher)
+                write_jobs(image, job_rx, spare_tx, Some(hasher), hash_tx)
             });
             let streams = Streams::new(&lay, &b, req_tx, resp_rx);
             let map = self.take_map(ctx);
-            let main = gather_main(ctx, &lay, &b, streams, job_tx, spare_rx, map.as_deref());
+            let main = gather_main(
+                ctx,
+                &lay,
+                &b,
+                streams,
+                job_tx,
+                (spare_rx, bufs),
+                map.as_deref(),
+            );
             let read = joined(reader);
             let wrote = joined(writer).map(|h| digest = h);
-            settle(main, [read, wrote])
+            settle(main, [read, wrote, joined_hash(hashed)])
         })?;
         log_pass("gather plain", ctx, &lay, &b, t0);
         digest.ok_or_else(|| internal("no digest from the writer"))
@@ -373,7 +390,7 @@ impl Window {
             let (spare_tx, spare_rx) = channel();
             let write_hasher = (dir == Dir::Gather).then(|| ctx.sealed_hasher());
             let writer = spawn(sc, "pdguard-write", move || {
-                write_jobs(dst, job_rx, spare_tx, write_hasher)
+                write_jobs(dst, job_rx, spare_tx, write_hasher, None)
             });
             let main = permute_main(ctx, &lay, dir, q, piece_rx, back_tx, job_tx, spare_rx);
             let read = joined(reader).map(|h| {

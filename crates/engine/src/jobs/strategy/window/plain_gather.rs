@@ -115,7 +115,7 @@ pub(super) fn gather_main(
     b: &Budget,
     mut streams: Streams,
     jobs: SyncSender<Out>,
-    pool: Receiver<Vec<u8>>,
+    (pool, bufs): (Receiver<Vec<u8>>, usize),
     map: Option<&[u32]>,
 ) -> Step {
     let s = lay.sector as usize;
@@ -140,7 +140,7 @@ pub(super) fn gather_main(
             }
             None => ctx.placement.slots_of(i, &mut slots),
         }
-        let mut out = spare(&pool, &mut made, CHUNKS, b.chunk)?;
+        let mut out = spare(&pool, &mut made, bufs, b.chunk)?;
         out.clear();
         // Page by page of the image (4 KiB, at least a sector): a page of zeros from holes
         // of the thin disk joins a run of zeros, a page with data is copied whole.

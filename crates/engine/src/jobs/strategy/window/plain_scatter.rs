@@ -105,7 +105,6 @@ pub(super) fn scatter_main(
     lay: &Layout,
     b: &Budget,
     full: Receiver<Chunk>,
-    back: Sender<Vec<u8>>,
     jobs: SyncSender<Out>,
     pool: Receiver<Vec<u8>>,
     mut map: Option<&mut Vec<u32>>,
@@ -143,9 +142,6 @@ pub(super) fn scatter_main(
         }
         ctx.progress.advance(chunk.len());
         i += n as u64;
-        if let Chunk::Data(bytes) = chunk {
-            let _ = back.send(bytes);
-        }
     }
     if i != ctx.geometry.sectors() {
         return Err(Stop::Peer);

@@ -196,3 +196,67 @@ fn budget_stays_within_memory_above_the_floor() {
     assert_eq!((tiny.chunk, tiny.window_buf), (512, 512));
     assert_eq!(tiny.slice, l.window_slots().div_ceil(MAX_SLICES));
 }
+
+/// The plain passes hash the region tree on a thread of their own: it must still see every
+/// byte of the plaintext once, in image order (several chunks, a last one shorter), and the
+/// image digest must not change for it.
+#[test]
+fn the_plain_passes_feed_the_region_tree_every_byte_in_image_order() {
+    use super::super::RegionTap;
+    use crate::jobs::NoProgress;
+    use crate::store::sim::SimStorage;
+    use pdguard_core::region_tree::{RegionHasher, RegionKeys, RegionLayout};
+    use rand::{RngCore, SeedableRng};
+    let g = Geometry::new(9000 * 512, 512, 32, 25).unwrap_or_else(|e| panic!("{e}"));
+    let (n, m) = (g.sectors(), g.thin_sectors());
+    let p = pdguard_core::placement::build(PlacementKind::Feistel, b"k", n, m)
+        .unwrap_or_else(|e| panic!("{e}"));
+    let mut img = vec![0u8; g.disk_bytes() as usize];
+    rand::rngs::StdRng::seed_from_u64(18).fill_bytes(&mut img);
+    let st = SimStorage::new(Vec::new());
+    let (image, thin) = (
+        st.scratch_disk("image", g.disk_bytes()),
+        st.scratch_disk("thin", g.thin_bytes()),
+    );
+    image.write_at(&img, 0).unwrap_or_else(|e| panic!("{e}"));
+    let layout = RegionLayout::new(64 << 10, img.len() as u64).unwrap_or_else(|e| panic!("{e}"));
+    let want = {
+        let mut h = RegionHasher::new(layout, RegionKeys::new(None));
+        h.update(&img);
+        h.finish().unwrap_or_else(|e| panic!("{e}")).1
+    };
+    let w = Window::default();
+    // 64 KiB chunks: the pass sends 71 of them, the last one shorter.
+    let ctx = |regions| PassCtx {
+        geometry: g,
+        placement: &*p,
+        cipher: None,
+        digest_key: None,
+        digest: pdguard_core::digest::DigestScheme::DEFAULT,
+        keep_holes: false,
+        progress: &NoProgress,
+        memory_bytes: 1 << 20,
+        regions,
+    };
+    let ok = |r: Result<blake3::Hash>| r.unwrap_or_else(|e| panic!("{e}"));
+    let taps = [(); 2].map(|()| RegionTap::new(layout, RegionKeys::new(None), None));
+    let plain = ok(w.scatter_plain(&ctx(None), &*image, &*thin));
+    assert_eq!(
+        ok(w.scatter_plain(&ctx(Some(&taps[0])), &*image, &*thin)),
+        plain
+    );
+    ok(w.gather_sealed(&ctx(None), &*thin, &*image));
+    ok(w.scatter_sealed(&ctx(None), &*image, &*thin));
+    assert_eq!(
+        ok(w.gather_plain(&ctx(Some(&taps[1])), &*thin, &*image)),
+        plain
+    );
+    let [scatter, gather] = taps.map(|t| t.finish().map(|t| t.1));
+    assert_eq!(scatter, Some(want), "scatter");
+    assert_eq!(gather, Some(want), "gather");
+    let mut back = vec![0u8; img.len()];
+    image
+        .read_at(&mut back, 0)
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(back == img, "not bit-exact");
+}

@@ -80,3 +80,24 @@ pub(super) fn spare(
     }
     pool.recv().map_err(|_| Stop::Peer)
 }
+
+/// The [hashing thread](hash_regions) of a plain pass when it feeds a region tree, and the
+/// channel to it.
+pub(super) fn hash_thread<'s, 'a: 's>(
+    sc: &'s Scope<'s, '_>,
+    half: Option<RegionHalf<'a>>,
+) -> (
+    Option<SyncSender<ToHash>>,
+    Option<ScopedJoinHandle<'s, Result<()>>>,
+) {
+    let Some(half) = half else {
+        return (None, None);
+    };
+    let (tx, rx) = sync_channel(HASH_DEPTH);
+    let h = spawn(sc, "pdguard-hash", move || hash_regions(half, rx));
+    (Some(tx), Some(h))
+}
+
+pub(super) fn joined_hash(h: Option<ScopedJoinHandle<'_, Result<()>>>) -> Result<()> {
+    h.map_or(Ok(()), joined)
+}
