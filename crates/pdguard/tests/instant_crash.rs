@@ -60,11 +60,22 @@ struct Cleanup {
     fuse_devs: Vec<String>,
     sock: PathBuf,
     daemon: Option<Daemon>,
+    /// A process holding the old mount, as a container would.
+    holder: Option<std::process::Child>,
+}
+
+/// Kill and reap the holder, if any.
+fn let_go(holder: &mut Option<std::process::Child>) {
+    if let Some(mut h) = holder.take() {
+        let _ = h.kill();
+        let _ = h.wait();
+    }
 }
 
 impl Drop for Cleanup {
     fn drop(&mut self) {
         drop(self.daemon.take());
+        let_go(&mut self.holder);
         for _ in 0..8 {
             if mounts_at(&self.mount_dir).is_empty() {
                 break;
@@ -148,6 +159,7 @@ fn a_restarted_daemon_cleans_a_dead_instant_mount_and_mounts_again() {
         fuse_devs: Vec::new(),
         sock: sock.clone(),
         daemon: Some(paused.start()),
+        holder: None,
     };
     let (mount_dir, fuse_dir) = (c.mount_dir.clone(), c.fuse_dir.clone());
     let mut rng = rand::rngs::StdRng::seed_from_u64(18);
@@ -189,6 +201,15 @@ fn a_restarted_daemon_cleans_a_dead_instant_mount_and_mounts_again() {
     let on_fuse = loops_on(&fuse_dev);
     assert_eq!(on_fuse.len(), 1, "{on_fuse:?}");
 
+    // A container's process has its working directory in the volume.
+    c.holder = Some(
+        Command::new("sleep")
+            .arg("120")
+            .current_dir(&mount_dir)
+            .spawn()
+            .unwrap(),
+    );
+
     // kill -9: the dead mount stays (the precondition this test is about).
     c.daemon.as_mut().unwrap().kill9();
     let at_mount = mounts_at(&mount_dir);
@@ -209,25 +230,34 @@ fn a_restarted_daemon_cleans_a_dead_instant_mount_and_mounts_again() {
     let d = c.daemon.as_ref().unwrap();
     let v = plugin(&sock, "/VolumeDriver.Mount", r#"{"Name":"v","ID":"b2"}"#);
     assert_eq!(v["Err"], "", "{v}\n{}", d.log());
-    // One FUSE mount, one loop device on it, one file system: the new ones. (The kernel
-    // may give the new FUSE mount the dead one's device number again.)
+    // One FUSE mount, one loop device on it, one file system: the new ones. The old loop
+    // device stays (its detach deferred, autoclear) while the old file system, lazily
+    // unmounted, is still held by the process in it; the kernel gives the new FUSE mount
+    // another device number meanwhile.
     let now = mounts_at(&fuse_dir);
     assert_eq!(now.len(), 1, "{now:?}");
     let new_dev = now[0].0.clone();
     c.fuse_devs.push(new_dev.clone());
+    assert_ne!(new_dev, fuse_dev);
     assert_eq!(loops_on(&new_dev).len(), 1, "{:?}", loops_on(&new_dev));
-    if new_dev != fuse_dev {
-        assert!(
-            loops_on(&fuse_dev).is_empty(),
-            "a loop device on the dead FUSE file is left: {:?}",
-            loops_on(&fuse_dev)
-        );
-    }
     assert_eq!(
         mounts_at(&mount_dir).len(),
         1,
         "{:?}",
         mounts_at(&mount_dir)
+    );
+    let held = loops_on(&fuse_dev);
+    eprintln!("while the old file system is held, on the dead FUSE file: {held:?}");
+    // The holder goes (the container stops): the kernel lets the old loop device go.
+    let_go(&mut c.holder);
+    let t = std::time::Instant::now();
+    while !loops_on(&fuse_dev).is_empty() && t.elapsed() < std::time::Duration::from_secs(10) {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    assert!(
+        loops_on(&fuse_dev).is_empty(),
+        "a loop device on the dead FUSE file is left once nothing holds it: {:?}",
+        loops_on(&fuse_dev)
     );
     let log = d.log();
     let cleaned: Vec<&str> = log
@@ -235,6 +265,7 @@ fn a_restarted_daemon_cleans_a_dead_instant_mount_and_mounts_again() {
         .filter(|l| l.contains("cleaned what it left"))
         .collect();
     assert_eq!(cleaned.len(), 1, "{log}");
+    eprintln!("{}", cleaned[0]);
     for what in [
         " WARN ",
         "volume=v",
