@@ -228,6 +228,17 @@ fn a_restarted_daemon_cleans_a_dead_instant_mount_and_mounts_again() {
     let _ = std::fs::remove_file(&pause);
     c.daemon.as_mut().unwrap().restart_as(base);
     let d = c.daemon.as_ref().unwrap();
+    // Cleaned as the daemon started, before any Mount.
+    assert!(
+        mounts_at(&fuse_dir).is_empty(),
+        "{:?}",
+        mounts_at(&fuse_dir)
+    );
+    assert!(
+        d.log().contains("cleaned what it left"),
+        "not cleaned at start: {}",
+        d.log()
+    );
     let v = plugin(&sock, "/VolumeDriver.Mount", r#"{"Name":"v","ID":"b2"}"#);
     assert_eq!(v["Err"], "", "{v}\n{}", d.log());
     // One FUSE mount, one loop device on it, one file system: the new ones. The old loop

@@ -362,6 +362,13 @@ pub fn clean_leftover(fuse_dir: &Path, mount_dir: &Path) -> Result<Option<String
     for l in &plan.loops {
         let n = path_str(&l.node)?;
         match run("losetup", "mount", format!("-d {n}"), &["-d", n]) {
+            // A loop device still open (the lazily unmounted file system is held, e.g. by
+            // a container's process) is detached by the kernel once it is closed.
+            Ok(()) if Path::new(&format!("/sys/block/{}/loop", loop_name(&l.node))).exists() => {
+                done.push(format!(
+                    "detached {n} (the kernel lets it go once the file system is no longer held)"
+                ))
+            }
             Ok(()) => done.push(format!("detached {n}")),
             // Gone meanwhile (its autoclear took it when the file system let go).
             Err(_) if !Path::new(&format!("/sys/block/{}/loop", loop_name(&l.node))).exists() => {
