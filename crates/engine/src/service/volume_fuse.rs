@@ -6,7 +6,9 @@
 //! reads or writes then passes the disk's gate and the migration (a region is moved and
 //! checked against the seal's digest tree before it is served), then the plain file once
 //! the migration has ended. The FUSE file stays until the last Unmount (a mounted loop
-//! device cannot change its backing file).
+//! device cannot change its backing file). A daemon that died with such a volume mounted
+//! leaves it mounted on a dead FUSE file; the next daemon cleans that at start and again at
+//! Mount ([`Service::clean_dead_instant_mounts`], [`loopfs::clean_leftover`]).
 
 use std::io;
 use std::path::PathBuf;
