@@ -272,6 +272,7 @@ impl Service {
                 volumes: volumes::Volumes::default(),
             }),
         };
+        svc.clean_dead_instant_mounts().await;
         svc.recover().await;
         svc.nbd_forget_stale().await;
         Ok(svc)

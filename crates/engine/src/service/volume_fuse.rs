@@ -6,7 +6,9 @@
 //! reads or writes then passes the disk's gate and the migration (a region is moved and
 //! checked against the seal's digest tree before it is served), then the plain file once
 //! the migration has ended. The FUSE file stays until the last Unmount (a mounted loop
-//! device cannot change its backing file).
+//! device cannot change its backing file). A daemon that died with such a volume mounted
+//! leaves it mounted on a dead FUSE file; the next daemon cleans that at start and again at
+//! Mount ([`Service::clean_dead_instant_mounts`], [`loopfs::clean_leftover`]).
 
 use std::io;
 use std::path::PathBuf;
@@ -56,6 +58,9 @@ impl Service {
         tokio::task::spawn_blocking(move || {
             let mut m = lock(&slot);
             if m.is_none() {
+                // No server of this process serves the volume: what a FUSE mount there
+                // holds is a dead daemon's (a second line after the start's own look).
+                clean_leftover(&volume, &fuse_dir, &dir)?;
                 let mounted = loopfs::mount_over_fuse(Arc::new(io), &fuse_dir, &dir)?;
                 let mounted_ms = t0.elapsed().as_millis() as u64;
                 tracing::info!(volume = %volume, file = %mounted.file().display(), claimed_ms, mounted_ms, "mounted over a FUSE file served by pdguard (instant reclaim)");
@@ -66,6 +71,34 @@ impl Service {
         .await
         .map_err(|e| ServiceError::Invalid(format!("mount panicked: {e}")))?
         .map_err(|e| super::volumes::volume_io(name, "mount over its FUSE file", e))
+    }
+
+    /// At start, before any Mount: clean what a daemon that died (`kill -9`, OOM, a
+    /// crash) left of the volumes it had mounted over their FUSE files: a file system at
+    /// the mountpoint on a loop device on the dead FUSE file, that loop device, the dead
+    /// FUSE mount ([`loopfs::clean_leftover`]). A volume that cannot be cleaned is logged;
+    /// its Mount tries again.
+    pub(super) async fn clean_dead_instant_mounts(&self) {
+        let names: Vec<String> = {
+            let st = self.s.state.lock().await;
+            st.disks
+                .values()
+                .filter(|d| d.volume.is_some())
+                .map(|d| d.name.clone())
+                .collect()
+        };
+        for name in names {
+            let (fuse_dir, dir) = (self.fuse_dir(&name), self.mount_dir(&name));
+            let n = name.clone();
+            let r = tokio::task::spawn_blocking(move || clean_leftover(&n, &fuse_dir, &dir)).await;
+            match r {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    tracing::error!(volume = %name, error = %crate::error_chain(&e), "cannot clean what a dead daemon left mounted of the volume; its next Mount tries again")
+                }
+                Err(e) => tracing::error!(volume = %name, error = %e, "the cleanup panicked"),
+            }
+        }
     }
 
     /// Unmount a volume mounted over a FUSE file: the file system and its loop device,
@@ -93,4 +126,17 @@ impl Service {
             }))
         })
     }
+}
+
+/// [`loopfs::clean_leftover`] for a volume no server of this process serves, with one
+/// warning line naming what it cleaned.
+fn clean_leftover(
+    volume: &str,
+    fuse_dir: &std::path::Path,
+    dir: &std::path::Path,
+) -> Result<(), loopfs::LoopFsError> {
+    if let Some(what) = loopfs::clean_leftover(fuse_dir, dir)? {
+        tracing::warn!(volume = %volume, cleaned = %what, "a daemon that died had the volume mounted over its FUSE file; cleaned what it left");
+    }
+    Ok(())
 }

@@ -286,20 +286,10 @@ fn top_mount(dir: &Path) -> io::Result<Option<(String, String)>> {
     let want = dir.to_string_lossy();
     Ok(info
         .lines()
-        .filter_map(parse_mountinfo)
+        .filter_map(super::inuse::parse_mountinfo)
         .filter(|(point, ..)| *point == want)
         .map(|(_, dev, fstype)| (dev, fstype))
         .next_back())
-}
-
-/// One line of mountinfo: mountpoint (unescaped), device, file system type.
-fn parse_mountinfo(line: &str) -> Option<(String, String, String)> {
-    let (left, right) = line.split_once(" - ")?;
-    let mut f = left.split(' ');
-    let dev = f.nth(2)?;
-    let point = f.nth(1)?;
-    let fstype = right.split(' ').next()?;
-    Some((super::inuse::unescape(point), dev.into(), fstype.into()))
 }
 
 /// FUSE mounts at `dir` (live, or dead since their daemon died) are a previous life's:

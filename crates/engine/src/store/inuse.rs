@@ -109,6 +109,16 @@ pub(crate) fn unescape(s: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
+/// One line of mountinfo: mountpoint (unescaped), device, file system type.
+pub(crate) fn parse_mountinfo(line: &str) -> Option<(String, String, String)> {
+    let (left, right) = line.split_once(" - ")?;
+    let mut f = left.split(' ');
+    let dev = f.nth(2)?;
+    let point = f.nth(1)?;
+    let fstype = right.split(' ').next()?;
+    Some((unescape(point), dev.into(), fstype.into()))
+}
+
 /// One line saying how `path` is in use by the kernel, or `None` when it is not.
 pub fn describe_use(path: &Path) -> io::Result<Option<String>> {
     let mounts = mounts_of(path)?;

@@ -176,6 +176,228 @@ impl FuseMount {
     }
 }
 
+/// A loop device as the kernel describes it (`LOOP_GET_STATUS64`, through `losetup`): its
+/// node, its own device number and the device number of its backing file's file system.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LoopDev {
+    pub node: PathBuf,
+    pub dev: (u32, u32),
+    pub backing_dev: (u32, u32),
+}
+
+/// What a daemon that died left of a volume it had mounted over its FUSE file (instant
+/// reclaim): the file systems at the mountpoint mounted from a loop device whose backing file
+/// is on a FUSE mount at the volume's FUSE directory, those loop devices, and the FUSE mounts
+/// themselves. Decided from the kernel's tables only ([`leftover_of`]), for paths the caller
+/// derives from the state directory and the volume's name.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Leftover {
+    /// How many mounts on top at the mountpoint are from those loop devices.
+    pub mounted: usize,
+    /// The loop devices backed by a file on those FUSE mounts.
+    pub loops: Vec<LoopDev>,
+    /// How many FUSE mounts on top at the FUSE directory.
+    pub fuse: usize,
+}
+
+impl Leftover {
+    pub fn is_empty(&self) -> bool {
+        self.mounted == 0 && self.loops.is_empty() && self.fuse == 0
+    }
+}
+
+/// The mounts at `dir` in `mountinfo` (paths unescaped, compared whole), bottom first: each
+/// one's device and file system type.
+fn mounts_at(mountinfo: &str, dir: &Path) -> Vec<((u32, u32), String)> {
+    let want = dir.to_string_lossy();
+    mountinfo
+        .lines()
+        .filter_map(super::inuse::parse_mountinfo)
+        .filter(|(point, ..)| *point == want)
+        .filter_map(|(_, dev, fstype)| Some((parse_dev(&dev)?, fstype)))
+        .collect()
+}
+
+fn parse_dev(s: &str) -> Option<(u32, u32)> {
+    let (a, b) = s.trim().split_once(':')?;
+    Some((a.trim().parse().ok()?, b.trim().parse().ok()?))
+}
+
+fn is_fuse(fstype: &str) -> bool {
+    fstype == "fuse" || fstype.starts_with("fuse.")
+}
+
+/// Which of the kernel's mounts and loop devices are a dead instant mount's, for a volume
+/// whose FUSE file no server of this process serves (the caller knows: it holds the
+/// volume's FUSE slot, empty, or the daemon is starting). Every FUSE mount on top at
+/// `fuse_dir` is then a previous life's; a loop device is the volume's when its backing
+/// file's device is one of those FUSE mounts'; a mount at `mount_dir` is the volume's when
+/// its device is one of those loop devices'. Anything else (another file system on top at
+/// the mountpoint, a loop device on another file) is not pdguard's and is left alone.
+pub fn leftover_of(
+    mountinfo: &str,
+    loops: &[LoopDev],
+    fuse_dir: &Path,
+    mount_dir: &Path,
+) -> Leftover {
+    let fuse_mounts = mounts_at(mountinfo, fuse_dir);
+    let fuse: Vec<(u32, u32)> = fuse_mounts
+        .iter()
+        .rev()
+        .take_while(|(_, t)| is_fuse(t))
+        .map(|(d, _)| *d)
+        .collect();
+    let ours: Vec<LoopDev> = loops
+        .iter()
+        .filter(|l| fuse.contains(&l.backing_dev))
+        .cloned()
+        .collect();
+    let mounted = mounts_at(mountinfo, mount_dir)
+        .iter()
+        .rev()
+        .take_while(|(d, _)| ours.iter().any(|l| l.dev == *d))
+        .count();
+    Leftover {
+        mounted,
+        loops: ours,
+        fuse: fuse.len(),
+    }
+}
+
+/// The loop devices the kernel has set up, from `losetup --list --json` (which asks the
+/// kernel, `LOOP_GET_STATUS64`, for each one's backing device).
+fn loop_devices() -> Result<Vec<LoopDev>> {
+    let out = run_out(
+        "losetup",
+        "mount",
+        "--list".into(),
+        &["--list", "--json", "--output", "NAME,MAJ:MIN,BACK-MAJ:MIN"],
+    )?;
+    parse_losetup_json(&out).ok_or_else(|| LoopFsError::Failed {
+        tool: "losetup",
+        what: "--list --json".into(),
+        stderr: "its output is not the JSON util-linux writes".into(),
+    })
+}
+
+fn parse_losetup_json(text: &str) -> Option<Vec<LoopDev>> {
+    if text.trim().is_empty() {
+        return Some(Vec::new());
+    }
+    let v: serde_json::Value = serde_json::from_str(text).ok()?;
+    let devs = v.get("loopdevices")?.as_array()?;
+    devs.iter()
+        .map(|d| {
+            let node = d.get("name")?.as_str()?;
+            // Only the kernel's own loop device nodes.
+            let n = node.strip_prefix("/dev/loop")?;
+            if n.is_empty() || !n.bytes().all(|c| c.is_ascii_digit()) {
+                return None;
+            }
+            Some(LoopDev {
+                node: PathBuf::from(node),
+                dev: parse_dev(d.get("maj:min")?.as_str()?)?,
+                backing_dev: d
+                    .get("back-maj:min")
+                    .and_then(|b| b.as_str())
+                    .and_then(parse_dev)
+                    .unwrap_or((0, 0)),
+            })
+        })
+        .collect()
+}
+
+fn read_mountinfo() -> Result<String> {
+    std::fs::read_to_string("/proc/self/mountinfo").map_err(|source| LoopFsError::Io {
+        what: "read /proc/self/mountinfo".into(),
+        source,
+    })
+}
+
+/// Lazily unmount what is on top at `dir` (`MNT_DETACH`, never following a link).
+fn detach_mount(dir: &Path) -> Result<()> {
+    use rustix::mount::UnmountFlags;
+    match rustix::mount::unmount(dir, UnmountFlags::DETACH | UnmountFlags::NOFOLLOW) {
+        Ok(()) | Err(rustix::io::Errno::INVAL | rustix::io::Errno::NOENT) => Ok(()),
+        Err(e) => Err(LoopFsError::Io {
+            what: format!("unmount {}", dir.display()),
+            source: e.into(),
+        }),
+    }
+}
+
+/// Clean what a daemon that died left of a volume mounted over its FUSE file
+/// ([`leftover_of`]; the caller guarantees no server of this process serves `fuse_dir`):
+/// lazily unmount the file system at `mount_dir` (a container may still hold it; its I/O
+/// fails), detach the loop devices backed by the dead FUSE file (the kernel defers the
+/// detach of one still open until its last user closes it), and lazily unmount the dead
+/// FUSE mount. Each unmount looks at the mount table again first and only ever takes a
+/// mount that is still the volume's. Returns what it cleaned, in one line, or `None` when
+/// nothing was left.
+pub fn clean_leftover(fuse_dir: &Path, mount_dir: &Path) -> Result<Option<String>> {
+    let info = read_mountinfo()?;
+    // No FUSE mount at the FUSE directory: nothing of a dead instant mount to find (and no
+    // `losetup` to run for every volume at every start).
+    if !mounts_at(&info, fuse_dir).iter().any(|(_, t)| is_fuse(t)) {
+        return Ok(None);
+    }
+    let plan = leftover_of(&info, &loop_devices()?, fuse_dir, mount_dir);
+    if plan.is_empty() {
+        return Ok(None);
+    }
+    let mut done = Vec::new();
+    for _ in 0..plan.mounted {
+        let top = mounts_at(&read_mountinfo()?, mount_dir).pop();
+        match top {
+            Some((d, fstype)) if plan.loops.iter().any(|l| l.dev == d) => {
+                detach_mount(mount_dir)?;
+                done.push(format!(
+                    "unmounted the {fstype} file system at {} (lazily)",
+                    mount_dir.display()
+                ));
+            }
+            _ => break,
+        }
+    }
+    for l in &plan.loops {
+        let n = path_str(&l.node)?;
+        match run("losetup", "mount", format!("-d {n}"), &["-d", n]) {
+            // A loop device still open (the lazily unmounted file system is held, e.g. by
+            // a container's process) is detached by the kernel once it is closed.
+            Ok(()) if Path::new(&format!("/sys/block/{}/loop", loop_name(&l.node))).exists() => {
+                done.push(format!(
+                    "detached {n} (the kernel lets it go once the file system is no longer held)"
+                ))
+            }
+            Ok(()) => done.push(format!("detached {n}")),
+            // Gone meanwhile (its autoclear took it when the file system let go).
+            Err(_) if !Path::new(&format!("/sys/block/{}/loop", loop_name(&l.node))).exists() => {
+                done.push(format!("{n} was gone"))
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    for _ in 0..plan.fuse {
+        match mounts_at(&read_mountinfo()?, fuse_dir).pop() {
+            Some((_, t)) if is_fuse(&t) => {
+                detach_mount(fuse_dir)?;
+                done.push(format!(
+                    "unmounted the dead FUSE mount at {}",
+                    fuse_dir.display()
+                ));
+            }
+            _ => break,
+        }
+    }
+    Ok(Some(done.join(", ")))
+}
+
+fn loop_name(node: &Path) -> String {
+    node.file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default()
+}
+
 /// Create the mountpoint `dir` (mode 0700) and its parent, or accept them if they are
 /// real directories: a symbolic link or anything else planted at either is refused
 /// (checked with `lstat`, never followed), so root never mounts a volume on a directory
@@ -360,6 +582,93 @@ mod tests {
         let e = make_mountpoint(&m).unwrap_err().to_string();
         assert!(e.contains("symbolic link"), "{e}");
         assert!(std::fs::read_dir(&elsewhere).unwrap().next().is_none());
+    }
+
+    fn lo(n: u32, backing: (u32, u32)) -> LoopDev {
+        LoopDev {
+            node: PathBuf::from(format!("/dev/loop{n}")),
+            dev: (7, n),
+            backing_dev: backing,
+        }
+    }
+
+    /// A daemon killed with a volume mounted over FUSE: the dead FUSE mount (0:61) at the
+    /// FUSE dir, loop3 on it, ext4 from loop3 at the mountpoint. Other loop devices and
+    /// mounts, on other files or at other places, are not the volume's.
+    const KILLED: &str = "22 1 259:2 / / rw,relatime shared:1 - ext4 /dev/nvme0n1p2 rw\n\
+        90 22 0:61 / /st/fuse/v rw,nosuid - fuse.pdguard pdguard rw,user_id=0\n\
+        91 22 7:3 / /st/mounts/v rw,relatime - ext4 /dev/loop3 rw\n\
+        92 22 7:4 / /st/mounts/w rw,relatime - ext4 /dev/loop4 rw\n\
+        93 22 0:62 / /st/fuse/w\\040x rw,nosuid - fuse.pdguard pdguard rw\n";
+
+    #[test]
+    fn a_dead_instant_mount_is_found_by_device_numbers() {
+        let (fd, md) = (Path::new("/st/fuse/v"), Path::new("/st/mounts/v"));
+        let loops = [lo(3, (0, 61)), lo(4, (259, 2)), lo(5, (0, 62))];
+        let l = leftover_of(KILLED, &loops, fd, md);
+        assert_eq!(l.mounted, 1);
+        assert_eq!(l.loops, vec![lo(3, (0, 61))]);
+        assert_eq!(l.fuse, 1);
+        // Another volume's mountpoint is mounted from a loop on a plain file: not stale.
+        let l = leftover_of(
+            KILLED,
+            &loops,
+            Path::new("/st/fuse/w"),
+            Path::new("/st/mounts/w"),
+        );
+        assert!(l.is_empty(), "{l:?}");
+        // A mountinfo path is unescaped before it is compared.
+        let l = leftover_of(
+            KILLED,
+            &loops,
+            Path::new("/st/fuse/w x"),
+            Path::new("/st/mounts/n"),
+        );
+        assert_eq!(
+            (l.mounted, l.loops.clone(), l.fuse),
+            (0, vec![lo(5, (0, 62))], 1)
+        );
+        // A path that only starts like the FUSE dir is not it.
+        let l = leftover_of(KILLED, &loops, Path::new("/st/fuse"), md);
+        assert!(l.is_empty(), "{l:?}");
+    }
+
+    #[test]
+    fn a_mount_that_is_not_from_the_dead_file_is_left_alone() {
+        let (fd, md) = (Path::new("/st/fuse/v"), Path::new("/st/mounts/v"));
+        // Someone mounted a tmpfs over the volume's file system: nothing at the mountpoint
+        // is taken (the Mount then refuses, naming it); the loop and the FUSE mount are.
+        let info = format!("{KILLED}94 91 0:70 / /st/mounts/v rw - tmpfs tmpfs rw\n");
+        let l = leftover_of(&info, &[lo(3, (0, 61))], fd, md);
+        assert_eq!((l.mounted, l.loops.len(), l.fuse), (0, 1, 1));
+        // No FUSE mount at the FUSE dir (it is a plain directory): nothing is the volume's,
+        // not even a file system at the mountpoint from a loop device on another FUSE file.
+        let info = "91 22 7:3 / /st/mounts/v rw - ext4 /dev/loop3 rw\n";
+        assert!(leftover_of(info, &[lo(3, (0, 61))], fd, md).is_empty());
+        // A non-FUSE mount on top at the FUSE dir hides the one below: not taken.
+        let info = format!("{KILLED}95 90 0:71 / /st/fuse/v rw - tmpfs tmpfs rw\n");
+        let l = leftover_of(&info, &[lo(3, (0, 61))], fd, md);
+        assert!(l.is_empty(), "{l:?}");
+        // A live volume mounted from a loop device on a plain file: nothing.
+        let info = "91 22 7:3 / /st/mounts/v rw - ext4 /dev/loop3 rw\n";
+        assert!(leftover_of(info, &[lo(3, (259, 2))], fd, md).is_empty());
+    }
+
+    #[test]
+    fn losetup_json_is_read_and_only_loop_nodes_are_kept() {
+        let out = r#"{"loopdevices": [
+            {"name": "/dev/loop0", "maj:min": "  7:0  ", "back-maj:min": "     0:61  "},
+            {"name": "/dev/loop12", "maj:min": "7:12", "back-maj:min": null}
+        ]}"#;
+        assert_eq!(
+            parse_losetup_json(out).unwrap(),
+            vec![lo(0, (0, 61)), lo(12, (0, 0))]
+        );
+        assert_eq!(parse_losetup_json("").unwrap(), vec![]);
+        let evil =
+            r#"{"loopdevices": [{"name": "/dev/sda", "maj:min": "8:0", "back-maj:min": "0:61"}]}"#;
+        assert!(parse_losetup_json(evil).is_none());
+        assert!(parse_losetup_json("{not json").is_none());
     }
 
     #[test]
