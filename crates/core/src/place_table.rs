@@ -54,7 +54,9 @@ const CONTEXT: &str = "pdguard 2026-12 placement table v1";
 pub enum PlaceTableError {
     #[error("it is {have} bytes, the seal record says {want}")]
     Size { have: u64, want: u64 },
-    #[error("its BLAKE3 digest is not the one the seal record names (edited, torn or of another seal)")]
+    #[error(
+        "its BLAKE3 digest is not the one the seal record names (edited, torn or of another seal)"
+    )]
     Digest,
     #[error("its header is not a placement table of this seal: {0}")]
     Header(String),
@@ -174,7 +176,8 @@ pub fn decode(
     if bytes.len() < HEADER_BYTES || &bytes[..8] != PLACE_MAGIC {
         return Err(header("no PDGPLACE magic"));
     }
-    let u32_at = |at: usize| u32::from_le_bytes([bytes[at], bytes[at + 1], bytes[at + 2], bytes[at + 3]]);
+    let u32_at =
+        |at: usize| u32::from_le_bytes([bytes[at], bytes[at + 1], bytes[at + 2], bytes[at + 3]]);
     let u64_at = |at: usize| {
         let mut b = [0u8; 8];
         b.copy_from_slice(&bytes[at..at + 8]);
@@ -223,11 +226,16 @@ pub fn decode(
             }
             let used: u64 = words.iter().map(|w| u64::from(w.count_ones())).sum();
             if used != n {
-                return Err(PlaceTableError::Used { have: used, want: n });
+                return Err(PlaceTableError::Used {
+                    have: used,
+                    want: n,
+                });
             }
             Ok(PlaceTable::Used(RankDirectory::from_words(words)))
         }
-        _ => Err(header("it holds neither a slot table nor a used-slot bitmap")),
+        _ => Err(header(
+            "it holds neither a slot table nor a used-slot bitmap",
+        )),
     }
 }
 
@@ -238,11 +246,13 @@ fn patent_from(body: &[u8], n: u64, m: u64) -> Result<PatentPlacement, PlaceTabl
     let mut sector_of = vec![u32::MAX; m as usize];
     for (sector, c) in body.chunks_exact(4).enumerate() {
         let slot = u32::from_le_bytes([c[0], c[1], c[2], c[3]]);
-        let at = sector_of.get_mut(slot as usize).ok_or(PlaceTableError::OutOfRange {
-            sector: sector as u64,
-            slot: slot.into(),
-            slots: m,
-        })?;
+        let at = sector_of
+            .get_mut(slot as usize)
+            .ok_or(PlaceTableError::OutOfRange {
+                sector: sector as u64,
+                slot: slot.into(),
+                slots: m,
+            })?;
         if *at != u32::MAX {
             return Err(PlaceTableError::Duplicate {
                 slot: slot.into(),

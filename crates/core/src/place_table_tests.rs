@@ -64,7 +64,9 @@ fn the_stored_table_does_not_show_the_placement() {
     let p = PatentPlacement::new(KEY, 64, 64).unwrap();
     let b = encode(&p, true, KEY).unwrap().unwrap();
     assert_ne!(&b[..8], PLACE_MAGIC);
-    let plain: Vec<u8> = (0..64).flat_map(|i| (p.slot_of(i) as u32).to_le_bytes()).collect();
+    let plain: Vec<u8> = (0..64)
+        .flat_map(|i| (p.slot_of(i) as u32).to_le_bytes())
+        .collect();
     assert!(!b.windows(16).any(|w| plain.windows(16).any(|p| p == w)));
 }
 
@@ -75,16 +77,25 @@ fn a_truncated_or_lengthened_table_is_refused_even_with_a_matching_digest() {
     // The record's size disagrees.
     let mut e = expected(&b, 50, 60);
     e.bytes -= 4;
-    assert!(matches!(decode(b.clone(), &e, KEY), Err(PlaceTableError::Size { .. })));
+    assert!(matches!(
+        decode(b.clone(), &e, KEY),
+        Err(PlaceTableError::Size { .. })
+    ));
     // A truncated file with a record that names it (a forged record): the body is short.
     let short = b[..b.len() - 4].to_vec();
     let e = expected(&short, 50, 60);
-    assert!(matches!(decode(short, &e, KEY), Err(PlaceTableError::Header(_))));
+    assert!(matches!(
+        decode(short, &e, KEY),
+        Err(PlaceTableError::Header(_))
+    ));
     // One sector's worth too many.
     let mut plain = slot_table(&(0..50).collect::<Vec<_>>(), 60);
     plain.extend_from_slice(&55u32.to_le_bytes());
     let (b, e) = stored(&plain, 50, 60);
-    assert!(matches!(decode(b, &e, KEY), Err(PlaceTableError::Header(_))));
+    assert!(matches!(
+        decode(b, &e, KEY),
+        Err(PlaceTableError::Header(_))
+    ));
 }
 
 #[test]
@@ -94,7 +105,10 @@ fn an_edited_byte_is_refused_by_the_digest() {
     let e = expected(&b, 50, 60);
     let mut edited = b.clone();
     edited[40] ^= 1;
-    assert_eq!(decode(edited, &e, KEY).unwrap_err(), PlaceTableError::Digest);
+    assert_eq!(
+        decode(edited, &e, KEY).unwrap_err(),
+        PlaceTableError::Digest
+    );
     assert!(decode(b, &e, KEY).is_ok());
 }
 
@@ -103,7 +117,10 @@ fn a_table_of_another_geometry_or_key_is_refused() {
     let p = PatentPlacement::new(KEY, 50, 60).unwrap();
     let b = encode(&p, true, KEY).unwrap().unwrap();
     let e = expected(&b, 50, 61);
-    assert!(matches!(decode(b.clone(), &e, KEY), Err(PlaceTableError::Header(_))));
+    assert!(matches!(
+        decode(b.clone(), &e, KEY),
+        Err(PlaceTableError::Header(_))
+    ));
     let e = expected(&b, 50, 60);
     assert!(matches!(
         decode(b, &e, b"another key"),
@@ -121,7 +138,10 @@ fn a_reordered_table_decodes_to_its_own_map_not_the_seals() {
     let mut slots: Vec<u32> = (0..50).map(|i| p.slot_of(i) as u32).collect();
     slots.swap(3, 7);
     let (swapped, _) = stored(&slot_table(&slots, 60), 50, 60);
-    assert_eq!(decode(swapped, &e, KEY).unwrap_err(), PlaceTableError::Digest);
+    assert_eq!(
+        decode(swapped, &e, KEY).unwrap_err(),
+        PlaceTableError::Digest
+    );
 }
 
 #[test]
@@ -150,7 +170,10 @@ fn a_duplicate_or_out_of_range_slot_is_refused() {
     );
     let slots: Vec<u32> = (0..10).map(|i| u32::MAX - i).collect();
     let (b, e) = stored(&slot_table(&slots, 12), 10, 12);
-    assert!(matches!(decode(b, &e, KEY), Err(PlaceTableError::OutOfRange { .. })));
+    assert!(matches!(
+        decode(b, &e, KEY),
+        Err(PlaceTableError::OutOfRange { .. })
+    ));
 }
 
 #[test]
@@ -171,7 +194,10 @@ fn a_bitmap_with_the_wrong_count_or_a_bit_past_the_end_is_refused() {
     );
     // 60 used, one of them slot 64 + 6 = 70 = M.
     let (b, e) = stored(&bits([(1 << 59) - 1 | 1 << 63, 1 << 6]), n, m);
-    assert_eq!(decode(b, &e, KEY).unwrap_err(), PlaceTableError::BitPastEnd(70));
+    assert_eq!(
+        decode(b, &e, KEY).unwrap_err(),
+        PlaceTableError::BitPastEnd(70)
+    );
     // Exactly 60 within range: accepted.
     let (b, e) = stored(&bits([u64::MAX >> 4, 0]), n, m);
     assert!(matches!(decode(b, &e, KEY), Ok(PlaceTable::Used(_))));
@@ -182,9 +208,15 @@ fn a_header_of_the_wrong_kind_is_refused() {
     let mut plain = header(3, 0, 0);
     plain.truncate(HEADER_BYTES);
     let (b, e) = stored(&plain, 0, 0);
-    assert!(matches!(decode(b, &e, KEY), Err(PlaceTableError::Header(_))));
+    assert!(matches!(
+        decode(b, &e, KEY),
+        Err(PlaceTableError::Header(_))
+    ));
     let (b, e) = stored(b"PDGPLACE", 0, 0);
-    assert!(matches!(decode(b, &e, KEY), Err(PlaceTableError::Header(_))));
+    assert!(matches!(
+        decode(b, &e, KEY),
+        Err(PlaceTableError::Header(_))
+    ));
 }
 
 proptest! {
