@@ -202,6 +202,8 @@ fn as_version_3(mut t: Template, name: &'static str) -> Template {
     let mut rec = t.record();
     assert!(rec.dense.is_none());
     rec.version = 3;
+    // A version 3 record names no placement table (it is refused in one).
+    rec.placement_table = None;
     if let Some(k) = t.opts.master_key.clone() {
         let old = pdguard_core::keyslot::decode(&s.key_slot().unwrap()).unwrap();
         let mut v4 = rec.clone();
