@@ -5,7 +5,8 @@
 //!
 //! - The patent placement: its `slot_of` table (`pi`, one `u32` per sector). Rebuilding it
 //!   replays about `N ln N` draws of ChaCha20 ([039]); reading it is `4 N` bytes, and the
-//!   inverse map (`sector_of`) and the used slots follow from it in `O(N + M/64)`.
+//!   used slots follow from it in `O(N + M/64)` (the inverse map `sector_of`, which the
+//!   read path never uses, is built on first use: [`SlotTable`]).
 //! - A seal with slack and the Feistel placement: the used-slot bitmap of its
 //!   [`RankDirectory`] (`M / 8` bytes), instead of a pass of `pi^-1` over the `M` slots.
 //!   The counts per 512 slots are rebuilt from the bitmap in `O(M / 64)`.
@@ -34,9 +35,10 @@
 
 use rand_chacha::rand_core::{RngCore, SeedableRng};
 use rand_chacha::ChaCha20Rng;
+use std::sync::OnceLock;
 use thiserror::Error;
 
-use crate::placement::{PatentPlacement, Placement};
+use crate::placement::Placement;
 use crate::sealed_address::RankDirectory;
 
 /// Suffix of the table beside its record: `disk.img.pdguard` -> `disk.img.pdguard.place`.
@@ -75,10 +77,73 @@ pub enum PlaceTableError {
 /// A decoded table: what the read path is built from.
 #[derive(Debug)]
 pub enum PlaceTable {
-    /// The patent placement, both directions.
-    Patent(PatentPlacement),
+    /// The patent placement, and its used slots when it has slack (`M > N`).
+    Patent(SlotTable, Option<RankDirectory>),
     /// The used slots of a Feistel placement with slack.
     Used(RankDirectory),
+}
+
+/// The patent placement read from its table: `pi` as stored (checked to be an injection
+/// into `[0, M)`), its inverse built on first use only (the read path never asks for it;
+/// building it is `N` random writes into `4 M` bytes, the slowest part of a decode).
+pub struct SlotTable {
+    slot_of: Vec<u32>,
+    slots: u64,
+    inverse: OnceLock<Vec<u32>>,
+}
+
+impl SlotTable {
+    fn inverse(&self) -> &[u32] {
+        self.inverse.get_or_init(|| {
+            let mut sector_of = vec![u32::MAX; self.slots as usize];
+            for (sector, &slot) in self.slot_of.iter().enumerate() {
+                // An injection into `[0, M)` with `N <= M <= u32::MAX` (checked): lossless.
+                sector_of[slot as usize] = sector as u32;
+            }
+            sector_of
+        })
+    }
+}
+
+impl Placement for SlotTable {
+    fn sectors(&self) -> u64 {
+        self.slot_of.len() as u64
+    }
+
+    fn slots(&self) -> u64 {
+        self.slots
+    }
+
+    /// # Panics
+    /// If `sector >= N` (a caller bug), as [`PatentPlacement`].
+    fn slot_of(&self, sector: u64) -> u64 {
+        let index = usize::try_from(sector).unwrap_or(usize::MAX);
+        match self.slot_of.get(index) {
+            Some(&slot) => slot.into(),
+            None => panic!(
+                "sector {sector} is outside the disk's {} sectors",
+                self.sectors()
+            ),
+        }
+    }
+
+    fn sector_of(&self, slot: u64) -> Option<u64> {
+        let index = usize::try_from(slot).ok()?;
+        match self.inverse().get(index) {
+            Some(&sector) if sector != u32::MAX => Some(sector.into()),
+            _ => None,
+        }
+    }
+}
+
+/// Millions of entries are useless in a log.
+impl std::fmt::Debug for SlotTable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SlotTable")
+            .field("sectors", &self.sectors())
+            .field("slots", &self.slots)
+            .finish_non_exhaustive()
+    }
 }
 
 /// What a record says of its table: its size and digest (as stored).
@@ -203,7 +268,9 @@ pub fn decode(
             if body.len() as u64 != 4 * n {
                 return Err(header("its slot table is not 4 bytes per sector"));
             }
-            patent_from(body, n, m).map(PlaceTable::Patent)
+            let (table, used) = patent_from(body, n, m)?;
+            let rank = (m != n).then(|| RankDirectory::from_words(used));
+            Ok(PlaceTable::Patent(table, rank))
         }
         USED_BITMAP => {
             if body.len() as u64 != 8 * m.div_ceil(64) {
@@ -240,31 +307,42 @@ pub fn decode(
 }
 
 /// The patent placement from its `slot_of` table (`4 n` bytes), checked to be an
-/// injection into `[0, m)` while its inverse is built.
-fn patent_from(body: &[u8], n: u64, m: u64) -> Result<PatentPlacement, PlaceTableError> {
+/// injection into `[0, m)` with a bitmap of the slots (`m / 8` bytes, which stays in
+/// cache), which is also the used-slot bitmap.
+fn patent_from(body: &[u8], n: u64, m: u64) -> Result<(SlotTable, Vec<u64>), PlaceTableError> {
     let mut slot_of = Vec::with_capacity(n as usize);
-    let mut sector_of = vec![u32::MAX; m as usize];
+    let mut used = vec![0u64; m.div_ceil(64) as usize];
     for (sector, c) in body.chunks_exact(4).enumerate() {
         let slot = u32::from_le_bytes([c[0], c[1], c[2], c[3]]);
-        let at = sector_of
-            .get_mut(slot as usize)
-            .ok_or(PlaceTableError::OutOfRange {
-                sector: sector as u64,
-                slot: slot.into(),
-                slots: m,
-            })?;
-        if *at != u32::MAX {
-            return Err(PlaceTableError::Duplicate {
-                slot: slot.into(),
-                first: (*at).into(),
-                second: sector as u64,
-            });
+        let (word, bit) = (slot as usize / 64, 1u64 << (slot % 64));
+        match used.get_mut(word) {
+            Some(w) if u64::from(slot) < m => {
+                if *w & bit != 0 {
+                    let first = slot_of.iter().position(|&s| s == slot).unwrap_or(0) as u64;
+                    return Err(PlaceTableError::Duplicate {
+                        slot: slot.into(),
+                        first,
+                        second: sector as u64,
+                    });
+                }
+                *w |= bit;
+            }
+            _ => {
+                return Err(PlaceTableError::OutOfRange {
+                    sector: sector as u64,
+                    slot: slot.into(),
+                    slots: m,
+                })
+            }
         }
-        // `sector < n <= m <= u32::MAX`: lossless, and never the empty mark.
-        *at = sector as u32;
         slot_of.push(slot);
     }
-    Ok(PatentPlacement::from_maps(slot_of, sector_of))
+    let table = SlotTable {
+        slot_of,
+        slots: m,
+        inverse: OnceLock::new(),
+    };
+    Ok((table, used))
 }
 
 fn keystream_xor(key: &[u8], bytes: &mut [u8]) {

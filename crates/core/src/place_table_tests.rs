@@ -3,7 +3,7 @@
 use proptest::prelude::*;
 
 use super::*;
-use crate::placement::FeistelPlacement;
+use crate::placement::{FeistelPlacement, PatentPlacement};
 
 const KEY: &[u8] = b"place table test key";
 
@@ -226,7 +226,10 @@ proptest! {
         let b = encode(&p, true, &key).unwrap().unwrap();
         let e = expected(&b, n, n + slack);
         match decode(b, &e, &key).unwrap() {
-            PlaceTable::Patent(q) => assert_same(&p, &q),
+            PlaceTable::Patent(q, rank) => {
+                assert_same(&p, &q);
+                assert_eq!(rank, (slack > 0).then(|| RankDirectory::build(&p)));
+            }
             PlaceTable::Used(_) => panic!("a patent table decoded as a bitmap"),
         }
     }
@@ -238,7 +241,37 @@ proptest! {
         let e = expected(&b, n, n + slack);
         match decode(b, &e, &key).unwrap() {
             PlaceTable::Used(r) => assert_eq!(r, RankDirectory::build(&p)),
-            PlaceTable::Patent(_) => panic!("a bitmap decoded as a patent table"),
+            PlaceTable::Patent(..) => panic!("a bitmap decoded as a patent table"),
         }
     }
+}
+
+/// Not a test: where a table's decode spends its time (`cargo test --release -p
+/// pdguard-core place_table_parts -- --ignored --nocapture`).
+#[test]
+#[ignore]
+fn place_table_parts() {
+    use std::time::Instant;
+    let n: u64 = 1 << 24;
+    let slots: Vec<u32> = (0..n as u32)
+        .map(|i| i.wrapping_mul(2_654_435_761) % n as u32)
+        .collect();
+    let mut plain = header(SLOT_TABLE, n, n);
+    for s in &slots {
+        plain.extend_from_slice(&s.to_le_bytes());
+    }
+    let t = Instant::now();
+    let mut b = plain.clone();
+    keystream_xor(KEY, &mut b);
+    let ks = t.elapsed();
+    let t = Instant::now();
+    let e = expected(&b, n, n);
+    let dg = t.elapsed();
+    let t = Instant::now();
+    let (p, _) = patent_from(&plain[HEADER_BYTES..], n, n).unwrap();
+    let inv = t.elapsed();
+    let t = Instant::now();
+    decode(b, &e, KEY).unwrap();
+    let all = t.elapsed();
+    println!("PARTS n=2^24: keystream {ks:?}, digest {dg:?}, injection+inverse {inv:?}, decode {all:?} ({})", p.sectors());
 }

@@ -56,12 +56,6 @@ impl PatentPlacement {
         Ok(Self::draw(key, n, m))
     }
 
-    /// The placement from both its maps, already checked to be inverse injections
-    /// (`place_table.rs` checks a stored table so before it gets here).
-    pub(crate) fn from_maps(slot_of: Vec<u32>, sector_of: Vec<u32>) -> Self {
-        Self { slot_of, sector_of }
-    }
-
     /// The draw-and-skip of [039] for `n <= m <= u32::MAX` (checked by [`Self::new`]).
     fn draw(key: &[u8], n: usize, m: usize) -> Self {
         let rng = ChaCha20Rng::from_seed(blake3::derive_key(CONTEXT, key));

@@ -63,9 +63,9 @@ pub(super) fn placement_for_reclaim(
     })?;
     let patent = rec.placement_kind() == Some(PlacementKind::Patent);
     match table {
-        PlaceTable::Patent(p) if patent => Ok(ReclaimPlacement {
+        PlaceTable::Patent(p, rank) if patent => Ok(ReclaimPlacement {
             placement: Box::new(p),
-            rank: None,
+            rank,
             from_table: true,
         }),
         PlaceTable::Used(rank) if !patent => Ok(ReclaimPlacement {
