@@ -193,7 +193,7 @@ fn a_bitmap_with_the_wrong_count_or_a_bit_past_the_end_is_refused() {
         PlaceTableError::Used { have: 70, want: 60 }
     );
     // 60 used, one of them slot 64 + 6 = 70 = M.
-    let (b, e) = stored(&bits([(1 << 59) - 1 | 1 << 63, 1 << 6]), n, m);
+    let (b, e) = stored(&bits([((1 << 59) - 1) | (1 << 63), 1 << 6]), n, m);
     assert_eq!(
         decode(b, &e, KEY).unwrap_err(),
         PlaceTableError::BitPastEnd(70)
