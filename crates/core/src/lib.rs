@@ -13,6 +13,7 @@ pub mod geometry;
 pub mod keys;
 pub mod keyslot;
 pub mod moved_map;
+pub mod place_table;
 pub mod placement;
 pub mod region_tree;
 pub mod sealed_address;

@@ -195,6 +195,32 @@ impl RegionTreeRef {
     }
 }
 
+/// Version 4, optional: the placement table recorded at seal time (`place_table.rs`,
+/// `docs/seal-record.md`): the patent placement's `slot_of`, or the used slots of a seal
+/// with slack, in the file `RECORD.place` beside the record (its path derived from the
+/// record's, never read from a record), so that an instant reclaim's start reads it
+/// instead of rebuilding it. The record holds what authenticates it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PlaceTableRef {
+    /// Size of the file in bytes.
+    pub bytes: u64,
+    /// BLAKE3 of the file as stored: 64 lowercase hex digits.
+    pub digest: String,
+}
+
+impl PlaceTableRef {
+    /// The digest as bytes; `None` unless it is 64 lowercase hex digits.
+    pub fn digest_bytes(&self) -> Option<[u8; 32]> {
+        hex_32(&self.digest)
+    }
+}
+
+fn hex_32(s: &str) -> Option<[u8; 32]> {
+    let lower = s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'));
+    let mut out = [0u8; 32];
+    (s.len() == 64 && lower && hex::decode_to_slice(s, &mut out).is_ok()).then_some(out)
+}
+
 /// True for a seal id as pdguard draws it: exactly 32 lowercase hex digits. It becomes part
 /// of file names, so nothing else may pass.
 pub fn valid_seal_id(id: &str) -> bool {
@@ -267,6 +293,11 @@ pub struct SealRecord {
     /// existed: their unseal checks the whole image only.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub region_tree: Option<RegionTreeRef>,
+    /// Version 4, optional: the placement table (`RECORD.place`), set with `region_tree`
+    /// at the end of seal scatter when the seal needs one (the patent placement, or any
+    /// placement with slack). Absent: an instant reclaim builds the placement from its key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub placement_table: Option<PlaceTableRef>,
     /// BLAKE3 of the plaintext image, known from the end of seal scatter.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub plain_digest: Option<String>,
@@ -455,6 +486,17 @@ impl SealRecord {
         if let Some(t) = &self.region_tree {
             self.check_region_tree(t)?;
         }
+        if let Some(t) = &self.placement_table {
+            if self.version < DENSE_VERSION {
+                return bad(format!(
+                    "placement_table in a version {} record",
+                    self.version
+                ));
+            }
+            if t.digest_bytes().is_none() {
+                return bad("placement_table.digest is not 64 lowercase hex digits".into());
+            }
+        }
         match self.profile {
             Profile::Patent if self.seed.is_none() => {
                 return bad("patent profile without a seed".into())
@@ -572,6 +614,7 @@ mod tests {
             keep_holes: false,
             dense: None,
             region_tree: None,
+            placement_table: None,
             created_unix: 1,
             updated_unix: 2,
             writer: "pdguard test".into(),

@@ -16,6 +16,10 @@
 //! - The patent placement computes `pi` only by replaying its draws ([039]); its table is
 //!   built when the placement is (`4 (N + M)` bytes).
 //!
+//! Both are written at seal time to the seal's placement table (`place_table.rs`), which a
+//! migration's start reads instead of replaying the draws or passing over the slots
+//! ([`SealedAddress::owning_with_rank`]); a seal without one (older) builds them.
+//!
 //! A dense seal's sectors in the original's holes have no sealed place: they are zeros.
 
 use std::ops::Range;
@@ -54,6 +58,12 @@ impl RankDirectory {
             }
             first += n as u64;
         }
+        Self::from_words(bits)
+    }
+
+    /// The directory of a used-slot bitmap (bit `s % 64` of word `s / 64`), its counts
+    /// rebuilt in `O(M / 64)`. The caller checked the bitmap (`place_table.rs`).
+    pub fn from_words(bits: Vec<u64>) -> Self {
         let mut before = Vec::with_capacity(bits.len().div_ceil(8));
         let mut used = 0u64;
         for block in bits.chunks(8) {
@@ -61,6 +71,11 @@ impl RankDirectory {
             used += block.iter().map(|w| u64::from(w.count_ones())).sum::<u64>();
         }
         Self { bits, before }
+    }
+
+    /// The used-slot bitmap, one bit per slot.
+    pub fn words(&self) -> &[u64] {
+        &self.bits
     }
 
     /// Used slots below `slot` (`slot <= M`).
@@ -142,6 +157,7 @@ impl<'a> SealedAddress<'a> {
     ) -> Self {
         Self::build(
             PlacementRef::Borrowed(placement),
+            None,
             dense,
             image_sectors,
             sector_size,
@@ -157,6 +173,27 @@ impl<'a> SealedAddress<'a> {
     ) -> SealedAddress<'static> {
         SealedAddress::build(
             PlacementRef::Owned(placement),
+            None,
+            dense,
+            image_sectors,
+            sector_size,
+        )
+    }
+
+    /// [`Self::owning`] with the rank directory already made (read from the seal's
+    /// placement table, `place_table.rs`) when `rank` is given: nothing is built but the
+    /// dense extents. `rank` must be of `placement`'s used slots, and is ignored when the
+    /// placement has no slack.
+    pub fn owning_with_rank(
+        placement: Box<dyn Placement>,
+        rank: Option<RankDirectory>,
+        dense: Option<&DataRanges>,
+        image_sectors: u64,
+        sector_size: u64,
+    ) -> SealedAddress<'static> {
+        SealedAddress::build(
+            PlacementRef::Owned(placement),
+            rank,
             dense,
             image_sectors,
             sector_size,
@@ -165,13 +202,15 @@ impl<'a> SealedAddress<'a> {
 
     fn build(
         placement: PlacementRef<'a>,
+        rank: Option<RankDirectory>,
         dense: Option<&DataRanges>,
         image_sectors: u64,
         sector_size: u64,
     ) -> Self {
         let rank = {
             let placement = placement.get();
-            (placement.slots() != placement.sectors()).then(|| RankDirectory::build(placement))
+            (placement.slots() != placement.sectors())
+                .then(|| rank.unwrap_or_else(|| RankDirectory::build(placement)))
         };
         let dense = dense.map(|d| {
             let mut at = 0u64;

@@ -13,6 +13,7 @@
 //! | `passes.rs`     | scatter, wipe and gather, both ways                               |
 //! | `fresh.rs`      | a new seal                                                        |
 //! | `tree.rs`       | the region digest tree: recorded, loaded, checked per region      |
+//! | `place.rs`      | the placement table: recorded at seal, read by an instant reclaim |
 //! | `shred.rs`      | crypto-erase                                                      |
 //! | `migrate.rs`    | old record versions to the current one                            |
 //! | `rescue.rs`     | `unseal --force --output`                                         |
@@ -47,6 +48,7 @@ mod fresh;
 mod keyring;
 mod migrate;
 mod passes;
+mod place;
 mod reclaim_offline;
 mod reclaim_open;
 mod record_io;
@@ -59,6 +61,8 @@ mod verify;
 use fresh::*;
 use keyring::*;
 pub use migrate::{migrate, MigrateReport};
+pub(crate) use place::ReclaimPlacement;
+use place::*;
 pub use reclaim_offline::{
     reclaim_offline, verify_migrating, OfflineReclaim, OfflineReport, MIGRATE_END_PASS,
     MIGRATE_PASS,

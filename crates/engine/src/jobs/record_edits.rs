@@ -14,7 +14,7 @@ use std::collections::BTreeSet;
 use std::sync::OnceLock;
 
 use pdguard_core::keys::{self, MasterKey};
-use pdguard_core::record::{DenseRef, KeySlotRef, RegionTreeRef, WrappedKey};
+use pdguard_core::record::{DenseRef, KeySlotRef, PlaceTableRef, RegionTreeRef, WrappedKey};
 use pdguard_core::{PlacementKind, Profile, SealRecord};
 use proptest::prelude::*;
 use rand::rngs::StdRng;
@@ -59,6 +59,9 @@ const FIELDS: &[&str] = &[
     "region_tree.region_bytes",
     "region_tree.regions",
     "region_tree.root",
+    "placement_table",
+    "placement_table.bytes",
+    "placement_table.digest",
     "plain_digest",
     "sealed_digest",
     "sealed_fingerprint",
@@ -101,6 +104,10 @@ fn full_record() -> SealRecord {
             region_bytes: 1,
             regions: 1,
             root: "r".into(),
+        }),
+        placement_table: Some(PlaceTableRef {
+            bytes: 1,
+            digest: "d".into(),
         }),
         plain_digest: Some("p".into()),
         sealed_digest: Some("s".into()),
@@ -195,6 +202,8 @@ fn as_version_3(mut t: Template, name: &'static str) -> Template {
     let mut rec = t.record();
     assert!(rec.dense.is_none());
     rec.version = 3;
+    // A version 3 record names no placement table (it is refused in one).
+    rec.placement_table = None;
     if let Some(k) = t.opts.master_key.clone() {
         let old = pdguard_core::keyslot::decode(&s.key_slot().unwrap()).unwrap();
         let mut v4 = rec.clone();
@@ -325,6 +334,7 @@ fn insertion(t: &Template, field: &str) -> Vec<Option<Value>> {
         "region_tree" => {
             json!({"region_bytes": 1 << 20, "regions": rec.image_bytes.div_ceil(1 << 20), "root": "00".repeat(32)})
         }
+        "placement_table" => json!({"bytes": 40, "digest": "00".repeat(32)}),
         "keep_holes" => json!(true),
         "thin_path" | "plain_digest" | "sealed_digest" | "sealed_fingerprint" => {
             json!("00".repeat(32))

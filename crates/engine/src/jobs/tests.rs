@@ -346,6 +346,7 @@ fn crash_case(
     }
     assert!(s.record().is_none(), "{ctx}: record left");
     assert!(s.tree().is_none(), "{ctx}: region digest tree left");
+    assert!(s.place().is_none(), "{ctx}: placement table left");
     assert_eq!(s.thin_count(), 0, "{ctx}: thin disk left");
     assert!(s.image() == img, "{ctx}: data lost");
 }

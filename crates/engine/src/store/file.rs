@@ -8,6 +8,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 
 use pdguard_core::keyslot::{MAX_SLOT_BYTES, SLOT_SUFFIX};
+use pdguard_core::place_table::PLACE_SUFFIX;
 use pdguard_core::region_tree::TREE_SUFFIX;
 use rand::RngCore;
 
@@ -396,6 +397,13 @@ impl ImageStorage {
         PathBuf::from(s)
     }
 
+    /// The placement table beside the record: `PATH.pdguard.place`.
+    pub fn place_path(&self) -> PathBuf {
+        let mut s = self.record.as_os_str().to_owned();
+        s.push(PLACE_SUFFIX);
+        PathBuf::from(s)
+    }
+
     /// `THIN_DIR/<image file name>.<first 8 digits of the seal id>.pdguard-thin` (the name
     /// versions 1 and 2 used, so their interrupted jobs still resume).
     fn thin_path(&self, seal_id: &str) -> Result<PathBuf> {
@@ -669,6 +677,36 @@ impl Storage for ImageStorage {
         remove_own(&path, &format!("region digest tree {}", path.display()))
     }
 
+    fn place_name(&self) -> String {
+        self.place_path().display().to_string()
+    }
+
+    fn write_place(&self, bytes: &[u8]) -> Result<()> {
+        self.remove_place()?;
+        let path = self.place_path();
+        let what = format!("placement table {}", path.display());
+        let mut f = create_own(&path, &what)?;
+        f.write_all(bytes)
+            .and_then(|()| f.sync_all())
+            .map_err(|e| StoreError::io("write", &what, e))?;
+        sync_dir(&parent_of(&path)).map_err(|e| StoreError::io("fsync the directory of", &what, e))
+    }
+
+    fn read_place(&self, limit: u64) -> Result<Option<Vec<u8>>> {
+        let path = self.place_path();
+        Ok(safe_open::read(
+            &path,
+            "placement table",
+            limit,
+            self.parents(),
+        )?)
+    }
+
+    fn remove_place(&self) -> Result<()> {
+        let path = self.place_path();
+        remove_own(&path, &format!("placement table {}", path.display()))
+    }
+
     fn read_record(&self) -> Result<Option<Vec<u8>>> {
         // One byte over the limit is enough for the decoder to refuse it (`--record
         // /dev/zero` is refused anyway: not a regular file).
@@ -765,6 +803,11 @@ mod tests {
         st.remove_tree().unwrap();
         st.remove_tree().unwrap();
         assert!(!st.tree_path().exists());
+        assert_eq!(st.place_path(), dir.path().join("v.img.pdguard.place"));
+        st.write_place(b"table").unwrap();
+        assert_eq!(st.read_place(100).unwrap().unwrap(), b"table");
+        st.remove_place().unwrap();
+        assert!(!st.place_path().exists());
         // A link planted in its place is never followed: not read, removed (not its
         // target) and replaced by a new file.
         symlink(&victim, st.tree_path()).unwrap();

@@ -208,6 +208,18 @@ pub trait Storage {
     /// Delete the region digest tree if it exists (a symbolic link in its place is
     /// removed, never followed), and fsync its directory.
     fn remove_tree(&self) -> Result<()>;
+    /// The placement table's path (`RECORD.place`), for messages.
+    fn place_name(&self) -> String;
+    /// Write the placement table once, as [`Storage::write_tree`] writes the tree: a stale
+    /// one removed first, the new one created exclusively, written, fsynced, and its
+    /// directory fsynced. Its path is derived from the record's, never read from one.
+    fn write_place(&self, bytes: &[u8]) -> Result<()>;
+    /// The placement table's first `limit` bytes, `None` if there is none. Never read
+    /// through a symbolic link.
+    fn read_place(&self, limit: u64) -> Result<Option<Vec<u8>>>;
+    /// Delete the placement table if it exists (a symbolic link in its place is removed,
+    /// never followed), and fsync its directory.
+    fn remove_place(&self) -> Result<()>;
     /// The record's bytes, `None` if there is no record.
     fn read_record(&self) -> Result<Option<Vec<u8>>>;
     /// Replace the record atomically and durably.

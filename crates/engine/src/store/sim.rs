@@ -73,6 +73,8 @@ struct Inner {
     slot: Option<Vec<u8>>,
     /// The region digest tree; every write to it is fsynced, as `ImageStorage` makes it.
     tree: Option<Vec<u8>>,
+    /// The placement table; every write to it is fsynced, as `ImageStorage` makes it.
+    place: Option<Vec<u8>>,
     steps: u64,
     fault: Option<(u64, Fault)>,
     dead: bool,
@@ -210,6 +212,16 @@ impl SimStorage {
         lock(&self.inner).tree = bytes;
     }
 
+    /// The placement table, if any.
+    pub fn place(&self) -> Option<Vec<u8>> {
+        lock(&self.inner).place.clone()
+    }
+
+    /// Replace (or remove) the placement table, as a test's tamper or a restore.
+    pub fn set_place(&self, bytes: Option<Vec<u8>>) {
+        lock(&self.inner).place = bytes;
+    }
+
     /// A scratch disk of `bytes` zeros named `name`, for tests of single passes (a thin disk
     /// of a job is only ever named by its seal id).
     pub fn scratch_disk(&self, name: &str, bytes: u64) -> Box<dyn Disk> {
@@ -255,6 +267,7 @@ impl SimStorage {
             record: g.record.clone(),
             slot: g.slot.clone(),
             tree: g.tree.clone(),
+            place: g.place.clone(),
             free: g.free,
             ..Inner::default()
         };
@@ -550,6 +563,38 @@ impl Storage for SimStorage {
         }
         g.step("region digest tree")?;
         g.tree = None;
+        Ok(())
+    }
+
+    fn place_name(&self) -> String {
+        "sim.img.pdguard.place".into()
+    }
+
+    /// As [`Self::write_tree`]: the exclusive create, then the write and its fsync.
+    fn write_place(&self, bytes: &[u8]) -> Result<()> {
+        self.remove_place()?;
+        let mut g = lock(&self.inner);
+        g.step("placement table")?;
+        g.place = Some(Vec::new());
+        g.step("placement table")?;
+        g.place = Some(bytes.to_vec());
+        Ok(())
+    }
+
+    fn read_place(&self, limit: u64) -> Result<Option<Vec<u8>>> {
+        let mut g = lock(&self.inner);
+        g.step("placement table")?;
+        let n = usize::try_from(limit).unwrap_or(usize::MAX);
+        Ok(g.place.as_ref().map(|t| t[..t.len().min(n)].to_vec()))
+    }
+
+    fn remove_place(&self) -> Result<()> {
+        let mut g = lock(&self.inner);
+        if g.place.is_none() {
+            return Ok(());
+        }
+        g.step("placement table")?;
+        g.place = None;
         Ok(())
     }
 

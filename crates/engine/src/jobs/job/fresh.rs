@@ -141,6 +141,7 @@ fn new_record(
         keep_holes: opts.keep_holes,
         dense: None,
         region_tree: None,
+        placement_table: None,
         created_unix: t,
         updated_unix: t,
         writer: concat!("pdguard ", env!("CARGO_PKG_VERSION")).into(),

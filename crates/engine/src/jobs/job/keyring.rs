@@ -105,15 +105,42 @@ pub(super) fn named_by_record(
     keys: &Keys,
     geometry: &Geometry,
 ) -> Result<Named> {
+    let (digest, dense) = named_but_placement(storage, rec, keys)?;
+    let placement = build_placement(storage, rec, keys, geometry)?;
+    Ok(Named {
+        digest,
+        dense,
+        placement,
+    })
+}
+
+/// [`named_by_record`] but the placement: the digest scheme and the dense map.
+pub(super) fn named_but_placement(
+    storage: &dyn Storage,
+    rec: &SealRecord,
+    keys: &Keys,
+) -> Result<(DigestScheme, Option<Dense>)> {
     let scope = JobScope(storage);
-    let kind = rec
-        .placement_kind()
-        .ok_or_else(|| scope.inconsistent(format!("unknown placement {:?}", rec.placement)))?;
     let digest = rec
         .digest_scheme()
         .ok_or_else(|| scope.inconsistent(format!("unknown digest scheme {:?}", rec.digest)))?;
     let dense = open_dense(storage, rec, keys)?;
-    let placement = placement::build(
+    Ok((digest, dense))
+}
+
+/// The placement the record names, built from its key over `geometry`'s sectors (the
+/// patent placement replays its draws: about `N ln N`).
+pub(super) fn build_placement(
+    storage: &dyn Storage,
+    rec: &SealRecord,
+    keys: &Keys,
+    geometry: &Geometry,
+) -> Result<Box<dyn Placement>> {
+    let scope = JobScope(storage);
+    let kind = rec
+        .placement_kind()
+        .ok_or_else(|| scope.inconsistent(format!("unknown placement {:?}", rec.placement)))?;
+    placement::build(
         kind,
         &keys.placement_key,
         geometry.sectors(),
@@ -122,11 +149,6 @@ pub(super) fn named_by_record(
     .map_err(|source| JobError::Placement {
         image: scope.image(),
         source,
-    })?;
-    Ok(Named {
-        digest,
-        dense,
-        placement,
     })
 }
 

@@ -39,6 +39,11 @@ impl Job<'_> {
                 return Err(self.roll_back_seal_scatter(e));
             }
         }
+        // So is the placement table.
+        if let Err(e) = self.record_place() {
+            let e = self.interrupted(e);
+            return Err(self.roll_back_seal_scatter(e));
+        }
         self.rec.plain_digest = Some(digest.to_hex().to_string());
         self.wipe()
     }

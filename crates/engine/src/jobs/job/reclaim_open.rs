@@ -22,11 +22,11 @@ pub(crate) struct SealOpened {
 /// Lock `storage`'s image, load its record (phase `sealed` or `migrating`), resolve the
 /// keys and check the image as an unseal does (size; the sealed fingerprint when `sealed`).
 /// Also gives the seal's placement (of the compacted image's `D` sectors with dense
-/// placement).
+/// placement), read from its placement table when the record names one (`place.rs`).
 pub(crate) fn open_for_reclaim(
     storage: &dyn Storage,
     key: Option<&MasterKey>,
-) -> Result<(SealOpened, Box<dyn Placement>)> {
+) -> Result<(SealOpened, ReclaimPlacement)> {
     let lock = lock_image(storage, LockMode::Exclusive)?;
     let rec = load(storage, key, Use::Act)?.ok_or_else(|| not_sealed(storage))?;
     if !matches!(rec.phase, Phase::Sealed | Phase::Migrating) {
@@ -42,11 +42,8 @@ pub(crate) fn open_for_reclaim(
     let geometry = rec
         .geometry()
         .map_err(|e| scope.inconsistent(e.to_string()))?;
-    let Named {
-        digest,
-        dense,
-        placement,
-    } = named_by_record(storage, &rec, &keys, &geometry)?;
+    let (digest, dense) = named_but_placement(storage, &rec, &keys)?;
+    let placement = placement_for_reclaim(storage, &rec, &keys, &geometry)?;
     let opened = SealOpened {
         _lock: lock,
         mac_key: mac_key_for(&rec, key),

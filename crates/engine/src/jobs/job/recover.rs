@@ -167,12 +167,13 @@ pub fn unseal_with(
     Ok(job.report(outcome, from))
 }
 
-/// Undo a seal that never wrote the image: thin disk, region digest tree, record, then
-/// key slot (a slot left by a crash here has no record and is destroyed by the next seal;
-/// a tree left so is replaced by the next seal's).
+/// Undo a seal that never wrote the image: thin disk, region digest tree, placement table,
+/// record, then key slot (a slot left by a crash here has no record and is destroyed by
+/// the next seal; a tree or table left so is replaced by the next seal's).
 pub(super) fn drop_seal(storage: &dyn Storage, seal_id: &str) -> Result<(), StoreError> {
     storage.remove_thin(seal_id)?;
     storage.remove_tree()?;
+    storage.remove_place()?;
     storage.remove_record()?;
     storage.destroy_key_slot()
 }

@@ -55,6 +55,7 @@ pub fn shred_report(storage: &dyn Storage, key: Option<&MasterKey>) -> Result<Sh
             marked.wrapped_key = None;
             marked.plain_digest = None;
             marked.region_tree = None;
+            marked.placement_table = None;
             marked.phase = Phase::Shredding;
             marked.updated_unix = now();
             let bytes = marked.encode_with_mac(mac_key.as_deref());
@@ -76,6 +77,7 @@ pub fn shred_report(storage: &dyn Storage, key: Option<&MasterKey>) -> Result<Sh
     };
     storage.destroy_key_slot().map_err(store_err)?;
     storage.remove_tree().map_err(store_err)?;
+    storage.remove_place().map_err(store_err)?;
     rec.key_slot = None;
     rec.phase = Phase::Shredded;
     rec.updated_unix = now();

@@ -87,6 +87,9 @@ pub struct Migration {
     changed: Condvar,
     /// Found in phase `migrating` and resumed.
     resumed: bool,
+    /// The read path's placement was read from the seal's placement table (not rebuilt
+    /// from its key).
+    placement_from_table: bool,
     /// Told the bytes each evacuation and move writes (a progress bar, the test hook).
     progress: Option<Arc<dyn Progress>>,
 }
@@ -115,6 +118,12 @@ struct Shared {
 }
 
 impl Migration {
+    /// The read path's placement was read from the seal's placement table at the start
+    /// (`docs/instant-reclaim.md`, section 5), not rebuilt from the seal's key.
+    pub fn placement_from_table(&self) -> bool {
+        self.placement_from_table
+    }
+
     fn lock(&self) -> MutexGuard<'_, Shared> {
         // A panic while holding the lock is a bug reported already; the data stays as the
         // moved map on disk says.

@@ -139,14 +139,16 @@ impl Migration {
             false => None,
         };
         let regions = layout.regions() as usize;
-        let address = SealedAddress::owning(
-            placement,
+        let from_table = placement.from_table;
+        let address = SealedAddress::owning_with_rank(
+            placement.placement,
+            placement.rank,
             seal.dense.as_ref().map(|d| &d.ranges),
             seal.rec.sectors,
             sector,
         );
         let region_keys = RegionKeys::new(seal.digest_key.as_deref());
-        tracing::info!(image = %image_name, resumed, regions, "migration of an instant reclaim started");
+        tracing::info!(image = %image_name, resumed, regions, from_table, "migration of an instant reclaim started");
         Ok(Self {
             image_name,
             address,
@@ -172,6 +174,7 @@ impl Migration {
             }),
             changed: Condvar::new(),
             resumed,
+            placement_from_table: from_table,
             progress: None,
             seal,
         })

@@ -166,6 +166,7 @@ fn assert_cleaned(s: &SimStorage, what: &str) {
 /// unseal).
 fn assert_cleaned_but_slot(s: &SimStorage, what: &str) {
     assert!(s.record().is_none(), "{what}: record left");
+    assert!(s.place().is_none(), "{what}: placement table left");
     for f in [MigrationFile::EvacuationCopy, MigrationFile::MovedMap] {
         assert!(s.migration_file(f).is_none(), "{what}: {f:?} left");
     }
@@ -504,7 +505,7 @@ fn sealed_with_a_bad_region(
     let (s, tree) = sealed(case, &plain);
     let (opened, placement) = open_for_reclaim(&s, key(case).as_ref()).unwrap();
     let address = SealedAddress::new(
-        &*placement,
+        &*placement.placement,
         opened.dense.as_ref().map(|d| &d.ranges),
         opened.rec.sectors,
         SECTOR as u64,
@@ -746,4 +747,167 @@ fn a_move_waits_for_the_image_reads_of_its_sealed_store() {
         m.changed.notify_all();
         assert_eq!(reader.join().unwrap(), plain[bytes.start..][..64]);
     });
+}
+
+/// Rewrite the record (its MAC too, in the secure profile).
+fn rewrite_record(s: &SimStorage, case: Case, edit: impl FnOnce(&mut SealRecord)) {
+    let mut rec = SealRecord::decode(&s.record().unwrap()).unwrap();
+    edit(&mut rec);
+    let mac = key(case).map(|k| pdguard_core::keys::record_mac_key(&k, &rec.seal_id));
+    s.write_record(&rec.encode_with_mac(mac.as_deref()))
+        .unwrap();
+}
+
+/// The patent placement and every seal with slack record a placement table, and the
+/// migration's start reads it instead of rebuilding the placement (`from_table` is false
+/// when the fallback build runs); a record without one (an older seal) falls back.
+#[test]
+fn the_read_path_comes_from_the_placement_table_and_an_older_record_falls_back() {
+    let mut rng = StdRng::seed_from_u64(18);
+    for case in cases() {
+        for drop_table in [false, true] {
+            let what = format!("{case:?} drop_table={drop_table}");
+            let plain = plaintext(&mut rng);
+            let (s, tree) = sealed(case, &plain);
+            let rec = SealRecord::decode(&s.record().unwrap()).unwrap();
+            let needed = case.placement == PlacementKind::Patent || case.slack > 0;
+            assert_eq!(rec.placement_table.is_some(), needed, "{what}");
+            assert_eq!(s.place().is_some(), needed, "{what}");
+            if drop_table {
+                rewrite_record(&s, case, |r| r.placement_table = None);
+            }
+            let m = start(&s, case, &tree).unwrap();
+            assert_eq!(m.placement_from_table(), needed && !drop_table, "{what}");
+            run_to_end(m, &s).unwrap();
+            assert!(s.image() == plain, "{what}: not the plaintext");
+            assert_cleaned(&s, &what);
+        }
+    }
+}
+
+/// An edited, truncated or missing table is refused at the start, naming the file and
+/// `image unseal`, and nothing changes; put back, the reclaim runs.
+#[test]
+fn a_bad_placement_table_is_refused_at_start_and_touches_nothing() {
+    let mut rng = StdRng::seed_from_u64(19);
+    let patent = Case {
+        profile: Profile::Patent,
+        placement: PlacementKind::Patent,
+        ..SECURE
+    };
+    let cases = [
+        patent,
+        Case {
+            placement: PlacementKind::Patent,
+            ..SECURE
+        },
+        Case {
+            slack: 25,
+            ..SECURE
+        },
+    ];
+    for case in cases {
+        let plain = plaintext(&mut rng);
+        let (s, tree) = sealed(case, &plain);
+        let good = s.place().unwrap();
+        let (record, image) = (s.record(), s.image());
+        let mut edited = good.clone();
+        edited[good.len() / 2] ^= 0x10;
+        let bad: [(&str, Option<Vec<u8>>); 3] = [
+            ("edited", Some(edited)),
+            ("truncated", Some(good[..good.len() - 4].to_vec())),
+            ("missing", None),
+        ];
+        for (how, bytes) in bad {
+            let what = format!("{case:?} {how}");
+            s.set_place(bytes);
+            let e = match start(&s, case, &tree) {
+                Ok(_) => panic!("{what}: accepted"),
+                Err(e) => e.to_string(),
+            };
+            assert!(e.contains("sim.img.pdguard.place"), "{what}: {e}");
+            assert!(e.contains("pdguard image unseal"), "{what}: {e}");
+            assert!(!e.contains('\n'), "{what}: {e}");
+            assert_eq!(s.record(), record, "{what}: record changed");
+            assert!(s.image() == image, "{what}: image changed");
+            for f in [MigrationFile::EvacuationCopy, MigrationFile::MovedMap] {
+                assert!(s.migration_file(f).is_none(), "{what}: {f:?} made");
+            }
+        }
+        s.set_place(Some(good));
+        let m = start(&s, case, &tree).unwrap();
+        assert!(m.placement_from_table());
+        run_to_end(m, &s).unwrap();
+        assert!(s.image() == plain, "{case:?}: not the plaintext");
+    }
+}
+
+/// Not a test: the time of `Migration::start` (and `resume`) with the placement table,
+/// and of `resume` with the record's `placement_table` removed (the build the table
+/// replaces), on a sparse image file sealed in the patent profile. Configurations from
+/// `PDGUARD_MEASURE` (`GiB:sector:placement:slack_pct`, comma-separated), e.g.
+/// `PDGUARD_MEASURE=4:512:patent:0,4:512:feistel:10 cargo test --release -p pdguard-engine
+/// measure_start -- --ignored --nocapture`.
+#[test]
+#[ignore]
+fn measure_start_with_and_without_the_placement_table() {
+    use crate::store::file::{default_record_path, ImageStorage};
+    use std::time::Instant;
+    let spec = std::env::var("PDGUARD_MEASURE").unwrap_or_else(|_| "4:512:patent:0".into());
+    for one in spec.split(',') {
+        let f: Vec<&str> = one.split(':').collect();
+        let gib: u64 = f[0].parse().unwrap();
+        let sector: u32 = f[1].parse().unwrap();
+        let placement = PlacementKind::from_name(f[2]).unwrap();
+        let slack: u32 = f[3].parse().unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m.img");
+        {
+            use std::io::{Seek, SeekFrom, Write};
+            let mut file = std::fs::File::create(&path).unwrap();
+            file.set_len(gib << 30).unwrap();
+            let mut rng = StdRng::seed_from_u64(gib);
+            let mut data = vec![0u8; 1 << 20];
+            for at in [0, (gib << 30) / 2, (gib << 30) - (1 << 20)] {
+                rng.fill(&mut data[..]);
+                file.seek(SeekFrom::Start(at)).unwrap();
+                file.write_all(&data).unwrap();
+            }
+        }
+        let storage = ImageStorage::new(path.clone(), default_record_path(&path), None);
+        let opts = SealOptions {
+            profile: Profile::Patent,
+            sector_size: sector,
+            placement: Some(placement),
+            thin_slack_pct: slack,
+            ..SealOptions::default()
+        };
+        let t = Instant::now();
+        seal(&storage, &opts, &NoProgress).unwrap();
+        let seal_s = t.elapsed().as_secs_f64();
+        let table = std::fs::metadata(storage.place_path()).map_or(0, |m| m.len());
+        let mopts = MigrationOptions::default();
+        let timed = |resume: bool| {
+            let tree = crate::jobs::load_tree_for_migration(&storage, None).unwrap();
+            let t = Instant::now();
+            let m = if resume {
+                Migration::resume(&storage, None, tree, &mopts)
+            } else {
+                Migration::start(&storage, None, tree, &mopts)
+            }
+            .unwrap();
+            let s = t.elapsed().as_secs_f64();
+            (s, m.placement_from_table())
+        };
+        let (start_s, a) = timed(false);
+        let (resume_s, b) = timed(true);
+        let mut rec = SealRecord::decode(&storage.read_record().unwrap().unwrap()).unwrap();
+        rec.placement_table = None;
+        storage.write_record(&rec.encode()).unwrap();
+        let (build_s, c) = timed(true);
+        assert!(a && b && !c);
+        println!(
+            "MEASURE {gib} GiB, {sector}-byte sectors, {placement:?}, slack {slack} %: seal {seal_s:.1} s, table {table} bytes; start from table {start_s:.3} s, resume from table {resume_s:.3} s; resume building the placement (no table) {build_s:.3} s"
+        );
+    }
 }
