@@ -6,7 +6,8 @@
 //! - The patent placement: its `slot_of` table (`pi`, one `u32` per sector). Rebuilding it
 //!   replays about `N ln N` draws of ChaCha20 ([039]); reading it is `4 N` bytes, and the
 //!   used slots follow from it in `O(N + M/64)` (the inverse map `sector_of`, which the
-//!   read path never uses, is built on first use: [`SlotTable`]).
+//!   read path never uses, is built on first use, as for a drawn one:
+//!   [`PatentPlacement::from_table`]).
 //! - A seal with slack and the Feistel placement: the used-slot bitmap of its
 //!   [`RankDirectory`] (`M / 8` bytes), instead of a pass of `pi^-1` over the `M` slots.
 //!   The counts per 512 slots are rebuilt from the bitmap in `O(M / 64)`.
@@ -35,10 +36,9 @@
 
 use rand_chacha::rand_core::{RngCore, SeedableRng};
 use rand_chacha::ChaCha20Rng;
-use std::sync::OnceLock;
 use thiserror::Error;
 
-use crate::placement::Placement;
+use crate::placement::{PatentPlacement, Placement};
 use crate::sealed_address::RankDirectory;
 
 /// Suffix of the table beside its record: `disk.img.pdguard` -> `disk.img.pdguard.place`.
@@ -78,72 +78,9 @@ pub enum PlaceTableError {
 #[derive(Debug)]
 pub enum PlaceTable {
     /// The patent placement, and its used slots when it has slack (`M > N`).
-    Patent(SlotTable, Option<RankDirectory>),
+    Patent(PatentPlacement, Option<RankDirectory>),
     /// The used slots of a Feistel placement with slack.
     Used(RankDirectory),
-}
-
-/// The patent placement read from its table: `pi` as stored (checked to be an injection
-/// into `[0, M)`), its inverse built on first use only (the read path never asks for it;
-/// building it is `N` random writes into `4 M` bytes, the slowest part of a decode).
-pub struct SlotTable {
-    slot_of: Vec<u32>,
-    slots: u64,
-    inverse: OnceLock<Vec<u32>>,
-}
-
-impl SlotTable {
-    fn inverse(&self) -> &[u32] {
-        self.inverse.get_or_init(|| {
-            let mut sector_of = vec![u32::MAX; self.slots as usize];
-            for (sector, &slot) in self.slot_of.iter().enumerate() {
-                // An injection into `[0, M)` with `N <= M <= u32::MAX` (checked): lossless.
-                sector_of[slot as usize] = sector as u32;
-            }
-            sector_of
-        })
-    }
-}
-
-impl Placement for SlotTable {
-    fn sectors(&self) -> u64 {
-        self.slot_of.len() as u64
-    }
-
-    fn slots(&self) -> u64 {
-        self.slots
-    }
-
-    /// # Panics
-    /// If `sector >= N` (a caller bug), as [`PatentPlacement`].
-    fn slot_of(&self, sector: u64) -> u64 {
-        let index = usize::try_from(sector).unwrap_or(usize::MAX);
-        match self.slot_of.get(index) {
-            Some(&slot) => slot.into(),
-            None => panic!(
-                "sector {sector} is outside the disk's {} sectors",
-                self.sectors()
-            ),
-        }
-    }
-
-    fn sector_of(&self, slot: u64) -> Option<u64> {
-        let index = usize::try_from(slot).ok()?;
-        match self.inverse().get(index) {
-            Some(&sector) if sector != u32::MAX => Some(sector.into()),
-            _ => None,
-        }
-    }
-}
-
-/// Millions of entries are useless in a log.
-impl std::fmt::Debug for SlotTable {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("SlotTable")
-            .field("sectors", &self.sectors())
-            .field("slots", &self.slots)
-            .finish_non_exhaustive()
-    }
 }
 
 /// What a record says of its table: its size and digest (as stored).
@@ -309,7 +246,11 @@ pub fn decode(
 /// The patent placement from its `slot_of` table (`4 n` bytes), checked to be an
 /// injection into `[0, m)` with a bitmap of the slots (`m / 8` bytes, which stays in
 /// cache), which is also the used-slot bitmap.
-fn patent_from(body: &[u8], n: u64, m: u64) -> Result<(SlotTable, Vec<u64>), PlaceTableError> {
+fn patent_from(
+    body: &[u8],
+    n: u64,
+    m: u64,
+) -> Result<(PatentPlacement, Vec<u64>), PlaceTableError> {
     let mut slot_of = Vec::with_capacity(n as usize);
     let mut used = vec![0u64; m.div_ceil(64) as usize];
     for (sector, c) in body.chunks_exact(4).enumerate() {
@@ -337,12 +278,8 @@ fn patent_from(body: &[u8], n: u64, m: u64) -> Result<(SlotTable, Vec<u64>), Pla
         }
         slot_of.push(slot);
     }
-    let table = SlotTable {
-        slot_of,
-        slots: m,
-        inverse: OnceLock::new(),
-    };
-    Ok((table, used))
+    // An injection into `[0, m)` (checked above), `m <= u32::MAX` (checked by the caller).
+    Ok((PatentPlacement::from_table(slot_of, m as usize), used))
 }
 
 fn keystream_xor(key: &[u8], bytes: &mut [u8]) {

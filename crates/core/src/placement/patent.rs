@@ -129,6 +129,17 @@ impl PatentPlacement {
         }
     }
 
+    /// The placement whose `slot_of` table is `slot_of` (`RECORD.place`), onto `slots`
+    /// slots: an injection into `[0, slots)`, `slots <= u32::MAX`, which the caller has
+    /// checked (`place_table::decode`). Its inverse is built on first use, as for a drawn one.
+    pub(crate) fn from_table(slot_of: Vec<u32>, slots: usize) -> Self {
+        Self {
+            slot_of,
+            slots,
+            sector_of: OnceLock::new(),
+        }
+    }
+
     /// The inverse map, built on first use.
     fn inverse(&self) -> &[u32] {
         self.sector_of.get_or_init(|| {
