@@ -245,33 +245,3 @@ proptest! {
         }
     }
 }
-
-/// Not a test: where a table's decode spends its time (`cargo test --release -p
-/// pdguard-core place_table_parts -- --ignored --nocapture`).
-#[test]
-#[ignore]
-fn place_table_parts() {
-    use std::time::Instant;
-    let n: u64 = 1 << 24;
-    let slots: Vec<u32> = (0..n as u32)
-        .map(|i| i.wrapping_mul(2_654_435_761) % n as u32)
-        .collect();
-    let mut plain = header(SLOT_TABLE, n, n);
-    for s in &slots {
-        plain.extend_from_slice(&s.to_le_bytes());
-    }
-    let t = Instant::now();
-    let mut b = plain.clone();
-    keystream_xor(KEY, &mut b);
-    let ks = t.elapsed();
-    let t = Instant::now();
-    let e = expected(&b, n, n);
-    let dg = t.elapsed();
-    let t = Instant::now();
-    let (p, _) = patent_from(&plain[HEADER_BYTES..], n, n).unwrap();
-    let inv = t.elapsed();
-    let t = Instant::now();
-    decode(b, &e, KEY).unwrap();
-    let all = t.elapsed();
-    println!("PARTS n=2^24: keystream {ks:?}, digest {dg:?}, injection+inverse {inv:?}, decode {all:?} ({})", p.sectors());
-}

@@ -171,13 +171,7 @@ impl<'a> SealedAddress<'a> {
         image_sectors: u64,
         sector_size: u64,
     ) -> SealedAddress<'static> {
-        SealedAddress::build(
-            PlacementRef::Owned(placement),
-            None,
-            dense,
-            image_sectors,
-            sector_size,
-        )
+        SealedAddress::owning_with_rank(placement, None, dense, image_sectors, sector_size)
     }
 
     /// [`Self::owning`] with the rank directory already made (read from the seal's
